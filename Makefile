@@ -1,0 +1,54 @@
+# UffdKit build, test and benchmark entry points. Every target installs what a fresh Debian
+# machine lacks first (`make deps`), so the README's first two commands work from a clean clone.
+
+SHELL := /bin/bash
+export PATH := $(PATH):/opt/swift/usr/bin
+SWIFT ?= swift
+CONFIG_FLAGS ?=
+TEST_FLAGS ?= --disable-swift-testing
+
+.PHONY: all deps build release run test test-c bench stress sanitize clean
+
+all: build
+
+# C headers the core compiles against: <linux/userfaultfd.h> and the C library's.
+deps:
+	@if [ ! -f /usr/include/linux/userfaultfd.h ] || [ ! -f /usr/include/stdio.h ]; then \
+		echo "installing libc6-dev linux-libc-dev"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libc6-dev linux-libc-dev; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq libc6-dev linux-libc-dev; fi; \
+	fi
+	@command -v $(SWIFT) >/dev/null || { echo "swift not found: install Swift 6.x (expected at /opt/swift)"; exit 1; }
+
+build: deps
+	$(SWIFT) build $(CONFIG_FLAGS)
+
+release: deps
+	$(SWIFT) build -c release $(CONFIG_FLAGS)
+
+# The main job: a lazy-copy session with the built-in defaults.
+run: release
+	.build/release/uffdctl copy
+
+# Every test (C-level core tests through XCTest, the Swift library, reliability, CLI end to end).
+# The last line is XCTest's summary; the exit code is swift test's.
+test: deps
+	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
+	$(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS)
+
+test-c: deps
+	$(SWIFT) test $(TEST_FLAGS) --filter CUffdTests
+
+bench: release
+	.build/release/uffdctl bench --full
+
+stress: deps
+	UFFDKIT_STRESS=long $(SWIFT) test $(TEST_FLAGS) --filter ReliabilityTests
+
+sanitize: deps
+	ASAN_OPTIONS=detect_leaks=0 $(SWIFT) test $(TEST_FLAGS) --sanitize=address --sanitize=undefined \
+		--scratch-path .build-asan --filter CUffdTests
+	$(SWIFT) test $(TEST_FLAGS) --sanitize=thread --scratch-path .build-tsan --filter UffdKitTests
+
+clean:
+	rm -rf .build .build-*

@@ -1,0 +1,78 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "UffdKit",
+    products: [
+        .library(name: "UffdKit", targets: ["UffdKit"]),
+        .library(name: "CUffd", targets: ["CUffd"]),
+        .executable(name: "uffdctl", targets: ["uffdctl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // The kernel-facing core: one C function per userfaultfd verb, the fault loop, and the
+        // compat header for uABI newer than the installed headers.
+        .target(
+            name: "CUffd",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // What a Swift user imports: typed API, policies, page sources, handler runtime.
+        .target(
+            name: "UffdKit",
+            dependencies: [
+                "CUffd",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        // Benchmark kernels in C: baselines and minimal hand-written handlers (the kernel's limit).
+        .target(
+            name: "CUffdBench",
+            dependencies: ["CUffd"],
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // The benchmark suite shared by `uffdctl bench` and `make bench`.
+        .target(
+            name: "UffdBench",
+            dependencies: ["UffdKit", "CUffd", "CUffdBench"]
+        ),
+        .executableTarget(
+            name: "uffdctl",
+            dependencies: [
+                "UffdKit",
+                "UffdBench",
+                "CUffd",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // C-level tests of the core, written in C and called from XCTest.
+        .target(
+            name: "CUffdTestSupport",
+            dependencies: ["CUffd"],
+            path: "Tests/CUffdTestSupport",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .testTarget(
+            name: "CUffdTests",
+            dependencies: ["CUffd", "CUffdTestSupport"]
+        ),
+        .testTarget(
+            name: "UffdKitTests",
+            dependencies: ["UffdKit", "CUffd"]
+        ),
+        // Stress and fault injection through UffdKit.
+        .testTarget(
+            name: "ReliabilityTests",
+            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
+        ),
+        // End-to-end tests that run the built uffdctl binary.
+        .testTarget(
+            name: "uffdctlTests",
+            dependencies: ["uffdctl"]
+        ),
+    ]
+)

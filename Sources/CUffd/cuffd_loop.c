@@ -1,0 +1,275 @@
+// The fault loop: poll the uffd and a stop fd, read messages in batches, let a callback decide,
+// resolve, report. No allocation and no locks on this path.
+#include "CUffd.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+uint64_t cuffd_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+ssize_t cuffd_read_msgs(int fd, struct uffd_msg *msgs, size_t max) {
+    for (;;) {
+        ssize_t n = read(fd, msgs, max * sizeof(*msgs));
+        if (n >= 0) return n / (ssize_t)sizeof(*msgs);
+        if (errno == EINTR) continue;
+        return errno == EAGAIN ? 0 : -errno;
+    }
+}
+
+int cuffd_wait_readable(int fd, int timeout_ms) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    for (;;) {
+        int rc = poll(&p, 1, timeout_ms);
+        if (rc >= 0) return rc > 0 ? 1 : 0;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+static uint64_t base_page(void) {
+    static uint64_t ps;
+    if (!ps) ps = (uint64_t)sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+// Performs the op itself; returns 0 or -errno, with *done the bytes resolved.
+static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
+    *done = 0;
+    switch (r->op) {
+    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, r->mode, done);
+    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, r->mode, done);
+    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_UNPROTECT: {
+        int rc = cuffd_writeprotect(uffd, r->dst, r->len, false, false);
+        if (rc == 0) *done = (int64_t)r->len;
+        return rc;
+    }
+    case CUFFD_OP_WAKE: {
+        int rc = cuffd_wake(uffd, r->dst, r->len);
+        if (rc == 0) *done = (int64_t)r->len;
+        return rc;
+    }
+    case CUFFD_OP_FAIL: return -EIO;
+    default: return -EINVAL;
+    }
+}
+
+// The page the fallback acts on: the decider's range when it gave one, else the fault's base page.
+static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolution *r,
+                           uint64_t *start, uint64_t *len) {
+    if (r->len) {
+        *start = r->dst;
+        *len = r->len;
+    } else {
+        uint64_t ps = base_page();
+        *start = msg ? (msg->arg.pagefault.address & ~(ps - 1)) : r->dst;
+        *len = ps;
+    }
+}
+
+// Unblocks the faulting thread after a failed resolution, as the fallback says.
+static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *r,
+                          int fallback, uint64_t features) {
+    uint64_t start, len;
+    int64_t done = 0;
+    fallback_range(msg, r, &start, &len);
+    uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
+    if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
+    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+        // The data is there; only the tracking is lost. Unprotect wakes the thread.
+        return cuffd_writeprotect(uffd, start, len, false, false);
+    }
+    int rc = -EOPNOTSUPP;
+    if (fallback == CUFFD_FALLBACK_POISON && (features & UFFD_FEATURE_POISON)) {
+        rc = cuffd_poison(uffd, start, len, 0, &done);
+    } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
+        rc = cuffd_continue(uffd, start, len, 0, &done);
+    } else {
+        rc = cuffd_zeropage(uffd, start, len, 0, &done);
+    }
+    // Someone else resolved the page meanwhile: that unblocks the thread as well.
+    if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);
+    if (rc < 0) {
+        // Last resort: a wake. The thread re-faults and the fault is delivered again.
+        cuffd_wake(uffd, start, len);
+    }
+    return rc;
+}
+
+enum { CUFFD_OUTCOME_RETRY = 100 };
+
+int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
+                      int fallback, uint64_t features) {
+    int64_t done = 0;
+    int rc = perform(uffd, res, &done);
+    res->done = done;
+    res->error = rc < 0 ? -rc : 0;
+    int outcome;
+    if (rc == 0) {
+        outcome = CUFFD_OUTCOME_RESOLVED;
+    } else if (rc == -EEXIST) {
+        // Resolved by someone else (another handler thread, a racing resolver): make sure the
+        // waiter is woken, then it is done.
+        cuffd_wake(uffd, res->dst + (uint64_t)done, res->len - (uint64_t)done);
+        outcome = CUFFD_OUTCOME_EXISTED;
+    } else if (rc == -EAGAIN) {
+        return CUFFD_OUTCOME_RETRY;
+    } else if (rc == -ENOENT || rc == -ESRCH) {
+        // The range or the process is gone. For MOVE, ENOENT is a source hole: a policy
+        // error, handled by the fallback below.
+        if (res->op == CUFFD_OP_MOVE && rc == -ENOENT) {
+            outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
+                          ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
+        } else {
+            if (res->len) cuffd_wake(uffd, res->dst, res->len);
+            outcome = CUFFD_OUTCOME_GONE;
+        }
+    } else {
+        outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
+                      ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
+    }
+    // A resolution that did not cover the faulting page would leave its thread asleep: wake
+    // it, so it re-faults (and is delivered again) rather than hangs.
+    if (msg && (outcome == CUFFD_OUTCOME_RESOLVED)) {
+        uint64_t a = msg->arg.pagefault.address;
+        if (a < res->dst || a >= res->dst + (uint64_t)res->done) {
+            uint64_t ps = base_page();
+            cuffd_wake(uffd, a & ~(ps - 1), ps);
+        }
+    }
+    res->outcome = (uint32_t)outcome;
+    return outcome;
+}
+
+static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
+    st->messages++;
+    switch (m->event) {
+    case UFFD_EVENT_PAGEFAULT:
+        if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) st->faults_wp++;
+        else if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) st->faults_minor++;
+        else st->faults_missing++;
+        break;
+    case UFFD_EVENT_FORK: st->events[0]++; break;
+    case UFFD_EVENT_REMAP: st->events[1]++; break;
+    case UFFD_EVENT_REMOVE: st->events[2]++; break;
+    case UFFD_EVENT_UNMAP: st->events[3]++; break;
+    default: st->events[4]++; break;
+    }
+}
+
+// Room for one full read plus faults deferred by EAGAIN from the previous round.
+#define LOOP_CAP (2 * CUFFD_MAX_BATCH)
+// While stopping, the number of rounds that may still find messages before the loop gives up
+// on a queue that never empties (faults arriving faster than they are drained).
+#define STOP_DRAIN_ROUNDS 1024
+
+int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats *st) {
+    struct uffd_msg msgs[LOOP_CAP];
+    struct cuffd_resolution res[LOOP_CAP];
+    uint8_t retry[LOOP_CAP] = {0};
+    size_t batch = cfg->batch ? cfg->batch : 1;
+    if (batch > CUFFD_MAX_BATCH) batch = CUFFD_MAX_BATCH;
+    struct pollfd pfd[2] = {
+        {.fd = cfg->uffd, .events = POLLIN},
+        {.fd = cfg->stop_fd, .events = POLLIN},
+    };
+    nfds_t npfd = cfg->stop_fd >= 0 ? 2 : 1;
+    size_t pending = 0; // deferred faults at the front of msgs
+    bool stopping = false;
+    int drain_rounds = 0;
+    uint32_t spins = 0;
+
+    for (;;) {
+        // Wait for work, unless retries are pending (their event is already queued).
+        if (pending == 0 && !stopping) {
+            if (spins < cfg->spin_polls) {
+                spins++;
+            } else {
+                int rc = poll(pfd, npfd, -1);
+                if (rc < 0) {
+                    if (errno == EINTR) continue;
+                    return -errno;
+                }
+                if (npfd == 2 && (pfd[1].revents & (POLLIN | POLLHUP | POLLERR))) stopping = true;
+                if (pfd[0].revents & (POLLERR | POLLNVAL)) return pfd[0].revents & POLLNVAL ? -EBADF : 0;
+                if ((pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLIN)) return 0;
+            }
+        }
+        size_t room = LOOP_CAP - pending;
+        if (room > batch) room = batch;
+        ssize_t n = room ? cuffd_read_msgs(cfg->uffd, msgs + pending, room) : 0;
+        if (n < 0) return (int)n;
+        if (n == 0 && pending == 0) {
+            if (stopping) return 0;
+            if (spins && spins < cfg->spin_polls) sched_yield();
+            continue;
+        }
+        spins = 0;
+        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) return 0;
+        size_t total = pending + (size_t)n;
+        uint64_t now = cuffd_now_ns();
+        memset(res, 0, total * sizeof(res[0]));
+        for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);
+        st->reads++;
+        cfg->decide(cfg->ctx, msgs, res, total);
+
+        size_t kept = 0;
+        for (size_t i = 0; i < total; i++) {
+            struct cuffd_resolution *r = &res[i];
+            r->start_ns = now;
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT || r->op == CUFFD_OP_NONE) {
+                r->end_ns = now;
+                continue;
+            }
+            if (r->op < CUFFD_OP_COUNT) st->ops[r->op]++;
+            int outcome = cuffd_resolve_one(cfg->uffd, &msgs[i], r, cfg->fallback, cfg->features);
+            r->end_ns = cuffd_now_ns();
+            if (outcome == CUFFD_OUTCOME_RETRY) {
+                // The pending event (REMOVE, UNMAP, REMAP, FORK) must be read first; keep the
+                // fault for the next round. Overflow: wake it, it re-faults.
+                st->retries++;
+                r->outcome = CUFFD_OUTCOME_NONE;
+                r->error = EAGAIN;
+                if (kept < CUFFD_MAX_BATCH) {
+                    retry[i] = 1;
+                    kept++;
+                } else {
+                    uint64_t ps = base_page();
+                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
+                }
+                continue;
+            }
+            st->bytes += (uint64_t)r->done;
+            if (stopping) st->stop_drained++;
+            switch (outcome) {
+            case CUFFD_OUTCOME_EXISTED: st->existed++; break;
+            case CUFFD_OUTCOME_GONE: st->gone++; break;
+            case CUFFD_OUTCOME_FALLBACK: st->fallbacks++; break;
+            case CUFFD_OUTCOME_FAILED: st->failures++; break;
+            default: break;
+            }
+        }
+        if (cfg->complete) cfg->complete(cfg->ctx, msgs, res, total);
+        // Retries go to the front of the next round, in order.
+        if (kept) {
+            size_t j = 0;
+            for (size_t i = 0; i < total && j < kept; i++) {
+                if (!retry[i]) continue;
+                retry[i] = 0;
+                if (j != i) msgs[j] = msgs[i];
+                j++;
+            }
+        }
+        pending = kept;
+        if (pending) sched_yield();
+    }
+}

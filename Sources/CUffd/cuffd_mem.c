@@ -1,0 +1,112 @@
+// Memory the tests and tools register: anon, shmem (two views), shmem-private, hugetlb.
+#include "CUffd.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+pid_t cuffd_gettid(void) { return (pid_t)syscall(SYS_gettid); }
+
+uint64_t cuffd_page_size(void) { return (uint64_t)sysconf(_SC_PAGESIZE); }
+
+uint64_t cuffd_hugepage_size(void) {
+    FILE *f = fopen("/proc/meminfo", "re");
+    if (!f) return 0;
+    char line[128];
+    uint64_t kb = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1) break;
+    }
+    fclose(f);
+    return kb * 1024;
+}
+
+int cuffd_memfd_create(const char *name, unsigned flags) {
+    int fd = memfd_create(name, flags);
+    return fd < 0 ? -errno : fd;
+}
+
+int cuffd_pin_self(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set) < 0 ? -errno : 0;
+}
+
+int cuffd_current_cpu(void) { return sched_getcpu(); }
+
+void *cuffd_map_anon_aligned(uint64_t len, uint64_t align) {
+    uint64_t ps = cuffd_page_size();
+    if (align < ps) align = ps;
+    // Over-map and trim, so the start is aligned without MAP_FIXED guesses.
+    uint64_t span = len + align;
+    char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
+    if (start > (uintptr_t)p) munmap(p, start - (uintptr_t)p);
+    uintptr_t end = start + len, mend = (uintptr_t)p + span;
+    if (mend > end) munmap((void *)end, mend - end);
+    return (void *)start;
+}
+
+int cuffd_region_map(int kind, uint64_t len, bool thp_align, struct cuffd_region *out) {
+    memset(out, 0, sizeof *out);
+    out->memfd = -1;
+    out->kind = kind;
+    out->len = len;
+    out->page_size = cuffd_page_size();
+    if (len == 0) return -EINVAL;
+    if (kind == CUFFD_MEM_ANON) {
+        out->addr = thp_align ? cuffd_map_anon_aligned(len, 2u << 20)
+                              : mmap(NULL, len, PROT_READ | PROT_WRITE,
+                                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (out->addr == MAP_FAILED || out->addr == NULL) {
+            out->addr = NULL;
+            return -ENOMEM;
+        }
+        return 0;
+    }
+    unsigned mflags = MFD_CLOEXEC;
+    if (kind == CUFFD_MEM_HUGETLB) {
+        mflags |= MFD_HUGETLB;
+        out->page_size = cuffd_hugepage_size();
+        if (!out->page_size || len % out->page_size) return -EINVAL;
+    }
+    int fd = cuffd_memfd_create("uffdkit", mflags);
+    if (fd < 0) return fd;
+    if (ftruncate(fd, (off_t)len) < 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    int share = kind == CUFFD_MEM_SHMEM_PRIVATE ? MAP_PRIVATE : MAP_SHARED;
+    void *a = mmap(NULL, len, PROT_READ | PROT_WRITE, share, fd, 0);
+    if (a == MAP_FAILED) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    void *alias = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (alias == MAP_FAILED) {
+        int e = -errno;
+        munmap(a, len);
+        close(fd);
+        return e;
+    }
+    out->addr = a;
+    out->alias = alias;
+    out->memfd = fd;
+    return 0;
+}
+
+void cuffd_region_unmap(struct cuffd_region *r) {
+    if (r->addr) munmap(r->addr, r->len);
+    if (r->alias) munmap(r->alias, r->len);
+    if (r->memfd >= 0) close(r->memfd);
+    r->addr = r->alias = NULL;
+    r->memfd = -1;
+}

@@ -1,0 +1,307 @@
+// CUffd: the kernel-facing core of UffdKit.
+//
+// One C function per userfaultfd verb, plus the fault loop. Every function returns 0 (or a
+// non-negative value) on success and -errno on failure; nothing here sets or relies on the
+// caller's errno. Addresses and lengths are uint64_t, as in the kernel's structs.
+#ifndef CUFFD_H
+#define CUFFD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "cuffd_compat.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// MARK: - Open ------------------------------------------------------------------------------
+
+/// How cuffd_open obtained the fd.
+enum cuffd_open_path {
+    CUFFD_OPEN_SYSCALL = 1,  ///< userfaultfd(2)
+    CUFFD_OPEN_DEVICE = 2,   ///< /dev/userfaultfd + USERFAULTFD_IOC_NEW
+};
+
+/// Options for cuffd_open.
+enum cuffd_open_flags {
+    CUFFD_OPEN_NONBLOCK = 1 << 0,          ///< O_NONBLOCK on the fd (the fault loop needs it)
+    CUFFD_OPEN_USER_MODE_ONLY = 1 << 1,    ///< UFFD_USER_MODE_ONLY: kernel-mode faults get EFAULT
+    CUFFD_OPEN_ALLOW_KERNEL_FAULTS = 1 << 2, ///< on EINVAL (kernel < 5.11) retry without USER_MODE_ONLY
+    CUFFD_OPEN_NO_DEVICE = 1 << 3,         ///< never fall back to /dev/userfaultfd
+    CUFFD_OPEN_DEVICE_ONLY = 1 << 4,       ///< use /dev/userfaultfd only (tests, sandboxes)
+};
+
+/// Opens a userfaultfd with O_CLOEXEC. Tries userfaultfd(2); where the syscall is refused
+/// (EPERM, EACCES, ENOSYS) and /dev/userfaultfd is usable, opens through the device instead.
+/// Returns the fd, or -errno of the *first* refusal when every path failed.
+/// `path` (may be NULL) receives a cuffd_open_path; `user_mode_only` (may be NULL) receives
+/// whether the fd handles user-mode faults only.
+int cuffd_open(int flags, int *path, bool *user_mode_only);
+
+// MARK: - Features --------------------------------------------------------------------------
+
+/// Every feature bit this build knows a name for (the kernel may report more).
+#define CUFFD_KNOWN_FEATURES ((uint64_t)0x1FFFF)
+
+/// Probes the kernel: opens a throwaway fd, calls UFFDIO_API with no features, and returns
+/// every feature the kernel offers and the fd-level ioctl mask. Unknown bits from a newer
+/// kernel are kept as they are.
+int cuffd_probe(uint64_t *features, uint64_t *ioctls);
+
+/// UFFDIO_API on `fd` with `requested` features. On success `granted` receives the features
+/// now enabled on the fd (the requested set: the kernel refuses the call otherwise) and
+/// `ioctls` the fd-level ioctl mask. A second call on the same fd fails (EINVAL).
+int cuffd_api(int fd, uint64_t requested, uint64_t *granted, uint64_t *ioctls);
+
+/// UFFDIO_API with an explicit API number (for tests of the kernel's checks).
+int cuffd_api_raw(int fd, uint64_t api, uint64_t requested, uint64_t *granted, uint64_t *ioctls);
+
+/// A name for a feature bit index (0..63): "EVENT_FORK", "MOVE", ... or NULL when unknown.
+const char *cuffd_feature_name(unsigned bit);
+
+/// A name for an ioctl number index (_UFFDIO_*): "COPY", "MOVE", ... or NULL when unknown.
+const char *cuffd_ioctl_name(unsigned nr);
+
+// MARK: - Register --------------------------------------------------------------------------
+
+/// UFFDIO_REGISTER `[start, start+len)` with a combination of UFFDIO_REGISTER_MODE_* bits.
+/// `range_ioctls` (may be NULL) receives the ioctls available on the range.
+int cuffd_register(int fd, uint64_t start, uint64_t len, uint64_t modes, uint64_t *range_ioctls);
+
+/// UFFDIO_UNREGISTER `[start, start+len)`.
+int cuffd_unregister(int fd, uint64_t start, uint64_t len);
+
+// MARK: - Resolve ---------------------------------------------------------------------------
+//
+// Each resolve function returns 0 when the whole range is done, or -errno. `*done` always
+// receives the bytes resolved by this call, also on failure. Partial progress (the kernel's
+// signed result field > 0 with EAGAIN) is continued from where the kernel stopped, so a
+// return of -EAGAIN means "no progress possible now": the mm is changing or a REMOVE/UNMAP
+// event is unread; drain events and retry from dst + *done. Other errors keep their meaning:
+// EEXIST (already resolved, wake it), ENOENT (no VMA / source hole), ESRCH (the process is
+// gone), EBUSY (MOVE source not exclusive), EINVAL (misaligned / unregistered), ENOMEM, EFAULT.
+
+/// UFFDIO_COPY. `mode`: UFFDIO_COPY_MODE_DONTWAKE | UFFDIO_COPY_MODE_WP.
+int cuffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+
+/// UFFDIO_ZEROPAGE. `mode`: UFFDIO_ZEROPAGE_MODE_DONTWAKE.
+int cuffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode, int64_t *done);
+
+/// UFFDIO_MOVE. `mode`: UFFDIO_MOVE_MODE_DONTWAKE | UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES.
+int cuffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+
+/// UFFDIO_CONTINUE. `mode`: UFFDIO_CONTINUE_MODE_DONTWAKE | UFFDIO_CONTINUE_MODE_WP.
+int cuffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+
+/// UFFDIO_POISON. `mode`: UFFDIO_POISON_MODE_DONTWAKE.
+int cuffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+
+/// UFFDIO_WRITEPROTECT. `protect` sets or clears protection; `dontwake` only matters when
+/// clearing. Retried internally while the kernel reports EAGAIN for a changing mm, up to a
+/// bound; then -EAGAIN.
+int cuffd_writeprotect(int fd, uint64_t start, uint64_t len, bool protect, bool dontwake);
+
+/// UFFDIO_WAKE `[start, start+len)`.
+int cuffd_wake(int fd, uint64_t start, uint64_t len);
+
+// MARK: - Messages --------------------------------------------------------------------------
+
+/// Reads up to `max` messages without blocking. Returns the count (0 when none is queued),
+/// or -errno.
+ssize_t cuffd_read_msgs(int fd, struct uffd_msg *msgs, size_t max);
+
+/// Waits until the fd is readable or `timeout_ms` passes (-1: forever). 1 readable, 0 timeout.
+int cuffd_wait_readable(int fd, int timeout_ms);
+
+// MARK: - Fault loop ------------------------------------------------------------------------
+
+/// What the fault loop does for one message.
+enum cuffd_op {
+    CUFFD_OP_NONE = 0,       ///< nothing (events, or the decider resolved it itself)
+    CUFFD_OP_COPY,           ///< UFFDIO_COPY dst..dst+len from src
+    CUFFD_OP_ZEROPAGE,       ///< UFFDIO_ZEROPAGE
+    CUFFD_OP_MOVE,           ///< UFFDIO_MOVE dst..dst+len from src
+    CUFFD_OP_CONTINUE,       ///< UFFDIO_CONTINUE
+    CUFFD_OP_UNPROTECT,      ///< UFFDIO_WRITEPROTECT clear (and wake)
+    CUFFD_OP_WAKE,           ///< UFFDIO_WAKE only
+    CUFFD_OP_POISON,         ///< UFFDIO_POISON: the faulting thread gets SIGBUS
+    CUFFD_OP_FAIL,           ///< the decider could not resolve: apply the loop's fallback
+    CUFFD_OP_COUNT
+};
+
+/// What the fault loop does when a resolution fails (policy error, source error, or an
+/// ioctl error other than EEXIST/EAGAIN/ENOENT/ESRCH), so that no faulting thread is left
+/// blocked. The failure is counted and reported to the completion callback either way.
+enum cuffd_fallback {
+    /// Poison the page (UFFDIO_POISON): the faulting thread gets SIGBUS on retry. Needs
+    /// UFFD_FEATURE_POISON; without it, falls back to CUFFD_FALLBACK_ZEROPAGE.
+    CUFFD_FALLBACK_POISON = 0,
+    /// Map a zero page (anon/shmem MISSING) / unprotect (WP) / continue (MINOR).
+    CUFFD_FALLBACK_ZEROPAGE = 1,
+    /// Only wake: the thread re-faults and the fault is delivered again.
+    CUFFD_FALLBACK_WAKE = 2,
+};
+
+/// One resolution, filled by the decide callback for the message at the same index.
+/// The loop writes `done` and `error` after performing it.
+struct cuffd_resolution {
+    uint32_t op;       ///< enum cuffd_op
+    uint32_t reserved;
+    uint64_t mode;     ///< extra mode bits for the ioctl (e.g. UFFDIO_COPY_MODE_WP); DONTWAKE is managed by the loop
+    uint64_t dst;      ///< page-aligned start of the range to resolve
+    uint64_t len;      ///< bytes (a multiple of the page size of the range)
+    uint64_t src;      ///< COPY: source bytes; MOVE: source pages
+    int64_t done;      ///< out: bytes resolved
+    int32_t error;     ///< out: 0, or the errno that was handled (EEXIST counts as done)
+    uint32_t outcome;  ///< out: enum cuffd_outcome
+    uint64_t start_ns; ///< out: CLOCK_MONOTONIC when the message was read
+    uint64_t end_ns;   ///< out: CLOCK_MONOTONIC when the resolution finished
+};
+
+/// How a resolution ended.
+enum cuffd_outcome {
+    CUFFD_OUTCOME_NONE = 0,       ///< not a resolution (event or OP_NONE)
+    CUFFD_OUTCOME_RESOLVED,       ///< the op completed
+    CUFFD_OUTCOME_EXISTED,        ///< EEXIST: already resolved by someone else; woken
+    CUFFD_OUTCOME_GONE,           ///< ENOENT/ESRCH: range or process gone; woken
+    CUFFD_OUTCOME_FALLBACK,       ///< failed; the fallback resolved it (error says why)
+    CUFFD_OUTCOME_FAILED,         ///< failed and the fallback failed too (error says why)
+};
+
+/// Decides resolutions for a batch: msgs[i] -> res[i]. Called once per read(), on the loop's
+/// thread. `res` is zeroed before the call. Events are in the batch too (op stays NONE).
+typedef void (*cuffd_decide_fn)(void *ctx, const struct uffd_msg *msgs,
+                                struct cuffd_resolution *res, size_t n);
+
+/// Sees a batch after it was performed (may be NULL): stats, latency, error reporting.
+typedef void (*cuffd_complete_fn)(void *ctx, const struct uffd_msg *msgs,
+                                  const struct cuffd_resolution *res, size_t n);
+
+/// Counters of one loop; each thread running a loop passes its own (no sharing, no locks).
+struct cuffd_loop_stats {
+    uint64_t reads;            ///< read() calls that returned messages
+    uint64_t messages;
+    uint64_t faults_missing;
+    uint64_t faults_wp;
+    uint64_t faults_minor;
+    uint64_t events[5];        ///< FORK, REMAP, REMOVE, UNMAP, other
+    uint64_t ops[CUFFD_OP_COUNT];
+    uint64_t bytes;            ///< bytes resolved
+    uint64_t existed;          ///< EEXIST outcomes
+    uint64_t gone;             ///< ENOENT/ESRCH outcomes
+    uint64_t retries;          ///< EAGAIN with no progress, retried after draining events
+    uint64_t fallbacks;
+    uint64_t failures;
+    uint64_t stop_drained;     ///< faults resolved while stopping
+};
+
+/// The loop's configuration.
+struct cuffd_loop_config {
+    int uffd;                  ///< a non-blocking userfaultfd
+    int stop_fd;               ///< readable = stop (an eventfd); -1 for none
+    uint32_t batch;            ///< messages per read(), 1..CUFFD_MAX_BATCH
+    int32_t fallback;          ///< enum cuffd_fallback
+    uint64_t features;         ///< granted features (to know whether POISON is there)
+    uint32_t spin_polls;       ///< >0: non-blocking read this many times before poll() (busy-poll)
+    uint32_t reserved;
+    cuffd_decide_fn decide;
+    cuffd_complete_fn complete; ///< may be NULL
+    void *ctx;
+};
+
+#define CUFFD_MAX_BATCH 64
+
+/// Runs the fault loop until stop_fd becomes readable or the uffd reports POLLHUP/POLLERR.
+/// Several threads may run it on the same uffd, each with its own stats.
+///
+/// On stop, everything already queued is still read and resolved through `decide` (with the
+/// fallback on failure) before the function returns, so no thread that faulted before the
+/// stop is left blocked. Faults that arrive later stay queued on the fd until a loop runs
+/// again or the fd is closed (closing wakes them and they fault normally).
+/// Returns 0, or -errno when poll/read failed for another reason.
+int cuffd_loop_run(const struct cuffd_loop_config *config, struct cuffd_loop_stats *stats);
+
+/// Performs one resolution with the loop's semantics (EEXIST -> wake, partial -> continue,
+/// failure -> fallback). `msg` is the fault it answers (for the fallback), may be NULL.
+/// Returns the outcome; fills res->done / res->error.
+int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
+                      int fallback, uint64_t features);
+
+// MARK: - Dirty tracking (WP_ASYNC + PAGEMAP_SCAN) ------------------------------------------
+
+/// Opens /proc/self/pagemap read-only (close with close()).
+int cuffd_pagemap_open(void);
+
+/// PAGEMAP_SCAN for pages written since they were last write-protected in `[start, end)`.
+/// Fills up to `vec_len` regions (start, end, categories); with `reprotect`, the reported
+/// pages are write-protected again atomically (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC).
+/// Returns the number of regions or -errno; `*walk_end` receives where the scan stopped
+/// (< end when vec filled up: call again from there).
+int cuffd_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, bool reprotect,
+                               struct page_region *vec, size_t vec_len, uint64_t *walk_end);
+
+// MARK: - Memory helpers --------------------------------------------------------------------
+
+/// Kinds of memory the tests and tools register.
+enum cuffd_mem_kind {
+    CUFFD_MEM_ANON = 0,          ///< MAP_PRIVATE|MAP_ANONYMOUS
+    CUFFD_MEM_SHMEM = 1,         ///< memfd, MAP_SHARED (with an alias view)
+    CUFFD_MEM_SHMEM_PRIVATE = 2, ///< memfd, MAP_PRIVATE (alias is MAP_SHARED)
+    CUFFD_MEM_HUGETLB = 3,       ///< memfd MFD_HUGETLB, MAP_SHARED (with an alias view)
+};
+
+/// A mapped region; `alias` is a second MAP_SHARED view of the same file for shmem/hugetlb
+/// (to fill the page cache for CONTINUE), NULL for anon.
+struct cuffd_region {
+    void *addr;
+    void *alias;
+    uint64_t len;
+    uint64_t page_size;
+    int memfd;      ///< -1 for anon
+    int kind;
+};
+
+/// Maps `len` bytes of `kind`. `thp_align` aligns anon memory to 2 MiB. Returns 0 or -errno.
+int cuffd_region_map(int kind, uint64_t len, bool thp_align, struct cuffd_region *out);
+
+/// Unmaps and closes everything cuffd_region_map made.
+void cuffd_region_unmap(struct cuffd_region *r);
+
+/// Anonymous mapping aligned to `align` (a power of two >= page size). Returns NULL on failure.
+void *cuffd_map_anon_aligned(uint64_t len, uint64_t align);
+
+/// memfd_create(name, flags) as -errno / fd.
+int cuffd_memfd_create(const char *name, unsigned flags);
+
+/// The calling thread's id.
+pid_t cuffd_gettid(void);
+
+/// The base page size.
+uint64_t cuffd_page_size(void);
+
+/// The default huge page size (from /proc/meminfo), 0 when unknown.
+uint64_t cuffd_hugepage_size(void);
+
+/// CLOCK_MONOTONIC in nanoseconds.
+uint64_t cuffd_now_ns(void);
+
+/// Pins the calling thread to one CPU; -errno on failure.
+int cuffd_pin_self(int cpu);
+
+/// The CPU the calling thread runs on.
+int cuffd_current_cpu(void);
+
+/// Exported numbers Swift cannot import (function-like macros).
+extern const unsigned long cuffd_ioctl_api, cuffd_ioctl_register, cuffd_ioctl_unregister,
+    cuffd_ioctl_wake, cuffd_ioctl_copy, cuffd_ioctl_zeropage, cuffd_ioctl_move,
+    cuffd_ioctl_writeprotect, cuffd_ioctl_continue, cuffd_ioctl_poison, cuffd_ioctl_new,
+    cuffd_ioctl_pagemap_scan;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // CUFFD_H

@@ -1,0 +1,2 @@
+import XCTest
+final class PlaceholderR: XCTestCase { func testPlaceholder() {} }
