@@ -111,6 +111,7 @@ struct cubench_compact_params {
     int32_t mutator_cpu;     ///< mutator i on (mutator_cpu + i) % ncpus; -1: unpinned
     int32_t handler_cpu;     ///< the thread that compacts pages on mutator faults; -1: unpinned
     uint32_t timeout_ms;     ///< 0: 20000
+    uint32_t batch_pages;    ///< compactor: consecutive pages per ioctl (0/1: one; max 512)
 };
 
 struct cubench_compact_result {
@@ -121,10 +122,16 @@ struct cubench_compact_result {
     uint64_t mutator_reads;  ///< object reads by mutators while compaction ran
     uint64_t checksum;       ///< sum of the first word of every to-space object afterwards
     uint64_t expected;       ///< the same sum computed from the from-space (must equal checksum)
+    uint64_t compactor_ioctls; ///< resolving ioctls the compacting thread issued
+    uint64_t resolve_errors; ///< resolutions that failed (a zero page was mapped instead)
+    int32_t first_error;     ///< errno of the first failed resolution, 0 if none
+    uint32_t reserved;
 };
 
 /// Live objects (64 B, ~50% live) are copied from a from-space into a to-space registered
 /// MISSING, while mutators read to-space objects (faulting on pages not yet filled).
+/// Returns -errno of the first failed resolution (EEXIST, EBUSY, ...) or -EILSEQ on a
+/// checksum mismatch; `out` is filled either way.
 int cubench_compaction(const struct cubench_compact_params *p, struct cubench_compact_result *out);
 
 // MARK: - Lazy file load ------------------------------------------------------------------------
