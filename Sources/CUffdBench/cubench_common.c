@@ -2,6 +2,9 @@
 #include "cubench_internal.h"
 
 #include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
@@ -158,4 +161,27 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
     }
     *ns = hi > lo ? hi - lo : 0;
     return err;
+}
+
+uint64_t cubench_tlb_shootdowns(void) {
+    FILE *f = fopen("/proc/interrupts", "re");
+    if (!f) return 0;
+    char line[4096];
+    uint64_t total = 0;
+    while (fgets(line, sizeof line, f)) {
+        char *p = line;
+        while (*p == ' ') p++;
+        if (strncmp(p, "TLB:", 4) != 0) continue;
+        p += 4;
+        for (;;) {
+            char *end;
+            unsigned long long v = strtoull(p, &end, 10);
+            if (end == p) break;
+            total += v;
+            p = end;
+        }
+        break;
+    }
+    fclose(f);
+    return total;
 }

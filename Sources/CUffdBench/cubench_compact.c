@@ -217,6 +217,7 @@ int cubench_compaction(const struct cubench_compact_params *p, struct cubench_co
         // COPY mode: the first `batch` pool pages are the reused, populated scratch buffer.
         char *scratch = c.pool;
         if (p->mode == CUBENCH_COMPACT_COPY) memset(scratch, 0, batch * CUBENCH_PAGE);
+        uint64_t tlb0 = cubench_tlb_shootdowns();
         uint64_t t0 = cuffd_now_ns();
         for (uint64_t pg = 0; pg < pages;) {
             uint64_t n = 0;
@@ -236,6 +237,7 @@ int cubench_compaction(const struct cubench_compact_params *p, struct cubench_co
             sched_yield();
         }
         out->compactor_ns = cuffd_now_ns() - t0;
+        out->tlb_shootdowns = cubench_tlb_shootdowns() - tlb0;
         cubench_unpin_caller(p->compactor_cpu, &saved);
     }
 stop:

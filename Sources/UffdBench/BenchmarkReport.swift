@@ -59,11 +59,11 @@ public struct BenchmarkReport: Sendable, Codable {
 
     /// A fixed-width table, one line per case, grouped.
     public var table: String {
-        var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x = median / baseline median)\n"
+        var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x base = median / baseline's median, x min = min / baseline's min)\n"
         out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)\n"
         out += "sizes: \(pages) pages per-fault, \(bulkPages) pages bulk, \(compactionPages) to-space pages, file \(fileBytes >> 20) MiB\n"
         let header = [pad("case", 34), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
-                      lpad("x base", 7), "  baseline"].joined()
+                      lpad("x base", 7), lpad("x min", 7), "  baseline"].joined()
         var group = ""
         for r in results {
             if r.group != group {
@@ -74,6 +74,7 @@ public struct BenchmarkReport: Sendable, Codable {
             if let mn = r.minNsPerPage, let md = r.medianNsPerPage {
                 line += lpad(fmt(mn), 9) + lpad(fmt(md), 9) + lpad(r.medianGBps.map { fmt($0, 2) } ?? "-", 7)
                 line += lpad(r.ratioMedian.map { fmt($0, 2) } ?? "-", 7)
+                line += lpad(r.ratioMin.map { fmt($0, 2) } ?? "-", 7)
                 line += "  " + (r.baseline ?? "(baseline)")
                 if r.failures > 0 { line += "  [\(r.failures) failed: \(r.error ?? "")]" }
             } else {

@@ -182,18 +182,23 @@ extension BenchmarkSuite {
         return cases
     }
 
-    /// Heap compaction: compactor on `faultCPU`, mutators and their fault handler on the other CPU.
+    /// Heap compaction: compactor on `faultCPU`, mutators and their fault handler on the other
+    /// CPU (or on the compactor's CPU in the "-samecpu" rows).
     static func compactionCases(_ o: BenchmarkOptions) -> [BenchCase] {
         let ncpu = Int32(cubench_ncpus())
-        let cc = o.faultCPU % ncpu, mc = (cc + 1) % ncpu
+        let cc = o.faultCPU % ncpu, otherCPU = (cc + 1) % ncpu
         let pages = o.effectiveCompactionPages
         var cases: [BenchCase] = []
         let modes: [(String, cubench_compact_mode)] = [
             ("copy", CUBENCH_COMPACT_COPY), ("move-fresh", CUBENCH_COMPACT_MOVE_FRESH),
             ("move-recycled", CUBENCH_COMPACT_MOVE_RECYCLED),
         ]
-        for (mutators, batch) in [(UInt32(2), UInt32(1)), (2, 16), (0, 1), (0, 16)] {
-            let tag = "\(mutators)m-b\(batch)"
+        // Mutators on the other CPU keep the mm live there: every MOVE then needs a TLB
+        // shootdown IPI; the same-CPU variant shows the workload without them.
+        for (mutators, batch, sameCPU) in [(UInt32(2), UInt32(1), false), (2, 16, false), (2, 1, true),
+                                           (0, 1, false), (0, 16, false)] {
+            let tag = "\(mutators)m-b\(batch)" + (sameCPU ? "-samecpu" : "")
+            let mc = sameCPU ? cc : otherCPU
             for (mname, mode) in modes {
                 let name = "compact.\(tag).\(mname)"
                 let placement = mutators > 0 ? "C\(cc) M\(mc)x\(mutators) H\(mc)" : "C\(cc)"
@@ -217,6 +222,7 @@ extension BenchmarkSuite {
                     return .success(BenchSample(ns: r.compactor_ns, pages: r.pages, counters: [
                         "handlerPages": Double(r.handler_pages), "mutatorFaults": Double(r.mutator_faults),
                         "mutatorReads": Double(r.mutator_reads), "compactorIoctls": Double(r.compactor_ioctls),
+                        "tlbShootdowns": Double(r.tlb_shootdowns),
                     ]))
                 })
             }

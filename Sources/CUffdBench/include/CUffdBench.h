@@ -126,6 +126,8 @@ struct cubench_compact_result {
     uint64_t resolve_errors; ///< resolutions that failed (a zero page was mapped instead)
     int32_t first_error;     ///< errno of the first failed resolution, 0 if none
     uint32_t reserved;
+    uint64_t tlb_shootdowns; ///< system-wide TLB shootdown IPIs during the compactor's section
+                             ///< (/proc/interrupts "TLB", all CPUs; other load adds noise)
 };
 
 /// Live objects (64 B, ~50% live) are copied from a from-space into a to-space registered
@@ -160,6 +162,10 @@ int cubench_file_create(const char *path, uint64_t bytes);
 /// Loads the file as the mode says and reads every page. out->checksum is the sum of the first
 /// 8 bytes of each page: equal across modes for the same file.
 int cubench_file_load(const struct cubench_load_params *p, struct cubench_result *out);
+
+/// System-wide TLB shootdown interrupts so far (x86 /proc/interrupts "TLB" row, summed over
+/// CPUs); 0 when the row is not there.
+uint64_t cubench_tlb_shootdowns(void);
 
 /// The number of online CPUs.
 int cubench_ncpus(void);
