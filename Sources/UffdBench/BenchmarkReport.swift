@@ -62,7 +62,7 @@ public struct BenchmarkReport: Sendable, Codable {
         var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x base = median / baseline's median, x min = min / baseline's min)\n"
         out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)\n"
         out += "sizes: \(pages) pages per-fault, \(bulkPages) pages bulk, \(compactionPages) to-space pages, file \(fileBytes >> 20) MiB\n"
-        let header = [pad("case", 34), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
+        let header = [pad("case", 38), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
                       lpad("x base", 7), lpad("x min", 7), "  baseline"].joined()
         var group = ""
         for r in results {
@@ -70,7 +70,7 @@ public struct BenchmarkReport: Sendable, Codable {
                 group = r.group
                 out += "\n[\(group)]\n" + header + "\n"
             }
-            var line = pad(r.name, 34) + pad(r.placement, 12)
+            var line = pad(r.name, 38) + pad(r.placement, 12)
             if let mn = r.minNsPerPage, let md = r.medianNsPerPage {
                 line += lpad(fmt(mn), 9) + lpad(fmt(md), 9) + lpad(r.medianGBps.map { fmt($0, 2) } ?? "-", 7)
                 line += lpad(r.ratioMedian.map { fmt($0, 2) } ?? "-", 7)
