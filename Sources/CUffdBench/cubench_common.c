@@ -79,13 +79,36 @@ void cubench_signal(int efd) {
     (void)n;
 }
 
+// Holds the faulting threads until all of them exist; opened with GO, or ABORT when a thread
+// could not be created (a barrier would leave the created ones waiting forever).
+struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int state; // 0 closed, 1 go, 2 abort
+};
+
+static bool gate_wait(struct gate *g) {
+    pthread_mutex_lock(&g->mu);
+    while (g->state == 0) pthread_cond_wait(&g->cv, &g->mu);
+    bool go = g->state == 1;
+    pthread_mutex_unlock(&g->mu);
+    return go;
+}
+
+static void gate_open(struct gate *g, int state) {
+    pthread_mutex_lock(&g->mu);
+    g->state = state;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
 struct toucher {
     pthread_t tid;
     char *base;
     uint64_t len;
     int cpu;
     bool write;
-    pthread_barrier_t *bar;
+    struct gate *gate;
     uint64_t t0, t1;
     uint64_t sum;
 };
@@ -93,7 +116,7 @@ struct toucher {
 static void *toucher_main(void *arg) {
     struct toucher *t = arg;
     cubench_pin(t->cpu);
-    pthread_barrier_wait(t->bar);
+    if (!gate_wait(t->gate)) return NULL;
     volatile char *p = (volatile char *)t->base;
     uint64_t sum = 0;
     t->t0 = cuffd_now_ns();
@@ -116,8 +139,7 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
     uint64_t units = len / granule, per = units / n;
     if (per == 0) return -EINVAL;
     struct toucher t[CUBENCH_MAX_THREADS] = {0};
-    pthread_barrier_t bar;
-    pthread_barrier_init(&bar, NULL, n);
+    struct gate gate = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .state = 0};
     uint32_t started = 0;
     int err = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -125,7 +147,7 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
         t[i].len = (i == n - 1) ? len - (uint64_t)i * per * granule : per * granule;
         t[i].cpu = cubench_cpu_for(pl->fault_cpu, i, pl->spread_faults);
         t[i].write = write;
-        t[i].bar = &bar;
+        t[i].gate = &gate;
         int rc = pthread_create(&t[i].tid, NULL, toucher_main, &t[i]);
         if (rc) {
             err = -rc;
@@ -134,15 +156,12 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
         started++;
     }
     if (started < n) {
-        // The barrier would never open: nothing was touched yet, so no thread is blocked on
-        // a fault; cancel the waiters.
-        for (uint32_t i = 0; i < started; i++) {
-            pthread_cancel(t[i].tid);
-            pthread_join(t[i].tid, NULL);
-        }
-        pthread_barrier_destroy(&bar);
+        // Nothing was touched yet, so no thread is blocked on a fault: release and join them.
+        gate_open(&gate, 2);
+        for (uint32_t i = 0; i < started; i++) pthread_join(t[i].tid, NULL);
         return err;
     }
+    gate_open(&gate, 1);
     struct timespec dl = cubench_deadline(timeout_ms ? timeout_ms : CUBENCH_DEFAULT_TIMEOUT_MS);
     uint32_t joined = 0;
     for (; joined < n; joined++) {
@@ -153,7 +172,6 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
         for (uint32_t i = joined; i < n; i++) pthread_join(t[i].tid, NULL);
         err = -ETIMEDOUT;
     }
-    pthread_barrier_destroy(&bar);
     uint64_t lo = UINT64_MAX, hi = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (t[i].t0 < lo) lo = t[i].t0;

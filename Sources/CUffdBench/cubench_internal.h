@@ -37,13 +37,13 @@ int cubench_uffd_open(uint64_t wanted, uint64_t *granted);
 /// Signals an eventfd.
 void cubench_signal(int efd);
 
-#endif
-
 /// Runs `pl->fault_threads` threads that each touch one byte of every 4 KiB page of their
-/// slice of [base, base+len) (slices are whole `granule`s), after a common barrier. `*ns`
+/// slice of [base, base+len) (slices are whole `granule`s), released together once all exist. `*ns`
 /// receives last end - first start. When a thread is still running at the deadline, `unblock`
 /// (may be NULL) is called so blocked threads can finish, every thread is joined, and the
 /// result is -ETIMEDOUT.
 int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struct cubench_placement *pl,
                          bool write, uint32_t timeout_ms, void (*unblock)(void *), void *unblock_ctx,
                          uint64_t *ns);
+
+#endif

@@ -37,9 +37,10 @@ public struct BenchFailure: Error, Sendable, CustomStringConvertible {
     public init(errno: Int32, operation: String) {
         self.errno = errno
         self.operation = operation
-        self.unsupported = errno == 95 /* EOPNOTSUPP */ || errno == 38 /* ENOSYS */
+        self.unsupported = errno == EOPNOTSUPP || errno == ENOSYS
     }
 
+    /// "operation: errno N (reason)".
     public var description: String {
         let reason = unsupported ? "not supported by this kernel" : String(cString: strerror(errno))
         return "\(operation): errno \(errno) (\(reason))"

@@ -7,10 +7,15 @@ import Foundation
 
 /// The statistics of one case.
 public struct BenchmarkResult: Sendable, Codable {
+    /// The case's name ("minimal.copy").
     public var name: String
+    /// The table group it is printed under.
     public var group: String
+    /// The case this one is divided by; nil for a baseline.
     public var baseline: String?
+    /// Where threads ran ("H0 F0").
     public var placement: String
+    /// What the row measures.
     public var note: String
     /// Measured runs that produced a sample.
     public var runs: Int
@@ -34,9 +39,13 @@ public struct BenchmarkResult: Sendable, Codable {
 
 /// The machine a report was measured on.
 public struct MachineInfo: Sendable, Codable {
+    /// Online CPUs.
     public var cpus: Int
+    /// Kernel release (/proc/sys/kernel/osrelease).
     public var kernel: String
+    /// "model name" from /proc/cpuinfo.
     public var cpuModel: String
+    /// /sys/kernel/mm/transparent_hugepage/enabled.
     public var thp: String
 }
 
@@ -44,12 +53,17 @@ public struct MachineInfo: Sendable, Codable {
 public struct BenchmarkReport: Sendable, Codable {
     /// Where it ran.
     public var machine: MachineInfo
-    /// quick or full, repeats, sizes.
+    /// "quick" or "full".
     public var mode: String
+    /// Measured runs per case.
     public var repeats: Int
+    /// 4 KiB pages per run of the one-fault-per-page cases.
     public var pages: Int
+    /// 4 KiB pages per run of the bulk cases.
     public var bulkPages: Int
+    /// To-space pages of the compaction workload.
     public var compactionPages: Int
+    /// Bytes of the lazily loaded file.
     public var fileBytes: UInt64
     /// Every case in run order.
     public var results: [BenchmarkResult]

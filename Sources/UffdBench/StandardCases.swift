@@ -9,11 +9,17 @@ import Glibc
 
 /// Thread placement of a case, as the C kernels take it.
 public struct BenchPlacement: Sendable {
+    /// CPU of handler thread 0 (-1: unpinned).
     public var handlerCPU: Int32
+    /// CPU of faulting thread 0 (-1: unpinned).
     public var faultCPU: Int32
+    /// Faulting threads (1...8).
     public var faultThreads: UInt32
+    /// Handler threads on the same uffd (1...8).
     public var handlerThreads: UInt32
+    /// Handler i runs on (handlerCPU + i) % ncpus.
     public var spreadHandlers: Bool
+    /// Faulting thread i runs on (faultCPU + i) % ncpus.
     public var spreadFaults: Bool
 
     /// `handlerThreads` handlers from `handlerCPU` and `faultThreads` faulting threads from
@@ -52,7 +58,16 @@ public struct BenchPlacement: Sendable {
 
 /// The resolving operation of a uffd case.
 public enum BenchOp: UInt32, Sendable, CaseIterable {
-    case copy = 0, zeropage, `continue`, wp, move
+    /// UFFDIO_COPY into MISSING anon.
+    case copy = 0
+    /// UFFDIO_ZEROPAGE (read faults).
+    case zeropage
+    /// UFFDIO_CONTINUE on MINOR shmem.
+    case `continue`
+    /// UFFDIO_WRITEPROTECT clear on write-protected anon.
+    case wp
+    /// UFFDIO_MOVE from a DONTFORK donor.
+    case move
 
     /// Lower-case name used in case names.
     public var name: String {
