@@ -108,8 +108,9 @@ public struct BenchmarkSuite: Sendable {
 }
 
 /// Runs the standard suite with `options` and returns its report (`report.table`, `report.json`).
-public func runBenchmarks(_ options: BenchmarkOptions) -> BenchmarkReport {
-    BenchmarkSuite(options: options).run()
+/// `progress` (optional) sees each case name before it runs, e.g. to print it to stderr.
+public func runBenchmarks(_ options: BenchmarkOptions, progress: ((String) -> Void)? = nil) -> BenchmarkReport {
+    BenchmarkSuite(options: options).run(progress: progress)
 }
 
 private func median(_ sorted: [Double]) -> Double? {
