@@ -146,4 +146,8 @@ int ct_read_msg(int uffd, struct uffd_msg *m, int timeout_ms);
 /// Value of a "Key:   N kB" line of /proc/self/smaps for the VMA containing addr (-1: not found).
 long ct_smaps_kb(const void *addr, const char *key);
 
+/// True once every thread in tids sleeps (state S or D in /proc/self/task/TID/stat), e.g.
+/// blocked on a page fault; false after timeout_ms.
+bool ct_wait_blocked(const pid_t *tids, int n, int timeout_ms);
+
 #endif // CT_H

@@ -370,3 +370,29 @@ long ct_smaps_kb(const void *addr, const char *key) {
     fclose(f);
     return val;
 }
+
+static char thread_state(pid_t tid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return '?';
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return '?';
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' ? p[2] : '?';
+}
+
+bool ct_wait_blocked(const pid_t *tids, int n, int timeout_ms) {
+    for (int ms = 0; ms <= timeout_ms; ms++) {
+        int blocked = 0;
+        for (int i = 0; i < n; i++) {
+            char s = thread_state(tids[i]);
+            blocked += s == 'S' || s == 'D';
+        }
+        if (blocked == n) return true;
+        usleep(1000);
+    }
+    return false;
+}
