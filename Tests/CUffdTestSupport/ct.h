@@ -16,9 +16,11 @@
 #include <string.h>
 
 // Inside a test: `msg`, `msglen` and `int rc` in scope and a label `out` that cleans up.
+// A failure is reported to the runner at once, so a crash while cleaning up cannot hide it.
 #define CT_FAIL(fmt, ...)                                                                    \
     do {                                                                                     \
         snprintf(msg, msglen, "%s:%d: " fmt, __FILE_NAME__, __LINE__, ##__VA_ARGS__);        \
+        ct_report_early(msg);                                                                \
         rc = CUFFD_TEST_FAIL;                                                                \
         goto out;                                                                            \
     } while (0)
@@ -41,6 +43,12 @@
             goto out;                                                                        \
         }                                                                                    \
     } while (0)
+
+/// Sends a failure message to the runner now (no-op outside an isolated run).
+void ct_report_early(const char *msg);
+/// Set when a thread was left blocked (a join timed out): cleanup then leaves memory mapped,
+/// since that thread may still touch it; the test process exits right after anyway.
+extern atomic_int ct_abandoned;
 
 #define CT_WAIT_MS 5000 // how long a test waits for any one expected thing
 

@@ -158,6 +158,7 @@ int ct_fix_init(struct ct_fix *f, int kind, size_t npages, uint64_t features, ch
 }
 
 void ct_fix_fini(struct ct_fix *f) {
+    if (atomic_load(&ct_abandoned)) return; // a blocked thread may still use all of it
     if (f->uffd >= 0) close(f->uffd);
     f->uffd = -1;
     if (f->r.addr || f->r.alias) cuffd_region_unmap(&f->r);
@@ -177,10 +178,14 @@ static struct timespec deadline_in(int ms) {
     return ts;
 }
 
+atomic_int ct_abandoned;
+
 int ct_join(pthread_t th, int timeout_ms) {
     struct timespec ts = deadline_in(timeout_ms);
     int e = pthread_timedjoin_np(th, NULL, &ts);
-    return e == 0 ? 0 : -ETIMEDOUT;
+    if (e == 0) return 0;
+    atomic_store(&ct_abandoned, 1);
+    return -ETIMEDOUT;
 }
 
 // MARK: SIGBUS catching: a per-thread jump buffer, armed only around a deliberate access.
