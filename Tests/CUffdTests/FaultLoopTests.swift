@@ -13,11 +13,13 @@ final class FaultLoopTests: HugetlbReservingTestCase {
     func testLoopFallbackPoison_anon() throws { try runCTest(cuffd_test_loop_fallback_poison, .anon) }
     func testLoopFallbackPoison_shmem() throws { try runCTest(cuffd_test_loop_fallback_poison, .shmem) }
     func testLoopFallbackPoison_shmemPrivate() throws { try runCTest(cuffd_test_loop_fallback_poison, .shmemPrivate) }
+    func testLoopFallbackPoison_hugetlb() throws { try runCTest(cuffd_test_loop_fallback_poison, .hugetlb) }
 
     /// OP_FAIL with the ZEROPAGE fallback: the faulting thread is released and reads zeros.
     func testLoopFallbackZeropage_anon() throws { try runCTest(cuffd_test_loop_fallback_zeropage, .anon) }
     func testLoopFallbackZeropage_shmem() throws { try runCTest(cuffd_test_loop_fallback_zeropage, .shmem) }
     func testLoopFallbackZeropage_shmemPrivate() throws { try runCTest(cuffd_test_loop_fallback_zeropage, .shmemPrivate) }
+    func testLoopFallbackZeropage_hugetlb() throws { try runCTest(cuffd_test_loop_fallback_zeropage, .hugetlb) }
 
     /// Faults queued before the stop are drained and resolved (stop_drained counts them).
     func testLoopStopDrainsQueuedFaults_anon() throws { try runCTest(cuffd_test_loop_stop_drains, .anon) }
