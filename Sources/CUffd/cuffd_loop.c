@@ -260,8 +260,17 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
             continue;
         }
         spins = 0;
-        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) return 0;
         size_t total = pending + (size_t)n;
+        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) {
+            // Giving up on a queue that never empties. The faults in hand (this read and the
+            // deferred ones) were read, so no later loop will see them: wake them, so they
+            // re-fault onto the queue instead of sleeping until the fd is closed.
+            uint64_t ps = base_page();
+            for (size_t i = 0; i < total; i++)
+                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
+            return 0;
+        }
         uint64_t now = cuffd_now_ns();
         memset(res, 0, total * sizeof(res[0]));
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);
