@@ -26,4 +26,10 @@ final class FaultLoopTests: HugetlbReservingTestCase {
 
     /// A REMOVE queued behind a fault: the COPY gets EAGAIN, the loop reads the event and retries.
     func testLoopEAGAINRetryKeepsFault_anon() throws { try runCTest(cuffd_test_loop_eagain_retry, .anon) }
+
+    /// Two threads fault on one page: one COPY resolves, the other gets EEXIST, is woken and counted.
+    func testLoopEEXISTWakesSecondFaulter_anon() throws { try runCTest(cuffd_test_loop_eexist_wakes, .anon) }
+
+    /// Stopping under a never-ending fault stream returns, and no fault it read is lost.
+    func testLoopStopUnderLoadLosesNoFault_anon() throws { try runCTest(cuffd_test_loop_stop_under_load, .anon) }
 }

@@ -86,6 +86,8 @@ int cuffd_test_loop_fallback_poison(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_fallback_zeropage(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_stop_drains(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eagain_retry(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_eexist_wakes(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_stop_under_load(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
