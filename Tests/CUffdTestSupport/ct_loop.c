@@ -16,6 +16,7 @@ struct lctx {
     const char *src;
     long fail_page;
     bool wake_only; // answer every fault with OP_WAKE: the thread re-faults at once
+    uint32_t op;    // the op for served pages: 0 means COPY
     // Written on the loop's thread only; read after it is joined.
     size_t max_batch;
     int outcomes[8];
@@ -40,10 +41,10 @@ static void decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution
             res[i].op = CUFFD_OP_FAIL; // the loop's fallback picks the range
             continue;
         }
-        res[i].op = CUFFD_OP_COPY;
+        res[i].op = x->op ? x->op : CUFFD_OP_COPY;
         res[i].dst = a;
         res[i].len = x->ps;
-        res[i].src = U(x->src + idx * x->ps);
+        if (res[i].op == CUFFD_OP_COPY) res[i].src = U(x->src + idx * x->ps);
     }
 }
 
@@ -73,13 +74,17 @@ static void *lthread_main(void *a) {
     return NULL;
 }
 
+static uint32_t next_spin_polls; // for the next lthread_start only
+
 static int lthread_start(struct lthread *l, struct ct_fix *f, struct lctx *x, int stop_fd,
                          uint32_t batch, int fallback) {
     memset(l, 0, sizeof *l);
     l->cfg = (struct cuffd_loop_config){
         .uffd = f->uffd, .stop_fd = stop_fd, .batch = batch, .fallback = fallback,
-        .features = f->features, .decide = decide, .complete = complete, .ctx = x,
+        .features = f->features, .spin_polls = next_spin_polls, .decide = decide,
+        .complete = complete, .ctx = x,
     };
+    next_spin_polls = 0;
     int e = pthread_create(&l->th, NULL, lthread_main, l);
     if (e) return -e;
     l->running = true;
@@ -469,6 +474,165 @@ int cuffd_test_loop_stop_under_load(int kind, char *msg, size_t msglen) {
     }
     // Still SKIP: msg says the limit was never reached.
 out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// Several loops on one uffd (or one busy-polling loop): every fault is read by exactly one.
+static int loops_share(int kind, int nloops, uint32_t spin, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x[2];
+    struct lthread l[2] = {0};
+    int stop = -1;
+    const size_t n = kind == CUFFD_MEM_HUGETLB ? 8 : 32, per = n / NT;
+    rc = ct_fix_init(&f, kind, n, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_toucher t[NT];
+    int e = cuffd_register(f.uffd, U(f.base), n * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    for (int j = 0; j < nloops; j++) {
+        lctx_init(&x[j], &f, -1);
+        next_spin_polls = spin;
+        e = lthread_start(&l[j], &f, &x[j], stop, 4, CUFFD_FALLBACK_POISON);
+        CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++) {
+        t[i] = (struct ct_toucher){.addr = f.base + i * per * f.ps, .count = per, .stride = f.ps};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_touch_join(&t[i], CT_WAIT_MS) == 0, "thread %d still blocked (%zu of %zu pages)", i,
+                 t[i].touched, per);
+    // One eventfd write stops every loop: none of them consumes it.
+    uint64_t one = 1;
+    CT_CHECK(write(stop, &one, sizeof one) == sizeof one, "eventfd: %s", ct_err(errno));
+    uint64_t msgs = 0, copies = 0, bytes = 0, bad = 0;
+    for (int j = 0; j < nloops; j++) {
+        CT_CHECK(ct_join(l[j].th, CT_WAIT_MS) == 0, "loop %d did not stop", j);
+        l[j].running = false;
+        CT_CHECK(l[j].ret == 0, "loop %d returned %s", j, ct_err(l[j].ret));
+        msgs += l[j].st.messages;
+        copies += l[j].st.ops[CUFFD_OP_COPY];
+        bytes += l[j].st.bytes;
+        bad += l[j].st.existed + l[j].st.fallbacks + l[j].st.failures + l[j].st.gone;
+    }
+    CT_CHECK(msgs == n && copies == n && bytes == n * f.ps && bad == 0,
+             "over %d loops: %llu messages, %llu COPY, %llu bytes, %llu existed/fallback/failed for %zu pages",
+             nloops, (unsigned long long)msgs, (unsigned long long)copies, (unsigned long long)bytes,
+             (unsigned long long)bad, n);
+    for (size_t i = 0; i < n; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu wrong", i);
+out:
+    for (int j = 0; j < nloops; j++)
+        if (l[j].running) lthread_stop(&l[j], stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_loop_two_loops(int kind, char *msg, size_t msglen) {
+    return loops_share(kind, 2, 0, msg, msglen);
+}
+
+int cuffd_test_loop_busy_poll(int kind, char *msg, size_t msglen) {
+    return loops_share(kind, 1, 2000, msg, msglen);
+}
+
+// MINOR faults answered with CONTINUE, one OP_FAIL answered by the ZEROPAGE fallback, which for
+// a minor fault means CONTINUE: the thread sees the page cache.
+int cuffd_test_loop_minor(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    if (kind == CUFFD_MEM_ANON) {
+        snprintf(msg, msglen, "minor faults apply to shmem and hugetlb only");
+        return CUFFD_TEST_SKIP;
+    }
+    uint64_t feat = kind == CUFFD_MEM_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+    rc = ct_fix_init(&f, kind, 4, feat, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    for (size_t i = 0; i < 4; i++) memcpy(f.alias + i * f.ps, f.src + i * f.ps, f.ps);
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_MINOR, NULL);
+    CT_CHECK(e == 0, "register MINOR: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, 2);
+    x.op = CUFFD_OP_CONTINUE;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_ZEROPAGE);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base, .count = 4, .stride = f.ps};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "reader still blocked (%zu of 4 pages)", t.touched);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->faults_minor == 4 && s->faults_missing == 0 && s->faults_wp == 0,
+             "stats: minor %llu missing %llu wp %llu, expected 4 0 0", (unsigned long long)s->faults_minor,
+             (unsigned long long)s->faults_missing, (unsigned long long)s->faults_wp);
+    CT_CHECK(s->ops[CUFFD_OP_CONTINUE] == 3 && s->ops[CUFFD_OP_FAIL] == 1 && s->fallbacks == 1 && s->failures == 0,
+             "stats: CONTINUE %llu FAIL %llu fallbacks %llu failures %llu",
+             (unsigned long long)s->ops[CUFFD_OP_CONTINUE], (unsigned long long)s->ops[CUFFD_OP_FAIL],
+             (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    for (size_t i = 0; i < 4; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu does not show the page cache", i);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// WP faults answered with UNPROTECT; one OP_FAIL: the fallback for a WP fault unprotects.
+int cuffd_test_loop_wp(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    uint64_t feat = kind == CUFFD_MEM_ANON ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    rc = ct_fix_init(&f, kind, 4, feat | UFFD_FEATURE_POISON, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    memcpy(f.base, f.src, 4 * f.ps);
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_WP, NULL);
+    CT_CHECK(e == 0, "register WP: %s", ct_err(e));
+    e = cuffd_writeprotect(f.uffd, U(f.base), 4 * f.ps, true, false);
+    CT_CHECK(e == 0, "protect: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, 1);
+    x.op = CUFFD_OP_UNPROTECT;
+    // Even with the POISON fallback, a failed WP fault is only unprotected: the data is there.
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base + 8, .count = 4, .stride = f.ps, .write = 1, .wval = 0xEE,
+                           .catch_sigbus = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "writer still blocked (%zu of 4 pages)", t.touched);
+    CT_CHECK(!t.sigbus && t.touched == 4, "writer got SIGBUS at %p after %zu pages", t.sigbus_addr, t.touched);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->faults_wp == 4 && s->faults_missing == 0, "stats: wp %llu missing %llu, expected 4 0",
+             (unsigned long long)s->faults_wp, (unsigned long long)s->faults_missing);
+    CT_CHECK(s->ops[CUFFD_OP_UNPROTECT] == 3 && s->ops[CUFFD_OP_FAIL] == 1 && s->fallbacks == 1 && s->failures == 0,
+             "stats: UNPROTECT %llu FAIL %llu fallbacks %llu failures %llu",
+             (unsigned long long)s->ops[CUFFD_OP_UNPROTECT], (unsigned long long)s->ops[CUFFD_OP_FAIL],
+             (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    for (size_t i = 0; i < 4; i++) {
+        CT_CHECK((uint8_t)f.base[i * f.ps + 8] == 0xEE, "write to page %zu lost", i);
+        CT_CHECK((uint8_t)f.base[i * f.ps + 9] == ct_pat(i, 9), "page %zu data changed", i);
+    }
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
     ct_fix_fini(&f);
     return rc;
 }

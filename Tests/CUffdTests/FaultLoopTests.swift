@@ -32,4 +32,22 @@ final class FaultLoopTests: HugetlbReservingTestCase {
 
     /// Stopping under a never-ending fault stream returns, and no fault it read is lost.
     func testLoopStopUnderLoadLosesNoFault_anon() throws { try runCTest(cuffd_test_loop_stop_under_load, .anon) }
+
+    /// Two loops on one uffd: every fault is read and resolved by exactly one of them.
+    func testTwoLoopsShareOneUffd_anon() throws { try runCTest(cuffd_test_loop_two_loops, .anon) }
+    func testTwoLoopsShareOneUffd_shmem() throws { try runCTest(cuffd_test_loop_two_loops, .shmem) }
+
+    /// spin_polls > 0 (busy-poll before poll()): same results, and stop still works.
+    func testLoopBusyPoll_anon() throws { try runCTest(cuffd_test_loop_busy_poll, .anon) }
+
+    /// MINOR faults through the loop with CONTINUE; an OP_FAIL falls back to CONTINUE.
+    func testLoopMinorContinue_shmem() throws { try runCTest(cuffd_test_loop_minor, .shmem) }
+    func testLoopMinorContinue_shmemPrivate() throws { try runCTest(cuffd_test_loop_minor, .shmemPrivate) }
+    func testLoopMinorContinue_hugetlb() throws { try runCTest(cuffd_test_loop_minor, .hugetlb) }
+
+    /// WP faults through the loop with UNPROTECT; an OP_FAIL on a WP fault only unprotects.
+    func testLoopWriteProtect_anon() throws { try runCTest(cuffd_test_loop_wp, .anon) }
+    func testLoopWriteProtect_shmem() throws { try runCTest(cuffd_test_loop_wp, .shmem) }
+    func testLoopWriteProtect_shmemPrivate() throws { try runCTest(cuffd_test_loop_wp, .shmemPrivate) }
+    func testLoopWriteProtect_hugetlb() throws { try runCTest(cuffd_test_loop_wp, .hugetlb) }
 }

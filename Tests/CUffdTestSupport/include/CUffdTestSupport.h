@@ -88,6 +88,10 @@ int cuffd_test_loop_stop_drains(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eagain_retry(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eexist_wakes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_stop_under_load(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_two_loops(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_busy_poll(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_minor(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_wp(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
