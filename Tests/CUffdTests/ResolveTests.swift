@@ -32,4 +32,10 @@ final class ResolveTests: HugetlbReservingTestCase {
     func testPoison_shmem() throws { try runCTest(cuffd_test_poison, .shmem) }
     func testPoison_shmemPrivate() throws { try runCTest(cuffd_test_poison, .shmemPrivate) }
     func testPoison_hugetlb() throws { try runCTest(cuffd_test_poison, .hugetlb) }
+
+    /// cuffd_resolve_one: RESOLVED, EXISTED (EEXIST), GONE (unregistered), FALLBACK (OP_FAIL, MOVE
+    /// source hole) and FAILED (nothing can fill the range), with done and error.
+    func testResolveOneOutcomes_anon() throws { try runCTest(cuffd_test_resolve_one_outcomes, .anon) }
+    func testResolveOneOutcomes_shmem() throws { try runCTest(cuffd_test_resolve_one_outcomes, .shmem) }
+    func testResolveOneOutcomes_hugetlb() throws { try runCTest(cuffd_test_resolve_one_outcomes, .hugetlb) }
 }

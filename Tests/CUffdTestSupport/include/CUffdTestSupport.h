@@ -49,6 +49,9 @@ int cuffd_test_probe(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_register_modes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_register_busy(int mem_kind, char *msg, size_t msglen);
 
+// MARK: - cuffd_resolve_one outcomes (RESOLVED, EXISTED, GONE, FALLBACK, FAILED)
+int cuffd_test_resolve_one_outcomes(int mem_kind, char *msg, size_t msglen);
+
 // MARK: - Resolve verbs
 int cuffd_test_copy(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy_partial(int mem_kind, char *msg, size_t msglen);
@@ -69,6 +72,7 @@ int cuffd_test_move_ebusy(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp_unpopulated(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp_async_scan(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_wp_async_unpopulated(int mem_kind, char *msg, size_t msglen);
 
 // MARK: - Events and fault modes
 int cuffd_test_event_fork(int mem_kind, char *msg, size_t msglen);
