@@ -41,15 +41,24 @@ static uint64_t base_page(void) {
     return ps;
 }
 
+// Every filling verb's DONTWAKE is bit 0. The loop owns waking: a resolution always wakes its
+// range, or a decider's DONTWAKE would leave the faulting thread asleep with nobody to wake it.
+#define VERB_DONTWAKE ((uint64_t)1 << 0)
+_Static_assert(UFFDIO_COPY_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_ZEROPAGE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_MOVE_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_CONTINUE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_POISON_MODE_DONTWAKE == VERB_DONTWAKE,
+               "DONTWAKE is bit 0 of every filling verb's mode");
+
 // Performs the op itself; returns 0 or -errno, with *done the bytes resolved.
 static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
     *done = 0;
+    uint64_t mode = r->mode & ~VERB_DONTWAKE;
     switch (r->op) {
-    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, mode, done);
     case CUFFD_OP_UNPROTECT: {
         int rc = cuffd_writeprotect(uffd, r->dst, r->len, false, false);
         if (rc == 0) *done = (int64_t)r->len;
