@@ -17,6 +17,7 @@ struct lctx {
     long fail_page;
     bool wake_only; // answer every fault with OP_WAKE: the thread re-faults at once
     uint32_t op;    // the op for served pages: 0 means COPY
+    uint64_t mode;  // mode bits the decider asks for
     // Written on the loop's thread only; read after it is joined.
     size_t max_batch;
     int outcomes[8];
@@ -42,6 +43,7 @@ static void decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution
             continue;
         }
         res[i].op = x->op ? x->op : CUFFD_OP_COPY;
+        res[i].mode = x->mode;
         res[i].dst = a;
         res[i].len = x->ps;
         if (res[i].op == CUFFD_OP_COPY) res[i].src = U(x->src + idx * x->ps);
@@ -630,6 +632,46 @@ int cuffd_test_loop_wp(int kind, char *msg, size_t msglen) {
         CT_CHECK((uint8_t)f.base[i * f.ps + 8] == 0xEE, "write to page %zu lost", i);
         CT_CHECK((uint8_t)f.base[i * f.ps + 9] == ct_pat(i, 9), "page %zu data changed", i);
     }
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// The header says DONTWAKE is the loop's business: a decider that sets it must not leave the
+// faulting thread asleep.
+int cuffd_test_loop_dontwake_managed(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, NT, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_toucher t[NT];
+    int e = cuffd_register(f.uffd, U(f.base), NT * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    x.mode = UFFDIO_COPY_MODE_DONTWAKE;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    for (int i = 0; i < NT; i++) {
+        t[i] = (struct ct_toucher){.addr = f.base + (size_t)i * f.ps, .count = 1};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_touch_join(&t[i], CT_WAIT_MS) == 0,
+                 "thread %d still asleep: the decider's DONTWAKE reached the kernel and nobody woke it", i);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    CT_CHECK(l.st.ops[CUFFD_OP_COPY] == NT && l.st.faults_missing == NT, "stats: %llu COPY, %llu faults",
+             (unsigned long long)l.st.ops[CUFFD_OP_COPY], (unsigned long long)l.st.faults_missing);
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_check_pattern(f.base + (size_t)i * f.ps, f.ps, (size_t)i) < 0, "page %d wrong", i);
 out:
     if (l.running) lthread_stop(&l, stop);
     if (stop >= 0) close(stop);

@@ -50,4 +50,7 @@ final class FaultLoopTests: HugetlbReservingTestCase {
     func testLoopWriteProtect_shmem() throws { try runCTest(cuffd_test_loop_wp, .shmem) }
     func testLoopWriteProtect_shmemPrivate() throws { try runCTest(cuffd_test_loop_wp, .shmemPrivate) }
     func testLoopWriteProtect_hugetlb() throws { try runCTest(cuffd_test_loop_wp, .hugetlb) }
+
+    /// A decider that sets DONTWAKE in mode does not leave the faulting thread asleep (the loop manages waking).
+    func testLoopDecidersDontwakeIsManaged_anon() throws { try runCTest(cuffd_test_loop_dontwake_managed, .anon) }
 }

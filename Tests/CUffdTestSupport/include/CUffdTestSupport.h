@@ -96,6 +96,7 @@ int cuffd_test_loop_two_loops(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_busy_poll(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_minor(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_wp(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_dontwake_managed(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
