@@ -192,11 +192,13 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
                       ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
-    // A resolution that did not cover the faulting page would leave its thread asleep: wake
-    // it, so it re-faults (and is delivered again) rather than hangs.
-    if (msg && (outcome == CUFFD_OUTCOME_RESOLVED)) {
+    // Whatever the outcome, the wakes above covered the decider's range only. A range that
+    // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
+    // delivered again) rather than hangs.
+    if (msg && msg->event == UFFD_EVENT_PAGEFAULT && res->len) {
         uint64_t a = msg->arg.pagefault.address;
-        if (a < res->dst || a >= res->dst + (uint64_t)res->done) {
+        uint64_t covered = outcome == CUFFD_OUTCOME_RESOLVED ? (uint64_t)res->done : res->len;
+        if (a < res->dst || a >= res->dst + covered) {
             uint64_t ps = base_page();
             cuffd_wake(uffd, a & ~(ps - 1), ps);
         }
