@@ -18,6 +18,8 @@ struct lctx {
     bool wake_only; // answer every fault with OP_WAKE: the thread re-faults at once
     uint32_t op;    // the op for served pages: 0 means COPY
     uint64_t mode;  // mode bits the decider asks for
+    int misdirect;  // this many first decisions name page `misdirect_page` instead of the fault's
+    long misdirect_page;
     // Written on the loop's thread only; read after it is joined.
     size_t max_batch;
     int outcomes[8];
@@ -41,6 +43,12 @@ static void decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution
         if ((long)idx == x->fail_page) {
             res[i].op = CUFFD_OP_FAIL; // the loop's fallback picks the range
             continue;
+        }
+        if (x->misdirect > 0) {
+            // A policy bug: the resolution misses the faulting page.
+            x->misdirect--;
+            idx = (size_t)x->misdirect_page;
+            a = U(x->base) + idx * x->ps;
         }
         res[i].op = x->op ? x->op : CUFFD_OP_COPY;
         res[i].mode = x->mode;
@@ -672,6 +680,48 @@ int cuffd_test_loop_dontwake_managed(int kind, char *msg, size_t msglen) {
              (unsigned long long)l.st.ops[CUFFD_OP_COPY], (unsigned long long)l.st.faults_missing);
     for (int i = 0; i < NT; i++)
         CT_CHECK(ct_check_pattern(f.base + (size_t)i * f.ps, f.ps, (size_t)i) < 0, "page %d wrong", i);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// A decider whose resolution misses the faulting page (here: COPY into a page that already
+// exists, so EEXIST) must not strand the thread: it is woken, re-faults, and is asked again.
+int cuffd_test_loop_misdirected(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done;
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 1: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    x.misdirect = 1;
+    x.misdirect_page = 1;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0,
+             "the thread is still asleep after a resolution that missed its page (%llu faults, existed %llu)",
+             (unsigned long long)l.st.faults_missing, (unsigned long long)l.st.existed);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    CT_CHECK(l.st.existed == 1 && l.st.faults_missing == 2 && l.st.ops[CUFFD_OP_COPY] == 2,
+             "stats: existed %llu faults %llu COPY %llu, expected 1 2 2 (the re-fault asked again)",
+             (unsigned long long)l.st.existed, (unsigned long long)l.st.faults_missing,
+             (unsigned long long)l.st.ops[CUFFD_OP_COPY]);
+    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "page 0 wrong");
 out:
     if (l.running) lthread_stop(&l, stop);
     if (stop >= 0) close(stop);

@@ -53,4 +53,7 @@ final class FaultLoopTests: HugetlbReservingTestCase {
 
     /// A decider that sets DONTWAKE in mode does not leave the faulting thread asleep (the loop manages waking).
     func testLoopDecidersDontwakeIsManaged_anon() throws { try runCTest(cuffd_test_loop_dontwake_managed, .anon) }
+
+    /// A resolution that misses the faulting page (EEXIST elsewhere) wakes the thread; its re-fault is asked again.
+    func testLoopMisdirectedResolutionWakesThread_anon() throws { try runCTest(cuffd_test_loop_misdirected, .anon) }
 }
