@@ -422,16 +422,15 @@ static int stop_under_load_once(struct ct_fix *f, char *msg, size_t msglen) {
     struct lctx x, y;
     struct lthread l = {0}, l2 = {0};
     struct ct_toucher t[NSPIN];
-    int started = 0;
-    int stop = eventfd(0, EFD_CLOEXEC);
-    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    int stop = eventfd(0, EFD_CLOEXEC), stop2 = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0 && stop2 >= 0, "eventfd: %s", ct_err(errno));
     // A decider that only wakes: every thread re-faults at once, so the queue never empties
     // and a stopping loop has to give up draining at some point.
     lctx_init(&x, f, -1);
     x.wake_only = true;
     int e = lthread_start(&l, f, &x, stop, 1, CUFFD_FALLBACK_POISON);
     CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
-    for (int i = 0; i < NSPIN; i++, started++) {
+    for (int i = 0; i < NSPIN; i++) {
         t[i] = (struct ct_toucher){.addr = f->base + (size_t)i * f->ps, .count = 1};
         e = ct_touch_start(&t[i]);
         CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
@@ -440,20 +439,19 @@ static int stop_under_load_once(struct ct_fix *f, char *msg, size_t msglen) {
     e = lthread_stop(&l, stop);
     CT_CHECK(e == 0, "a stopping loop under a never-ending fault stream did not return: %s", ct_err(e));
     CT_CHECK(l.ret == 0, "cuffd_loop_run returned %s", ct_err(l.ret));
-    // Whatever the first loop read and did not resolve must not be lost: a second loop that
-    // answers with COPY (already told to stop: it drains and returns) releases every thread.
+    // Whatever the first loop read and did not resolve must not be lost: it must come back on
+    // the queue, where a second loop that answers with COPY releases every thread.
     lctx_init(&y, f, -1);
-    e = lthread_start(&l2, f, &y, stop, 8, CUFFD_FALLBACK_POISON);
+    e = lthread_start(&l2, f, &y, stop2, 8, CUFFD_FALLBACK_POISON);
     CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
     for (int i = 0; i < NSPIN; i++) {
         if (ct_touch_join(&t[i], CT_WAIT_MS) == 0) continue;
-        CT_FAIL("thread %d is still blocked after the first loop gave up (it drained %llu faults, %llu reads): "
+        CT_FAIL("thread %d is still blocked after the first loop stopped (it drained %llu faults, %llu reads): "
                 "its fault was read and dropped", i, (unsigned long long)l.st.stop_drained,
                 (unsigned long long)l.st.reads);
     }
-    started = 0;
-    CT_CHECK(ct_join(l2.th, CT_WAIT_MS) == 0, "second loop did not return");
-    l2.running = false;
+    e = lthread_stop(&l2, stop2);
+    CT_CHECK(e == 0, "second loop did not stop: %s", ct_err(e));
     for (int i = 0; i < NSPIN; i++)
         CT_CHECK(ct_check_pattern(f->base + (size_t)i * f->ps, f->ps, (size_t)i) < 0, "page %d wrong", i);
     if (l.st.stop_drained < 1024) {
@@ -462,9 +460,10 @@ static int stop_under_load_once(struct ct_fix *f, char *msg, size_t msglen) {
         rc = CUFFD_TEST_SKIP;
     }
 out:
-    if (l2.running) ct_join(l2.th, 1000);
+    if (l2.running) lthread_stop(&l2, stop2);
     if (l.running) lthread_stop(&l, stop);
     if (stop >= 0) close(stop);
+    if (stop2 >= 0) close(stop2);
     return rc;
 }
 
