@@ -64,6 +64,7 @@ int cuffd_test_poison(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_4k(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_thp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_thp_nohuge_dst(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_move_thp_whole_nohuge_dst(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_src_holes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_eexist(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_ebusy(int mem_kind, char *msg, size_t msglen);
