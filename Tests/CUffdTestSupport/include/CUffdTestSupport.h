@@ -56,6 +56,8 @@ int cuffd_test_resolve_one_outcomes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy_partial(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy_fault(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_copy_dontwake_wake(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_copy_mode_wp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_zeropage(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_continue(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_poison(int mem_kind, char *msg, size_t msglen);
