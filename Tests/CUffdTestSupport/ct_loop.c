@@ -727,3 +727,40 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// After the loop has stopped, a new fault stays queued (nobody answers it); closing the uffd
+// releases the thread, which then faults normally (zeros / the file's data).
+int cuffd_test_loop_close_releases(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0 && l.ret == 0, "loop did not stop cleanly: %s / %s", ct_err(e), ct_err(l.ret));
+    struct ct_toucher t = {.addr = f.base + 3, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    pid_t tid = t.tid;
+    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "the fault after the stop was not left queued");
+    CT_CHECK(!atomic_load(&t.finished), "a fault after the stop was answered");
+    close(f.uffd);
+    f.uffd = -1;
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "closing the uffd did not release the queued fault");
+    CT_CHECK(t.sum == 0, "the released thread read 0x%llx from a never-filled page", (unsigned long long)t.sum);
+    CT_CHECK(l.st.messages == 0, "the stopped loop read %llu messages", (unsigned long long)l.st.messages);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}

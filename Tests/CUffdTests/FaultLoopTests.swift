@@ -56,4 +56,9 @@ final class FaultLoopTests: HugetlbReservingTestCase {
 
     /// A resolution that misses the faulting page (EEXIST elsewhere) wakes the thread; its re-fault is asked again.
     func testLoopMisdirectedResolutionWakesThread_anon() throws { try runCTest(cuffd_test_loop_misdirected, .anon) }
+
+    /// A fault after the loop stopped stays queued; closing the uffd releases it (it faults normally).
+    func testFaultAfterStopReleasedByClose_anon() throws { try runCTest(cuffd_test_loop_close_releases, .anon) }
+    func testFaultAfterStopReleasedByClose_shmem() throws { try runCTest(cuffd_test_loop_close_releases, .shmem) }
+    func testFaultAfterStopReleasedByClose_hugetlb() throws { try runCTest(cuffd_test_loop_close_releases, .hugetlb) }
 }
