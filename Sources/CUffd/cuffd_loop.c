@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -39,15 +41,24 @@ static uint64_t base_page(void) {
     return ps;
 }
 
+// Every filling verb's DONTWAKE is bit 0. The loop owns waking: a resolution always wakes its
+// range, or a decider's DONTWAKE would leave the faulting thread asleep with nobody to wake it.
+#define VERB_DONTWAKE ((uint64_t)1 << 0)
+_Static_assert(UFFDIO_COPY_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_ZEROPAGE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_MOVE_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_CONTINUE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_POISON_MODE_DONTWAKE == VERB_DONTWAKE,
+               "DONTWAKE is bit 0 of every filling verb's mode");
+
 // Performs the op itself; returns 0 or -errno, with *done the bytes resolved.
 static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
     *done = 0;
+    uint64_t mode = r->mode & ~VERB_DONTWAKE;
     switch (r->op) {
-    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, mode, done);
     case CUFFD_OP_UNPROTECT: {
         int rc = cuffd_writeprotect(uffd, r->dst, r->len, false, false);
         if (rc == 0) *done = (int64_t)r->len;
@@ -76,25 +87,69 @@ static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolu
     }
 }
 
-// Unblocks the faulting thread after a failed resolution, as the fallback says.
-static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *r,
-                          int fallback, uint64_t features) {
-    uint64_t start, len;
+// hugetlb ranges refuse base-page ranges (EINVAL): the fallback retries with the huge page.
+static uint64_t huge_page(void) {
+    static uint64_t hps;
+    if (!hps) hps = cuffd_hugepage_size();
+    return hps;
+}
+
+// Zeros to COPY from where there is no zero page (hugetlb): one huge page of never-touched
+// private anonymous memory, which reads as zeros without allocating. Made on first use (a
+// fallback is the rare path) and kept for the process's life.
+static uint64_t zero_source(uint64_t len) {
+    static _Atomic(uintptr_t) zeros;
+    uint64_t size = huge_page();
+    if (!size || len > size) return 0;
+    uintptr_t z = atomic_load(&zeros);
+    if (z) return z;
+    void *m = mmap(NULL, size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return 0;
+    uintptr_t expected = 0;
+    if (!atomic_compare_exchange_strong(&zeros, &expected, (uintptr_t)m)) {
+        munmap(m, size);
+        return expected;
+    }
+    return (uintptr_t)m;
+}
+
+// One attempt of the fallback on [start, start+len).
+static int fallback_op(int uffd, uint64_t start, uint64_t len, uint64_t flags, int fallback,
+                       uint64_t features) {
     int64_t done = 0;
-    fallback_range(msg, r, &start, &len);
-    uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
-    if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
     if (flags & UFFD_PAGEFAULT_FLAG_WP) {
         // The data is there; only the tracking is lost. Unprotect wakes the thread.
         return cuffd_writeprotect(uffd, start, len, false, false);
     }
-    int rc = -EOPNOTSUPP;
-    if (fallback == CUFFD_FALLBACK_POISON && (features & UFFD_FEATURE_POISON)) {
-        rc = cuffd_poison(uffd, start, len, 0, &done);
-    } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
-        rc = cuffd_continue(uffd, start, len, 0, &done);
-    } else {
-        rc = cuffd_zeropage(uffd, start, len, 0, &done);
+    if (fallback == CUFFD_FALLBACK_POISON && (features & UFFD_FEATURE_POISON))
+        return cuffd_poison(uffd, start, len, 0, &done);
+    if (flags & UFFD_PAGEFAULT_FLAG_MINOR) return cuffd_continue(uffd, start, len, 0, &done);
+    int rc = cuffd_zeropage(uffd, start, len, 0, &done);
+    if (rc == -EINVAL) {
+        // hugetlb has no zero page: copy zeros instead.
+        uint64_t z = zero_source(len);
+        if (z) rc = cuffd_copy(uffd, start, z, len, 0, &done);
+    }
+    return rc;
+}
+
+// Unblocks the faulting thread after a failed resolution, as the fallback says.
+static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *r,
+                          int fallback, uint64_t features) {
+    uint64_t start, len;
+    fallback_range(msg, r, &start, &len);
+    uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
+    if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
+    int rc = fallback_op(uffd, start, len, flags, fallback, features);
+    if (rc == -EINVAL && !r->len && msg) {
+        // The decider gave no range and the base page was refused: in a hugetlb range the
+        // fallback must cover the whole huge page, or the thread re-faults forever.
+        uint64_t hps = huge_page();
+        if (hps > len) {
+            start = msg->arg.pagefault.address & ~(hps - 1);
+            len = hps;
+            rc = fallback_op(uffd, start, len, flags, fallback, features);
+        }
     }
     // Someone else resolved the page meanwhile: that unblocks the thread as well.
     if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);
@@ -137,11 +192,13 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
                       ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
-    // A resolution that did not cover the faulting page would leave its thread asleep: wake
-    // it, so it re-faults (and is delivered again) rather than hangs.
-    if (msg && (outcome == CUFFD_OUTCOME_RESOLVED)) {
+    // Whatever the outcome, the wakes above covered the decider's range only. A range that
+    // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
+    // delivered again) rather than hangs.
+    if (msg && msg->event == UFFD_EVENT_PAGEFAULT && res->len) {
         uint64_t a = msg->arg.pagefault.address;
-        if (a < res->dst || a >= res->dst + (uint64_t)res->done) {
+        uint64_t covered = outcome == CUFFD_OUTCOME_RESOLVED ? (uint64_t)res->done : res->len;
+        if (a < res->dst || a >= res->dst + covered) {
             uint64_t ps = base_page();
             cuffd_wake(uffd, a & ~(ps - 1), ps);
         }
@@ -214,8 +271,17 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
             continue;
         }
         spins = 0;
-        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) return 0;
         size_t total = pending + (size_t)n;
+        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) {
+            // Giving up on a queue that never empties. The faults in hand (this read and the
+            // deferred ones) were read, so no later loop will see them: wake them, so they
+            // re-fault onto the queue instead of sleeping until the fd is closed.
+            uint64_t ps = base_page();
+            for (size_t i = 0; i < total; i++)
+                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
+            return 0;
+        }
         uint64_t now = cuffd_now_ns();
         memset(res, 0, total * sizeof(res[0]));
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);

@@ -52,7 +52,8 @@ int cuffd_open(int flags, int *path, bool *user_mode_only);
 int cuffd_probe(uint64_t *features, uint64_t *ioctls);
 
 /// UFFDIO_API on `fd` with `requested` features. On success `granted` receives the features
-/// now enabled on the fd (the requested set: the kernel refuses the call otherwise) and
+/// now enabled on the fd (the requested set: the kernel refuses the call otherwise; plus
+/// WP_UNPOPULATED, which the kernel enables along with WP_ASYNC) and
 /// `ioctls` the fd-level ioctl mask. A second call on the same fd fails (EINVAL).
 int cuffd_api(int fd, uint64_t requested, uint64_t *granted, uint64_t *ioctls);
 
@@ -139,7 +140,7 @@ enum cuffd_fallback {
     /// Poison the page (UFFDIO_POISON): the faulting thread gets SIGBUS on retry. Needs
     /// UFFD_FEATURE_POISON; without it, falls back to CUFFD_FALLBACK_ZEROPAGE.
     CUFFD_FALLBACK_POISON = 0,
-    /// Map a zero page (anon/shmem MISSING) / unprotect (WP) / continue (MINOR).
+    /// Map a zero page (anon/shmem MISSING; hugetlb: COPY of zeros) / unprotect (WP) / continue (MINOR).
     CUFFD_FALLBACK_ZEROPAGE = 1,
     /// Only wake: the thread re-faults and the fault is delivered again.
     CUFFD_FALLBACK_WAKE = 2,
