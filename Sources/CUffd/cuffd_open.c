@@ -102,7 +102,8 @@ int cuffd_probe(uint64_t *features, uint64_t *ioctls) {
     // allowed, and the answer does not depend on it.
     int fd = cuffd_open(CUFFD_OPEN_USER_MODE_ONLY | CUFFD_OPEN_ALLOW_KERNEL_FAULTS, NULL, NULL);
     if (fd < 0) return fd;
-    int rc = cuffd_api(fd, 0, features, ioctls);
+    // cuffd_api reports what is enabled (nothing, here); the probe wants what is offered.
+    int rc = cuffd_api_raw(fd, UFFD_API, 0, features, ioctls);
     close(fd);
     return rc;
 }
