@@ -158,3 +158,8 @@ int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms) {
     kill_and_reap(pid);
     return 1;
 }
+
+int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr) {
+    void *p = mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr);
+    return p == MAP_FAILED ? -errno : 0;
+}

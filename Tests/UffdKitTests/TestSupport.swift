@@ -45,7 +45,8 @@ func touch(_ base: UInt, length: Int, threads: Int, stride: Int = basePageSize, 
         var sum: UInt64 = 0
         var c = t
         while c < chunks {
-            var off = c * chunk
+            // The first multiple of `stride` in the chunk, so strides are global.
+            var off = (c * chunk + stride - 1) / stride * stride
             let end = Swift.min(length, off + chunk)
             while off < end {
                 let p = UnsafeMutablePointer<UInt8>(bitPattern: base + UInt(off))!

@@ -41,6 +41,10 @@ int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int time
 /// as -(100 + step)).
 int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms);
 
+/// mremap(2) of `[old, old+len)` to exactly `new_addr` (MREMAP_MAYMOVE|MREMAP_FIXED); mremap is
+/// variadic and does not reach Swift. Returns 0 or -errno.
+int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr);
+
 #ifdef __cplusplus
 }
 #endif
