@@ -34,8 +34,13 @@ struct SessionOptions: ParsableArguments {
                                valueName: "size"))
     var size: String?
 
-    @Option(help: "Memory type: anon, shmem, shmem-private or hugetlb.")
-    var memory: MemoryType = .anon
+    @Option(name: .customLong("memory"),
+            help: ArgumentHelp("Memory type: anon, shmem, shmem-private or hugetlb (default anon; continue: shmem).",
+                               valueName: "memory"))
+    var memoryChoice: MemoryType?
+
+    /// The memory type, anon unless --memory says otherwise.
+    var memory: MemoryType { memoryChoice ?? .anon }
 
     @Option(help: "Faulting worker threads (1...256, at most one per page).")
     var threads: Int = 2
@@ -75,16 +80,17 @@ struct SessionOptions: ParsableArguments {
 
     /// The region size: --size (or `fallback`), checked for alignment to `pageSize`, for the
     /// machine's memory, and for at least one page per thread.
-    func regionSize(pageSize: Int, fallback: Int = SessionOptions.defaultSize, copies: Int = 1) throws(CLIError) -> Int {
+    func regionSize(pageSize: Int, fallback: Int = SessionOptions.defaultSize, copies: Int = 1,
+                    memory: MemoryType? = nil) throws(CLIError) -> Int {
         let bytes = try size.map { s throws(CLIError) in try parseSize(s, option: "--size") } ?? fallback
-        try checkRegionSize(bytes, pageSize: pageSize, copies: copies)
+        try checkRegionSize(bytes, pageSize: pageSize, copies: copies, memory: memory)
         return bytes
     }
 
     /// Alignment, memory and thread-count checks for a region of `bytes`.
-    func checkRegionSize(_ bytes: Int, pageSize: Int, copies: Int = 1) throws(CLIError) {
+    func checkRegionSize(_ bytes: Int, pageSize: Int, copies: Int = 1, memory: MemoryType? = nil) throws(CLIError) {
         guard bytes % pageSize == 0 else {
-            throw .usage("--size \(bytes) bytes is not a multiple of the \(memory.rawValue) page size (\(pageSize) bytes)")
+            throw .usage("--size \(bytes) bytes is not a multiple of the \((memory ?? self.memory).rawValue) page size (\(pageSize) bytes)")
         }
         let phys = physicalMemory()
         let (need, overflow) = bytes.multipliedReportingOverflow(by: copies)
@@ -99,8 +105,8 @@ struct SessionOptions: ParsableArguments {
     }
 
     /// Exit 3 with the sysctl fix when hugetlb memory of `bytes` cannot be backed.
-    func checkHugePages(_ bytes: Int, regions: Int = 1) throws(CLIError) {
-        guard memory == .hugetlb else { return }
+    func checkHugePages(_ bytes: Int, regions: Int = 1, memory: MemoryType? = nil) throws(CLIError) {
+        guard (memory ?? self.memory) == .hugetlb else { return }
         guard let hp = UffdKit.hugePageSize else {
             throw .notAllowed("this kernel reports no huge page size (hugetlb unavailable)",
                               fix: "use --memory anon or shmem, or a kernel with CONFIG_HUGETLBFS")
