@@ -25,7 +25,7 @@ struct Uffdctl: ParsableCommand {
             ZeropageCommand.self,
             MoveCommand.self,
             ContinueCommand.self,
-            // WriteProtectCommand.self,
+            WriteProtectCommand.self,
             // PoisonCommand.self,
             // BenchCommand.self,
         ]
