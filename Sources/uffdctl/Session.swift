@@ -116,8 +116,8 @@ struct SessionReport {
     var extra: [String: Any] = [:]
     /// Operation-specific summary lines.
     var lines: [String] = []
-    /// Extra conditions that must hold for success (name, ok).
-    var checks: [(String, Bool)] = []
+    /// Extra conditions that must hold for success: JSON key, description, outcome.
+    var checks: [(key: String, text: String, ok: Bool)] = []
 
     var gbps: Double { seconds > 0 ? Double(size) / seconds / 1e9 : 0 }
     var faults: UInt64 { stats?.faults ?? 0 }
@@ -126,7 +126,7 @@ struct SessionReport {
         return Double(s.latency.valueAtPercentile(p)) / 1000
     }
     var microsPerFault: Double { faults > 0 ? seconds * 1e6 / Double(faults) : 0 }
-    var ok: Bool { verification.ok && checks.allSatisfy(\.1) && (stats?.failures ?? 0) == 0 }
+    var ok: Bool { verification.ok && checks.allSatisfy(\.ok) && (stats?.failures ?? 0) == 0 }
 
     func json() -> [String: Any] {
         var d: [String: Any] = [
@@ -162,7 +162,7 @@ struct SessionReport {
                                  "samples": stats?.latency.totalCount ?? 0],
         ]
         if let f = verification.firstMismatch { d["first_mismatch_offset"] = f }
-        for (k, v) in checks { d["check_" + k] = v }
+        if !checks.isEmpty { d["checks"] = Dictionary(uniqueKeysWithValues: checks.map { ($0.key, $0.ok) }) }
         for (k, v) in extra { d[k] = v }
         return d
     }
@@ -197,7 +197,7 @@ struct SessionReport {
             if let f = v.firstMismatch { out += ", first at offset \(f)" }
             out += "\n"
         }
-        for (name, good) in checks where !good { out += "  check        FAILED: \(name)\n" }
+        for c in checks { out += "  check        \(c.ok ? "ok" : "FAILED"): \(c.text)\n" }
         return out
     }
 
@@ -211,7 +211,7 @@ struct SessionReport {
         if !ok {
             var why: [String] = []
             if !verification.ok { why.append("verification failed (\(verification.mismatchedPages) pages differ)") }
-            for (n, g) in checks where !g { why.append(n) }
+            for c in checks where !c.ok { why.append(c.text) }
             if let s = stats, s.failures > 0 { why.append("\(s.failures) faults could not be resolved") }
             throw .failed("\(operation): " + why.joined(separator: "; "))
         }

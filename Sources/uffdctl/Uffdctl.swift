@@ -26,7 +26,7 @@ struct Uffdctl: ParsableCommand {
             MoveCommand.self,
             ContinueCommand.self,
             WriteProtectCommand.self,
-            // PoisonCommand.self,
+            PoisonCommand.self,
             // BenchCommand.self,
         ]
     )

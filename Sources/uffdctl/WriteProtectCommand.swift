@@ -127,14 +127,14 @@ struct WriteProtectCommand: ParsableCommand {
         report.extra["dirty_pages"] = dirty.count
         report.extra["expected_dirty_pages"] = expectedDirty.count
         report.extra["every"] = every
-        report.checks.append(("dirty pages equal the pages written", dirty == expectedDirty))
+        report.checks.append(("dirty_exact", "the dirty pages are exactly the pages written", dirty == expectedDirty))
         report.lines.append("tracking     \(async ? "WP_ASYNC, dirty pages read with PAGEMAP_SCAN (no handler faults)" : "write-protect faults, page logged then unprotected")")
         report.lines.append("dirty        \(dirty.count) of \(size / pageSize) pages (expected \(expectedDirty.count): \(dirty == expectedDirty ? "exact" : "MISMATCH"))")
         if let snapshot, let snapshotOK {
             report.extra["snapshot"] = snapshot
             report.extra["snapshot_verified"] = snapshotOK
             report.extra["snapshot_pages_from_copy_before_write"] = savedPages
-            report.checks.append(("snapshot holds the region as protected", snapshotOK))
+            report.checks.append(("snapshot_consistent", "the snapshot holds the region as it was when protected", snapshotOK))
             report.lines.append("snapshot     \(snapshot): \(formatBytes(size)) written while the writers ran; \(snapshotOK ? "every byte matches the region as protected" : "DIFFERS from the region as protected"); \(savedPages) pages came from copy-before-write")
         }
         try report.emit(json: session.json)
