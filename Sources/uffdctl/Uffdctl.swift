@@ -27,7 +27,7 @@ struct Uffdctl: ParsableCommand {
             ContinueCommand.self,
             WriteProtectCommand.self,
             PoisonCommand.self,
-            // BenchCommand.self,
+            BenchCommand.self,
         ]
     )
 

@@ -1,3 +1,4 @@
+import CUffd
 import Dispatch
 import Foundation
 import Synchronization
@@ -25,6 +26,8 @@ final class Workload: @unchecked Sendable {
     let actions: [PageAction]
     /// Extra jobs run on their own threads next to the workers (e.g. a snapshot writer).
     let companions: [@Sendable () -> Void]
+    /// CPU every worker pins itself to (benchmarks), nil: not pinned.
+    let pin: Int32?
     private let touched = Atomic<Int>(0)
     private let finished = Atomic<Int>(0)
     private let sums: UnsafeMutablePointer<UInt64>
@@ -34,7 +37,8 @@ final class Workload: @unchecked Sendable {
     static func marker(_ index: Int) -> UInt64 { 0xA5C3_0000_0000_0000 | UInt64(index) }
 
     init(base: UInt, length: Int, threads: Int, order: AccessOrder, actions: [PageAction],
-         companions: [@Sendable () -> Void] = []) {
+         companions: [@Sendable () -> Void] = [], pin: Int32? = nil) {
+        self.pin = pin
         self.base = base
         self.pages = length / basePageSize
         self.threads = threads
@@ -92,6 +96,7 @@ final class Workload: @unchecked Sendable {
     }
 
     private func work(_ t: Int) {
+        if let pin { _ = cuffd_pin_self(pin) }
         let lo = t * pages / threads, hi = (t + 1) * pages / threads
         var order = Array(lo..<hi)
         if self.order == .random {
