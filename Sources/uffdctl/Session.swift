@@ -190,7 +190,7 @@ struct SessionReport {
         let v = verification
         if v.ok {
             out += "  verified     every byte of \(formatBytes(v.checkedBytes)) matched \(expectedName)"
-            if v.skippedPages > 0 { out += " (\(v.skippedPages) poisoned pages not read)" }
+            if v.skippedPages > 0 { out += " (\(formatBytes(v.skippedPages * basePageSize)) of poisoned pages not read)" }
             out += "\n"
         } else {
             out += "  verified     NO: \(v.mismatchedPages) of \(v.checkedBytes / basePageSize) pages differ from \(expectedName)"

@@ -10,6 +10,9 @@ func parseSize(_ text: String, option: String) throws(CLIError) -> Int {
         suffix = String(last) + suffix
         digits = digits.dropLast()
     }
+    guard !digits.isEmpty else {
+        throw .usage("\(option) '\(text)' is not a size (examples: 4096, 64K, 64M, 1G)")
+    }
     let shift: Int
     switch suffix.lowercased() {
     case "", "b": shift = 0
