@@ -27,7 +27,7 @@ struct BenchCommand: ParsableCommand {
     @Flag(help: "Print the report as one JSON object on stdout.")
     var json = false
 
-    @Flag(help: "No progress on stderr.")
+    @Flag(help: "No progress line on stderr (shown only when stderr is a terminal).")
     var quiet = false
 
     @Option(help: "Measured runs per case (at least 5 are used).")
@@ -91,10 +91,13 @@ struct BenchCommand: ParsableCommand {
         let selected = suite.selectedCases.count
         guard selected > 0 else { throw CLIError.usage("--filter \(filter.joined(separator: ",")) matches no case") }
         var done = 0
+        // Progress on a terminal only: the case about to run, overwritten in place.
+        let showProgress = !quiet && isatty(STDERR_FILENO) == 1
         let report = suite.run { name in
             done += 1
-            if !quiet { FileHandle.standardError.write(Data("[\(done)/\(selected)] \(name)\n".utf8)) }
+            if showProgress { FileHandle.standardError.write(Data("\r\u{1B}[K[\(done)/\(selected)] \(name)".utf8)) }
         }
+        if showProgress { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
         print(json ? report.json : report.table, terminator: json ? "\n" : "")
         let failed = report.results.filter { !$0.unsupported && ($0.runs == 0 || $0.failures > 0) }
         if !failed.isEmpty {

@@ -163,6 +163,9 @@ struct FeatureReport: Codable {
         } else {
             v.append("kernel-mode faults: NOT allowed (only matters when you opt in). Fix: \(e.kernelFaults.fix ?? "run as root").")
         }
+        if e.uid != 0 {
+            v.append("fork events (EVENT_FORK, used by `uffdctl poison`) need CAP_SYS_PTRACE; without it those sessions exit 3.")
+        }
         let supported = Set(features.filter(\.supported).map(\.name))
         for (name, what) in [("MOVE", "UFFDIO_MOVE (zero-copy page moves)"), ("POISON", "UFFDIO_POISON"),
                              ("WP_ASYNC", "async write-protect dirty tracking (PAGEMAP_SCAN)"),

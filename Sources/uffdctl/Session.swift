@@ -7,6 +7,9 @@ func cliError(_ e: UffdError, memory: MemoryType? = nil, what: String) -> CLIErr
     switch (e.operation, e.errno) {
     case (.open, .notPermitted), (.open, .permissionDenied), (.open, .noFunction):
         return .notAllowed("\(what): \(e)", fix: e.explanation)
+    case (.api, .notPermitted):
+        return .notAllowed("\(what): the kernel refused the requested features (EPERM): \(e.detail)",
+                           fix: "EVENT_FORK needs CAP_SYS_PTRACE: run as root or grant it (e.g. setcap cap_sys_ptrace+ep uffdctl)")
     case (.api, _):
         return .notAllowed("\(what): \(e)", fix: "this kernel lacks the feature; see `uffdctl features` (a newer kernel offers it)")
     case (.map, .noMemory) where memory == .hugetlb, (.map, .invalidArgument) where memory == .hugetlb:

@@ -56,13 +56,21 @@ final class BadInputTests: XCTestCase {
     }
 
     func testUnreadableFile() throws {
-        // Root reads anything; a write-only FIFO end cannot be read by anyone in a useful way,
-        // so use a file with no permissions and skip when running as root.
-        guard getuid() != 0 else { throw XCTSkip("root can read a mode-000 file; the case needs an unprivileged user") }
-        let f = FileManager.default.temporaryDirectory.appendingPathComponent("uffdctl-noread-\(UUID().uuidString)")
+        let f = URL(fileURLWithPath: "/tmp/uffdctl-noread-\(UUID().uuidString)")
         _ = FileManager.default.createFile(atPath: f.path, contents: Data([1, 2, 3]), attributes: [.posixPermissions: 0])
         defer { try? FileManager.default.removeItem(at: f) }
-        try expect(["copy", "--source", "file:\(f.path)"], code: 2, message: "EACCES")
+        if getuid() != 0 {
+            try expect(["copy", "--source", "file:\(f.path)"], code: 2, message: "EACCES")
+            return
+        }
+        // Root reads a mode-000 file: run the binary as nobody instead.
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), getpwnam("nobody") != nil else {
+            throw XCTSkip("root reads any file, and there is no setpriv/nobody to drop privileges")
+        }
+        let r = try runSetpriv(["--reuid=65534", "--regid=65534", "--clear-groups", try uffdctlURL().path,
+                                "copy", "--source", "file:\(f.path)"])
+        XCTAssertEqual(r.code, 2, r.stderr)
+        XCTAssertEqual(r.stderr, "uffdctl: cannot read \(f.path): EACCES (Permission denied)\n")
     }
 
     func testBadSourceAndReadahead() throws {
@@ -103,5 +111,44 @@ final class BadInputTests: XCTestCase {
             XCTAssertEqual(number(r.json, "page_size"), Double(2 << 20))
         }
         try expect(["copy", "--memory", "hugetlb", "--size", "3M"], code: 2, message: "not a multiple of the hugetlb page size")
+    }
+
+    /// An unprivileged user may not ask for EVENT_FORK (poison shows SIGBUS in a forked child):
+    /// exit 3 with the fix, while a plain copy session works for that user (user-mode-only fd).
+    func testUnprivilegedUser() throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root to switch to the nobody user") }
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { throw XCTSkip("no setpriv") }
+        guard getpwnam("nobody") != nil else { throw XCTSkip("no nobody user") }
+        let exe = try uffdctlURL().path
+        guard access(exe, X_OK) == 0 else { throw XCTSkip("binary not executable") }
+        let drop = ["--reuid=65534", "--regid=65534", "--clear-groups", exe]
+        let poison = try runSetpriv(drop + ["poison", "--size", "1M"])
+        guard !poison.stderr.contains("Permission denied") || poison.code == 3 else {
+            throw XCTSkip("nobody cannot run the binary here: \(poison.stderr)")
+        }
+        XCTAssertEqual(poison.code, 3, poison.stderr)
+        XCTAssertTrue(poison.stderr.contains("fix: EVENT_FORK needs CAP_SYS_PTRACE"), poison.stderr)
+        let copy = try runSetpriv(drop + ["copy", "--size", "1M", "--json"])
+        XCTAssertEqual(copy.code, 0, copy.stderr)
+        XCTAssertEqual(flag(copy.json, "verified"), true)
+    }
+
+    private func runSetpriv(_ args: [String]) throws -> CLIResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        p.arguments = args
+        p.currentDirectoryURL = URL(fileURLWithPath: "/")
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        // Small outputs: read after exit, with a watchdog on the wait.
+        let deadline = Date().addingTimeInterval(30)
+        while p.isRunning && Date() < deadline { usleep(10_000) }
+        if p.isRunning { p.terminate(); XCTFail("setpriv run did not finish") }
+        p.waitUntilExit()
+        return CLIResult(code: p.terminationStatus,
+                         stdout: String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self),
+                         stderr: String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
     }
 }
