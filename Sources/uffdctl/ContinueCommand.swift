@@ -40,12 +40,12 @@ struct ContinueCommand: ParsableCommand {
         } catch {
             throw cliError(error, what: "creating the continue policy")
         }
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers)
+        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
         let actions = uniformActions(pages: size / basePageSize, write: session.write)
         let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions)
+                                order: session.access, actions: actions, pin: session.pin)
         let outcome = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "continue"))
         let verification = try verifyRegion(base: region.address, length: size, expected: .pattern(seed: 0x5EED), actions: actions)
@@ -56,7 +56,7 @@ struct ContinueCommand: ParsableCommand {
 
         var report = SessionReport(operation: "continue", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, seconds: outcome.seconds, stats: handler.stats(),
+                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: "the page cache filled through the second view")
         report.checks.append(("second_view_agrees", "the second view holds the same bytes", aliasVerification.ok))
         report.extra["page_cache_filled_through"] = "second shared view (memfd alias)"

@@ -71,12 +71,12 @@ struct CopyCommand: ParsableCommand {
         }
         let inner = CopyPolicy(region: region, source: pageSource)
         let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers)
+        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
         let actions = uniformActions(pages: size / basePageSize, write: session.write)
         let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions)
+                                order: session.access, actions: actions, pin: session.pin)
         let outcome = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "copy"))
         let verification = try verifyRegion(base: region.address, length: size, expected: expected, actions: actions)
@@ -84,7 +84,7 @@ struct CopyCommand: ParsableCommand {
 
         var report = SessionReport(operation: "copy", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, seconds: outcome.seconds, stats: handler.stats(),
+                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: expected.name)
         report.extra["source"] = source
         report.extra["readahead"] = readaheadName(window, pageSize: pageSize)

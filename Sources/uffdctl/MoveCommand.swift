@@ -58,7 +58,7 @@ struct MoveCommand: ParsableCommand {
 
         var report = SessionReport(operation: "move", memory: .anon, size: size, pageSize: granule,
                                    threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, seconds: moveRun.seconds, stats: moveRun.stats,
+                                   readers: session.readers, pin: session.pin, seconds: moveRun.seconds, stats: moveRun.stats,
                                    verification: moveRun.verification, expectedName: "the pattern moved from the donor")
         report.extra["granule"] = granule
         report.extra["moved_granules"] = policy.movedGranules
@@ -96,11 +96,11 @@ struct MoveCommand: ParsableCommand {
 
     /// Starts a handler with `policy`, runs the workload, verifies against the pattern, stops.
     private func runFill(region: MappedRegion, uffd: Userfaultfd, policy: any FaultPolicy, label: String) throws -> FillRun {
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers)
+        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
         defer { handler.stop() }
         let actions = uniformActions(pages: region.length / basePageSize, write: session.write)
         let workload = Workload(base: region.address, length: region.length, threads: session.threads,
-                                order: session.access, actions: actions)
+                                order: session.access, actions: actions, pin: session.pin)
         let outcome = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: label))
         let v = try verifyRegion(base: region.address, length: region.length, expected: .pattern(seed: 0x5EED), actions: actions)

@@ -39,14 +39,14 @@ struct PoisonCommand: ParsableCommand {
         try SessionSteps.register(uffd, region, modes: .missing, needed: [.poison, .copy], memory: memory)
         let policy = PoisonPolicy(pages: chosen.map { region.address + UInt($0 * pageSize) }, pageSize: pageSize,
                                   otherwise: CopyPolicy(region: region, source: PatternSource(length: size)))
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers)
+        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
         let perPage = pageSize / basePageSize
         let poisonedSet = Set(chosen)
         let actions = (0..<size / basePageSize).map { poisonedSet.contains($0 / perPage) ? PageAction.skip : (session.write ? .write : .read) }
         let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions)
+                                order: session.access, actions: actions, pin: session.pin)
         let outcome = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "poison"))
 
@@ -69,7 +69,7 @@ struct PoisonCommand: ParsableCommand {
 
         var report = SessionReport(operation: "poison", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, seconds: outcome.seconds, stats: stats,
+                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: stats,
                                    verification: verification, expectedName: "the pattern")
         report.extra["poisoned_pages"] = chosen
         report.extra["children"] = outcomes

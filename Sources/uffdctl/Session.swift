@@ -87,9 +87,10 @@ enum SessionSteps {
     }
 
     /// Starts a handler with `readers` threads.
-    static func startHandler(_ uffd: Userfaultfd, policy: any FaultPolicy, readers: Int) throws(CLIError) -> FaultHandler {
+    static func startHandler(_ uffd: Userfaultfd, policy: any FaultPolicy, readers: Int, pin: Int32? = nil) throws(CLIError) -> FaultHandler {
         var o = FaultHandler.Options()
         o.readers = readers
+        o.cpus = pin.map { [Int($0)] }
         o.threadName = "uffdctl-reader"
         let h = FaultHandler(uffd: uffd, policy: policy, options: o)
         do {
@@ -111,6 +112,7 @@ struct SessionReport {
     var access: AccessOrder
     var write: Bool
     var readers: Int
+    var pin: Int32? = nil
     var seconds: Double
     var stats: HandlerStats?
     var verification: Verification
@@ -141,6 +143,7 @@ struct SessionReport {
             "access": access.rawValue,
             "write": write,
             "readers": readers,
+            "pinned_cpu": pin.map { Int($0) as Any } ?? NSNull(),
             "faults": faults,
             "faults_by_kind": [
                 "missing": stats?.missingFaults ?? 0,
@@ -172,7 +175,7 @@ struct SessionReport {
 
     func text() -> String {
         var out = "\(operation): \(formatBytes(size)) \(memory.rawValue) (page \(formatBytes(pageSize))), "
-        out += "\(threads) thread\(threads == 1 ? "" : "s"), \(access.rawValue) \(write ? "write" : "read"), \(readers) reader\(readers == 1 ? "" : "s")\n"
+        out += "\(threads) thread\(threads == 1 ? "" : "s"), \(access.rawValue) \(write ? "write" : "read"), \(readers) reader\(readers == 1 ? "" : "s")\(pin.map { ", pinned to CPU \($0)" } ?? "")\n"
         if let s = stats {
             out += "  faults       \(s.faults) (missing \(s.missingFaults), write-protect \(s.writeProtectFaults), minor \(s.minorFaults))\n"
             let ops = s.resolutions.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.key) \($0.value)" }

@@ -60,9 +60,9 @@ final class Workload: @unchecked Sendable {
         var pagesTouched: Int
     }
 
-    /// Runs the workers and companions; returns when all finished.
-    /// - Throws: ``CLIError`` failed when the watchdog expired first (the workers may still be
-    ///   blocked; the process is about to exit, which ends them).
+    /// Runs the workers and companions; returns when all finished. When the watchdog expires
+    /// first, reports it and exits the process with status 1 (the workers may be blocked in a
+    /// fault or still touching the region, so nothing may be torn down under them).
     func run(timeout: Double, progress: ProgressBar) throws(CLIError) -> Outcome {
         let start = DispatchTime.now().uptimeNanoseconds
         let jobs = threads + companions.count
@@ -86,8 +86,12 @@ final class Workload: @unchecked Sendable {
             progress.update(touched.load(ordering: .relaxed))
             if DispatchTime.now().uptimeNanoseconds > deadline && finished.load(ordering: .acquiring) < jobs {
                 progress.finish()
-                throw .failed("watchdog: the workload did not finish within \(timeout) s "
-                    + "(\(touched.load(ordering: .relaxed)) of \(pages) pages touched); stopping")
+                // Exit from here, without unwinding: returning would unmap the region (and stop
+                // the handler) under workers that are still touching it.
+                CLIError.failed("watchdog: the workload did not finish within \(timeout) s "
+                    + "(\(touched.load(ordering: .relaxed)) of \(pages) pages touched); stopping").report()
+                fflush(nil)
+                _exit(CLIExit.failed.rawValue)
             }
         }
         let end = DispatchTime.now().uptimeNanoseconds

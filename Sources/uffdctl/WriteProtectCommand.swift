@@ -67,7 +67,7 @@ struct WriteProtectCommand: ParsableCommand {
                 throw cliError(error, memory: memory, what: "WP_ASYNC tracking")
             }
             let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                    order: session.access, actions: actions)
+                                    order: session.access, actions: actions, pin: session.pin)
             seconds = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: pages, label: "writeprotect")).seconds
             let ranges: [Range<UInt>]
@@ -94,7 +94,7 @@ struct WriteProtectCommand: ParsableCommand {
             let saved = snapshot == nil ? nil : UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
             defer { saved?.deallocate() }
             let policy = WriteTrackerPolicy(region: region, snapshot: saved)
-            let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers)
+            let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
             defer { handler.stop() }
             do {
                 try policy.arm(uffd)
@@ -105,7 +105,7 @@ struct WriteProtectCommand: ParsableCommand {
             let writer = snapshotFD >= 0 ? SnapshotWriter(fd: snapshotFD, region: region, policy: policy) : nil
             if let writer { companions.append { writer.write() } }
             let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                    order: session.access, actions: actions, companions: companions)
+                                    order: session.access, actions: actions, companions: companions, pin: session.pin)
             seconds = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: pages, label: "writeprotect")).seconds
             handler.stop()
@@ -121,7 +121,7 @@ struct WriteProtectCommand: ParsableCommand {
 
         var report = SessionReport(operation: "writeprotect", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: true,
-                                   readers: async ? 0 : session.readers, seconds: seconds, stats: stats,
+                                   readers: async ? 0 : session.readers, pin: session.pin, seconds: seconds, stats: stats,
                                    verification: verification, expectedName: "the pattern and the writers' markers")
         report.extra["tracking"] = async ? "async (WP_ASYNC + PAGEMAP_SCAN)" : "sync (write-protect faults)"
         report.extra["dirty_pages"] = dirty.count

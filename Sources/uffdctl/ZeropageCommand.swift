@@ -27,12 +27,12 @@ struct ZeropageCommand: ParsableCommand {
         let region = try SessionSteps.map(memory, length: size)
         let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
         try SessionSteps.register(uffd, region, modes: .missing, needed: .zeropage, memory: memory)
-        let handler = try SessionSteps.startHandler(uffd, policy: ZeroFillPolicy(region: region), readers: session.readers)
+        let handler = try SessionSteps.startHandler(uffd, policy: ZeroFillPolicy(region: region), readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
         let actions = uniformActions(pages: size / basePageSize, write: session.write)
         let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions)
+                                order: session.access, actions: actions, pin: session.pin)
         let outcome = try workload.run(timeout: session.timeout,
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "zeropage"))
         let verification = try verifyRegion(base: region.address, length: size, expected: .zero, actions: actions)
@@ -40,7 +40,7 @@ struct ZeropageCommand: ParsableCommand {
 
         let report = SessionReport(operation: "zeropage", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, seconds: outcome.seconds, stats: handler.stats(),
+                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: "zeros")
         try report.emit(json: session.json)
     }

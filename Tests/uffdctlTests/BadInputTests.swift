@@ -84,6 +84,12 @@ final class BadInputTests: XCTestCase {
         try expect(["zeropage", "--size", "8K", "--threads", "3"], code: 2, message: "more than the 2 pages")
     }
 
+    func testBadPin() throws {
+        try expect(["copy", "--pin", "4096"], code: 2, message: "--pin 4096: this machine has CPUs 0...")
+        try expect(["copy", "--readers", "0"], code: 2, message: "--readers must be 1...64")
+        try expect(["copy", "--timeout=-1"], code: 2, message: "--timeout must be a positive number")
+    }
+
     func testBadPoisonPages() throws {
         try expect(["poison", "--size", "4M", "--pages", "5000"], code: 2, message: "outside the region")
         try expect(["poison", "--size", "4M", "--pages", "x"], code: 2, message: "is not a page index")

@@ -44,6 +44,14 @@ final class SessionCommandTests: XCTestCase {
         XCTAssertEqual(r.json?["source"] as? String, "pattern")
     }
 
+    func testPinnedSession() throws {
+        let r = try runUffdctl(["copy", "--size", "4M", "--pin", "0", "--readers", "2", "--json"])
+        XCTAssertEqual(r.code, 0, r.stderr)
+        checkSession(r.json, operation: "copy", bytes: mib4, faults: 1024)
+        XCTAssertEqual(number(r.json, "pinned_cpu"), 0)
+        XCTAssertEqual(number(r.json, "readers"), 2)
+    }
+
     func testCopyZeroSourceShmem() throws {
         let r = try runUffdctl(["copy", "--size", "4M", "--memory", "shmem", "--source", "zero", "--json"])
         XCTAssertEqual(r.code, 0, r.stderr)
