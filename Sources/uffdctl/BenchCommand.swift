@@ -112,7 +112,7 @@ enum SessionBenchOp: String, CaseIterable, Sendable {
 
     var note: String {
         switch self {
-        case .copy: "CopyPolicy (pattern source) through FaultHandler, anon"
+        case .copy: "CopyPolicy (in-memory image) through FaultHandler, anon"
         case .zeropage: "ZeroFillPolicy through FaultHandler, anon"
         case .move: "MovePolicy from a DONTFORK donor through FaultHandler, anon"
         case .continue: "ContinuePolicy through FaultHandler, shmem page cache filled via the alias"
@@ -152,7 +152,10 @@ func benchSession(_ op: SessionBenchOp, pages: Int, handlerCPU: Int32, faultCPU:
     case .copy:
         uffd = try SessionSteps.open(features: [])
         try SessionSteps.register(uffd!, region, modes: .missing, needed: .copy, memory: memory)
-        policy = CopyPolicy(region: region, source: PatternSource(length: size))
+        // From a populated image, as the minimal C handler does: the row measures the fault
+        // path, not generating the bytes.
+        let image = MemorySource(length: size) { fillPattern($0.baseAddress!, offset: 0, count: size) }
+        policy = CopyPolicy(region: region, source: image)
     case .zeropage:
         uffd = try SessionSteps.open(features: [])
         try SessionSteps.register(uffd!, region, modes: .missing, needed: .zeropage, memory: memory)
