@@ -35,6 +35,7 @@ func parseSize(_ text: String, option: String) throws(CLIError) -> Int {
 /// "64.0 MiB", "4.0 KiB", "123 B".
 func formatBytes<T: BinaryInteger>(_ value: T) -> String {
     let v = Double(value)
+    if v >= 1_099_511_627_776 { return String(format: "%.1f TiB", v / 1_099_511_627_776) }
     if v >= 1_073_741_824 { return String(format: "%.1f GiB", v / 1_073_741_824) }
     if v >= 1_048_576 { return String(format: "%.1f MiB", v / 1_048_576) }
     if v >= 1024 { return String(format: "%.1f KiB", v / 1024) }
