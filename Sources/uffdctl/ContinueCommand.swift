@@ -58,6 +58,7 @@ struct ContinueCommand: ParsableCommand {
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: "the page cache filled through the second view")
+        report.firstFailure = handler.failures().first?.description
         report.checks.append(("second_view_agrees", "the second view holds the same bytes", aliasVerification.ok))
         report.extra["page_cache_filled_through"] = "second shared view (memfd alias)"
         report.lines.append("page cache   filled through the second view before the run; second view \(aliasVerification.ok ? "agrees" : "DIFFERS") after it")

@@ -25,6 +25,11 @@ struct CopyCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("fail-pages"),
+            help: ArgumentHelp("Testing: the policy throws for these page indexes (comma-separated), to show the fallback and exit 1.",
+                               visibility: .hidden))
+    var failPages: String?
+
     func run() throws {
         try session.validateCommon()
         let memory = session.memory
@@ -70,7 +75,14 @@ struct CopyCommand: ParsableCommand {
             expected = .file(fd: fileFD, length: fileLength)
         }
         let inner = CopyPolicy(region: region, source: pageSource)
-        let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+        var policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+        if let failPages {
+            let pages = try failPages.split(separator: ",").map { t throws(CLIError) -> Int in
+                guard let n = Int(t), n >= 0, n < size / pageSize else { throw .usage("--fail-pages: bad page index '\(t)'") }
+                return n
+            }
+            policy = FailingPolicy(failing: Set(pages.map { region.address + UInt($0 * pageSize) }), pageSize: pageSize, otherwise: policy)
+        }
         let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
@@ -86,6 +98,7 @@ struct CopyCommand: ParsableCommand {
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: expected.name)
+        report.firstFailure = handler.failures().first?.description
         report.extra["source"] = source
         report.extra["readahead"] = readaheadName(window, pageSize: pageSize)
         var line = "source       \(source), readahead \(readaheadName(window, pageSize: pageSize))"
@@ -176,4 +189,27 @@ final class ZeroSource: PageSource {
         memset(scratch, 0, count)
         return UnsafeRawPointer(scratch)
     }
+}
+
+/// Testing aid: throws for chosen pages (the handler's fallback then resolves them and reports
+/// the failure), asks `otherwise` for the rest.
+final class FailingPolicy: FaultPolicy {
+    struct Injected: Error, CustomStringConvertible {
+        var address: UInt
+        var description: String { "injected failure at 0x\(String(address, radix: 16))" }
+    }
+    let failing: Set<UInt>
+    let pageSize: Int
+    let otherwise: any FaultPolicy
+    init(failing: Set<UInt>, pageSize: Int, otherwise: any FaultPolicy) {
+        self.failing = failing
+        self.pageSize = pageSize
+        self.otherwise = otherwise
+    }
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        let page = fault.address & ~UInt(pageSize - 1)
+        if failing.contains(page) { throw Injected(address: page) }
+        return try otherwise.resolve(fault, context: context)
+    }
+    var scratchBytes: Int { otherwise.scratchBytes }
 }

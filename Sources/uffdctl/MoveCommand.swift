@@ -60,6 +60,7 @@ struct MoveCommand: ParsableCommand {
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: session.readers, pin: session.pin, seconds: moveRun.seconds, stats: moveRun.stats,
                                    verification: moveRun.verification, expectedName: "the pattern moved from the donor")
+        report.firstFailure = moveRun.firstFailure
         report.extra["granule"] = granule
         report.extra["moved_granules"] = policy.movedGranules
         report.lines.append("donor        \(policy.movedGranules) of \(size / granule) granules of \(formatBytes(granule)) moved")
@@ -92,6 +93,7 @@ struct MoveCommand: ParsableCommand {
         var seconds: Double
         var stats: HandlerStats
         var verification: Verification
+        var firstFailure: String?
     }
 
     /// Starts a handler with `policy`, runs the workload, verifies against the pattern, stops.
@@ -105,6 +107,7 @@ struct MoveCommand: ParsableCommand {
                                        progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: label))
         let v = try verifyRegion(base: region.address, length: region.length, expected: .pattern(seed: 0x5EED), actions: actions)
         handler.stop()
-        return FillRun(seconds: outcome.seconds, stats: handler.stats(), verification: v)
+        return FillRun(seconds: outcome.seconds, stats: handler.stats(), verification: v,
+                       firstFailure: handler.failures().first?.description)
     }
 }

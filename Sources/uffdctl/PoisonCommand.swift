@@ -71,6 +71,7 @@ struct PoisonCommand: ParsableCommand {
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: stats,
                                    verification: verification, expectedName: "the pattern")
+        report.firstFailure = handler.failures().first?.description
         report.extra["poisoned_pages"] = chosen
         report.extra["children"] = outcomes
         report.extra["sigbus_children"] = sigbus

@@ -91,6 +91,10 @@ enum SessionSteps {
         var o = FaultHandler.Options()
         o.readers = readers
         o.cpus = pin.map { [Int($0)] }
+        // A fault the policy or its ioctl cannot resolve gets a zero page (or is unprotected /
+        // continued) instead of SIGBUS: the worker goes on, verification fails, the session
+        // reports the failure and exits 1 instead of dying.
+        o.fallback = .zeroFill
         o.threadName = "uffdctl-reader"
         let h = FaultHandler(uffd: uffd, policy: policy, options: o)
         do {
@@ -121,6 +125,8 @@ struct SessionReport {
     var extra: [String: Any] = [:]
     /// Operation-specific summary lines.
     var lines: [String] = []
+    /// The first failure the handler reported, if any.
+    var firstFailure: String?
     /// Extra conditions that must hold for success: JSON key, description, outcome.
     var checks: [(key: String, text: String, ok: Bool)] = []
 
@@ -131,7 +137,9 @@ struct SessionReport {
         return Double(s.latency.valueAtPercentile(p)) / 1000
     }
     var microsPerFault: Double { faults > 0 ? seconds * 1e6 / Double(faults) : 0 }
-    var ok: Bool { verification.ok && checks.allSatisfy(\.ok) && (stats?.failures ?? 0) == 0 }
+    var ok: Bool {
+        verification.ok && checks.allSatisfy(\.ok) && (stats?.failures ?? 0) == 0 && (stats?.fallbacks ?? 0) == 0
+    }
 
     func json() -> [String: Any] {
         var d: [String: Any] = [
@@ -168,6 +176,7 @@ struct SessionReport {
                                  "samples": stats?.latency.totalCount ?? 0],
         ]
         if let f = verification.firstMismatch { d["first_mismatch_offset"] = f }
+        if let firstFailure { d["first_failure"] = firstFailure }
         if !checks.isEmpty { d["checks"] = Dictionary(uniqueKeysWithValues: checks.map { ($0.key, $0.ok) }) }
         for (k, v) in extra { d[k] = v }
         return d
@@ -218,7 +227,10 @@ struct SessionReport {
             var why: [String] = []
             if !verification.ok { why.append("verification failed (\(verification.mismatchedPages) pages differ)") }
             for c in checks where !c.ok { why.append(c.text) }
-            if let s = stats, s.failures > 0 { why.append("\(s.failures) faults could not be resolved") }
+            if let s = stats, s.failures + s.fallbacks > 0 {
+                why.append("\(s.fallbacks + s.failures) faults were not resolved by the policy"
+                    + (firstFailure.map { " (first: \($0))" } ?? ""))
+            }
             throw .failed("\(operation): " + why.joined(separator: "; "))
         }
     }

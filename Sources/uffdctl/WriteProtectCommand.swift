@@ -59,6 +59,7 @@ struct WriteProtectCommand: ParsableCommand {
         let dirty: Set<Int>
         var snapshotOK: Bool?
         var savedPages = 0
+        var firstFailure: String?
         if async {
             let tracker: AsyncWriteTracker
             do {
@@ -110,6 +111,7 @@ struct WriteProtectCommand: ParsableCommand {
                                        progress: ProgressBar(quiet: session.quiet, total: pages, label: "writeprotect")).seconds
             handler.stop()
             stats = handler.stats()
+            firstFailure = handler.failures().first?.description
             dirty = Set(policy.dirtyPages())
             if let writer {
                 if let e = writer.error { throw CLIError.failed("writing the snapshot: \(e)") }
@@ -123,6 +125,7 @@ struct WriteProtectCommand: ParsableCommand {
                                    threads: session.threads, access: session.access, write: true,
                                    readers: async ? 0 : session.readers, pin: session.pin, seconds: seconds, stats: stats,
                                    verification: verification, expectedName: "the pattern and the writers' markers")
+        report.firstFailure = firstFailure
         report.extra["tracking"] = async ? "async (WP_ASYNC + PAGEMAP_SCAN)" : "sync (write-protect faults)"
         report.extra["dirty_pages"] = dirty.count
         report.extra["expected_dirty_pages"] = expectedDirty.count

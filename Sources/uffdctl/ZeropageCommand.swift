@@ -38,10 +38,11 @@ struct ZeropageCommand: ParsableCommand {
         let verification = try verifyRegion(base: region.address, length: size, expected: .zero, actions: actions)
         handler.stop()
 
-        let report = SessionReport(operation: "zeropage", memory: memory, size: size, pageSize: pageSize,
+        var report = SessionReport(operation: "zeropage", memory: memory, size: size, pageSize: pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: "zeros")
+        report.firstFailure = handler.failures().first?.description
         try report.emit(json: session.json)
     }
 }

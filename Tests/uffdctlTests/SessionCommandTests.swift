@@ -200,6 +200,19 @@ final class SessionCommandTests: XCTestCase {
         XCTAssertNotNil(j?["environment"] as? [String: Any])
     }
 
+    /// A fault the policy cannot resolve gets the fallback (a zero page), the worker goes on,
+    /// verification fails and the session exits 1 naming the failure; nothing hangs or crashes.
+    func testPolicyFailureExitsOne() throws {
+        let r = try runUffdctl(["copy", "--size", "1M", "--fail-pages", "3,7", "--json"], timeout: 30)
+        XCTAssertEqual(r.code, 1, r.stderr)
+        XCTAssertEqual(flag(r.json, "verified"), false)
+        XCTAssertEqual(number(r.json, "fallbacks"), 2)
+        XCTAssertEqual(number(r.json, "mismatched_pages"), 2)
+        XCTAssertEqual(number(r.json, "first_mismatch_offset"), 3 * 4096)
+        XCTAssertTrue(r.stderr.contains("2 faults were not resolved by the policy"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("injected failure"), r.stderr)
+    }
+
     /// The watchdog ends a session that does not finish in time: exit 1, never a hang.
     func testWatchdogEndsTheSession() throws {
         let r = try runUffdctl(["copy", "--size", "512M", "--timeout", "0.01"], timeout: 30)
