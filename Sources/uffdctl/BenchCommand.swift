@@ -18,7 +18,7 @@ struct BenchCommand: ParsableCommand {
             against baseline.first-touch). Threads are pinned: the faulting thread on \
             --fault-cpu, the handler on --handler-cpu (the same CPU by default; cross-CPU \
             wakeups are slow on VMs). `make bench` runs `uffdctl bench --full`.
-            """
+            """ + exitCodesHelp
     )
 
     @Flag(help: "Full run: 4x the pages and 1 GiB files (quick otherwise).")

@@ -12,7 +12,7 @@ struct ContinueCommand: ParsableCommand {
             registers the first view for minor faults, and maps each faulting page with \
             UFFDIO_CONTINUE; every byte is then compared with the pattern. \
             Default session: 64 MiB shmem, 2 threads.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

@@ -13,7 +13,7 @@ struct CopyCommand: ParsableCommand {
             region is the file's size rounded up to the page; the file is loaded lazily and \
             every byte is compared with the file afterwards (the tail past its end must be zero). \
             Default session: 64 MiB anon, pattern source, 2 threads.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

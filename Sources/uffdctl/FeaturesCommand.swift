@@ -13,7 +13,7 @@ struct FeaturesCommand: ParsableCommand {
             vm.unprivileged_userfaultfd, /dev/userfaultfd, THP and huge page state. Ends with \
             verdicts and, where something is not allowed, the exact fix. Exits 3 when this user \
             cannot open a userfaultfd at all.
-            """
+            """ + exitCodesHelp
     )
 
     @Flag(help: "Print one JSON object on stdout.")

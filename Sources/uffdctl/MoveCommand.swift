@@ -13,7 +13,7 @@ struct MoveCommand: ParsableCommand {
             --huge) from the donor; every byte is then compared with the pattern. \
             --compare-copy runs the same workload with UFFDIO_COPY from a populated buffer in \
             the same run and prints the time ratio. Default session: 64 MiB anon, 2 threads.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

@@ -15,7 +15,7 @@ struct PoisonCommand: ParsableCommand {
             served by the same policy through EVENT_FORK) reads a good page, checks it, and \
             touches the poisoned one: it must die of SIGBUS. \
             Default session: 64 MiB anon, 2 threads, pages 1, the middle one and the last one.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

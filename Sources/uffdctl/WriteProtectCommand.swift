@@ -17,7 +17,7 @@ struct WriteProtectCommand: ParsableCommand {
             --snapshot FILE writes the region as it was when protected, while the writers run \
             (copy-before-write in the handler), and checks the file afterwards. \
             Default session: 64 MiB anon, 2 threads, every 4th page written.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

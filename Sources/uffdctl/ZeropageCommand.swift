@@ -12,7 +12,7 @@ struct ZeropageCommand: ParsableCommand {
             fault (anon, shmem; hugetlb has no ZEROPAGE and exits 3). Reads stay on the zero \
             page; with --write each page is then copied on write by the kernel. \
             Default session: 64 MiB anon, 2 threads.
-            """
+            """ + exitCodesHelp
     )
 
     @OptionGroup var session: SessionOptions

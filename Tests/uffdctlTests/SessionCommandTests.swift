@@ -228,6 +228,9 @@ final class SessionCommandTests: XCTestCase {
         }
         for sub in ["copy", "zeropage", "move", "continue", "writeprotect", "poison", "bench", "features"] {
             XCTAssertTrue(r.stdout.contains("  \(sub) "), "missing \(sub) in --help")
+            let h = try runUffdctl([sub, "--help"])
+            XCTAssertEqual(h.code, 0)
+            XCTAssertTrue(h.stdout.contains("Exit codes: 0 success, 1 an operation failed"), "\(sub) --help")
         }
     }
 }
