@@ -30,3 +30,12 @@ struct CLIError: Error {
         FileHandle.standardError.write(Data(text.utf8))
     }
 }
+
+/// The exit codes, appended to every subcommand's help.
+let exitCodesHelp = """
+
+
+    Exit codes: 0 success, 1 an operation failed (or verification found a wrong byte, or the \
+    watchdog ended the session), 2 bad usage or input, 3 the kernel or permissions do not allow \
+    it (the fix is printed).
+    """

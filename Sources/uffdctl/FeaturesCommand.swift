@@ -13,7 +13,7 @@ struct FeaturesCommand: ParsableCommand {
             vm.unprivileged_userfaultfd, /dev/userfaultfd, THP and huge page state. Ends with \
             verdicts and, where something is not allowed, the exact fix. Exits 3 when this user \
             cannot open a userfaultfd at all.
-            """
+            """ + exitCodesHelp
     )
 
     @Flag(help: "Print one JSON object on stdout.")
@@ -162,6 +162,9 @@ struct FeatureReport: Codable {
             v.append("kernel-mode faults (syscalls touching registered memory block instead of failing): allowed.")
         } else {
             v.append("kernel-mode faults: NOT allowed (only matters when you opt in). Fix: \(e.kernelFaults.fix ?? "run as root").")
+        }
+        if e.uid != 0 {
+            v.append("fork events (EVENT_FORK, used by `uffdctl poison`) need CAP_SYS_PTRACE; without it those sessions exit 3.")
         }
         let supported = Set(features.filter(\.supported).map(\.name))
         for (name, what) in [("MOVE", "UFFDIO_MOVE (zero-copy page moves)"), ("POISON", "UFFDIO_POISON"),

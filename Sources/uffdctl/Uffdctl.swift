@@ -21,13 +21,13 @@ struct Uffdctl: ParsableCommand {
             """,
         subcommands: [
             FeaturesCommand.self,
-            // CopyCommand.self,
-            // ZeropageCommand.self,
-            // MoveCommand.self,
-            // ContinueCommand.self,
-            // WriteProtectCommand.self,
-            // PoisonCommand.self,
-            // BenchCommand.self,
+            CopyCommand.self,
+            ZeropageCommand.self,
+            MoveCommand.self,
+            ContinueCommand.self,
+            WriteProtectCommand.self,
+            PoisonCommand.self,
+            BenchCommand.self,
         ]
     )
 
@@ -44,8 +44,10 @@ struct Uffdctl: ParsableCommand {
                 print(fullMessage(for: error))
                 Foundation.exit(0)
             }
-            // Argument parser errors are usage errors: one clear line (and its usage hint).
-            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            // Argument parser errors are usage errors: one clear line, pointing at --help.
+            var line = String(message(for: error).split(separator: "\n").first ?? "bad usage")
+            if line.hasPrefix("Error: ") { line.removeFirst(7) }
+            FileHandle.standardError.write(Data("uffdctl: \(line) (see --help)\n".utf8))
             Foundation.exit(CLIExit.usage.rawValue)
         }
     }

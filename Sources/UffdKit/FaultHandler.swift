@@ -1,0 +1,430 @@
+import CUffd
+import Histogram
+import Synchronization
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A fault that a policy or an ioctl failed to resolve, delivered to the handler's owner.
+public struct HandlerFailure: Sendable, CustomStringConvertible {
+    /// The fault.
+    public let fault: Fault
+    /// What the policy asked for (`.fail` when it threw).
+    public let resolution: Resolution
+    /// The error the policy threw, if it threw.
+    public let policyError: (any Error)?
+    /// The errno of the failed operation (EIO for a policy failure).
+    public let errno: Errno
+    /// Whether the fallback resolved the fault (false: the thread was only woken to re-fault).
+    public let recoveredByFallback: Bool
+
+    /// One line: the fault, the operation, the error, and what happened.
+    public var description: String {
+        var s = "fault at \(hex(fault.address)) (\(fault.kind)): \(resolution.operation) failed"
+        if let policyError { s += ": policy threw \(policyError)" } else { s += ": \(errno)" }
+        return s + (recoveredByFallback ? "; resolved by the fallback" : "; fallback failed, thread woken to re-fault")
+    }
+}
+
+/// Runs the C fault loop (`cuffd_loop_run`) for one userfaultfd on dedicated threads (never on
+/// Swift's cooperative pool) and asks a ``FaultPolicy`` how to resolve each fault.
+///
+/// - Threading: `readers` threads (optionally pinned to CPUs) each run the loop on the same fd;
+///   the kernel hands each message to one reader. The policy is called once per fault through a
+///   capture-free C trampoline, with no allocation, lock or retain/release on the way.
+/// - Stopping: ``stop()`` signals an eventfd; faults already queued are still read and resolved
+///   (through the policy, with the fallback on failure) before the threads exit. Later faults
+///   stay queued until a handler runs again or the fd is closed.
+/// - Failures: a policy that throws or returns `.fail`, a failing source, a failing ioctl all get
+///   the ``Fallback`` (default: poison, so the faulting thread receives SIGBUS) and are reported
+///   through ``failures()`` and ``Options/onFailure``; no thread is left blocked.
+/// - Stats: each reader counts privately; once per batch it publishes its counters and records
+///   the batch's latencies under its own, otherwise uncontended, lock; ``stats()`` merges them.
+public final class FaultHandler: Sendable {
+    /// What happens to a fault the policy or the ioctl could not resolve.
+    public enum Fallback: Int32, Sendable {
+        /// Poison the page: the faulting thread gets SIGBUS (zero-fill when POISON was not granted).
+        case poison = 0
+        /// Map a zero page (MISSING), unprotect (WP) or continue (MINOR): the thread goes on.
+        case zeroFill = 1
+        /// Only wake: the thread re-faults and the policy is asked again.
+        case wake = 2
+    }
+
+    /// What to do with the child's userfaultfd of a fork event.
+    public enum ForkHandling: Sendable {
+        /// Run a handler with the same policy and options for the child.
+        case serveWithSamePolicy
+        /// Close it unless the policy kept it: the child's faults then resolve normally
+        /// (anonymous memory reads as zeros).
+        case release
+    }
+
+    /// Handler configuration.
+    public struct Options: Sendable {
+        /// Reader threads (1 or more).
+        public var readers: Int = 1
+        /// CPUs to pin readers to (reader i on `cpus[i % cpus.count]`); nil: not pinned.
+        public var cpus: [Int]? = nil
+        /// Messages read per read() (1...64).
+        public var batch: Int = 16
+        /// What unresolvable faults get.
+        public var fallback: Fallback = .poison
+        /// Non-blocking reads before each poll() (busy polling for latency); 0: always poll.
+        public var spinPolls: UInt32 = 0
+        /// What happens to the child's fd on fork events.
+        public var forkHandling: ForkHandling = .serveWithSamePolicy
+        /// Called on the reader thread for each failure (keep it short; it may allocate).
+        public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
+        /// How many failures ``FaultHandler/failures()`` keeps (the oldest are dropped).
+        public var failureLogCapacity: Int = 256
+        /// The reader threads' name prefix.
+        public var threadName: String = "uffd-reader"
+
+        /// The defaults: one reader, batch 16, poison fallback, forks served.
+        public init() {}
+    }
+
+    /// The userfaultfd served.
+    public let uffd: Userfaultfd
+    /// The policy asked for each fault.
+    public let policy: any FaultPolicy
+    /// The configuration.
+    public let options: Options
+    private let sink: HandlerSink
+    private let state = Mutex(State())
+
+    private struct State: @unchecked Sendable {
+        var readers: [Reader] = []
+        var threads: [pthread_t] = []
+        var stopFD: Int32 = -1
+        var running = false
+        var finalStats: HandlerStats? = nil
+    }
+
+    /// Creates a handler for `uffd` (not started).
+    public init(uffd: Userfaultfd, policy: any FaultPolicy, options: Options = Options()) {
+        self.uffd = uffd
+        self.policy = policy
+        self.options = options
+        self.sink = HandlerSink(options: options)
+    }
+
+    deinit { stop() }
+
+    /// Whether the reader threads run.
+    public var isRunning: Bool { state.withLock { $0.running } }
+
+    /// Starts the reader threads. Sets O_NONBLOCK on the fd (the loop needs it).
+    /// - Throws: ``UffdError`` `.handler` when the stop fd, scratch memory or a thread cannot be made.
+    public func start() throws(UffdError) {
+        let result: Result<Void, UffdError> = state.withLock { st in
+            if st.running { return .success(()) }
+            let fd = uffd.fd
+            guard fd >= 0 else { return .failure(UffdError(.handler, .badFileDescriptor, detail: "the userfaultfd is closed")) }
+            let fl = fcntl(fd, F_GETFL)
+            if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, fl | O_NONBLOCK) }
+            let efd = cuffd_eventfd()
+            guard efd >= 0 else { return .failure(UffdError(.handler, rc: efd, detail: "eventfd")) }
+            let page = basePageSize
+            let slot = (policy.scratchBytes + page - 1) / page * page
+            var batch = Swift.min(Swift.max(options.batch, 1), Int(CUFFD_MAX_BATCH))
+            if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
+            var readers: [Reader] = []
+            for i in 0..<Swift.max(1, options.readers) {
+                var cpu: Int? = nil
+                if let cpus = options.cpus, !cpus.isEmpty { cpu = cpus[i % cpus.count] }
+                guard let r = Reader(index: i, fd: fd, stopFD: efd, features: uffd.features, policy: policy,
+                                     batch: batch, slot: slot, cpu: cpu, options: options, sink: sink) else {
+                    Glibc.close(efd)
+                    return .failure(UffdError(.handler, .noMemory, detail: "scratch memory"))
+                }
+                readers.append(r)
+            }
+            var threads: [pthread_t] = []
+            for r in readers {
+                var t = pthread_t()
+                let arg = Unmanaged.passRetained(r).toOpaque()
+                let rc = pthread_create(&t, nil, readerMain, arg)
+                if rc != 0 {
+                    Unmanaged<Reader>.fromOpaque(arg).release()
+                    _ = cuffd_eventfd_signal(efd)
+                    for t in threads { pthread_join(t, nil) }
+                    Glibc.close(efd)
+                    return .failure(UffdError(.handler, Errno(rawValue: rc), detail: "pthread_create"))
+                }
+                threads.append(t)
+            }
+            st.readers = readers
+            st.threads = threads
+            st.stopFD = efd
+            st.running = true
+            st.finalStats = nil
+            return .success(())
+        }
+        try result.get()
+    }
+
+    /// Stops the readers after they resolved every fault already queued, and waits for them
+    /// (and for handlers serving forked children). Idempotent.
+    public func stop() {
+        let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
+            guard st.running else { return ([], -1, []) }
+            st.running = false
+            let r = (st.threads, st.stopFD, st.readers)
+            st.threads = []
+            st.stopFD = -1
+            return r
+        }
+        guard efd >= 0 else { return }
+        _ = cuffd_eventfd_signal(efd)
+        for t in threads { pthread_join(t, nil) }
+        Glibc.close(efd)
+        for child in sink.takeChildren() { child.stop() }
+        var s = HandlerStats()
+        for r in readers { r.merge(into: &s) }
+        state.withLock { st in
+            if var prev = st.finalStats { prev.add(s); st.finalStats = prev } else { st.finalStats = s }
+            st.readers = []
+        }
+    }
+
+    /// The counters and latency histogram so far, merged over the readers (and children
+    /// serving forked processes).
+    public func stats() -> HandlerStats {
+        var s = HandlerStats()
+        let (readers, final) = state.withLock { ($0.readers, $0.finalStats) }
+        if let final { s.add(final) }
+        for r in readers { r.merge(into: &s) }
+        for c in sink.children() { s.add(c.stats()) }
+        return s
+    }
+
+    /// The most recent failures (at most ``Options/failureLogCapacity``).
+    public func failures() -> [HandlerFailure] { sink.failureLog() }
+
+    /// Errors that ended a reader's loop early (poll/read failures), if any.
+    public func loopErrors() -> [UffdError] { sink.loopErrorLog() }
+}
+
+/// Where readers report failures and forked children; shared by the handler and its readers.
+final class HandlerSink: Sendable {
+    let options: FaultHandler.Options
+    private let log = Mutex<[HandlerFailure]>([])
+    private let loopErrs = Mutex<[UffdError]>([])
+    private let kids = Mutex<[FaultHandler]>([])
+
+    init(options: FaultHandler.Options) { self.options = options }
+
+    func report(_ f: HandlerFailure) {
+        log.withLock { l in
+            if l.count >= options.failureLogCapacity, !l.isEmpty { l.removeFirst() }
+            if options.failureLogCapacity > 0 { l.append(f) }
+        }
+        options.onFailure?(f)
+    }
+
+    func reportLoop(_ e: UffdError) { loopErrs.withLock { $0.append(e) } }
+    func failureLog() -> [HandlerFailure] { log.withLock { $0 } }
+    func loopErrorLog() -> [UffdError] { loopErrs.withLock { $0 } }
+
+    func adopt(child: Userfaultfd, policy: any FaultPolicy) {
+        guard case .serveWithSamePolicy = options.forkHandling else { return }
+        let h = FaultHandler(uffd: child, policy: policy, options: options)
+        do {
+            try h.start()
+            kids.withLock { $0.append(h) }
+        } catch {
+            reportLoop(error)
+        }
+    }
+
+    func children() -> [FaultHandler] { kids.withLock { $0 } }
+    func takeChildren() -> [FaultHandler] { kids.withLock { k in defer { k = [] }; return k } }
+}
+
+/// The thread entry: takes over the retain done by `start()`.
+private func readerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let r = Unmanaged<Reader>.fromOpaque(arg!).takeRetainedValue()
+    r.run()
+    return nil
+}
+
+private let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
+    Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.decide(msgs!, res!, Int(n)) }
+}
+
+private let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
+    Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.complete(msgs!, res!, Int(n)) }
+}
+
+/// One reader thread's state. Everything mutable is touched only by that thread, except
+/// `published`, which `stats()` reads under its lock.
+final class Reader: @unchecked Sendable {
+    struct Published {
+        var loop = cuffd_loop_stats()
+        var latency = HandlerStats.makeHistogram()
+    }
+
+    let index: Int
+    let fd: Int32
+    let stopFD: Int32
+    let features: Features
+    let policy: any FaultPolicy
+    let batch: Int
+    let cpu: Int?
+    let fallback: Int32
+    let spinPolls: UInt32
+    let name: String
+    let sink: HandlerSink
+    let pageMask: UInt
+    let basePage: Int
+    let exact: Bool
+    let threadIDs: Bool
+    let context: FaultContext
+    let scratch: UnsafeMutableRawPointer?
+    let scratchLength: Int
+    let loopStats: UnsafeMutablePointer<cuffd_loop_stats>
+    let published = Mutex(Published())
+    /// Errors thrown by the policy in the current batch (index in the batch, error).
+    var pendingErrors: [(Int, any Error)] = []
+
+    init?(index: Int, fd: Int32, stopFD: Int32, features: Features, policy: any FaultPolicy, batch: Int,
+          slot: Int, cpu: Int?, options: FaultHandler.Options, sink: HandlerSink) {
+        self.index = index
+        self.fd = fd
+        self.stopFD = stopFD
+        self.features = features
+        self.policy = policy
+        self.batch = batch
+        self.cpu = cpu
+        self.fallback = options.fallback.rawValue
+        self.spinPolls = options.spinPolls
+        self.name = "\(options.threadName)-\(index)"
+        self.sink = sink
+        self.basePage = basePageSize
+        self.pageMask = ~(UInt(basePage) - 1)
+        self.exact = features.contains(.exactAddress)
+        self.threadIDs = features.contains(.threadID)
+        // Room for one full read plus the loop's deferred retries.
+        let slots = 2 * Int(CUFFD_MAX_BATCH)
+        if slot > 0 {
+            let len = slot * slots
+            let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            guard let p, p != MAP_FAILED else { return nil }
+            scratch = p
+            scratchLength = len
+        } else {
+            scratch = nil
+            scratchLength = 0
+        }
+        context = FaultContext(fd: fd, features: features, reader: index, scratchBase: scratch, slotSize: slot)
+        loopStats = .allocate(capacity: 1)
+        loopStats.initialize(to: cuffd_loop_stats())
+        pendingErrors.reserveCapacity(Int(CUFFD_MAX_BATCH) * 2)
+    }
+
+    deinit {
+        if let scratch { munmap(scratch, scratchLength) }
+        loopStats.deallocate()
+    }
+
+    func run() {
+        if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
+        _ = cuffd_set_thread_name(name)
+        var cfg = cuffd_loop_config()
+        cfg.uffd = fd
+        cfg.stop_fd = stopFD
+        cfg.batch = UInt32(batch)
+        cfg.fallback = fallback
+        cfg.features = features.rawValue
+        cfg.spin_polls = spinPolls
+        cfg.decide = decideTrampoline
+        cfg.complete = completeTrampoline
+        cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
+        let rc = cuffd_loop_run(&cfg, loopStats)
+        if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
+        published.withLock { $0.loop = loopStats.pointee }
+    }
+
+    /// Fills `res[i]` for each fault of the batch; events go to the policy in order.
+    @inline(__always)
+    func decide(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafeMutablePointer<cuffd_resolution>, _ n: Int) {
+        var ctx = context
+        for i in 0..<n {
+            if msgs[i].event == UInt8(UFFD_EVENT_PAGEFAULT) {
+                let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+                ctx.batchIndex = i
+                do {
+                    let r = try policy.resolve(fault, context: ctx)
+                    res[i].op = r.operation.rawValue
+                    if r.length == 0 {
+                        res[i].dst = UInt64(fault.address)
+                        res[i].len = UInt64(basePage)
+                    } else {
+                        res[i].dst = UInt64(r.start)
+                        res[i].len = UInt64(r.length)
+                    }
+                    res[i].src = UInt64(r.source)
+                    res[i].mode = r.mode
+                } catch {
+                    res[i].op = Resolution.Operation.fail.rawValue
+                    pendingErrors.append((i, error))
+                }
+            } else {
+                deliver(msgs[i], ctx)
+            }
+        }
+    }
+
+    /// Events are rare: decoding one may allocate (a fork's child fd becomes a `Userfaultfd`).
+    @inline(never)
+    func deliver(_ m: uffd_msg, _ ctx: FaultContext) {
+        let event = Event(m, features: features)
+        policy.handle(event: event, context: ctx)
+        if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// Publishes counters and latencies of the batch; reports failures.
+    @inline(__always)
+    func complete(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
+        var failed = false
+        published.withLock { p in
+            p.loop = loopStats.pointee
+            for i in 0..<n where res[i].op != 0 && res[i].outcome != 0 {
+                _ = p.latency.record(res[i].end_ns &- res[i].start_ns)
+                let o = res[i].outcome
+                if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) { failed = true }
+            }
+        }
+        if failed || !pendingErrors.isEmpty { reportFailures(msgs, res, n) }
+    }
+
+    @inline(never)
+    func reportFailures(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
+        for i in 0..<n {
+            let o = res[i].outcome
+            guard o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
+            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
+            let r = res[i]
+            let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+            let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
+                                        length: Int(r.len), source: UInt(r.src), mode: r.mode)
+            sink.report(HandlerFailure(fault: fault, resolution: resolution, policyError: policyError,
+                                       errno: Errno(rawValue: r.error),
+                                       recoveredByFallback: o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue)))
+        }
+        pendingErrors.removeAll(keepingCapacity: true)
+    }
+
+    func merge(into s: inout HandlerStats) {
+        published.withLock { p in
+            s.add(p.loop)
+            s.latency.add(p.latency)
+        }
+    }
+}

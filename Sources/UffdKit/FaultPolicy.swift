@@ -1,0 +1,187 @@
+import CUffd
+
+/// What the fault loop does for one fault: an operation on a page-aligned range.
+///
+/// A resolution may cover more than the faulting page (readahead), as long as the range stays
+/// inside the registered memory. A `length` of 0 means "the faulting base page".
+public struct Resolution: Sendable, Hashable {
+    /// The ioctl the loop performs.
+    public enum Operation: UInt32, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+        /// Nothing: the policy resolved (or deliberately ignored) the fault itself.
+        case none = 0
+        /// UFFDIO_COPY from ``Resolution/source``.
+        case copy
+        /// UFFDIO_ZEROPAGE.
+        case zeropage
+        /// UFFDIO_MOVE from ``Resolution/source``.
+        case move
+        /// UFFDIO_CONTINUE (minor faults).
+        case `continue`
+        /// UFFDIO_WRITEPROTECT clear (write-protect faults).
+        case unprotect
+        /// UFFDIO_WAKE only: the thread retries the access.
+        case wake
+        /// UFFDIO_POISON: the thread gets SIGBUS.
+        case poison
+        /// The policy could not resolve: the handler's fallback applies.
+        case fail
+
+        /// The operation's name.
+        public var description: String {
+            switch self {
+            case .none: "none"
+            case .copy: "copy"
+            case .zeropage: "zeropage"
+            case .move: "move"
+            case .continue: "continue"
+            case .unprotect: "unprotect"
+            case .wake: "wake"
+            case .poison: "poison"
+            case .fail: "fail"
+            }
+        }
+    }
+
+    /// The operation.
+    public var operation: Operation
+    /// Start of the range (page-aligned); ignored when `length` is 0.
+    public var start: UInt
+    /// Bytes in the range; 0 means the faulting base page.
+    public var length: Int
+    /// COPY: address of the source bytes; MOVE: address of the donor pages.
+    public var source: UInt
+    /// Extra mode bits for the ioctl (e.g. `UFFDIO_COPY_MODE_WP`); wake bits are managed by the loop.
+    public var mode: UInt64
+
+    /// Creates a resolution.
+    @inlinable
+    public init(_ operation: Operation, start: UInt = 0, length: Int = 0, source: UInt = 0, mode: UInt64 = 0) {
+        self.operation = operation
+        self.start = start
+        self.length = length
+        self.source = source
+        self.mode = mode
+    }
+
+    /// Copy `length` bytes from `source` to `start`.
+    @inlinable
+    public static func copy(from source: UInt, to start: UInt, length: Int, writeProtected: Bool = false) -> Resolution {
+        Resolution(.copy, start: start, length: length, source: source,
+                   mode: writeProtected ? UInt64(UFFDIO_COPY_MODE_WP) : 0)
+    }
+
+    /// Map zero pages on `[start, start+length)` (0: the faulting page).
+    @inlinable
+    public static func zeropage(_ start: UInt = 0, length: Int = 0) -> Resolution {
+        Resolution(.zeropage, start: start, length: length)
+    }
+
+    /// Move the pages at `source` (exclusive to this process) to `start`.
+    @inlinable
+    public static func move(from source: UInt, to start: UInt, length: Int) -> Resolution {
+        Resolution(.move, start: start, length: length, source: source)
+    }
+
+    /// Map the page-cache pages of `[start, start+length)` (minor faults).
+    @inlinable
+    public static func `continue`(_ start: UInt = 0, length: Int = 0) -> Resolution {
+        Resolution(.continue, start: start, length: length)
+    }
+
+    /// Clear write protection on `[start, start+length)` and wake.
+    @inlinable
+    public static func unprotect(_ start: UInt = 0, length: Int = 0) -> Resolution {
+        Resolution(.unprotect, start: start, length: length)
+    }
+
+    /// Only wake the waiters: they retry the access.
+    @inlinable
+    public static func wake(_ start: UInt = 0, length: Int = 0) -> Resolution {
+        Resolution(.wake, start: start, length: length)
+    }
+
+    /// Poison `[start, start+length)`: accesses raise SIGBUS.
+    @inlinable
+    public static func poison(_ start: UInt = 0, length: Int = 0) -> Resolution {
+        Resolution(.poison, start: start, length: length)
+    }
+
+    /// Nothing to do (the policy resolved the fault itself).
+    public static let none = Resolution(.none)
+
+    /// Let the handler's fallback resolve the fault.
+    public static let fail = Resolution(.fail)
+}
+
+/// What a policy sees besides the fault: the reader thread it runs on and its scratch memory.
+///
+/// One context exists per reader thread and is never shared between threads. ``scratch`` is
+/// private to the fault being decided and stays valid until the batch's resolutions have been
+/// performed, so a COPY may read its source bytes from there.
+public struct FaultContext: @unchecked Sendable {
+    /// The userfaultfd the fault came from.
+    public let fd: Int32
+    /// The features enabled on that fd.
+    public let features: Features
+    /// The reader thread's index (0 ..< readers).
+    public let reader: Int
+    /// The index of the fault within the current batch (0 ..< batch size).
+    public internal(set) var batchIndex: Int
+    /// The reader's scratch memory: `scratchSlotSize` bytes per batch slot.
+    @usableFromInline let scratchBase: UnsafeMutableRawPointer?
+    /// Bytes of scratch per batch slot (the largest ``FaultPolicy/scratchBytes`` asked for).
+    public let scratchSlotSize: Int
+
+    /// Scratch memory private to this fault: valid until the batch's resolutions were performed.
+    /// Its size is ``scratchSlotSize`` (the policy's ``FaultPolicy/scratchBytes``), page-aligned.
+    @inlinable
+    public var scratch: UnsafeMutableRawPointer? {
+        scratchBase.map { $0 + batchIndex * scratchSlotSize }
+    }
+
+    /// Creates a context (for calling a policy outside a handler, e.g. in a custom loop).
+    public init(fd: Int32, features: Features, reader: Int = 0, scratch: UnsafeMutableRawPointer? = nil, scratchSize: Int = 0) {
+        self.fd = fd
+        self.features = features
+        self.reader = reader
+        self.batchIndex = 0
+        self.scratchBase = scratch
+        self.scratchSlotSize = scratchSize
+    }
+
+    init(fd: Int32, features: Features, reader: Int, scratchBase: UnsafeMutableRawPointer?, slotSize: Int) {
+        self.fd = fd
+        self.features = features
+        self.reader = reader
+        self.batchIndex = 0
+        self.scratchBase = scratchBase
+        self.scratchSlotSize = slotSize
+    }
+}
+
+/// Decides how faults are resolved. Called on the handler's reader threads (several at once
+/// when there are several readers), once per fault, with no lock held: implementations must
+/// be thread-safe and should not allocate or block on the fault path.
+///
+/// Errors: a policy that throws (or returns ``Resolution/fail``) gets the handler's fallback
+/// (by default the page is poisoned and the faulting thread receives SIGBUS), and the error is
+/// delivered to the handler's owner (``FaultHandler/failures()`` and ``FaultHandler/Options/onFailure``).
+/// A failing ioctl is treated the same way. No faulting thread is left blocked.
+public protocol FaultPolicy: Sendable {
+    /// Decides the resolution of `fault`.
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution
+
+    /// Sees an event in order with the faults (fork, remap, remove, unmap), to keep
+    /// bookkeeping right. Default: nothing.
+    func handle(event: Event, context: borrowing FaultContext)
+
+    /// Scratch bytes needed per fault (e.g. the largest range read from a file). Default 0.
+    var scratchBytes: Int { get }
+}
+
+extension FaultPolicy {
+    /// Ignores the event.
+    public func handle(event: Event, context: borrowing FaultContext) {}
+    /// No scratch memory.
+    public var scratchBytes: Int { 0 }
+}

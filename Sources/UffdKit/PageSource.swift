@@ -1,0 +1,164 @@
+import CUffd
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Where a copy policy gets page contents: bytes `[offset, offset+count)` of a logical image.
+/// Reads past ``length`` are zeros (so a file of any size works, its tail page zero-filled).
+///
+/// Called on the fault path, on several reader threads at once: implementations must be
+/// thread-safe and should not allocate.
+public protocol PageSource: Sendable {
+    /// The image size in bytes; bytes past it read as zeros.
+    var length: Int { get }
+
+    /// Returns a pointer to the `count` bytes at `offset`: the source's own memory when it has
+    /// them contiguous, or `scratch` (at least `count` bytes, private to this call) after
+    /// filling it. The bytes must stay valid until the resolution was performed.
+    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer
+}
+
+extension PageSource {
+    /// Fills `scratch` with the part of `[offset, offset+count)` that `fill` provides for
+    /// `[offset, min(offset+count, length))`, and zeros after it.
+    @inline(__always)
+    func zeroTail(_ scratch: UnsafeMutableRawPointer, offset: Int, count: Int, filled: Int) {
+        if filled < count { memset(scratch + filled, 0, count - filled) }
+    }
+}
+
+/// An in-memory image (a page-aligned private copy of the bytes given).
+public final class MemorySource: PageSource, @unchecked Sendable {
+    /// The image size.
+    public let length: Int
+    private let base: UnsafeMutableRawPointer
+    private let capacity: Int
+
+    /// Copies `bytes` into a page-aligned buffer.
+    public init(copying bytes: UnsafeRawBufferPointer) {
+        let page = basePageSize
+        length = bytes.count
+        capacity = Swift.max(page, (bytes.count + page - 1) / page * page)
+        base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: page)
+        if let src = bytes.baseAddress, bytes.count > 0 { base.copyMemory(from: src, byteCount: bytes.count) }
+        if capacity > length { memset(base + length, 0, capacity - length) }
+    }
+
+    /// Copies an array of bytes.
+    public convenience init(_ bytes: [UInt8]) {
+        self.init(copying: bytes.withUnsafeBytes { $0 })
+    }
+
+    /// A zero-filled image of `length` bytes that `initialize` may write.
+    public init(length: Int, initialize: (UnsafeMutableRawBufferPointer) -> Void) {
+        let page = basePageSize
+        self.length = length
+        capacity = Swift.max(page, (length + page - 1) / page * page)
+        base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: page)
+        memset(base, 0, capacity)
+        initialize(UnsafeMutableRawBufferPointer(start: base, count: length))
+    }
+
+    deinit { base.deallocate() }
+
+    /// The image bytes (read-only use while a handler runs).
+    public var buffer: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: length) }
+
+    /// Direct pointers inside the image (zero-copy); scratch only for the part past the end.
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        if offset >= 0 && offset + count <= capacity { return UnsafeRawPointer(base + offset) }
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "no scratch for a read past the image") }
+        let avail = Swift.max(0, Swift.min(count, capacity - offset))
+        if avail > 0 { scratch.copyMemory(from: base + offset, byteCount: avail) }
+        zeroTail(scratch, offset: offset, count: count, filled: avail)
+        return UnsafeRawPointer(scratch)
+    }
+}
+
+/// A file read lazily with pread(2) into the reader's scratch memory (VM snapshot restore,
+/// post-copy): each fault reads only the pages it resolves. The tail past the file's end
+/// (a size that is not a page multiple) reads as zeros.
+public final class FileSource: PageSource, Sendable {
+    /// The file size.
+    public let length: Int
+    /// The open file (closed on deinit).
+    public let fd: Int32
+    /// Byte offset in the file where the image starts.
+    public let fileOffset: Int
+
+    /// Opens `path` read-only.
+    /// - Throws: ``UffdError`` `.source` with the errno of open/fstat.
+    public init(path: String, offset: Int = 0) throws(UffdError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw UffdError(.source, Errno(rawValue: errno), detail: "open \(path)") }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            close(fd)
+            throw UffdError(.source, Errno(rawValue: e), detail: "fstat \(path)")
+        }
+        self.fd = fd
+        self.fileOffset = offset
+        self.length = Swift.max(0, Int(st.st_size) - offset)
+    }
+
+    deinit { close(fd) }
+
+    /// Reads into `scratch`; zero-fills past the end of the file.
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "FileSource needs scratch memory") }
+        var got = 0
+        let want = Swift.max(0, Swift.min(count, length - offset))
+        while got < want {
+            let n = pread(fd, scratch + got, want - got, off_t(fileOffset + offset + got))
+            if n > 0 { got += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            if n == 0 { break } // the file shrank: the rest reads as zeros
+            throw UffdError(.source, Errno(rawValue: errno), bytesDone: got, detail: "pread at \(offset + got)")
+        }
+        zeroTail(scratch, offset: offset, count: count, filled: got)
+        return UnsafeRawPointer(scratch)
+    }
+}
+
+/// A generated image: every 8-byte word is a function of its offset and a seed (tests,
+/// benchmarks, synthetic workloads). ``word(at:seed:)`` gives the expected value.
+public struct PatternSource: PageSource {
+    /// The image size.
+    public let length: Int
+    /// The seed mixed into every word.
+    public let seed: UInt64
+
+    /// An image of `length` bytes.
+    public init(length: Int, seed: UInt64 = 0x5EED) {
+        self.length = length
+        self.seed = seed
+    }
+
+    /// The word at byte `offset` (a multiple of 8) of an image with `seed`.
+    @inlinable
+    public static func word(at offset: Int, seed: UInt64) -> UInt64 {
+        var x = UInt64(truncatingIfNeeded: offset) &+ seed &* 0x9E37_79B9_7F4A_7C15
+        x = (x ^ (x >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
+        return x ^ (x >> 31)
+    }
+
+    /// Generates the words into `scratch`; zeros past the end.
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "PatternSource needs scratch memory") }
+        let words = scratch.assumingMemoryBound(to: UInt64.self)
+        let valid = Swift.max(0, Swift.min(count, length - offset))
+        var i = 0
+        while i * 8 + 8 <= valid {
+            words[i] = PatternSource.word(at: offset + i * 8, seed: seed)
+            i += 1
+        }
+        zeroTail(scratch, offset: offset, count: count, filled: i * 8)
+        return UnsafeRawPointer(scratch)
+    }
+}

@@ -1,0 +1,215 @@
+import ArgumentParser
+import Foundation
+import UffdKit
+
+/// `uffdctl copy`: lazy loading with UFFDIO_COPY from a zero, pattern or file source.
+struct CopyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "copy",
+        abstract: "Lazy loading with UFFDIO_COPY: missing faults are filled from a source.",
+        discussion: """
+            Maps the region, registers it for missing faults, and serves each fault by copying \
+            the page (or a readahead window) from the source. With --source file:PATH the \
+            region is the file's size rounded up to the page; the file is loaded lazily and \
+            every byte is compared with the file afterwards (the tail past its end must be zero). \
+            Default session: 64 MiB anon, pattern source, 2 threads.
+            """ + exitCodesHelp
+    )
+
+    @OptionGroup var session: SessionOptions
+
+    @Option(help: ArgumentHelp("Where pages come from: zero, pattern or file:PATH.", valueName: "source"))
+    var source: String = "pattern"
+
+    @Option(help: ArgumentHelp("Pages resolved per fault: a size (e.g. 64K, a multiple of the page size) or adaptive.",
+                               valueName: "size|adaptive"))
+    var readahead: String?
+
+    @Option(name: .customLong("fail-pages"),
+            help: ArgumentHelp("Testing: the policy throws for these page indexes (comma-separated), to show the fallback and exit 1.",
+                               visibility: .hidden))
+    var failPages: String?
+
+    func run() throws {
+        try session.validateCommon()
+        let memory = session.memory
+        let pageSize = memory.pageSize
+        let parsed = try CopySource(parsing: source)
+
+        let size: Int
+        var fileLength = 0
+        var fileFD: Int32 = -1
+        if case .file(let path) = parsed {
+            guard session.size == nil else {
+                throw CLIError.usage("--size cannot be combined with --source file: (the file's size decides the region)")
+            }
+            (fileFD, fileLength) = try openInputFile(path)
+            size = (fileLength + pageSize - 1) / pageSize * pageSize
+            try session.checkRegionSize(size, pageSize: pageSize)
+        } else {
+            size = try session.regionSize(pageSize: pageSize)
+        }
+        defer { if fileFD >= 0 { close(fileFD) } }
+        try session.checkHugePages(size)
+        let window = try readaheadWindow(readahead, pageSize: pageSize)
+
+        let region = try SessionSteps.map(memory, length: size)
+        let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
+        try SessionSteps.register(uffd, region, modes: .missing, needed: .copy, memory: memory)
+
+        let pageSource: any PageSource
+        let expected: ExpectedContent
+        switch parsed {
+        case .zero:
+            pageSource = ZeroSource(length: size)
+            expected = .zero
+        case .pattern:
+            pageSource = PatternSource(length: size)
+            expected = .pattern(seed: 0x5EED)
+        case .file(let path):
+            do {
+                pageSource = try FileSource(path: path)
+            } catch {
+                throw CLIError.usage("--source file:\(path): cannot read the file: \(error.errno)")
+            }
+            expected = .file(fd: fileFD, length: fileLength)
+        }
+        let inner = CopyPolicy(region: region, source: pageSource)
+        var policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+        if let failPages {
+            let pages = try failPages.split(separator: ",").map { t throws(CLIError) -> Int in
+                guard let n = Int(t), n >= 0, n < size / pageSize else { throw .usage("--fail-pages: bad page index '\(t)'") }
+                return n
+            }
+            policy = FailingPolicy(failing: Set(pages.map { region.address + UInt($0 * pageSize) }), pageSize: pageSize, otherwise: policy)
+        }
+        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
+        defer { handler.stop() }
+
+        let actions = uniformActions(pages: size / basePageSize, write: session.write)
+        let workload = Workload(base: region.address, length: size, threads: session.threads,
+                                order: session.access, actions: actions, pin: session.pin)
+        let outcome = try workload.run(timeout: session.timeout,
+                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "copy"))
+        let verification = try verifyRegion(base: region.address, length: size, expected: expected, actions: actions)
+        handler.stop()
+
+        var report = SessionReport(operation: "copy", memory: memory, size: size, pageSize: pageSize,
+                                   threads: session.threads, access: session.access, write: session.write,
+                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
+                                   verification: verification, expectedName: expected.name)
+        report.firstFailure = handler.failures().first?.description
+        report.extra["source"] = source
+        report.extra["readahead"] = readaheadName(window, pageSize: pageSize)
+        var line = "source       \(source), readahead \(readaheadName(window, pageSize: pageSize))"
+        if case .file = parsed {
+            report.extra["file_bytes"] = fileLength
+            line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+        }
+        report.lines.append(line)
+        try report.emit(json: session.json)
+    }
+}
+
+/// The copy source named on the command line.
+enum CopySource {
+    case zero
+    case pattern
+    case file(String)
+
+    init(parsing text: String) throws(CLIError) {
+        switch text {
+        case "zero": self = .zero
+        case "pattern": self = .pattern
+        default:
+            guard text.hasPrefix("file:") else {
+                throw .usage("--source '\(text)': use zero, pattern or file:PATH")
+            }
+            let path = String(text.dropFirst(5))
+            guard !path.isEmpty else { throw .usage("--source file: needs a path (file:PATH)") }
+            self = .file(path)
+        }
+    }
+}
+
+/// Opens a regular, non-empty, readable file; returns its fd and size.
+func openInputFile(_ path: String) throws(CLIError) -> (Int32, Int) {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw .usage("cannot read \(path): \(errnoName(errno))") }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else {
+        let e = errno
+        close(fd)
+        throw .usage("cannot stat \(path): \(errnoName(e))")
+    }
+    guard st.st_mode & S_IFMT == S_IFREG else {
+        close(fd)
+        throw .usage("\(path) is not a regular file")
+    }
+    guard st.st_size > 0 else {
+        close(fd)
+        throw .usage("\(path) is empty: nothing to load")
+    }
+    // A directory or unreadable device would fail here rather than in the handler.
+    var probe: UInt8 = 0
+    if pread(fd, &probe, 1, 0) < 0 {
+        let e = errno
+        close(fd)
+        throw .usage("cannot read \(path): \(errnoName(e))")
+    }
+    return (fd, Int(st.st_size))
+}
+
+/// nil (one page per fault), a fixed window, or the adaptive window.
+func readaheadWindow(_ text: String?, pageSize: Int) throws(CLIError) -> ReadaheadPolicy<CopyPolicy>.Window? {
+    guard let text else { return nil }
+    if text == "adaptive" { return .adaptive(minPages: 1, maxPages: max(4, (2 << 20) / pageSize)) }
+    let bytes = try parseSize(text, option: "--readahead")
+    guard bytes % pageSize == 0 else {
+        throw .usage("--readahead \(text) is not a multiple of the page size (\(pageSize) bytes)")
+    }
+    guard bytes <= 64 << 20 else { throw .usage("--readahead \(text) is larger than 64 MiB") }
+    return bytes == pageSize ? nil : .fixed(pages: bytes / pageSize)
+}
+
+func readaheadName(_ w: ReadaheadPolicy<CopyPolicy>.Window?, pageSize: Int) -> String {
+    switch w {
+    case nil: "none"
+    case .fixed(let n): formatBytes(n * pageSize)
+    case .adaptive(let lo, let hi): "adaptive (\(formatBytes(lo * pageSize))...\(formatBytes(hi * pageSize)))"
+    }
+}
+
+/// Zeros of any length (UFFDIO_COPY of zero pages, for comparison with ZEROPAGE).
+final class ZeroSource: PageSource {
+    let length: Int
+    init(length: Int) { self.length = length }
+    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "ZeroSource needs scratch memory") }
+        memset(scratch, 0, count)
+        return UnsafeRawPointer(scratch)
+    }
+}
+
+/// Testing aid: throws for chosen pages (the handler's fallback then resolves them and reports
+/// the failure), asks `otherwise` for the rest.
+final class FailingPolicy: FaultPolicy {
+    struct Injected: Error, CustomStringConvertible {
+        var address: UInt
+        var description: String { "injected failure at 0x\(String(address, radix: 16))" }
+    }
+    let failing: Set<UInt>
+    let pageSize: Int
+    let otherwise: any FaultPolicy
+    init(failing: Set<UInt>, pageSize: Int, otherwise: any FaultPolicy) {
+        self.failing = failing
+        self.pageSize = pageSize
+        self.otherwise = otherwise
+    }
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        let page = fault.address & ~UInt(pageSize - 1)
+        if failing.contains(page) { throw Injected(address: page) }
+        return try otherwise.resolve(fault, context: context)
+    }
+    var scratchBytes: Int { otherwise.scratchBytes }
+}

@@ -1,0 +1,122 @@
+import CUffd
+import SystemPackage
+import XCTest
+@testable import UffdKit
+
+final class UserfaultfdTests: XCTestCase {
+    func testProbeReportsFeaturesWithNames() throws {
+        let f = try Userfaultfd.probe()
+        XCTAssertTrue(f.contains(.eventFork), "\(f)")
+        XCTAssertTrue(f.description.contains("EVENT_FORK"), f.description)
+        XCTAssertEqual(RegisterMode([.missing, .writeProtect]).description, "missing|writeProtect")
+        XCTAssertEqual(Ioctls([.copy, .wake]).description, "[WAKE, COPY]")
+    }
+
+    func testOpenGrantsRequestedFeaturesAndRegisterReportsRangeIoctls() throws {
+        try require([.eventRemove, .threadID])
+        let u = try Userfaultfd(features: [.eventRemove, .threadID])
+        XCTAssertEqual(u.features, [.eventRemove, .threadID])
+        XCTAssertTrue(u.userModeOnly)
+        XCTAssertTrue(u.ioctls.contains(.register), "\(u.ioctls)")
+        let r = try MappedRegion(.anonymous(), length: 16 * basePageSize)
+        let ioctls = try u.register(r, modes: .missing)
+        XCTAssertTrue(ioctls.isSuperset(of: [.copy, .zeropage, .wake]), "\(ioctls)")
+        try u.unregister(r.address, length: r.length)
+    }
+
+    func testRegisterMisalignedExplainsWhatToDo() throws {
+        let u = try Userfaultfd()
+        let r = try MappedRegion(.anonymous(), length: 4 * basePageSize)
+        XCTAssertThrowsError(try u.register(r.address + 1, length: basePageSize, modes: .missing)) { e in
+            let e = e as! UffdError
+            XCTAssertEqual(e.operation, .register)
+            XCTAssertEqual(e.errno, .invalidArgument)
+            XCTAssertTrue(e.description.contains("misaligned"), e.description)
+        }
+        // Minor mode on anonymous memory is not supported.
+        XCTAssertThrowsError(try u.register(r, modes: .minor)) { e in
+            XCTAssertEqual((e as! UffdError).errno, .invalidArgument)
+        }
+    }
+
+    func testApiRefusesUnknownFeature() {
+        XCTAssertThrowsError(try Userfaultfd(features: Features(rawValue: 1 << 62))) { e in
+            let e = e as! UffdError
+            XCTAssertEqual(e.operation, .api)
+            XCTAssertTrue(e.description.contains("bit 62"), e.description)
+        }
+    }
+
+    func testVerbsWithoutHandler() throws {
+        try require([.move, .poison])
+        let ps = basePageSize
+        let u = try Userfaultfd(features: [.move, .poison])
+        let r = try MappedRegion(.anonymous(), length: 8 * ps)
+        try u.register(r, modes: .missing)
+        var src = [UInt8](repeating: 0xAB, count: ps)
+        // COPY populates; a second COPY on the same page is EEXIST with 0 bytes done.
+        let n = try src.withUnsafeBytes { try u.copy(to: r.pointer, from: $0.baseAddress!, count: ps) }
+        XCTAssertEqual(n, ps)
+        XCTAssertEqual(r.pointer.load(as: UInt8.self), 0xAB)
+        XCTAssertThrowsError(try src.withUnsafeBytes { try u.copy(to: r.pointer, from: $0.baseAddress!, count: ps) }) { e in
+            let e = e as! UffdError
+            XCTAssertEqual(e.errno, .fileExists)
+            XCTAssertEqual(e.bytesDone, 0)
+            XCTAssertTrue(e.explanation.contains("already populated"))
+        }
+        // Partial progress: COPY over pages 1..3 where page 2 exists stops after page 1.
+        src[0] = 1
+        _ = try src.withUnsafeBytes { try u.copy(to: r.pointer + 2 * ps, from: $0.baseAddress!, count: ps) }
+        let big = [UInt8](repeating: 7, count: 3 * ps)
+        XCTAssertThrowsError(try big.withUnsafeBytes { try u.copy(to: r.pointer + ps, from: $0.baseAddress!, count: 3 * ps) }) { e in
+            XCTAssertEqual((e as! UffdError).bytesDone, ps)
+        }
+        XCTAssertEqual(try u.zeropage(r.address + 4 * UInt(ps), length: ps), ps)
+        XCTAssertEqual((r.pointer + 4 * ps).load(as: UInt64.self), 0)
+        // MOVE from an exclusive donor page.
+        let donor = try MappedRegion.donor(length: ps)
+        memset(donor.pointer, 0x5A, ps)
+        XCTAssertEqual(try u.move(to: r.address + 5 * UInt(ps), from: donor.address, length: ps), ps)
+        XCTAssertEqual((r.pointer + 5 * ps).load(as: UInt8.self), 0x5A)
+        // Moving again from the (now empty) donor: ENOENT, explained as a source hole.
+        XCTAssertThrowsError(try u.move(to: r.address + 6 * UInt(ps), from: donor.address, length: ps)) { e in
+            let e = e as! UffdError
+            XCTAssertEqual(e.errno, .noSuchFileOrDirectory)
+            XCTAssertTrue(e.explanation.contains("hole"), e.explanation)
+        }
+        XCTAssertEqual(try u.poison(r.address + 7 * UInt(ps), length: ps), ps)
+        var v: UInt8 = 0
+        XCTAssertEqual(cuffd_read_catching_sigbus(r.pointer.assumingMemoryBound(to: UInt8.self) + 7 * ps, &v), 1)
+        XCTAssertNoThrow(try u.wake(r.address, length: r.length))
+    }
+
+    func testWriteProtectAndUnprotect() throws {
+        try require([.pagefaultFlagWP])
+        let ps = basePageSize
+        let u = try Userfaultfd(features: [.pagefaultFlagWP])
+        let r = try MappedRegion(.anonymous(), length: 4 * ps)
+        memset(r.pointer, 1, r.length)
+        try u.register(r, modes: .writeProtect)
+        try u.writeProtect(r.address, length: r.length)
+        try u.unprotect(r.address, length: r.length)
+        memset(r.pointer, 2, r.length) // would block forever if still protected
+        XCTAssertEqual(r.pointer.load(as: UInt8.self), 2)
+    }
+
+    func testUnansweredFaultBlocksTheThread() {
+        // In a child process: nobody reads its fd, so the touching thread must stay blocked.
+        let rc = cuffd_child_blocks_when_unhandled(UInt64(basePageSize * 4), 300)
+        XCTAssertEqual(rc, 1, "child was not blocked (rc \(rc))")
+    }
+
+    func testMappedRegionKinds() throws {
+        let s = try MappedRegion(.shmem, length: 4 * basePageSize)
+        XCTAssertNotNil(s.alias)
+        s.alias!.storeBytes(of: 0x42, as: UInt8.self)
+        XCTAssertEqual(s.pointer.load(as: UInt8.self), 0x42, "alias and view share pages")
+        let a = try MappedRegion(.anonymous(thpAligned: true), length: 4 * MiB)
+        XCTAssertEqual(a.address % UInt(2 * MiB), 0)
+        XCTAssertNil(a.alias)
+        XCTAssertThrowsError(try MappedRegion(.anonymous(), length: 0))
+    }
+}

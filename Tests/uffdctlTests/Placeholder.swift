@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderE: XCTestCase { func testPlaceholder() {} }
