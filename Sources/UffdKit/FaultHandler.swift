@@ -409,7 +409,10 @@ final class Reader: @unchecked Sendable {
                 if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) { failed = true }
             }
         }
-        if failed || !pendingErrors.isEmpty { reportFailures(msgs, res, n) }
+        // A policy error always ends as FALLBACK or FAILED (op .fail makes the loop apply the
+        // fallback), so `failed` covers pendingErrors too; reading pendingErrors here (a class
+        // var) would cost a dynamic exclusivity check per batch.
+        if failed { reportFailures(msgs, res, n) }
     }
 
     @inline(never)
