@@ -234,6 +234,13 @@ extension BenchmarkSuite {
                 runKitCase(.copy, pages: n, placement: pl)
             })
         }
+        if let cross = placements.first(where: { $0.0 == "place.copy.cross-cpu" }) {
+            cases.append(BenchCase(name: "kit.place.copy.cross-cpu.spin", group: "UffdKit: placement, COPY 4 KiB",
+                                   baseline: cross.0, placement: cross.1.label,
+                                   note: "CopyPolicy, handler on the other CPU busy-polling (spinPolls 10000)") {
+                runKitCase(.copy, pages: n, placement: cross.1, tuning: KitTuning(spinPolls: 10000))
+            })
+        }
         return cases
     }
 
