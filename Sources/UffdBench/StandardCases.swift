@@ -214,7 +214,7 @@ extension BenchmarkSuite {
         for (op, kind, policy) in perFault {
             cases.append(BenchCase(name: "kit.\(op.name)", group: "UffdKit: Swift policy in FaultHandler, 4 KiB per fault",
                                    baseline: "minimal.\(op.name)", placement: same.label,
-                                   note: "\(policy); x = Swift layer vs minimal C") {
+                                   note: "\(policy); x = Swift layer vs minimal C", paired: true, repeats: 11) {
                 runKitCase(kind, pages: n, placement: same)
             })
         }
@@ -224,20 +224,22 @@ extension BenchmarkSuite {
             ("kit.move-2m", .move(granule: 2 << 20), "bulk.move-2m-thp-dst", "MovePolicy, 2 MiB granule, THP donor and dst"),
         ]
         for (name, kind, base, note) in bulkRows {
-            cases.append(BenchCase(name: name, group: "UffdKit: bulk", baseline: base, placement: same.label, note: note) {
+            cases.append(BenchCase(name: name, group: "UffdKit: bulk", baseline: base, placement: same.label, note: note,
+                                   paired: true, repeats: 11) {
                 runKitCase(kind, pages: bulk, placement: same)
             })
         }
         for (name, pl) in placements {
             cases.append(BenchCase(name: "kit." + name, group: "UffdKit: placement, COPY 4 KiB", baseline: name,
-                                   placement: pl.label, note: "CopyPolicy; x = vs the minimal C handler, same placement") {
+                                   placement: pl.label, note: "CopyPolicy; x = vs the minimal C handler, same placement",
+                                   paired: true) {
                 runKitCase(.copy, pages: n, placement: pl)
             })
         }
         if let cross = placements.first(where: { $0.0 == "place.copy.cross-cpu" }) {
             cases.append(BenchCase(name: "kit.place.copy.cross-cpu.spin", group: "UffdKit: placement, COPY 4 KiB",
                                    baseline: cross.0, placement: cross.1.label,
-                                   note: "CopyPolicy, handler on the other CPU busy-polling (spinPolls 10000)") {
+                                   note: "CopyPolicy, handler on the other CPU busy-polling (spinPolls 10000)", paired: true) {
                 runKitCase(.copy, pages: n, placement: cross.1, tuning: KitTuning(spinPolls: 10000))
             })
         }
