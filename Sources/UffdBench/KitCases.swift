@@ -118,8 +118,12 @@ public func runKitCase(_ kind: KitPolicyKind, pages: Int, placement: BenchPlacem
             region = try MappedRegion(.shmem, length: len)
             memset(region.alias!, 0x5a, len)
         } else {
+            // As cubench_uffd: 2 MiB-aligned for 2 MiB windows; THP-eligible only as the
+            // destination of 2 MiB moves (its THP dst row), MADV_NOHUGEPAGE otherwise.
+            var thpDest = false
+            if case .move = kind, big { thpDest = true }
             region = try MappedRegion(.anonymous(thpAligned: big), length: len)
-            try region.advise(big ? MADV_HUGEPAGE : MADV_NOHUGEPAGE)
+            try region.advise(thpDest ? MADV_HUGEPAGE : MADV_NOHUGEPAGE)
         }
         var keep: [AnyObject] = []
         let policy: any FaultPolicy
