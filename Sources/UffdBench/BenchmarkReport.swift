@@ -35,9 +35,10 @@ public struct BenchmarkResult: Sendable, Codable {
     public var ratioMin: Double?
     /// Medians of the run's extra counters.
     public var counters: [String: Double]
-    /// Paired cases: min and median ns per page of the baseline runs interleaved with this
-    /// case's runs (the ratios use these, not the baseline's own row).
+    /// Paired cases: min ns per page of the baseline runs interleaved with this case's runs
+    /// (`ratioMin` uses it, not the baseline's own row).
     public var pairedBaselineMinNsPerPage: Double? = nil
+    /// Paired cases: median ns per page of the interleaved baseline runs (`ratioMedian` uses it).
     public var pairedBaselineMedianNsPerPage: Double? = nil
     /// Paired cases: the median over run pairs of (this run / the baseline run next to it).
     public var pairedRatioMedian: Double? = nil
