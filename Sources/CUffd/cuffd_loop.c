@@ -249,7 +249,12 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         // Wait for work, unless retries are pending (their event is already queued).
         if (pending == 0 && !stopping) {
             if (spins < cfg->spin_polls) {
-                spins++;
+                // Busy polling skips poll(): look at the stop fd every 64 spins, or stop() waits
+                // for the whole spin budget.
+                if ((++spins & 63) == 0 && npfd == 2) {
+                    struct pollfd sp = pfd[1];
+                    if (poll(&sp, 1, 0) > 0 && (sp.revents & (POLLIN | POLLHUP | POLLERR))) stopping = true;
+                }
             } else {
                 int rc = poll(pfd, npfd, -1);
                 if (rc < 0) {

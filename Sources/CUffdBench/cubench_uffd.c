@@ -299,3 +299,23 @@ out:
     if (shm.addr) cuffd_region_unmap(&shm);
     return rc;
 }
+
+int cubench_touch(void *base, uint64_t len, uint64_t granule, const struct cubench_placement *placement,
+                  uint32_t write, uint32_t timeout_ms, cubench_unblock_fn unblock, void *ctx,
+                  struct cubench_result *out) {
+    memset(out, 0, sizeof *out);
+    if (!base || !placement || len < CUBENCH_PAGE) return -EINVAL;
+    uint64_t ns = 0;
+    int rc = cubench_run_touchers(base, len, granule, placement, write != 0, timeout_ms, unblock, ctx, &ns);
+    out->ns = ns;
+    out->bytes = len;
+    out->pages = len / CUBENCH_PAGE;
+    return rc;
+}
+
+uint64_t cubench_page_sum(const void *base, uint64_t len, uint64_t offset) {
+    const volatile uint8_t *r = base;
+    uint64_t sum = 0;
+    for (uint64_t off = 0; off + offset < len; off += CUBENCH_PAGE) sum += r[off + offset];
+    return sum;
+}

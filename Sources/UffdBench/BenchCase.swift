@@ -64,10 +64,19 @@ public struct BenchCase: Sendable {
     public var prepare: (@Sendable () -> BenchFailure?)?
     /// Runs one measurement.
     public var run: @Sendable () -> Result<BenchSample, BenchFailure>
+    /// Alternate this case's runs with runs of its baseline (B A B A ...) and take the ratios
+    /// from those interleaved baseline runs, so load from other processes on a shared machine
+    /// hits both alike. For small ratios (a layer's overhead) measured far apart in time, the
+    /// drift of the machine's load is larger than the effect.
+    public var paired: Bool = false
+    /// Measured runs of this case (and, when paired, of its interleaved baseline); nil: the
+    /// suite's ``BenchmarkOptions/effectiveRepeats``. Never fewer than the suite's.
+    public var repeats: Int? = nil
 
     /// A case. `run` must be bounded and clean up after itself.
     public init(name: String, group: String, baseline: String? = nil, placement: String, note: String,
                 prepare: (@Sendable () -> BenchFailure?)? = nil,
+                paired: Bool = false, repeats: Int? = nil,
                 run: @escaping @Sendable () -> Result<BenchSample, BenchFailure>) {
         self.name = name
         self.group = group
@@ -75,6 +84,8 @@ public struct BenchCase: Sendable {
         self.placement = placement
         self.note = note
         self.prepare = prepare
+        self.paired = paired
+        self.repeats = repeats
         self.run = run
     }
 }

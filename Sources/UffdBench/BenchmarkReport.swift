@@ -35,6 +35,13 @@ public struct BenchmarkResult: Sendable, Codable {
     public var ratioMin: Double?
     /// Medians of the run's extra counters.
     public var counters: [String: Double]
+    /// Paired cases: min ns per page of the baseline runs interleaved with this case's runs
+    /// (`ratioMin` uses it, not the baseline's own row).
+    public var pairedBaselineMinNsPerPage: Double? = nil
+    /// Paired cases: median ns per page of the interleaved baseline runs (`ratioMedian` uses it).
+    public var pairedBaselineMedianNsPerPage: Double? = nil
+    /// Paired cases: the median over run pairs of (this run / the baseline run next to it).
+    public var pairedRatioMedian: Double? = nil
 }
 
 /// The machine a report was measured on.
@@ -74,6 +81,7 @@ public struct BenchmarkReport: Sendable, Codable {
     /// A fixed-width table, one line per case, grouped.
     public var table: String {
         var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x base = median / baseline's median, x min = min / baseline's min)\n"
+        out += "(interleaved) rows: the baseline ran before each run of the row (B A B A ...) and the ratios use those baseline runs\n"
         out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)\n"
         out += "sizes: \(pages) pages per-fault, \(bulkPages) pages bulk, \(compactionPages) to-space pages, file \(fileBytes >> 20) MiB\n"
         let header = [pad("case", 38), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
@@ -90,6 +98,7 @@ public struct BenchmarkReport: Sendable, Codable {
                 line += lpad(r.ratioMedian.map { fmt($0, 2) } ?? "-", 7)
                 line += lpad(r.ratioMin.map { fmt($0, 2) } ?? "-", 7)
                 line += "  " + (r.baseline ?? "(baseline)")
+                if r.pairedBaselineMedianNsPerPage != nil { line += " (interleaved)" }
                 if r.failures > 0 { line += "  [\(r.failures) failed: \(r.error ?? "")]" }
             } else {
                 line += "  " + (r.unsupported ? "skipped: " : "FAILED: ") + (r.error ?? "no sample")

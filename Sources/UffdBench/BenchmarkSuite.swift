@@ -62,11 +62,23 @@ public struct BenchmarkSuite: Sendable {
                 continue
             }
             var got: [BenchSample] = []
-            let total = options.effectiveRepeats + (options.warmup ? 1 : 0)
+            // Paired: the baseline runs right before each run of this case.
+            let partner = c.paired ? c.baseline.flatMap { b in cases.first { $0.name == b } } : nil
+            var partnerGot: [BenchSample] = []
+            var pairRatios: [Double] = []
+            let total = max(c.repeats ?? 0, options.effectiveRepeats) + (options.warmup ? 1 : 0)
             for i in 0..<total {
+                var partnerSample: BenchSample? = nil
+                if let partner, case .success(let s) = partner.run() { partnerSample = s }
                 switch c.run() {
                 case .success(let s):
-                    if !(options.warmup && i == 0) { got.append(s) }
+                    if !(options.warmup && i == 0) {
+                        got.append(s)
+                        if let ps = partnerSample {
+                            partnerGot.append(ps)
+                            pairRatios.append(perPage(s) / max(perPage(ps), 1e-9))
+                        }
+                    }
                 case .failure(let f):
                     if f.unsupported {
                         r.unsupported = true
@@ -90,6 +102,12 @@ public struct BenchmarkSuite: Sendable {
                 for s in got { keys.formUnion(s.counters.keys) }
                 for k in keys { r.counters[k] = median(got.compactMap { $0.counters[k] }.sorted()) }
             }
+            if partner != nil, !partnerGot.isEmpty {
+                let pp = partnerGot.map(perPage).sorted()
+                r.pairedBaselineMinNsPerPage = pp.first
+                r.pairedBaselineMedianNsPerPage = median(pp)
+                r.pairedRatioMedian = median(pairRatios.sorted())
+            }
             samples[c.name] = got
             results.append(r)
         }
@@ -97,8 +115,10 @@ public struct BenchmarkSuite: Sendable {
         // Ratios once everything ran, so a baseline may come after the case that uses it.
         for i in results.indices {
             guard let b = results[i].baseline, let base = results.first(where: { $0.name == b }) else { continue }
-            if let m = results[i].medianNsPerPage, let bm = base.medianNsPerPage, bm > 0 { results[i].ratioMedian = m / bm }
-            if let m = results[i].minNsPerPage, let bm = base.minNsPerPage, bm > 0 { results[i].ratioMin = m / bm }
+            let baseMedian = results[i].pairedBaselineMedianNsPerPage ?? base.medianNsPerPage
+            let baseMin = results[i].pairedBaselineMinNsPerPage ?? base.minNsPerPage
+            if let m = results[i].medianNsPerPage, let bm = baseMedian, bm > 0 { results[i].ratioMedian = m / bm }
+            if let m = results[i].minNsPerPage, let bm = baseMin, bm > 0 { results[i].ratioMin = m / bm }
         }
         return BenchmarkReport(machine: MachineInfo.current, mode: options.full ? "full" : "quick",
                                repeats: options.effectiveRepeats, pages: options.effectivePages,
@@ -112,6 +132,8 @@ public struct BenchmarkSuite: Sendable {
 public func runBenchmarks(_ options: BenchmarkOptions, progress: ((String) -> Void)? = nil) -> BenchmarkReport {
     BenchmarkSuite(options: options).run(progress: progress)
 }
+
+private func perPage(_ s: BenchSample) -> Double { Double(s.ns) / Double(max(s.pages, 1)) }
 
 private func median(_ sorted: [Double]) -> Double? {
     guard !sorted.isEmpty else { return nil }

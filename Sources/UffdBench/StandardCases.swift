@@ -192,8 +192,57 @@ extension BenchmarkSuite {
             runUffdKernel(op: .copy, loop: true, pages: n, placement: cross)
         })
 
+        cases += kitCases(o, placements: placements)
         cases += compactionCases(o)
         cases += fileCases(o)
+        return cases
+    }
+
+    /// UffdKit rows: the minimal-C operations, bulk windows and placements again, decided by a
+    /// Swift policy in a FaultHandler; each row's baseline is the C row of the same operation
+    /// and placement, so its ratio is the Swift layer's cost.
+    static func kitCases(_ o: BenchmarkOptions, placements: [(String, BenchPlacement)]) -> [BenchCase] {
+        let n = o.effectivePages, bulk = o.effectiveBulkPages
+        let ncpu = Int32(cubench_ncpus())
+        let same = BenchPlacement(handlerCPU: o.handlerCPU % ncpu, faultCPU: o.faultCPU % ncpu)
+        var cases: [BenchCase] = []
+        let perFault: [(BenchOp, KitPolicyKind, String)] = [
+            (.copy, .copy, "CopyPolicy(MemorySource)"), (.zeropage, .zeropage, "ZeroFillPolicy"),
+            (.continue, .continue, "ContinuePolicy"), (.wp, .wp, "WriteTrackerPolicy"),
+            (.move, .move(granule: 4096), "MovePolicy"),
+        ]
+        for (op, kind, policy) in perFault {
+            cases.append(BenchCase(name: "kit.\(op.name)", group: "UffdKit: Swift policy in FaultHandler, 4 KiB per fault",
+                                   baseline: "minimal.\(op.name)", placement: same.label,
+                                   note: "\(policy); x = Swift layer vs minimal C", paired: true, repeats: 11) {
+                runKitCase(kind, pages: n, placement: same)
+            })
+        }
+        let bulkRows: [(String, KitPolicyKind, String, String)] = [
+            ("kit.readahead-64k", .readahead(windowBytes: 64 << 10), "bulk.copy-64k", "ReadaheadPolicy(CopyPolicy), fixed 64 KiB"),
+            ("kit.readahead-2m", .readahead(windowBytes: 2 << 20), "bulk.copy-2m", "ReadaheadPolicy(CopyPolicy), fixed 2 MiB"),
+            ("kit.move-2m", .move(granule: 2 << 20), "bulk.move-2m-thp-dst", "MovePolicy, 2 MiB granule, THP donor and dst"),
+        ]
+        for (name, kind, base, note) in bulkRows {
+            cases.append(BenchCase(name: name, group: "UffdKit: bulk", baseline: base, placement: same.label, note: note,
+                                   paired: true, repeats: 11) {
+                runKitCase(kind, pages: bulk, placement: same)
+            })
+        }
+        for (name, pl) in placements {
+            cases.append(BenchCase(name: "kit." + name, group: "UffdKit: placement, COPY 4 KiB", baseline: name,
+                                   placement: pl.label, note: "CopyPolicy; x = vs the minimal C handler, same placement",
+                                   paired: true) {
+                runKitCase(.copy, pages: n, placement: pl)
+            })
+        }
+        if let cross = placements.first(where: { $0.0 == "place.copy.cross-cpu" }) {
+            cases.append(BenchCase(name: "kit.place.copy.cross-cpu.spin", group: "UffdKit: placement, COPY 4 KiB",
+                                   baseline: cross.0, placement: cross.1.label,
+                                   note: "CopyPolicy, handler on the other CPU busy-polling (spinPolls 10000)", paired: true) {
+                runKitCase(.copy, pages: n, placement: cross.1, tuning: KitTuning(spinPolls: 10000))
+            })
+        }
         return cases
     }
 

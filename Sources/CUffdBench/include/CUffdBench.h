@@ -94,6 +94,26 @@ struct cubench_uffd_params {
 /// -EOPNOTSUPP when the kernel lacks the feature the op needs.
 int cubench_uffd(const struct cubench_uffd_params *p, struct cubench_result *out);
 
+// MARK: - Faulting threads over memory served elsewhere ----------------------------------------
+
+/// Called on the watchdog path with the caller's context: it must stop whatever serves the
+/// faults and unregister the range (which wakes every blocked faulting thread).
+typedef void (*cubench_unblock_fn)(void *ctx);
+
+/// The faulting side of cubench_uffd over memory the caller set up and serves (e.g. a UffdKit
+/// FaultHandler): `placement->fault_threads` threads pinned as cubench_uffd pins them each touch
+/// one byte of every 4 KiB page of their slice (slices are whole `granule`s), a write unless
+/// `write` is 0. out->ns is the measured section (first touch .. last thread done); bytes and
+/// pages describe `len`. On the deadline `unblock(ctx)` runs, every thread is joined, and the
+/// result is -ETIMEDOUT.
+int cubench_touch(void *base, uint64_t len, uint64_t granule, const struct cubench_placement *placement,
+                  uint32_t write, uint32_t timeout_ms, cubench_unblock_fn unblock, void *ctx,
+                  struct cubench_result *out);
+
+/// Sum of the byte at `offset` of every 4 KiB page of [base, base+len): the check cubench_uffd
+/// does after a run (0x5a per page for COPY/CONTINUE/WP/MOVE, 0 for ZEROPAGE).
+uint64_t cubench_page_sum(const void *base, uint64_t len, uint64_t offset);
+
 // MARK: - Heap compaction ---------------------------------------------------------------------
 
 /// How the compactor fills to-space pages.
