@@ -184,9 +184,13 @@ public final class FaultHandler: Sendable {
         _ = cuffd_eventfd_signal(efd)
         for t in threads { pthread_join(t, nil) }
         Glibc.close(efd)
-        for child in sink.takeChildren() { child.stop() }
         var s = HandlerStats()
         for r in readers { r.merge(into: &s) }
+        // Handlers of forked children end with the parent; their counts stay in its stats.
+        for child in sink.takeChildren() {
+            child.stop()
+            s.add(child.stats())
+        }
         state.withLock { st in
             if var prev = st.finalStats { prev.add(s); st.finalStats = prev } else { st.finalStats = s }
             st.readers = []
