@@ -119,7 +119,8 @@ public final class FaultHandler: Sendable {
     /// Whether the reader threads run.
     public var isRunning: Bool { state.withLock { $0.running } }
 
-    /// Starts the reader threads. Sets O_NONBLOCK on the fd (the loop needs it).
+    /// Starts the reader threads and returns once they wait for faults (so the owner may
+    /// fork right away). Sets O_NONBLOCK on the fd (the loop needs it).
     /// - Throws: ``UffdError`` `.handler` when the stop fd, scratch memory or a thread cannot be made.
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
@@ -134,6 +135,7 @@ public final class FaultHandler: Sendable {
             let slot = (policy.scratchBytes + page - 1) / page * page
             var batch = Swift.min(Swift.max(options.batch, 1), Int(CUFFD_MAX_BATCH))
             if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
+            sink.ready.store(0, ordering: .relaxed)
             var readers: [Reader] = []
             for i in 0..<Swift.max(1, options.readers) {
                 var cpu: Int? = nil
@@ -158,6 +160,15 @@ public final class FaultHandler: Sendable {
                     return .failure(UffdError(.handler, Errno(rawValue: rc), detail: "pthread_create"))
                 }
                 threads.append(t)
+            }
+            // Wait until every reader is past its start-up. A thread's first steps may call
+            // malloc; glibc's fork() holds the malloc locks while the kernel waits for the
+            // handler to read the fork event, so a reader still starting when the owner forks
+            // would deadlock with it.
+            var waited = 0
+            while sink.ready.load(ordering: .acquiring) < readers.count && waited < 10_000 {
+                usleep(1000)
+                waited += 1
             }
             st.readers = readers
             st.threads = threads
@@ -218,6 +229,8 @@ public final class FaultHandler: Sendable {
 /// Where readers report failures and forked children; shared by the handler and its readers.
 final class HandlerSink: Sendable {
     let options: FaultHandler.Options
+    /// Readers that reached their loop (start() waits for all of them).
+    let ready = Atomic<Int>(0)
     private let log = Mutex<[HandlerFailure]>([])
     private let loopErrs = Mutex<[UffdError]>([])
     private let kids = Mutex<[FaultHandler]>([])
@@ -350,6 +363,8 @@ final class Reader: @unchecked Sendable {
         cfg.decide = decideTrampoline
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
+        // Tell start() this thread is past its start-up (which may allocate): see start().
+        sink.ready.add(1, ordering: .releasing)
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
