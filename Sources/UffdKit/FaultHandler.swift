@@ -271,11 +271,11 @@ private func readerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPoin
     return nil
 }
 
-private let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
+let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.decide(msgs!, res!, Int(n)) }
 }
 
-private let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
+let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.complete(msgs!, res!, Int(n)) }
 }
 
