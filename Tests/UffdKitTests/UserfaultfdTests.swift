@@ -179,3 +179,39 @@ final class FaultDetailTests: XCTestCase {
         XCTAssertEqual(wordSum(r.alias!, size), 0)
     }
 }
+
+final class ManualLoopTests: XCTestCase {
+    /// Without a FaultHandler: read the fault message, resolve it with COPY, the thread goes on.
+    func testReadMessagesAndResolveByHand() throws {
+        let ps = basePageSize
+        let u = try Userfaultfd()
+        let r = try MappedRegion(.anonymous(), length: 4 * ps)
+        try u.register(r, modes: .missing)
+        let base = r.address
+        let value = Box<UInt8>(0)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            value.update { $0 = UnsafePointer<UInt8>(bitPattern: base + UInt(2 * ps) + 5)!.pointee }
+            done.signal()
+        }.start()
+        XCTAssertTrue(u.waitReadable(timeoutMilliseconds: 10_000))
+        let msgs = try u.readMessages()
+        guard case .fault(let f)? = msgs.first else {
+            XCTFail("expected a fault, got \(msgs)")
+            u.close()
+            return
+        }
+        XCTAssertEqual(f.address, base + UInt(2 * ps))
+        XCTAssertNil(f.exactAddress)
+        XCTAssertFalse(f.isWrite)
+        let page = [UInt8](repeating: 0x3C, count: ps)
+        _ = try page.withUnsafeBytes { try u.copy(to: f.address, from: UInt(bitPattern: $0.baseAddress!), length: ps) }
+        if done.wait(timeout: .now() + 10) == .timedOut {
+            XCTFail("the thread was not woken")
+            u.close()
+            _ = done.wait(timeout: .now() + 10)
+        }
+        XCTAssertEqual(value.value, 0x3C)
+        XCTAssertEqual(try u.readMessages().count, 0)
+    }
+}
