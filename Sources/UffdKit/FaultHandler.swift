@@ -181,7 +181,8 @@ public final class FaultHandler: Sendable {
     }
 
     /// Stops the readers after they resolved every fault already queued, and waits for them
-    /// (and for handlers serving forked children). Idempotent.
+    /// (and for handlers serving forked children). Idempotent. Do not call it from a policy or
+    /// an `onFailure` callback: those run on a reader thread, which would wait for itself.
     public func stop() {
         let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
             guard st.running else { return ([], -1, []) }
