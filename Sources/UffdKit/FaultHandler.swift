@@ -126,7 +126,8 @@ public final class FaultHandler: Sendable {
     /// Whether the reader threads run.
     public var isRunning: Bool { state.withLock { $0.running } }
 
-    /// Starts the reader threads. Sets O_NONBLOCK on the fd (the loop needs it).
+    /// Starts the reader threads and returns once they wait for faults (so the owner may
+    /// fork right away). Sets O_NONBLOCK on the fd (the loop needs it).
     /// - Throws: ``UffdError`` `.handler` when the stop fd, scratch memory or a thread cannot be made.
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
@@ -142,6 +143,7 @@ public final class FaultHandler: Sendable {
             let perRead = options.readers > 1 ? options.sharedBatch : options.batch
             var batch = Swift.min(Swift.max(perRead, 1), Int(CUFFD_MAX_BATCH))
             if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
+            sink.ready.store(0, ordering: .relaxed)
             var readers: [Reader] = []
             for i in 0..<Swift.max(1, options.readers) {
                 var cpu: Int? = nil
@@ -167,6 +169,15 @@ public final class FaultHandler: Sendable {
                 }
                 threads.append(t)
             }
+            // Wait until every reader is past its start-up. A thread's first steps may call
+            // malloc; glibc's fork() holds the malloc locks while the kernel waits for the
+            // handler to read the fork event, so a reader still starting when the owner forks
+            // would deadlock with it.
+            var waited = 0
+            while sink.ready.load(ordering: .acquiring) < readers.count && waited < 10_000 {
+                usleep(1000)
+                waited += 1
+            }
             st.readers = readers
             st.threads = threads
             st.stopFD = efd
@@ -178,7 +189,8 @@ public final class FaultHandler: Sendable {
     }
 
     /// Stops the readers after they resolved every fault already queued, and waits for them
-    /// (and for handlers serving forked children). Idempotent.
+    /// (and for handlers serving forked children). Idempotent. Do not call it from a policy or
+    /// an `onFailure` callback: those run on a reader thread, which would wait for itself.
     public func stop() {
         let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
             guard st.running else { return ([], -1, []) }
@@ -192,9 +204,13 @@ public final class FaultHandler: Sendable {
         _ = cuffd_eventfd_signal(efd)
         for t in threads { pthread_join(t, nil) }
         Glibc.close(efd)
-        for child in sink.takeChildren() { child.stop() }
         var s = HandlerStats()
         for r in readers { r.merge(into: &s) }
+        // Handlers of forked children end with the parent; their counts stay in its stats.
+        for child in sink.takeChildren() {
+            child.stop()
+            s.add(child.stats())
+        }
         state.withLock { st in
             if var prev = st.finalStats { prev.add(s); st.finalStats = prev } else { st.finalStats = s }
             st.readers = []
@@ -222,6 +238,8 @@ public final class FaultHandler: Sendable {
 /// Where readers report failures and forked children; shared by the handler and its readers.
 final class HandlerSink: Sendable {
     let options: FaultHandler.Options
+    /// Readers that reached their loop (start() waits for all of them).
+    let ready = Atomic<Int>(0)
     private let log = Mutex<[HandlerFailure]>([])
     private let loopErrs = Mutex<[UffdError]>([])
     private let kids = Mutex<[FaultHandler]>([])
@@ -262,11 +280,11 @@ private func readerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPoin
     return nil
 }
 
-private let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
+let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.decide(msgs!, res!, Int(n)) }
 }
 
-private let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
+let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.complete(msgs!, res!, Int(n)) }
 }
 
@@ -354,6 +372,8 @@ final class Reader: @unchecked Sendable {
         cfg.decide = decideTrampoline
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
+        // Tell start() this thread is past its start-up (which may allocate): see start().
+        sink.ready.add(1, ordering: .releasing)
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
