@@ -124,6 +124,22 @@ final class CopyPolicyTests: XCTestCase {
         XCTAssertEqual(st.bytes, UInt64(size), "windows are clipped to the range: \(st)")
     }
 
+    func testAdaptiveReadaheadFollowsSeveralSequentialThreads() throws {
+        let r = try MappedRegion(.anonymous(), length: size)
+        let src = PatternSource(length: size, seed: 6)
+        let ra = ReadaheadPolicy(CopyPolicy(region: r, source: src), window: .adaptive(minPages: 1, maxPages: 64))
+        let s = try Session(r) { _ in ra }
+        let base = r.address, size = self.size
+        // Four threads, each sequential through its own 1 MiB chunks: four streams, each growing
+        // its own window (1, 2, 4 ... 64 pages: about 9 faults per chunk of 256 pages). A single
+        // shared window keeps resetting to one page instead.
+        s.run { _ = touch(base, length: size, threads: 4) }
+        let st = s.finish()
+        verifyPattern(r.pointer, size, seed: 6)
+        XCTAssertLessThan(st.missingFaults, UInt64(size / basePageSize / 16), "\(st)")
+        XCTAssertEqual(st.fallbacks + st.failures, 0, "\(st)")
+    }
+
     func testAdaptiveReadaheadShrinksOnRandomAccess() throws {
         let len = 8 * MiB
         let r = try MappedRegion(.anonymous(), length: len)

@@ -4,9 +4,11 @@ import Synchronization
 /// starting at the faulting page, clipped to the served range. Pages of the window that are
 /// already populated stop the ioctl with EEXIST, which the loop counts as done.
 ///
-/// The adaptive window doubles while faults are sequential (each one right after the previous
-/// window) and drops back to the minimum on a random access. With several readers the
-/// heuristic state is shared (relaxed atomics): a race only mis-sizes one window.
+/// The adaptive window doubles while faults are sequential (each one inside or right after the
+/// window of an earlier fault) and starts again at the minimum on a random access. Like the
+/// kernel's file readahead it follows several streams at once: up to ``streamSlots`` sequential
+/// readers (threads walking their own parts of the range) each grow their own window instead of
+/// resetting one shared window. The state is relaxed atomics: a race only mis-sizes one window.
 public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
     /// How many pages one fault resolves.
     public enum Window: Sendable, Hashable {
@@ -22,8 +24,14 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
     public let window: Window
     private let minPages: Int
     private let maxPages: Int
-    private let nextExpected = Atomic<UInt>(0)
     private let current: Atomic<Int>
+    /// Streams followed at once by the adaptive window.
+    public static var streamSlots: Int { 8 }
+    /// Per stream: (the page number where its next window starts << 16) | its window in pages;
+    /// 0 = unused. Packed so one atomic word holds a stream.
+    private let streams = InlineArray<8, Atomic<UInt64>> { _ in Atomic(0) }
+    /// Round-robin victim for a new stream.
+    private let nextSlot = Atomic<Int>(0)
 
     /// Wraps `inner` with `window`.
     public init(_ inner: Inner, window: Window) {
@@ -31,7 +39,9 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
         self.window = window
         switch window {
         case .fixed(let n): minPages = Swift.max(1, n); maxPages = minPages
-        case .adaptive(let lo, let hi): minPages = Swift.max(1, lo); maxPages = Swift.max(minPages, hi)
+        case .adaptive(let lo, let hi):
+            minPages = Swift.min(Swift.max(1, lo), 0x8000)
+            maxPages = Swift.min(Swift.max(minPages, hi), 0x8000)
         }
         current = Atomic(minPages)
     }
@@ -52,16 +62,30 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
         guard page >= base, page < end else { throw outsideRange(fault, base, inner.rangeLength) }
         var pages = minPages
         if minPages != maxPages {
-            let expected = nextExpected.load(ordering: .relaxed)
-            let w = current.load(ordering: .relaxed)
-            // Sequential: the fault is inside or right after the previous window.
-            if page == expected || (page > expected &- UInt(w * ps) && page < expected) {
-                pages = Swift.min(maxPages, w * 2)
+            let shift = UInt64(ps.trailingZeroBitCount)
+            let pageNumber = UInt64(page) >> shift
+            var slot = -1
+            for i in 0..<Self.streamSlots {
+                let v = streams[i].load(ordering: .relaxed)
+                guard v != 0 else { continue }
+                let expected = v >> 16, w = v & 0xFFFF
+                // Sequential: the fault is inside or right after that stream's last window.
+                if pageNumber == expected || (pageNumber < expected && pageNumber + w >= expected) {
+                    slot = i
+                    pages = Swift.min(maxPages, Int(w) * 2)
+                    break
+                }
             }
+            if slot < 0 {
+                slot = nextSlot.wrappingAdd(1, ordering: .relaxed).oldValue & (Self.streamSlots - 1)
+            }
+            let length = Swift.min(UInt(pages * ps), end - page)
+            let next = (UInt64(page + length) >> shift) << 16 | UInt64(Swift.min(pages, 0xFFFF))
+            streams[slot].store(next, ordering: .relaxed)
             current.store(pages, ordering: .relaxed)
+            return try inner.fill(page, length: Int(length), context: context)
         }
         let length = Swift.min(UInt(pages * ps), end - page)
-        nextExpected.store(page + length, ordering: .relaxed)
         return try inner.fill(page, length: Int(length), context: context)
     }
 
