@@ -261,7 +261,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                     if (errno == EINTR) continue;
                     return -errno;
                 }
-                if (npfd == 2 && (pfd[1].revents & (POLLIN | POLLHUP | POLLERR))) stopping = true;
+                if (npfd == 2 && (pfd[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) stopping = true;
                 if (pfd[0].revents & (POLLERR | POLLNVAL)) return pfd[0].revents & POLLNVAL ? -EBADF : 0;
                 if ((pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLIN)) return 0;
             }

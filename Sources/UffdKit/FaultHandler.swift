@@ -189,8 +189,9 @@ public final class FaultHandler: Sendable {
     }
 
     /// Stops the readers after they resolved every fault already queued, and waits for them
-    /// (and for handlers serving forked children). Idempotent. Do not call it from a policy or
-    /// an `onFailure` callback: those run on a reader thread, which would wait for itself.
+    /// (and for handlers serving forked children). Idempotent. Called from a policy or an
+    /// `onFailure` callback (on a reader thread), it does not wait for that reader, which stops
+    /// once its current batch is done; the other readers are waited for.
     public func stop() {
         let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
             guard st.running else { return ([], -1, []) }
@@ -202,8 +203,23 @@ public final class FaultHandler: Sendable {
         }
         guard efd >= 0 else { return }
         _ = cuffd_eventfd_signal(efd)
-        for t in threads { pthread_join(t, nil) }
-        Glibc.close(efd)
+        // A reader calling stop() would wait for itself: detach it instead, and let it close the
+        // stop fd when its loop returns (it still polls it until then).
+        let me = pthread_self()
+        var selfReader: Reader? = nil
+        for (t, r) in zip(threads, readers) {
+            if pthread_equal(t, me) != 0 {
+                pthread_detach(t)
+                selfReader = r
+            } else {
+                pthread_join(t, nil)
+            }
+        }
+        if let selfReader {
+            selfReader.closeStopFDOnExit.store(true, ordering: .releasing)
+        } else {
+            Glibc.close(efd)
+        }
         var s = HandlerStats()
         for r in readers { r.merge(into: &s) }
         // Handlers of forked children end with the parent; their counts stay in its stats.
@@ -299,6 +315,8 @@ final class Reader: @unchecked Sendable {
     let index: Int
     let fd: Int32
     let stopFD: Int32
+    /// Set by stop() called on this reader's own thread: the reader closes the stop fd itself.
+    let closeStopFDOnExit = Atomic<Bool>(false)
     let features: Features
     let policy: any FaultPolicy
     let batch: Int
@@ -377,6 +395,7 @@ final class Reader: @unchecked Sendable {
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
+        if closeStopFDOnExit.load(ordering: .acquiring) { Glibc.close(stopFD) }
     }
 
     /// Fills `res[i]` for each fault of the batch; events go to the policy in order.
