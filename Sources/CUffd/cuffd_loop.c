@@ -253,7 +253,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 // for the whole spin budget.
                 if ((++spins & 63) == 0 && npfd == 2) {
                     struct pollfd sp = pfd[1];
-                    if (poll(&sp, 1, 0) > 0 && (sp.revents & (POLLIN | POLLHUP | POLLERR))) stopping = true;
+                    if (poll(&sp, 1, 0) > 0 && (sp.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) stopping = true;
                 }
             } else {
                 int rc = poll(pfd, npfd, -1);
