@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -76,25 +78,69 @@ static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolu
     }
 }
 
-// Unblocks the faulting thread after a failed resolution, as the fallback says.
-static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *r,
-                          int fallback, uint64_t features) {
-    uint64_t start, len;
+// hugetlb ranges refuse base-page ranges (EINVAL): the fallback retries with the huge page.
+static uint64_t huge_page(void) {
+    static uint64_t hps;
+    if (!hps) hps = cuffd_hugepage_size();
+    return hps;
+}
+
+// Zeros to COPY from where there is no zero page (hugetlb): one huge page of never-touched
+// private anonymous memory, which reads as zeros without allocating. Made on first use (a
+// fallback is the rare path) and kept for the process's life.
+static uint64_t zero_source(uint64_t len) {
+    static _Atomic(uintptr_t) zeros;
+    uint64_t size = huge_page();
+    if (!size || len > size) return 0;
+    uintptr_t z = atomic_load(&zeros);
+    if (z) return z;
+    void *m = mmap(NULL, size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return 0;
+    uintptr_t expected = 0;
+    if (!atomic_compare_exchange_strong(&zeros, &expected, (uintptr_t)m)) {
+        munmap(m, size);
+        return expected;
+    }
+    return (uintptr_t)m;
+}
+
+// One attempt of the fallback on [start, start+len).
+static int fallback_op(int uffd, uint64_t start, uint64_t len, uint64_t flags, int fallback,
+                       uint64_t features) {
     int64_t done = 0;
-    fallback_range(msg, r, &start, &len);
-    uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
-    if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
     if (flags & UFFD_PAGEFAULT_FLAG_WP) {
         // The data is there; only the tracking is lost. Unprotect wakes the thread.
         return cuffd_writeprotect(uffd, start, len, false, false);
     }
-    int rc = -EOPNOTSUPP;
-    if (fallback == CUFFD_FALLBACK_POISON && (features & UFFD_FEATURE_POISON)) {
-        rc = cuffd_poison(uffd, start, len, 0, &done);
-    } else if (flags & UFFD_PAGEFAULT_FLAG_MINOR) {
-        rc = cuffd_continue(uffd, start, len, 0, &done);
-    } else {
-        rc = cuffd_zeropage(uffd, start, len, 0, &done);
+    if (fallback == CUFFD_FALLBACK_POISON && (features & UFFD_FEATURE_POISON))
+        return cuffd_poison(uffd, start, len, 0, &done);
+    if (flags & UFFD_PAGEFAULT_FLAG_MINOR) return cuffd_continue(uffd, start, len, 0, &done);
+    int rc = cuffd_zeropage(uffd, start, len, 0, &done);
+    if (rc == -EINVAL) {
+        // hugetlb has no zero page: copy zeros instead.
+        uint64_t z = zero_source(len);
+        if (z) rc = cuffd_copy(uffd, start, z, len, 0, &done);
+    }
+    return rc;
+}
+
+// Unblocks the faulting thread after a failed resolution, as the fallback says.
+static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *r,
+                          int fallback, uint64_t features) {
+    uint64_t start, len;
+    fallback_range(msg, r, &start, &len);
+    uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
+    if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
+    int rc = fallback_op(uffd, start, len, flags, fallback, features);
+    if (rc == -EINVAL && !r->len && msg) {
+        // The decider gave no range and the base page was refused: in a hugetlb range the
+        // fallback must cover the whole huge page, or the thread re-faults forever.
+        uint64_t hps = huge_page();
+        if (hps > len) {
+            start = msg->arg.pagefault.address & ~(hps - 1);
+            len = hps;
+            rc = fallback_op(uffd, start, len, flags, fallback, features);
+        }
     }
     // Someone else resolved the page meanwhile: that unblocks the thread as well.
     if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);

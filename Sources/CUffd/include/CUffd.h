@@ -139,7 +139,7 @@ enum cuffd_fallback {
     /// Poison the page (UFFDIO_POISON): the faulting thread gets SIGBUS on retry. Needs
     /// UFFD_FEATURE_POISON; without it, falls back to CUFFD_FALLBACK_ZEROPAGE.
     CUFFD_FALLBACK_POISON = 0,
-    /// Map a zero page (anon/shmem MISSING) / unprotect (WP) / continue (MINOR).
+    /// Map a zero page (anon/shmem MISSING; hugetlb: COPY of zeros) / unprotect (WP) / continue (MINOR).
     CUFFD_FALLBACK_ZEROPAGE = 1,
     /// Only wake: the thread re-faults and the fault is delivered again.
     CUFFD_FALLBACK_WAKE = 2,

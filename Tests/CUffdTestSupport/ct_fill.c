@@ -1,0 +1,266 @@
+// The filling verbs: COPY, ZEROPAGE, CONTINUE, POISON, with exact ranges, EEXIST on repeat,
+// and the done count on partial progress.
+#include "ct.h"
+
+#include <unistd.h>
+
+#define U(p) ((uint64_t)(uintptr_t)(p))
+
+// Pages [0, n) other than those in `filled` (a bit mask) are not mapped.
+static int check_missing(struct ct_fix *f, unsigned filled, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    for (size_t i = 0; i < f->npages; i++) {
+        int pr = ct_present(f->base + i * f->ps);
+        CT_CHECK(pr >= 0, "pagemap: %s", ct_err(pr));
+        CT_CHECK(pr == (int)((filled >> i) & 1), "%s: page %zu is %s, expected %s",
+                 ct_kind_name(f->kind), i, pr ? "mapped" : "missing",
+                 (filled >> i) & 1 ? "mapped" : "missing");
+    }
+out:
+    return rc;
+}
+
+int cuffd_test_copy(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, 4, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done = -1;
+    struct uffd_msg m;
+    struct ct_toucher t = {0};
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * 4, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f.ps, "COPY page 1: %s, done %lld", ct_err(e), (long long)done);
+    CT_CHECK(ct_check_pattern(f.base + f.ps, f.ps, 1) < 0, "page 1 does not hold the copied data");
+    CT_TRY(check_missing(&f, 1u << 1, msg, msglen));
+    if (kind == CUFFD_MEM_SHMEM || kind == CUFFD_MEM_HUGETLB)
+        CT_CHECK(ct_check_pattern(f.alias + f.ps, f.ps, 1) < 0, "the shared file does not hold the copy");
+    if (kind == CUFFD_MEM_SHMEM_PRIVATE)
+        CT_CHECK(ct_check_zero(f.alias + f.ps, f.ps) < 0,
+                 "COPY into private shmem must not write the file");
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src), f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST && done == 0, "second COPY of page 1: %s, done %lld (expected EEXIST, 0)",
+             ct_err(e), (long long)done);
+    CT_CHECK(ct_check_pattern(f.base + f.ps, f.ps, 1) < 0, "second COPY changed page 1");
+    // A neighbour is still missing: touching it faults and reaches us.
+    t = (struct ct_toucher){.addr = f.base + 2 * f.ps, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    e = ct_read_msg(f.uffd, &m, CT_WAIT_MS);
+    CT_CHECK(e == 1, "no fault for neighbour page 2 (%s)", e == 0 ? "timeout" : ct_err(e));
+    CT_CHECK(m.event == UFFD_EVENT_PAGEFAULT &&
+                 (m.arg.pagefault.address & ~(f.ps - 1)) == U(f.base + 2 * f.ps),
+             "unexpected message: event %u address 0x%llx", m.event,
+             (unsigned long long)m.arg.pagefault.address);
+    e = cuffd_copy(f.uffd, U(f.base + 2 * f.ps), U(f.src + 2 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 2: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "faulting thread not woken by COPY");
+    CT_CHECK(ct_check_pattern(f.base + 2 * f.ps, f.ps, 2) < 0, "page 2 does not hold the copied data");
+    CT_TRY(check_missing(&f, 0x6, msg, msglen));
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_copy_partial(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, 4, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done = -1;
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * 4, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + 2 * f.ps), U(f.src + 2 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 2: %s", ct_err(e));
+    // Pages 0,1 go in, page 2 exists: the kernel reports 2 pages done (EAGAIN), the core
+    // continues at page 2 and gets EEXIST, with done counting the two pages.
+    e = cuffd_copy(f.uffd, U(f.base), U(f.src), f.ps * 4, 0, &done);
+    CT_CHECK(e == -EEXIST, "COPY of 4 pages over a populated page 2: %s (expected EEXIST)", ct_err(e));
+    CT_CHECK(done == (int64_t)(2 * f.ps), "done %lld, expected %llu", (long long)done,
+             (unsigned long long)(2 * f.ps));
+    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0 && ct_check_pattern(f.base + f.ps, f.ps, 1) < 0,
+             "pages 0-1 do not hold the data");
+    CT_TRY(check_missing(&f, 0x7, msg, msglen));
+    e = cuffd_copy(f.uffd, U(f.base + 3 * f.ps), U(f.src + 3 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f.ps, "COPY of the rest from dst+done: %s", ct_err(e));
+    // Nothing to do with len 0, and a misaligned dst is refused with nothing done.
+    e = cuffd_copy(f.uffd, U(f.base), U(f.src), 0, 0, &done);
+    CT_CHECK(e == -EINVAL && done == 0, "COPY len 0: %s done %lld", ct_err(e), (long long)done);
+    e = cuffd_copy(f.uffd, U(f.base) + 1, U(f.src), f.ps, 0, &done);
+    CT_CHECK(e == -EINVAL && done == 0, "COPY misaligned: %s done %lld", ct_err(e), (long long)done);
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_copy_fault(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct ct_handler h;
+    bool hstarted = false;
+    const size_t n = 8;
+    rc = ct_fix_init(&f, kind, n, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * n, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = ct_handler_start(&h, &f, CT_H_COPY);
+    CT_CHECK(e == 0, "handler thread: %s", ct_err(e));
+    hstarted = true;
+    struct ct_toucher t = {.addr = f.base, .count = n, .stride = f.ps};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "reader still blocked after %d ms (%zu of %zu pages)",
+             CT_WAIT_MS, t.touched, n);
+    hstarted = false;
+    CT_CHECK(ct_handler_stop(&h) == 0, "handler did not stop");
+    CT_CHECK(atomic_load(&h.errors) == 0, "handler: %d failed resolutions, first %s",
+             atomic_load(&h.errors), ct_err(h.first_err));
+    int all = ct_handler_faults(&h, 0, 0);
+    int missing = ct_handler_faults(&h, 0, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR |
+                                               UFFD_PAGEFAULT_FLAG_WRITE);
+    CT_CHECK(all == (int)n && missing == (int)n,
+             "%d faults (%d read MISSING) for %zu pages; expected one read MISSING fault per page",
+             all, missing, n);
+    for (size_t i = 0; i < n; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu wrong after fault", i);
+out:
+    if (hstarted) ct_handler_stop(&h);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_zeropage(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, 4, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done = -1;
+    uint64_t io = 0;
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * 4, UFFDIO_REGISTER_MODE_MISSING, &io);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    if (kind == CUFFD_MEM_HUGETLB) {
+        // hugetlb has no zero page: the range says so, and the ioctl refuses.
+        CT_CHECK(!(io & (1ull << _UFFDIO_ZEROPAGE)), "hugetlb range offers ZEROPAGE");
+        e = cuffd_zeropage(f.uffd, U(f.base), f.ps, 0, &done);
+        CT_CHECK(e == -EINVAL && done == 0, "ZEROPAGE on hugetlb: %s (expected EINVAL)", ct_err(e));
+        goto out;
+    }
+    e = cuffd_zeropage(f.uffd, U(f.base + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f.ps, "ZEROPAGE page 1: %s, done %lld", ct_err(e),
+             (long long)done);
+    CT_CHECK(ct_check_zero(f.base + f.ps, f.ps) < 0, "page 1 is not zero");
+    CT_TRY(check_missing(&f, 1u << 1, msg, msglen));
+    e = cuffd_zeropage(f.uffd, U(f.base + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST && done == 0, "second ZEROPAGE: %s, done %lld (expected EEXIST, 0)",
+             ct_err(e), (long long)done);
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src), f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST, "COPY over a zero page: %s (expected EEXIST)", ct_err(e));
+    // Partial: pages 2..3 over a populated page 3.
+    e = cuffd_zeropage(f.uffd, U(f.base + 3 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "ZEROPAGE page 3: %s", ct_err(e));
+    e = cuffd_zeropage(f.uffd, U(f.base + 2 * f.ps), 2 * f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST && done == (int64_t)f.ps, "ZEROPAGE 2..3 over page 3: %s, done %lld",
+             ct_err(e), (long long)done);
+    CT_TRY(check_missing(&f, 0xE, msg, msglen));
+    // A zero-page mapping is writable like any other (anon: CoW from the shared zero page).
+    f.base[f.ps + 5] = 9;
+    CT_CHECK(f.base[f.ps + 5] == 9, "write to a zero-filled page lost");
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_continue(int kind, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    if (kind == CUFFD_MEM_ANON) {
+        snprintf(msg, msglen, "CONTINUE (minor faults) applies to shmem and hugetlb only");
+        return CUFFD_TEST_SKIP;
+    }
+    struct ct_fix f;
+    struct ct_handler h;
+    bool hstarted = false;
+    const size_t n = 4;
+    uint64_t feat = kind == CUFFD_MEM_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+    rc = ct_fix_init(&f, kind, n, feat, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done = -1;
+    uint64_t io = 0;
+    // The page cache is filled through the second view; the registered view has no PTEs yet.
+    for (size_t i = 0; i < n; i++) memcpy(f.alias + i * f.ps, f.src + i * f.ps, f.ps);
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * n, UFFDIO_REGISTER_MODE_MINOR, &io);
+    CT_CHECK(e == 0, "register MINOR: %s", ct_err(e));
+    CT_CHECK(io & (1ull << _UFFDIO_CONTINUE), "MINOR range lacks CONTINUE (ioctls 0x%llx)",
+             (unsigned long long)io);
+    e = ct_handler_start(&h, &f, CT_H_CONTINUE);
+    CT_CHECK(e == 0, "handler thread: %s", ct_err(e));
+    hstarted = true;
+    struct ct_toucher t = {.addr = f.base, .count = n, .stride = f.ps};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "reader still blocked (%zu of %zu pages)", t.touched, n);
+    hstarted = false;
+    CT_CHECK(ct_handler_stop(&h) == 0, "handler did not stop");
+    CT_CHECK(atomic_load(&h.errors) == 0, "CONTINUE failed: %s", ct_err(h.first_err));
+    int minor = ct_handler_faults(&h, UFFD_PAGEFAULT_FLAG_MINOR, 0);
+    int all = ct_handler_faults(&h, 0, 0);
+    CT_CHECK(minor == (int)n && all == (int)n, "%d minor faults (%d faults) for %zu pages, expected %zu",
+             minor, all, n, n);
+    for (size_t i = 0; i < n; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu does not show the page cache", i);
+    e = cuffd_continue(f.uffd, U(f.base), f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST && done == 0, "second CONTINUE: %s, done %lld (expected EEXIST, 0)",
+             ct_err(e), (long long)done);
+    // The mapping is of the page cache itself (shared) or copy-on-write (private).
+    f.alias[3] = 0x55;
+    if (kind == CUFFD_MEM_SHMEM_PRIVATE) {
+        f.base[f.ps + 1] = 0x66;
+        CT_CHECK((uint8_t)f.alias[f.ps + 1] == ct_pat(1, 1), "private write reached the file");
+    } else {
+        CT_CHECK((uint8_t)f.base[3] == 0x55, "CONTINUE did not map the page cache page");
+    }
+out:
+    if (hstarted) ct_handler_stop(&h);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_poison(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, 3, UFFD_FEATURE_POISON, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done = -1;
+    uint8_t v = 0;
+    void *fa = NULL;
+    int e = cuffd_register(f.uffd, U(f.base), f.ps * 3, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_poison(f.uffd, U(f.base + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f.ps, "POISON page 1: %s, done %lld", ct_err(e), (long long)done);
+    e = cuffd_poison(f.uffd, U(f.base + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == -EEXIST && done == 0, "second POISON: %s (expected EEXIST)", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base), U(f.src), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 0: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + 2 * f.ps), U(f.src + 2 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 2: %s", ct_err(e));
+    // This test runs in its own process (the runner's child): the SIGBUS is caught here.
+    int sig = ct_touch_catch(f.base + f.ps + 100, 0, 0, &v, &fa);
+    CT_CHECK(sig == 1, "reading a poisoned page did not raise SIGBUS (read 0x%x)", v);
+    CT_CHECK((uintptr_t)fa >= U(f.base + f.ps) && (uintptr_t)fa < U(f.base + 2 * f.ps),
+             "SIGBUS address %p is outside the poisoned page %p", fa, (void *)(f.base + f.ps));
+    sig = ct_touch_catch(f.base + f.ps, 1, 1, NULL, &fa);
+    CT_CHECK(sig == 1, "writing a poisoned page did not raise SIGBUS");
+    sig = ct_touch_catch(f.base + 7, 0, 0, &v, &fa);
+    CT_CHECK(sig == 0 && v == ct_pat(0, 7), "neighbour page 0: sigbus %d value 0x%x", sig, v);
+    sig = ct_touch_catch(f.base + 2 * f.ps + 7, 1, 0x42, NULL, &fa);
+    CT_CHECK(sig == 0 && (uint8_t)f.base[2 * f.ps + 7] == 0x42, "neighbour page 2 not writable");
+    // The poison marker counts as an empty PTE for COPY (pte_none_mostly): a later COPY
+    // replaces it and the page works again.
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY over a poisoned page: %s (expected it to replace the marker)", ct_err(e));
+    sig = ct_touch_catch(f.base + f.ps + 100, 0, 0, &v, &fa);
+    CT_CHECK(sig == 0 && v == ct_pat(1, 100), "page 1 after COPY over poison: sigbus %d value 0x%x", sig, v);
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
