@@ -65,10 +65,22 @@ static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
     }
 }
 
-// The page the fallback acts on: the decider's range when it gave one, else the fault's base page.
+// Whether the decider's range is on page boundaries and contains the faulting address. Any
+// other range (elsewhere, misaligned, a length that is not a page multiple) cannot release the
+// faulting thread: resolving or waking it leaves that thread asleep for good.
+static bool covers_fault(const struct uffd_msg *msg, const struct cuffd_resolution *r) {
+    uint64_t ps = base_page();
+    if (!r->len || ((r->dst | r->len) & (ps - 1))) return false;
+    if (!msg) return true;
+    uint64_t a = msg->arg.pagefault.address;
+    return a >= r->dst && a - r->dst < r->len;
+}
+
+// The page the fallback acts on: the decider's range when it covers the fault, else the
+// fault's base page.
 static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolution *r,
                            uint64_t *start, uint64_t *len) {
-    if (r->len) {
+    if (covers_fault(msg, r) || !msg) {
         *start = r->dst;
         *len = r->len;
     } else {
@@ -132,11 +144,19 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
     if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
     int rc = fallback_op(uffd, start, len, flags, fallback, features);
-    if (rc == -EINVAL && !r->len && msg) {
-        // The decider gave no range and the base page was refused: in a hugetlb range the
-        // fallback must cover the whole huge page, or the thread re-faults forever.
-        uint64_t hps = huge_page();
-        if (hps > len) {
+    if (rc == -EINVAL && msg) {
+        // The decider's range was refused (e.g. not huge-page aligned in a hugetlb range), or
+        // the base page was: retry on the faulting base page, then on its huge page. In a
+        // hugetlb range the fallback must cover the whole huge page, or the thread re-faults
+        // forever.
+        uint64_t ps = base_page(), hps = huge_page();
+        uint64_t a = msg->arg.pagefault.address;
+        if (len != ps || start != (a & ~(ps - 1))) {
+            start = a & ~(ps - 1);
+            len = ps;
+            rc = fallback_op(uffd, start, len, flags, fallback, features);
+        }
+        if (rc == -EINVAL && hps > len) {
             start = msg->arg.pagefault.address & ~(hps - 1);
             len = hps;
             rc = fallback_op(uffd, start, len, flags, fallback, features);
@@ -155,6 +175,15 @@ enum { CUFFD_OUTCOME_RETRY = 100 };
 
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
+    if (msg && res->op != CUFFD_OP_FAIL && res->op != CUFFD_OP_NONE && !covers_fault(msg, res)) {
+        // An invalid resolution is a decider error: the fallback acts on the faulting page.
+        res->done = 0;
+        res->error = EINVAL;
+        int o = apply_fallback(uffd, msg, res, fallback, features) == 0 ? CUFFD_OUTCOME_FALLBACK
+                                                                         : CUFFD_OUTCOME_FAILED;
+        res->outcome = (uint32_t)o;
+        return o;
+    }
     int64_t done = 0;
     int rc = perform(uffd, res, &done);
     res->done = done;
