@@ -184,8 +184,12 @@ public final class FaultHandler: Sendable {
         _ = cuffd_eventfd_signal(efd)
         for t in threads { pthread_join(t, nil) }
         Glibc.close(efd)
-        for child in sink.takeChildren() { child.stop() }
         var s = HandlerStats()
+        // Keep what the handlers of forked children did: they are gone after this.
+        for child in sink.takeChildren() {
+            child.stop()
+            s.add(child.stats())
+        }
         for r in readers { r.merge(into: &s) }
         state.withLock { st in
             if var prev = st.finalStats { prev.add(s); st.finalStats = prev } else { st.finalStats = s }
