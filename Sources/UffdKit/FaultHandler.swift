@@ -159,6 +159,18 @@ public final class FaultHandler: Sendable {
                 }
                 threads.append(t)
             }
+            // Return only once every reader is in its loop. A new thread's first steps may
+            // call malloc (TLS, the allocator's per-thread cache); if the process forks with
+            // EVENT_FORK before that, glibc's fork() holds the allocator's locks while the
+            // kernel waits for a reader to read the fork event: a reader still starting up
+            // would never get there (deadlock).
+            for r in readers {
+                var waited = 0
+                while !r.ready.load(ordering: .acquiring) && waited < 10_000 {
+                    usleep(1000)
+                    waited += 1
+                }
+            }
             st.readers = readers
             st.threads = threads
             st.stopFD = efd
@@ -294,6 +306,8 @@ final class Reader: @unchecked Sendable {
     let scratchLength: Int
     let loopStats: UnsafeMutablePointer<cuffd_loop_stats>
     let published = Mutex(Published())
+    /// Set once the thread is about to enter the loop (after its allocator warm-up).
+    let ready = Atomic<Bool>(false)
     /// Errors thrown by the policy in the current batch (index in the batch, error).
     var pendingErrors: [(Int, any Error)] = []
 
@@ -340,6 +354,8 @@ final class Reader: @unchecked Sendable {
     func run() {
         if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
         _ = cuffd_set_thread_name(name)
+        // Set up this thread's allocator cache now, not inside a fork (see start()).
+        free(malloc(64))
         var cfg = cuffd_loop_config()
         cfg.uffd = fd
         cfg.stop_fd = stopFD
@@ -350,6 +366,7 @@ final class Reader: @unchecked Sendable {
         cfg.decide = decideTrampoline
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
+        ready.store(true, ordering: .releasing)
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
