@@ -112,7 +112,7 @@ func spawn(_ body: @escaping @Sendable () -> Void) -> Thread {
 }
 
 /// Waits for `sem` up to `seconds`; true when it was signalled.
-func wait(_ sem: DispatchSemaphore, _ seconds: Double) -> Bool {
+func waitFor(_ sem: DispatchSemaphore, _ seconds: Double) -> Bool {
     sem.wait(timeout: .now() + seconds) == .success
 }
 
