@@ -242,3 +242,21 @@ int rel_sysctl_write(const char *path, long value) {
 int rel_punch_hole(int fd, uint64_t len) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len) == 0 ? 0 : -errno;
 }
+
+pid_t rel_fork_sleeper(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        // Holds a copy of the parent's memory until killed; async-signal-safe only.
+        for (;;) pause();
+    }
+    return pid < 0 ? -errno : pid;
+}
+
+int rel_kill_reap(pid_t pid) {
+    if (kill(pid, SIGKILL) < 0) return -errno;
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0) {
+        if (errno != EINTR) return -errno;
+    }
+    return 0;
+}

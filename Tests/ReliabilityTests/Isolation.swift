@@ -31,7 +31,8 @@ extension XCTestCase {
     /// the child's failures become this test's failures, its skips this test's skip.
     /// In the child: runs `body` and returns "".
     @discardableResult
-    func isolated(timeout: Int = 30, file: StaticString = #filePath, line: UInt = #line,
+    func isolated(timeout: Int = 30, asUser: (uid: UInt32, gid: UInt32)? = nil,
+                  file: StaticString = #filePath, line: UInt = #line,
                   _ body: () throws -> Void) throws -> String {
         if isIsolatedChild {
             try body()
@@ -42,9 +43,16 @@ extension XCTestCase {
         let spec = testSpecifier
         var out = [CChar](repeating: 0, count: 64 * 1024)
         var code: Int32 = 0
-        let rc: Int32 = exe.withCString { e in
-            spec.withCString { s in
-                var argv: [UnsafePointer<CChar>?] = [e, s, nil]
+        // As another user: through setpriv (real, effective and saved ids, no groups).
+        var args = [exe, spec]
+        if let u = asUser {
+            args = ["/usr/bin/setpriv", "--reuid=\(u.uid)", "--regid=\(u.gid)", "--clear-groups"] + args
+        }
+        let cargs = args.map { strdup($0) }
+        defer { cargs.forEach { free($0) } }
+        let rc: Int32 = exe.withCString { _ in
+            spec.withCString { _ in
+                var argv: [UnsafePointer<CChar>?] = cargs.map { UnsafePointer($0) } + [nil]
                 return argv.withUnsafeMutableBufferPointer { a in
                     out.withUnsafeMutableBufferPointer { o in
                         rel_run_child(a.baseAddress, isolatedChildVariable, spec, Int32(timeout * 1000),

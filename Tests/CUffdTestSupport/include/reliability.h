@@ -94,6 +94,12 @@ int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms);
 /// Returns 0 or -errno.
 int rel_punch_hole(int fd, uint64_t len);
 
+/// Forks a child that only sleeps (holding a copy-on-write copy of this process's memory)
+/// until rel_kill_reap. Returns its pid or -errno.
+pid_t rel_fork_sleeper(void);
+/// SIGKILLs and reaps `pid`. Returns 0 or -errno.
+int rel_kill_reap(pid_t pid);
+
 /// Reads an integer from a /proc/sys file (e.g. /proc/sys/vm/unprivileged_userfaultfd);
 /// -errno on failure.
 long rel_sysctl_read(const char *path);
