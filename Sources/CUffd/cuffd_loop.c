@@ -35,10 +35,16 @@ int cuffd_wait_readable(int fd, int timeout_ms) {
     }
 }
 
+// Cached on first use by whichever reader thread gets there: relaxed atomics, since several
+// threads run the loop at once (a plain static is a data race).
 static uint64_t base_page(void) {
-    static uint64_t ps;
-    if (!ps) ps = (uint64_t)sysconf(_SC_PAGESIZE);
-    return ps;
+    static _Atomic uint64_t ps;
+    uint64_t v = atomic_load_explicit(&ps, memory_order_relaxed);
+    if (!v) {
+        v = (uint64_t)sysconf(_SC_PAGESIZE);
+        atomic_store_explicit(&ps, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 // Performs the op itself; returns 0 or -errno, with *done the bytes resolved.
@@ -92,9 +98,13 @@ static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolu
 
 // hugetlb ranges refuse base-page ranges (EINVAL): the fallback retries with the huge page.
 static uint64_t huge_page(void) {
-    static uint64_t hps;
-    if (!hps) hps = cuffd_hugepage_size();
-    return hps;
+    static _Atomic uint64_t hps;
+    uint64_t v = atomic_load_explicit(&hps, memory_order_relaxed);
+    if (!v) {
+        v = cuffd_hugepage_size();
+        atomic_store_explicit(&hps, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 // Zeros to COPY from where there is no zero page (hugetlb): one huge page of never-touched
