@@ -102,6 +102,7 @@ public final class FaultHandler: Sendable {
         var readers: [Reader] = []
         var threads: [pthread_t] = []
         var stopFD: Int32 = -1
+        var readerFD: Int32 = -1
         var running = false
         var finalStats: HandlerStats? = nil
     }
@@ -124,12 +125,19 @@ public final class FaultHandler: Sendable {
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
             if st.running { return .success(()) }
-            let fd = uffd.fd
-            guard fd >= 0 else { return .failure(UffdError(.handler, .badFileDescriptor, detail: "the userfaultfd is closed")) }
-            let fl = fcntl(fd, F_GETFL)
-            if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, fl | O_NONBLOCK) }
+            let userFD = uffd.fd
+            guard userFD >= 0 else { return .failure(UffdError(.handler, .badFileDescriptor, detail: "the userfaultfd is closed")) }
+            let fl = fcntl(userFD, F_GETFL)
+            if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(userFD, F_SETFL, fl | O_NONBLOCK) }
+            // The readers use their own descriptor of the same file, closed by stop(): a
+            // `Userfaultfd.close()` while they run cannot make them read a reused fd number.
+            let fd = fcntl(userFD, F_DUPFD_CLOEXEC, 0)
+            guard fd >= 0 else { return .failure(UffdError(.handler, Errno(rawValue: errno), detail: "dup of the userfaultfd")) }
             let efd = cuffd_eventfd()
-            guard efd >= 0 else { return .failure(UffdError(.handler, rc: efd, detail: "eventfd")) }
+            guard efd >= 0 else {
+                Glibc.close(fd)
+                return .failure(UffdError(.handler, rc: efd, detail: "eventfd"))
+            }
             let page = basePageSize
             let slot = (policy.scratchBytes + page - 1) / page * page
             var batch = Swift.min(Swift.max(options.batch, 1), Int(CUFFD_MAX_BATCH))
@@ -141,6 +149,7 @@ public final class FaultHandler: Sendable {
                 guard let r = Reader(index: i, fd: fd, stopFD: efd, features: uffd.features, policy: policy,
                                      batch: batch, slot: slot, cpu: cpu, options: options, sink: sink) else {
                     Glibc.close(efd)
+                    Glibc.close(fd)
                     return .failure(UffdError(.handler, .noMemory, detail: "scratch memory"))
                 }
                 readers.append(r)
@@ -155,6 +164,7 @@ public final class FaultHandler: Sendable {
                     _ = cuffd_eventfd_signal(efd)
                     for t in threads { pthread_join(t, nil) }
                     Glibc.close(efd)
+                    Glibc.close(fd)
                     return .failure(UffdError(.handler, Errno(rawValue: rc), detail: "pthread_create"))
                 }
                 threads.append(t)
@@ -174,6 +184,7 @@ public final class FaultHandler: Sendable {
             st.readers = readers
             st.threads = threads
             st.stopFD = efd
+            st.readerFD = fd
             st.running = true
             st.finalStats = nil
             return .success(())
@@ -184,18 +195,22 @@ public final class FaultHandler: Sendable {
     /// Stops the readers after they resolved every fault already queued, and waits for them
     /// (and for handlers serving forked children). Idempotent.
     public func stop() {
-        let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
-            guard st.running else { return ([], -1, []) }
+        let (threads, efd, rfd, readers): ([pthread_t], Int32, Int32, [Reader]) = state.withLock { st in
+            guard st.running else { return ([], -1, -1, []) }
             st.running = false
-            let r = (st.threads, st.stopFD, st.readers)
+            let r = (st.threads, st.stopFD, st.readerFD, st.readers)
             st.threads = []
             st.stopFD = -1
+            st.readerFD = -1
             return r
         }
         guard efd >= 0 else { return }
         _ = cuffd_eventfd_signal(efd)
         for t in threads { pthread_join(t, nil) }
         Glibc.close(efd)
+        // The readers' descriptor: after a Userfaultfd.close(), this drops the last reference
+        // and releases every thread still blocked.
+        if rfd >= 0 { Glibc.close(rfd) }
         var s = HandlerStats()
         // Keep what the handlers of forked children did: they are gone after this.
         for child in sink.takeChildren() {
