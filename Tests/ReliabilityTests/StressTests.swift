@@ -20,7 +20,7 @@ struct StressProfile {
     var hugePages: Int
     var rounds: Int
     var roundMilliseconds: Int
-    static let short = StressProfile(basePages: 512, hugePages: 6, rounds: 6, roundMilliseconds: 120)
+    static let short = StressProfile(basePages: 1024, hugePages: 8, rounds: 8, roundMilliseconds: 200)
     static let long = StressProfile(basePages: 16384, hugePages: 32, rounds: 48, roundMilliseconds: 1000)
     static var current: StressProfile { longStress ? .long : .short }
 }
