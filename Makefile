@@ -52,7 +52,12 @@ stress: deps
 # case in a forked child) and the reliability tests (which re-execute the sanitized binary per
 # case). TSan: the Swift handler tests. detect_leaks=0: XCTest's own objects trip the leak checker.
 SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests
-SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests.StressTests|ReliabilityTests.LifecycleTests
+# Not under TSan: the EVENT_FORK cases (TSan's fork() interceptor holds TSan's locks while the
+# kernel waits for a reader to read the fork event; the reader needs those locks: deadlock).
+# Skipped: it counts one WP fault per written page, but touch()'s overlapping chunks (see
+# Tests/ReliabilityTests/tsan-suppressions.txt) let TSan's slower timing fault one page twice.
+SANITIZE_TSAN_SKIP ?= TrackingTests/testWriteTrackerLogsDirtyPages
+SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests\.(StressTests|PolicyFailureTests|RegionChangeTests|MoveTests)|ReliabilityTests\.LifecycleTests/test(Stop|Close)
 UBSAN_FLAGS := -Xcc -fsanitize=undefined -Xcc -fno-sanitize=function
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
@@ -66,8 +71,8 @@ sanitize-asan: deps
 
 sanitize-tsan: deps
 	$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan
-	TSAN_OPTIONS=halt_on_error=0 $(SWIFT) test --skip-build $(TEST_FLAGS) --sanitize=thread \
-		--scratch-path .build-tsan --filter '$(SANITIZE_TSAN_FILTER)'
+	TSAN_OPTIONS=halt_on_error=0:suppressions=$(CURDIR)/Tests/ReliabilityTests/tsan-suppressions.txt $(SWIFT) test --skip-build $(TEST_FLAGS) --sanitize=thread \
+		--scratch-path .build-tsan --filter '$(SANITIZE_TSAN_FILTER)' --skip '$(SANITIZE_TSAN_SKIP)'
 
 clean:
 	rm -rf .build .build-*

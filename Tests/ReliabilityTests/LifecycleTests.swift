@@ -89,7 +89,7 @@ final class LifecycleTests: XCTestCase {
             // 12 threads block on 12 pages; the handler needs 240 ms for them.
             let blocked = 12
             let done = DispatchSemaphore(value: 0)
-            let results = Mutex<[Int: Access]?>(nil)
+            let results = Locked<[Int: Access]?>(nil)
             spawn {
                 let got = readPages(r.address, Array(0..<blocked), pageSize: ps, threads: blocked, timeout: 10)
                 results.withLock { $0 = got }
@@ -105,7 +105,7 @@ final class LifecycleTests: XCTestCase {
 
             // After the stop: a new fault waits...
             let later = DispatchSemaphore(value: 0)
-            let laterValue = Mutex<[Int: Access]?>(nil)
+            let laterValue = Locked<[Int: Access]?>(nil)
             spawn {
                 let g = readPages(r.address, [20], pageSize: ps, timeout: 10)
                 laterValue.withLock { $0 = g }
@@ -120,7 +120,7 @@ final class LifecycleTests: XCTestCase {
 
             // Or until the fd is closed: the access then proceeds without userfaultfd.
             let closed = DispatchSemaphore(value: 0)
-            let closedValue = Mutex<[Int: Access]?>(nil)
+            let closedValue = Locked<[Int: Access]?>(nil)
             spawn {
                 let g = readPages(r.address, [21], pageSize: ps, timeout: 10)
                 closedValue.withLock { $0 = g }
@@ -143,7 +143,7 @@ final class LifecycleTests: XCTestCase {
             let uffd = try Userfaultfd()
             try uffd.register(r, modes: .missing)
             let done = DispatchSemaphore(value: 0)
-            let results = Mutex<[Int: Access]?>(nil)
+            let results = Locked<[Int: Access]?>(nil)
             let n = pages
             spawn {
                 let got = readPages(r.address, Array(0..<n), pageSize: ps, threads: 8, timeout: 10)
@@ -175,7 +175,7 @@ final class LifecycleTests: XCTestCase {
             }
             let (uffd, h) = try startHandler(r, options: options(.poison, readers: 2, batch: 4)) { _ in policy }
             let done = DispatchSemaphore(value: 0)
-            let results = Mutex<[Int: Access]?>(nil)
+            let results = Locked<[Int: Access]?>(nil)
             let n = pages
             spawn {
                 let got = readPages(r.address, Array(0..<n), pageSize: ps, threads: 8, timeout: 20)

@@ -52,7 +52,7 @@ final class MoveTests: XCTestCase {
         }
         let (_, h) = try startHandler(r, features: [.move], options: options(.zeroFill, readers: 2)) { _ in slow }
         let done = DispatchSemaphore(value: 0)
-        let results = Mutex<[Int: Access]?>(nil)
+        let results = Locked<[Int: Access]?>(nil)
         let n = pages
         spawn {
             let got = readPages(r.address, Array(0..<n), pageSize: ps, threads: 4, timeout: 20)

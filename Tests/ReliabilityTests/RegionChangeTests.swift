@@ -36,7 +36,7 @@ final class RegionChangeTests: XCTestCase {
         try h.start()
         let done = DispatchSemaphore(value: 0)
         let pageCount = pages
-        let results = Mutex<[Int: Access]?>(nil)
+        let results = Locked<[Int: Access]?>(nil)
         spawn {
             let r = readPages(base, Array(0..<pageCount), pageSize: ps, threads: 8, timeout: 20)
             results.withLock { $0 = r }
@@ -78,7 +78,7 @@ final class RegionChangeTests: XCTestCase {
         let stop = Atomic<Bool>(false)
         let pageCount = pages
         let done = DispatchSemaphore(value: 0)
-        let bad = Mutex<[String]>([])
+        let bad = Locked<[String]>([])
         let reads = Atomic<Int>(0)
         for t in 0..<4 {
             spawn {
@@ -145,7 +145,7 @@ final class RegionChangeTests: XCTestCase {
             let current = Atomic<UInt>(old)
             let pageCount = pages
             let done = DispatchSemaphore(value: 0)
-            let seen = Mutex<[String]>([])
+            let seen = Locked<[String]>([])
             for t in 0..<4 {
                 spawn {
                     for p in stride(from: t, to: pageCount, by: 4) {

@@ -19,7 +19,7 @@ final class SecurityTests: XCTestCase {
         guard pipe(&fds) == 0 else { return (-1, errno) }
         var v: UInt64 = 0x1122_3344_5566_7788
         _ = Glibc.write(fds[1], &v, 8)
-        let result = Mutex<(Int, Int32)?>(nil)
+        let result = Locked<(Int, Int32)?>(nil)
         let done = DispatchSemaphore(value: 0)
         let rfd = fds[0]
         spawn {

@@ -98,7 +98,7 @@ final class StressTests: XCTestCase {
 
         var totalFaults: UInt64 = 0, handlerExisted: UInt64 = 0, wpFaults: UInt64 = 0
         let backgroundCopied = Atomic<Int>(0), backgroundExisted = Atomic<Int>(0)
-        let backgroundErrors = Mutex<[String]>([])
+        let backgroundErrors = Locked<[String]>([])
         for round in 0..<profile.rounds {
             let pageMode = round % 3 == 0 ? REL_STRESS_RANDOM : round % 3 == 1 ? REL_STRESS_RACING : REL_STRESS_SEQUENTIAL
             let busyPoll = round & 1 == 1
