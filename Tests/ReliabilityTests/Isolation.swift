@@ -79,7 +79,10 @@ extension XCTestCase {
         }
         let ran = text.contains("Executed 1 test, with 0 failures")
         if code != 0 || !ran {
-            let errors = lines.filter { $0.contains("error") || $0.contains("failed") || $0.contains("Fatal") }
+            // Sanitizer reports first (their frames name the culprit), then XCTest's failures.
+            var errors = lines.filter { $0.contains("Sanitizer") || $0.contains("runtime error")
+                || $0.contains("    #0 ") || $0.contains("    #1 ") }
+            errors += lines.filter { $0.contains("error") || $0.contains("failed") || $0.contains("Fatal") }
             let why = code >= 128 ? "killed by signal \(code - 128)" : "exit status \(code)"
             XCTFail("isolated test failed (\(why)):\n"
                     + (errors.isEmpty ? lines.suffix(20) : errors.suffix(20)).joined(separator: "\n"),
