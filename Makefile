@@ -43,7 +43,7 @@ bench: release
 	.build/release/uffdctl bench --full
 
 # The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas,
-# 48 bounce rounds per memory type and write-protect mode; about 10 minutes on 2 cores).
+# 48 bounce rounds per memory type and write-protect mode; about 12 minutes on 2 cores).
 stress: deps
 	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
 	UFFDKIT_STRESS=long $(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS) --filter ReliabilityTests.StressTests
