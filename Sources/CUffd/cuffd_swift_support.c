@@ -39,7 +39,9 @@ int cuffd_set_thread_name(const char *name) {
 }
 
 // SIGBUS probing: a per-thread jump buffer armed only inside cuffd_read_catching_sigbus.
-static __thread sigjmp_buf *sigbus_jmp;
+// volatile: the store before the probed read must not be elided or sunk past it (with -O the
+// store/NULL pair around the read was a dead store, so SIGBUS found no jump buffer).
+static __thread sigjmp_buf *volatile sigbus_jmp;
 static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
 
 static void sigbus_handler(int sig, siginfo_t *info, void *uctx) {
@@ -68,7 +70,9 @@ int cuffd_read_catching_sigbus(const volatile uint8_t *addr, uint8_t *value) {
         return 1;
     }
     sigbus_jmp = &jb;
+    __asm__ volatile("" ::: "memory");
     uint8_t v = *addr;
+    __asm__ volatile("" ::: "memory");
     sigbus_jmp = NULL;
     if (value) *value = v;
     return 0;

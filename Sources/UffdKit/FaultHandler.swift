@@ -120,7 +120,8 @@ public final class FaultHandler: Sendable {
     /// Whether the reader threads run.
     public var isRunning: Bool { state.withLock { $0.running } }
 
-    /// Starts the reader threads. Sets O_NONBLOCK on the fd (the loop needs it).
+    /// Starts the reader threads and returns once they wait for faults (so the owner may
+    /// fork right away). Sets O_NONBLOCK on the fd (the loop needs it).
     /// - Throws: ``UffdError`` `.handler` when the stop fd, scratch memory or a thread cannot be made.
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
@@ -142,6 +143,7 @@ public final class FaultHandler: Sendable {
             let slot = (policy.scratchBytes + page - 1) / page * page
             var batch = Swift.min(Swift.max(options.batch, 1), Int(CUFFD_MAX_BATCH))
             if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
+            sink.ready.store(0, ordering: .relaxed)
             var readers: [Reader] = []
             for i in 0..<Swift.max(1, options.readers) {
                 var cpu: Int? = nil
@@ -169,17 +171,14 @@ public final class FaultHandler: Sendable {
                 }
                 threads.append(t)
             }
-            // Return only once every reader is in its loop. A new thread's first steps may
-            // call malloc (TLS, the allocator's per-thread cache); if the process forks with
-            // EVENT_FORK before that, glibc's fork() holds the allocator's locks while the
-            // kernel waits for a reader to read the fork event: a reader still starting up
-            // would never get there (deadlock).
-            for r in readers {
-                var waited = 0
-                while !r.ready.load(ordering: .acquiring) && waited < 10_000 {
-                    usleep(1000)
-                    waited += 1
-                }
+            // Wait until every reader is past its start-up. A thread's first steps may call
+            // malloc; glibc's fork() holds the malloc locks while the kernel waits for the
+            // handler to read the fork event, so a reader still starting when the owner forks
+            // would deadlock with it.
+            var waited = 0
+            while sink.ready.load(ordering: .acquiring) < readers.count && waited < 10_000 {
+                usleep(1000)
+                waited += 1
             }
             st.readers = readers
             st.threads = threads
@@ -193,7 +192,8 @@ public final class FaultHandler: Sendable {
     }
 
     /// Stops the readers after they resolved every fault already queued, and waits for them
-    /// (and for handlers serving forked children). Idempotent.
+    /// (and for handlers serving forked children). Idempotent. Do not call it from a policy or
+    /// an `onFailure` callback: those run on a reader thread, which would wait for itself.
     public func stop() {
         let (threads, efd, rfd, readers): ([pthread_t], Int32, Int32, [Reader]) = state.withLock { st in
             guard st.running else { return ([], -1, -1, []) }
@@ -212,12 +212,12 @@ public final class FaultHandler: Sendable {
         // and releases every thread still blocked.
         if rfd >= 0 { Glibc.close(rfd) }
         var s = HandlerStats()
-        // Keep what the handlers of forked children did: they are gone after this.
+        for r in readers { r.merge(into: &s) }
+        // Handlers of forked children end with the parent; their counts stay in its stats.
         for child in sink.takeChildren() {
             child.stop()
             s.add(child.stats())
         }
-        for r in readers { r.merge(into: &s) }
         state.withLock { st in
             if var prev = st.finalStats { prev.add(s); st.finalStats = prev } else { st.finalStats = s }
             st.readers = []
@@ -245,6 +245,8 @@ public final class FaultHandler: Sendable {
 /// Where readers report failures and forked children; shared by the handler and its readers.
 final class HandlerSink: Sendable {
     let options: FaultHandler.Options
+    /// Readers that reached their loop (start() waits for all of them).
+    let ready = Atomic<Int>(0)
     private let log = Mutex<[HandlerFailure]>([])
     private let loopErrs = Mutex<[UffdError]>([])
     private let kids = Mutex<[FaultHandler]>([])
@@ -285,11 +287,11 @@ private func readerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPoin
     return nil
 }
 
-private let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
+let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.decide(msgs!, res!, Int(n)) }
 }
 
-private let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
+let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
     Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.complete(msgs!, res!, Int(n)) }
 }
 
@@ -321,8 +323,6 @@ final class Reader: @unchecked Sendable {
     let scratchLength: Int
     let loopStats: UnsafeMutablePointer<cuffd_loop_stats>
     let published = Mutex(Published())
-    /// Set once the thread is about to enter the loop (after its allocator warm-up).
-    let ready = Atomic<Bool>(false)
     /// Errors thrown by the policy in the current batch (index in the batch, error).
     var pendingErrors: [(Int, any Error)] = []
 
@@ -369,8 +369,6 @@ final class Reader: @unchecked Sendable {
     func run() {
         if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
         _ = cuffd_set_thread_name(name)
-        // Set up this thread's allocator cache now, not inside a fork (see start()).
-        free(malloc(64))
         var cfg = cuffd_loop_config()
         cfg.uffd = fd
         cfg.stop_fd = stopFD
@@ -381,7 +379,8 @@ final class Reader: @unchecked Sendable {
         cfg.decide = decideTrampoline
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
-        ready.store(true, ordering: .releasing)
+        // Tell start() this thread is past its start-up (which may allocate): see start().
+        sink.ready.add(1, ordering: .releasing)
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }

@@ -69,8 +69,8 @@ public final class MappedRegion: @unchecked Sendable {
     }
 
     /// A donor region for UFFDIO_MOVE: anonymous, aligned to `alignment` (2 MiB lets THP
-    /// back it), MADV_DONTFORK so a fork never shares its pages (MOVE would say EBUSY), and
-    /// populated by writing when `populate` is set.
+    /// back it; `hugePages` adds MADV_HUGEPAGE), MADV_DONTFORK so a fork never shares its pages
+    /// (MOVE would say EBUSY). Populate it by writing the contents before the moves.
     public static func donor(length: Int, alignment: Int = 0, hugePages: Bool = false) throws(UffdError) -> MappedRegion {
         let m = try MappedRegion(.anonymous(thpAligned: alignment >= 2 << 20 || hugePages), length: length)
         try m.advise(MADV_DONTFORK)

@@ -219,6 +219,55 @@ public final class Userfaultfd: Sendable {
         guard rc == 0 else { throw UffdError(.wake, rc: rc, detail: "\(hex(start))+\(length)") }
     }
 
+    // MARK: Pointer forms
+
+    /// UFFDIO_ZEROPAGE on `count` bytes at `pointer`.
+    @discardableResult
+    public func zeropage(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) -> Int {
+        try zeropage(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
+    }
+
+    /// UFFDIO_MOVE of `count` bytes from `source` to `destination`.
+    @discardableResult
+    public func move(to destination: UnsafeRawPointer, from source: UnsafeRawPointer, count: Int,
+                     dontWake: Bool = false, allowSourceHoles: Bool = false) throws(UffdError) -> Int {
+        try move(to: UInt(bitPattern: destination), from: UInt(bitPattern: source), length: count,
+                 dontWake: dontWake, allowSourceHoles: allowSourceHoles)
+    }
+
+    /// UFFDIO_CONTINUE on `count` bytes at `pointer`.
+    @discardableResult
+    public func `continue`(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false,
+                           writeProtect: Bool = false) throws(UffdError) -> Int {
+        try self.continue(UInt(bitPattern: pointer), length: count, dontWake: dontWake, writeProtect: writeProtect)
+    }
+
+    /// UFFDIO_POISON on `count` bytes at `pointer`.
+    @discardableResult
+    public func poison(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) -> Int {
+        try poison(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
+    }
+
+    /// UFFDIO_WRITEPROTECT set on `count` bytes at `pointer`.
+    public func writeProtect(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
+        try writeProtect(UInt(bitPattern: pointer), length: count)
+    }
+
+    /// UFFDIO_WRITEPROTECT clear on `count` bytes at `pointer`.
+    public func unprotect(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) {
+        try unprotect(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
+    }
+
+    /// UFFDIO_WAKE on `count` bytes at `pointer`.
+    public func wake(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
+        try wake(UInt(bitPattern: pointer), length: count)
+    }
+
+    /// UFFDIO_UNREGISTER of `count` bytes at `pointer`.
+    public func unregister(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
+        try unregister(UInt(bitPattern: pointer), length: count)
+    }
+
     // MARK: Messages
 
     /// Reads the queued messages without blocking (at most 64); empty when none is queued.

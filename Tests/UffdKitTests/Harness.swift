@@ -28,9 +28,11 @@ struct Session {
         }, body)
     }
 
-    /// Stops the handler and returns its stats.
+    /// Stops the handler, closes the fd (so a verification that touches a page nobody
+    /// resolved reads zeros and fails instead of hanging) and returns the stats.
     func finish() -> HandlerStats {
         handler.stop()
+        uffd.close()
         return handler.stats()
     }
 }

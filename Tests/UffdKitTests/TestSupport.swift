@@ -78,20 +78,24 @@ func fillPattern(_ p: UnsafeMutableRawPointer, _ length: Int, seed: UInt64, from
 
 let MiB = 1 << 20
 
-/// Sets vm.nr_hugepages to at least `pages` for the body, restoring it after. Returns false
-/// (body not run) when the pages cannot be reserved.
+/// Makes at least `pages` huge pages free for the body (raising vm.nr_hugepages by what is
+/// missing; other processes may hold some), restoring the old value after. Returns false (body
+/// not run) when the pages cannot be reserved.
 func withHugePages(_ pages: Int, _ body: () throws -> Void) throws -> Bool {
     let path = "/proc/sys/vm/nr_hugepages"
+    func meminfo(_ key: String) -> Int {
+        (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8))?
+            .split(separator: "\n").first { $0.hasPrefix(key) }?
+            .split(separator: " ").last.flatMap { Int($0) } ?? 0
+    }
     guard let old = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
           let oldN = Int(old) else { return false }
-    defer { try? "\(oldN)\n".write(toFile: path, atomically: false, encoding: .utf8) }
-    if oldN < pages {
-        do { try "\(pages)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch { return false }
+    let free = meminfo("HugePages_Free:")
+    if free < pages {
+        do { try "\(oldN + pages - free)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch { return false }
     }
-    let free = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8))?
-        .split(separator: "\n").first { $0.hasPrefix("HugePages_Free:") }?
-        .split(separator: " ").last.flatMap { Int($0) } ?? 0
-    guard free >= pages else { return false }
+    defer { if free < pages { try? "\(oldN)\n".write(toFile: path, atomically: false, encoding: .utf8) } }
+    guard meminfo("HugePages_Free:") >= pages else { return false }
     try body()
     return true
 }

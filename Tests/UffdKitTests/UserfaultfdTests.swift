@@ -1,4 +1,5 @@
 import CUffd
+import Synchronization
 import SystemPackage
 import XCTest
 @testable import UffdKit
@@ -118,5 +119,99 @@ final class UserfaultfdTests: XCTestCase {
         XCTAssertEqual(a.address % UInt(2 * MiB), 0)
         XCTAssertNil(a.alias)
         XCTAssertThrowsError(try MappedRegion(.anonymous(), length: 0))
+    }
+}
+
+final class FaultDetailTests: XCTestCase {
+    func testExactAddressAndThreadIDReachThePolicy() throws {
+        try require([.exactAddress, .threadID])
+        final class Recorder: FaultPolicy {
+            let seen = Mutex<[Fault]>([])
+            func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+                seen.withLock { $0.append(fault) }
+                return .zeropage()
+            }
+        }
+        let r = try MappedRegion(.anonymous(), length: 4 * basePageSize)
+        let rec = Recorder()
+        let s = try Session(r, features: [.exactAddress, .threadID]) { _ in rec }
+        let target = r.address + UInt(basePageSize) + 123
+        let tid = Box<Int32>(0)
+        s.run {
+            tid.update { $0 = cuffd_gettid() }
+            UnsafeMutablePointer<UInt8>(bitPattern: target)!.pointee = 1 // a write
+        }
+        _ = s.finish()
+        let f = try XCTUnwrap(rec.seen.withLock { $0.first })
+        XCTAssertEqual(f.address, r.address + UInt(basePageSize))
+        XCTAssertEqual(f.exactAddress, target)
+        XCTAssertEqual(f.kind, .missing)
+        XCTAssertTrue(f.isWrite)
+        XCTAssertEqual(f.threadID, tid.value)
+        XCTAssertEqual((r.pointer + basePageSize + 123).load(as: UInt8.self), 1)
+    }
+
+    func testErrorExplanationsSayWhatToDo() {
+        let open = UffdError(.open, .notPermitted)
+        XCTAssertTrue(open.description.contains("vm.unprivileged_userfaultfd=1"), open.description)
+        XCTAssertTrue(open.description.contains("/dev/userfaultfd"))
+        XCTAssertTrue(open.description.contains("user-mode-only"))
+        XCTAssertTrue(UffdError(.move, .resourceBusy).explanation.contains("MADV_DONTFORK"))
+        XCTAssertTrue(UffdError(.copy, .noSuchProcess).explanation.contains("gone"))
+        let partial = UffdError(.copy, .fileExists, bytesDone: 8192, detail: "0x1000+16384")
+        XCTAssertTrue(partial.description.hasPrefix("copy failed: "), partial.description)
+        XCTAssertTrue(partial.description.contains("after 8192 bytes"))
+        XCTAssertTrue(partial.description.contains("0x1000+16384"))
+    }
+
+    func testCopyIntoShmemPrivate() throws {
+        try require([.missingShmem])
+        let size = 64 * MiB
+        let r = try MappedRegion(.shmemPrivate, length: size)
+        let src = MemorySource(length: size) { fillPattern($0.baseAddress!, $0.count, seed: 50) }
+        let s = try Session(r, features: [.missingShmem]) { _ in CopyPolicy(region: r, source: src) }
+        let base = r.address
+        s.run { _ = touch(base, length: size, threads: 4) }
+        let st = s.finish()
+        XCTAssertEqual(memcmp(r.pointer, src.buffer.baseAddress!, size), 0)
+        XCTAssertEqual(st.resolutions[.copy], UInt64(size / basePageSize))
+        // Private: the copies are anonymous pages of this mapping, the file stays empty.
+        XCTAssertEqual(wordSum(r.alias!, size), 0)
+    }
+}
+
+final class ManualLoopTests: XCTestCase {
+    /// Without a FaultHandler: read the fault message, resolve it with COPY, the thread goes on.
+    func testReadMessagesAndResolveByHand() throws {
+        let ps = basePageSize
+        let u = try Userfaultfd()
+        let r = try MappedRegion(.anonymous(), length: 4 * ps)
+        try u.register(r, modes: .missing)
+        let base = r.address
+        let value = Box<UInt8>(0)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            value.update { $0 = UnsafePointer<UInt8>(bitPattern: base + UInt(2 * ps) + 5)!.pointee }
+            done.signal()
+        }.start()
+        XCTAssertTrue(u.waitReadable(timeoutMilliseconds: 10_000))
+        let msgs = try u.readMessages()
+        guard case .fault(let f)? = msgs.first else {
+            XCTFail("expected a fault, got \(msgs)")
+            u.close()
+            return
+        }
+        XCTAssertEqual(f.address, base + UInt(2 * ps))
+        XCTAssertNil(f.exactAddress)
+        XCTAssertFalse(f.isWrite)
+        let page = [UInt8](repeating: 0x3C, count: ps)
+        _ = try page.withUnsafeBytes { try u.copy(to: f.address, from: UInt(bitPattern: $0.baseAddress!), length: ps) }
+        if done.wait(timeout: .now() + 10) == .timedOut {
+            XCTFail("the thread was not woken")
+            u.close()
+            _ = done.wait(timeout: .now() + 10)
+        }
+        XCTAssertEqual(value.value, 0x3C)
+        XCTAssertEqual(try u.readMessages().count, 0)
     }
 }
