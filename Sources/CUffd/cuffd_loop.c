@@ -47,15 +47,24 @@ static uint64_t base_page(void) {
     return v;
 }
 
+// Every filling verb's DONTWAKE is bit 0. The loop owns waking: a resolution always wakes its
+// range, or a decider's DONTWAKE would leave the faulting thread asleep with nobody to wake it.
+#define VERB_DONTWAKE ((uint64_t)1 << 0)
+_Static_assert(UFFDIO_COPY_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_ZEROPAGE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_MOVE_MODE_DONTWAKE == VERB_DONTWAKE && UFFDIO_CONTINUE_MODE_DONTWAKE == VERB_DONTWAKE &&
+                   UFFDIO_POISON_MODE_DONTWAKE == VERB_DONTWAKE,
+               "DONTWAKE is bit 0 of every filling verb's mode");
+
 // Performs the op itself; returns 0 or -errno, with *done the bytes resolved.
 static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
     *done = 0;
+    uint64_t mode = r->mode & ~VERB_DONTWAKE;
     switch (r->op) {
-    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, r->mode, done);
-    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, r->mode, done);
-    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, r->mode, done);
+    case CUFFD_OP_COPY: return cuffd_copy(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_ZEROPAGE: return cuffd_zeropage(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_MOVE: return cuffd_move(uffd, r->dst, r->src, r->len, mode, done);
+    case CUFFD_OP_CONTINUE: return cuffd_continue(uffd, r->dst, r->len, mode, done);
+    case CUFFD_OP_POISON: return cuffd_poison(uffd, r->dst, r->len, mode, done);
     case CUFFD_OP_UNPROTECT: {
         int rc = cuffd_writeprotect(uffd, r->dst, r->len, false, false);
         if (rc == 0) *done = (int64_t)r->len;
@@ -222,11 +231,13 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
                       ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
-    // A resolution that did not cover the faulting page would leave its thread asleep: wake
-    // it, so it re-faults (and is delivered again) rather than hangs.
-    if (msg && (outcome == CUFFD_OUTCOME_RESOLVED)) {
+    // Whatever the outcome, the wakes above covered the decider's range only. A range that
+    // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
+    // delivered again) rather than hangs.
+    if (msg && msg->event == UFFD_EVENT_PAGEFAULT && res->len) {
         uint64_t a = msg->arg.pagefault.address;
-        if (a < res->dst || a >= res->dst + (uint64_t)res->done) {
+        uint64_t covered = outcome == CUFFD_OUTCOME_RESOLVED ? (uint64_t)res->done : res->len;
+        if (a < res->dst || a >= res->dst + covered) {
             uint64_t ps = base_page();
             cuffd_wake(uffd, a & ~(ps - 1), ps);
         }
@@ -299,8 +310,17 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
             continue;
         }
         spins = 0;
-        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) return 0;
         size_t total = pending + (size_t)n;
+        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) {
+            // Giving up on a queue that never empties. The faults in hand (this read and the
+            // deferred ones) were read, so no later loop will see them: wake them, so they
+            // re-fault onto the queue instead of sleeping until the fd is closed.
+            uint64_t ps = base_page();
+            for (size_t i = 0; i < total; i++)
+                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
+            return 0;
+        }
         uint64_t now = cuffd_now_ns();
         memset(res, 0, total * sizeof(res[0]));
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);

@@ -93,7 +93,12 @@ int cuffd_api(int fd, uint64_t requested, uint64_t *granted, uint64_t *ioctls) {
     // enabled set is exactly what was requested.
     uint64_t available = 0;
     int rc = cuffd_api_raw(fd, UFFD_API, requested, &available, ioctls);
-    if (rc == 0 && granted) *granted = requested & available;
+    if (rc == 0 && granted) {
+        uint64_t g = requested & available;
+        // The kernel turns WP_UNPOPULATED on with WP_ASYNC (which relies on it).
+        if (g & UFFD_FEATURE_WP_ASYNC) g |= available & UFFD_FEATURE_WP_UNPOPULATED;
+        *granted = g;
+    }
     return rc;
 }
 

@@ -90,6 +90,8 @@ int ct_fix_init(struct ct_fix *f, int kind, size_t npages, uint64_t features, ch
 void ct_fix_fini(struct ct_fix *f);
 /// SKIP text naming the features in `want` the kernel lacks; 0 when none lacks.
 int ct_need_features(uint64_t want, char *msg, size_t msglen);
+/// The outcome of the test class's huge page reservation: 0, -errno, or 1 when never tried.
+int ct_hugetlb_reserve_error(void);
 /// Maps a region with SKIP when hugetlb pages are not available.
 int ct_map(int kind, uint64_t len, struct cuffd_region *r, char *msg, size_t msglen);
 

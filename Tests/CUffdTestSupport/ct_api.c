@@ -227,3 +227,63 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// cuffd_resolve_one's outcomes, without a faulting thread (msg NULL: the fallback uses the
+// resolution's range).
+int cuffd_test_resolve_one_outcomes(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    uint64_t feat = UFFD_FEATURE_POISON | (kind == CUFFD_MEM_ANON ? UFFD_FEATURE_MOVE : 0);
+    rc = ct_fix_init(&f, kind, 4, feat, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct cuffd_resolution r;
+    uint64_t ps = f.ps, b = (uintptr_t)f.base;
+    int e = cuffd_register(f.uffd, b, 4 * ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+#define RES(o, d, l, s_) (r = (struct cuffd_resolution){.op = (o), .dst = (d), .len = (l), .src = (s_)})
+    RES(CUFFD_OP_COPY, b, ps, (uintptr_t)f.src);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_POISON, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_RESOLVED && r.outcome == (uint32_t)e && r.done == (int64_t)ps && r.error == 0,
+             "COPY: outcome %d done %lld error %d", e, (long long)r.done, r.error);
+    RES(CUFFD_OP_COPY, b, ps, (uintptr_t)f.src);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_POISON, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_EXISTED && r.error == EEXIST && r.done == 0,
+             "second COPY: outcome %d error %s done %lld, expected EXISTED/EEXIST/0", e, ct_err(r.error),
+             (long long)r.done);
+    // An unregistered destination: the range is gone, not a policy error.
+    RES(CUFFD_OP_COPY, (uintptr_t)f.src + ps, ps, (uintptr_t)f.src);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_POISON, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_GONE && r.error == ENOENT, "COPY to an unregistered range: outcome %d error %s",
+             e, ct_err(r.error));
+    // OP_FAIL: the fallback (poison) resolves the range; EIO is reported.
+    RES(CUFFD_OP_FAIL, b + ps, ps, 0);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_POISON, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_FALLBACK && r.error == EIO, "OP_FAIL: outcome %d error %s, expected FALLBACK/EIO",
+             e, ct_err(r.error));
+    void *fa = NULL;
+    CT_CHECK(ct_touch_catch(f.base + ps, 0, 0, NULL, &fa) == 1, "the POISON fallback did not poison page 1");
+    // ZEROPAGE fallback (hugetlb: COPY of zeros).
+    RES(CUFFD_OP_FAIL, b + 2 * ps, ps, 0);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_ZEROPAGE, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_FALLBACK, "OP_FAIL with the ZEROPAGE fallback: outcome %d", e);
+    CT_CHECK(ct_present(f.base + 2 * ps) == 1 && ct_check_zero(f.base + 2 * ps, ps) < 0,
+             "the ZEROPAGE fallback did not map zeros");
+    if (kind == CUFFD_MEM_ANON) {
+        // MOVE from a hole is a policy error: the fallback runs.
+        CT_CHECK(madvise(f.src + 2 * ps, ps, MADV_DONTNEED) == 0, "madvise: %s", ct_err(errno));
+        RES(CUFFD_OP_MOVE, b + 3 * ps, ps, (uintptr_t)f.src + 2 * ps);
+        e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_ZEROPAGE, f.features);
+        CT_CHECK(e == CUFFD_OUTCOME_FALLBACK && r.error == ENOENT,
+                 "MOVE from a source hole: outcome %d error %s, expected FALLBACK/ENOENT", e, ct_err(r.error));
+        CT_CHECK(ct_present(f.base + 3 * ps) == 1, "the fallback did not fill page 3");
+    }
+    // A range nothing can fill: the fallback fails too, and says so.
+    RES(CUFFD_OP_COPY, b + 1, ps, (uintptr_t)f.src);
+    e = cuffd_resolve_one(f.uffd, NULL, &r, CUFFD_FALLBACK_ZEROPAGE, f.features);
+    CT_CHECK(e == CUFFD_OUTCOME_FAILED && r.error == EINVAL, "misaligned COPY: outcome %d error %s, expected FAILED/EINVAL",
+             e, ct_err(r.error));
+#undef RES
+out:
+    ct_fix_fini(&f);
+    return rc;
+}

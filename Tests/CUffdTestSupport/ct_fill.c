@@ -264,3 +264,82 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// COPY with DONTWAKE leaves the faulting thread asleep until UFFDIO_WAKE.
+int cuffd_test_copy_dontwake_wake(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct uffd_msg m;
+    int64_t done;
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base + f.ps + 9, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    e = ct_read_msg(f.uffd, &m, CT_WAIT_MS);
+    CT_CHECK(e == 1 && m.event == UFFD_EVENT_PAGEFAULT, "no fault (%s)", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src + f.ps), f.ps, UFFDIO_COPY_MODE_DONTWAKE, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f.ps, "COPY DONTWAKE: %s", ct_err(e));
+    usleep(50000);
+    CT_CHECK(!atomic_load(&t.finished), "COPY with DONTWAKE woke the faulting thread");
+    // A wake of another page does not release it; a wake of its page does.
+    e = cuffd_wake(f.uffd, U(f.base), f.ps);
+    CT_CHECK(e == 0, "WAKE page 0: %s", ct_err(e));
+    usleep(50000);
+    CT_CHECK(!atomic_load(&t.finished), "WAKE of page 0 released a thread waiting on page 1");
+    e = cuffd_wake(f.uffd, U(f.base + f.ps), f.ps);
+    CT_CHECK(e == 0, "WAKE page 1: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "WAKE did not release the faulting thread");
+    CT_CHECK(t.sum == ct_pat(1, 9), "the woken thread read 0x%llx, expected 0x%x", (unsigned long long)t.sum,
+             ct_pat(1, 9));
+    CT_CHECK(ct_read_msg(f.uffd, &m, 0) == 0, "the woken thread faulted again");
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// COPY (and CONTINUE) with MODE_WP map the page write-protected: a write then is a WP fault.
+int cuffd_test_copy_mode_wp(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    uint64_t feat = kind == CUFFD_MEM_ANON ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    bool minor = kind != CUFFD_MEM_ANON;
+    if (minor) feat |= kind == CUFFD_MEM_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+    rc = ct_fix_init(&f, kind, 2, feat, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct uffd_msg m;
+    int64_t done;
+    struct ct_toucher t = {0};
+    uint64_t modes = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | (minor ? UFFDIO_REGISTER_MODE_MINOR : 0);
+    if (minor) memcpy(f.alias + f.ps, f.src + f.ps, f.ps); // page 1 is in the page cache
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, modes, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base), U(f.src), f.ps, UFFDIO_COPY_MODE_WP, &done);
+    CT_CHECK(e == 0, "COPY MODE_WP: %s", ct_err(e));
+    if (minor) {
+        e = cuffd_continue(f.uffd, U(f.base + f.ps), f.ps, UFFDIO_CONTINUE_MODE_WP, &done);
+        CT_CHECK(e == 0, "CONTINUE MODE_WP: %s", ct_err(e));
+    }
+    int pages = minor ? 2 : 1;
+    for (int i = 0; i < pages; i++) {
+        CT_CHECK(ct_check_pattern(f.base + (size_t)i * f.ps, f.ps, (size_t)i) < 0, "page %d data wrong", i);
+        t = (struct ct_toucher){.addr = f.base + (size_t)i * f.ps, .count = 1, .write = 1, .wval = 0x3C};
+        e = ct_touch_start(&t);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+        e = ct_read_msg(f.uffd, &m, CT_WAIT_MS);
+        CT_CHECK(e == 1 && m.event == UFFD_EVENT_PAGEFAULT, "page %d: no fault for a write to a page mapped with MODE_WP (%s)",
+                 i, e == 0 ? "timeout" : ct_err(e));
+        CT_CHECK((m.arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_WRITE)) ==
+                     (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_WRITE),
+                 "page %d: fault flags 0x%llx, expected WRITE|WP", i, (unsigned long long)m.arg.pagefault.flags);
+        e = cuffd_writeprotect(f.uffd, U(f.base + (size_t)i * f.ps), f.ps, false, false);
+        CT_CHECK(e == 0, "unprotect: %s", ct_err(e));
+        CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "writer not released by unprotect");
+        CT_CHECK((uint8_t)f.base[(size_t)i * f.ps] == 0x3C, "page %d: write lost", i);
+    }
+out:
+    ct_fix_fini(&f);
+    return rc;
+}

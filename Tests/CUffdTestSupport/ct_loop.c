@@ -15,6 +15,11 @@ struct lctx {
     size_t npages;
     const char *src;
     long fail_page;
+    bool wake_only; // answer every fault with OP_WAKE: the thread re-faults at once
+    uint32_t op;    // the op for served pages: 0 means COPY
+    uint64_t mode;  // mode bits the decider asks for
+    int misdirect;  // this many first decisions name page `misdirect_page` instead of the fault's
+    long misdirect_page;
     // Written on the loop's thread only; read after it is joined.
     size_t max_batch;
     int outcomes[8];
@@ -29,14 +34,27 @@ static void decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
         uint64_t a = msgs[i].arg.pagefault.address & ~(x->ps - 1);
         size_t idx = (size_t)((a - U(x->base)) / x->ps);
+        if (x->wake_only) {
+            res[i].op = CUFFD_OP_WAKE;
+            res[i].dst = a;
+            res[i].len = x->ps;
+            continue;
+        }
         if ((long)idx == x->fail_page) {
             res[i].op = CUFFD_OP_FAIL; // the loop's fallback picks the range
             continue;
         }
-        res[i].op = CUFFD_OP_COPY;
+        if (x->misdirect > 0) {
+            // A policy bug: the resolution misses the faulting page.
+            x->misdirect--;
+            idx = (size_t)x->misdirect_page;
+            a = U(x->base) + idx * x->ps;
+        }
+        res[i].op = x->op ? x->op : CUFFD_OP_COPY;
+        res[i].mode = x->mode;
         res[i].dst = a;
         res[i].len = x->ps;
-        res[i].src = U(x->src + idx * x->ps);
+        if (res[i].op == CUFFD_OP_COPY) res[i].src = U(x->src + idx * x->ps);
     }
 }
 
@@ -66,13 +84,17 @@ static void *lthread_main(void *a) {
     return NULL;
 }
 
+static uint32_t next_spin_polls; // for the next lthread_start only
+
 static int lthread_start(struct lthread *l, struct ct_fix *f, struct lctx *x, int stop_fd,
                          uint32_t batch, int fallback) {
     memset(l, 0, sizeof *l);
     l->cfg = (struct cuffd_loop_config){
         .uffd = f->uffd, .stop_fd = stop_fd, .batch = batch, .fallback = fallback,
-        .features = f->features, .decide = decide, .complete = complete, .ctx = x,
+        .features = f->features, .spin_polls = next_spin_polls, .decide = decide,
+        .complete = complete, .ctx = x,
     };
+    next_spin_polls = 0;
     int e = pthread_create(&l->th, NULL, lthread_main, l);
     if (e) return -e;
     l->running = true;
@@ -342,6 +364,402 @@ int cuffd_test_loop_eagain_retry(int kind, char *msg, size_t msglen) {
 out:
     if (l.running) lthread_stop(&l, stop);
     if (dstarted) ct_join(d.th, 1000);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_loop_eexist_wakes(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_toucher t[2];
+    pid_t tids[2];
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    // Two threads fault on the same page before the loop runs: two messages, one page.
+    for (int i = 0; i < 2; i++) {
+        t[i] = (struct ct_toucher){.addr = f.base + 64 * (size_t)i, .count = 1};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+        tids[i] = t[i].tid;
+    }
+    CT_CHECK(ct_wait_blocked(tids, 2, CT_WAIT_MS), "faulting threads did not block");
+    e = lthread_start(&l, &f, &x, stop, 8, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    for (int i = 0; i < 2; i++)
+        CT_CHECK(ct_touch_join(&t[i], CT_WAIT_MS) == 0, "thread %d still blocked", i);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->faults_missing == 2 && s->ops[CUFFD_OP_COPY] == 2, "stats: %llu faults, %llu COPY ops",
+             (unsigned long long)s->faults_missing, (unsigned long long)s->ops[CUFFD_OP_COPY]);
+    CT_CHECK(s->existed == 1 && x.outcomes[CUFFD_OUTCOME_EXISTED] == 1 && x.outcomes[CUFFD_OUTCOME_RESOLVED] == 1,
+             "stats: existed %llu; outcomes RESOLVED %d EXISTED %d, expected one each",
+             (unsigned long long)s->existed, x.outcomes[CUFFD_OUTCOME_RESOLVED], x.outcomes[CUFFD_OUTCOME_EXISTED]);
+    CT_CHECK(s->bytes == f.ps && s->fallbacks == 0 && s->failures == 0, "stats: bytes %llu fallbacks %llu failures %llu",
+             (unsigned long long)s->bytes, (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "page 0 wrong");
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+#define NSPIN 16
+
+// One attempt: returns PASS, FAIL, or SKIP when the drain limit was not reached this time.
+static int stop_under_load_once(struct ct_fix *f, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    struct lctx x, y;
+    struct lthread l = {0}, l2 = {0};
+    struct ct_toucher t[NSPIN];
+    int stop = eventfd(0, EFD_CLOEXEC), stop2 = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0 && stop2 >= 0, "eventfd: %s", ct_err(errno));
+    // A decider that only wakes: every thread re-faults at once, so the queue never empties
+    // and a stopping loop has to give up draining at some point.
+    lctx_init(&x, f, -1);
+    x.wake_only = true;
+    int e = lthread_start(&l, f, &x, stop, 1, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    for (int i = 0; i < NSPIN; i++) {
+        t[i] = (struct ct_toucher){.addr = f->base + (size_t)i * f->ps, .count = 1};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    }
+    usleep(20000);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "a stopping loop under a never-ending fault stream did not return: %s", ct_err(e));
+    CT_CHECK(l.ret == 0, "cuffd_loop_run returned %s", ct_err(l.ret));
+    // Whatever the first loop read and did not resolve must not be lost: it must come back on
+    // the queue, where a second loop that answers with COPY releases every thread.
+    lctx_init(&y, f, -1);
+    e = lthread_start(&l2, f, &y, stop2, 8, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    for (int i = 0; i < NSPIN; i++) {
+        if (ct_touch_join(&t[i], CT_WAIT_MS) == 0) continue;
+        CT_FAIL("thread %d is still blocked after the first loop stopped (it drained %llu faults, %llu reads): "
+                "its fault was read and dropped", i, (unsigned long long)l.st.stop_drained,
+                (unsigned long long)l.st.reads);
+    }
+    e = lthread_stop(&l2, stop2);
+    CT_CHECK(e == 0, "second loop did not stop: %s", ct_err(e));
+    for (int i = 0; i < NSPIN; i++)
+        CT_CHECK(ct_check_pattern(f->base + (size_t)i * f->ps, f->ps, (size_t)i) < 0, "page %d wrong", i);
+    if (l.st.stop_drained < 1024) {
+        snprintf(msg, msglen, "the stopping loop emptied the queue after %llu faults: drain limit not reached",
+                 (unsigned long long)l.st.stop_drained);
+        rc = CUFFD_TEST_SKIP;
+    }
+out:
+    if (l2.running) lthread_stop(&l2, stop2);
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    if (stop2 >= 0) close(stop2);
+    return rc;
+}
+
+int cuffd_test_loop_stop_under_load(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    rc = ct_fix_init(&f, kind, NSPIN, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int e = cuffd_register(f.uffd, U(f.base), NSPIN * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    // The drain limit is reached only when the faulting threads keep the queue non-empty for
+    // every round, which depends on scheduling: try a few times.
+    for (int attempt = 0; attempt < 20; attempt++) {
+        if (attempt) CT_CHECK(madvise(f.base, NSPIN * f.ps, MADV_DONTNEED) == 0, "madvise: %s", ct_err(errno));
+        rc = stop_under_load_once(&f, msg, msglen);
+        if (rc != CUFFD_TEST_SKIP) goto out;
+    }
+    // Still SKIP: msg says the limit was never reached.
+out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// Several loops on one uffd (or one busy-polling loop): every fault is read by exactly one.
+static int loops_share(int kind, int nloops, uint32_t spin, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x[2];
+    struct lthread l[2] = {0};
+    int stop = -1;
+    const size_t n = kind == CUFFD_MEM_HUGETLB ? 8 : 32, per = n / NT;
+    rc = ct_fix_init(&f, kind, n, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_toucher t[NT];
+    int e = cuffd_register(f.uffd, U(f.base), n * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    for (int j = 0; j < nloops; j++) {
+        lctx_init(&x[j], &f, -1);
+        next_spin_polls = spin;
+        e = lthread_start(&l[j], &f, &x[j], stop, 4, CUFFD_FALLBACK_POISON);
+        CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++) {
+        t[i] = (struct ct_toucher){.addr = f.base + i * per * f.ps, .count = per, .stride = f.ps};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_touch_join(&t[i], CT_WAIT_MS) == 0, "thread %d still blocked (%zu of %zu pages)", i,
+                 t[i].touched, per);
+    // One eventfd write stops every loop: none of them consumes it.
+    uint64_t one = 1;
+    CT_CHECK(write(stop, &one, sizeof one) == sizeof one, "eventfd: %s", ct_err(errno));
+    uint64_t msgs = 0, copies = 0, bytes = 0, bad = 0;
+    for (int j = 0; j < nloops; j++) {
+        CT_CHECK(ct_join(l[j].th, CT_WAIT_MS) == 0, "loop %d did not stop", j);
+        l[j].running = false;
+        CT_CHECK(l[j].ret == 0, "loop %d returned %s", j, ct_err(l[j].ret));
+        msgs += l[j].st.messages;
+        copies += l[j].st.ops[CUFFD_OP_COPY];
+        bytes += l[j].st.bytes;
+        bad += l[j].st.existed + l[j].st.fallbacks + l[j].st.failures + l[j].st.gone;
+    }
+    CT_CHECK(msgs == n && copies == n && bytes == n * f.ps && bad == 0,
+             "over %d loops: %llu messages, %llu COPY, %llu bytes, %llu existed/fallback/failed for %zu pages",
+             nloops, (unsigned long long)msgs, (unsigned long long)copies, (unsigned long long)bytes,
+             (unsigned long long)bad, n);
+    for (size_t i = 0; i < n; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu wrong", i);
+out:
+    for (int j = 0; j < nloops; j++)
+        if (l[j].running) lthread_stop(&l[j], stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_loop_two_loops(int kind, char *msg, size_t msglen) {
+    return loops_share(kind, 2, 0, msg, msglen);
+}
+
+int cuffd_test_loop_busy_poll(int kind, char *msg, size_t msglen) {
+    return loops_share(kind, 1, 2000, msg, msglen);
+}
+
+// MINOR faults answered with CONTINUE, one OP_FAIL answered by the ZEROPAGE fallback, which for
+// a minor fault means CONTINUE: the thread sees the page cache.
+int cuffd_test_loop_minor(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    if (kind == CUFFD_MEM_ANON) {
+        snprintf(msg, msglen, "minor faults apply to shmem and hugetlb only");
+        return CUFFD_TEST_SKIP;
+    }
+    uint64_t feat = kind == CUFFD_MEM_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+    rc = ct_fix_init(&f, kind, 4, feat, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    for (size_t i = 0; i < 4; i++) memcpy(f.alias + i * f.ps, f.src + i * f.ps, f.ps);
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_MINOR, NULL);
+    CT_CHECK(e == 0, "register MINOR: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, 2);
+    x.op = CUFFD_OP_CONTINUE;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_ZEROPAGE);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base, .count = 4, .stride = f.ps};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "reader still blocked (%zu of 4 pages)", t.touched);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->faults_minor == 4 && s->faults_missing == 0 && s->faults_wp == 0,
+             "stats: minor %llu missing %llu wp %llu, expected 4 0 0", (unsigned long long)s->faults_minor,
+             (unsigned long long)s->faults_missing, (unsigned long long)s->faults_wp);
+    CT_CHECK(s->ops[CUFFD_OP_CONTINUE] == 3 && s->ops[CUFFD_OP_FAIL] == 1 && s->fallbacks == 1 && s->failures == 0,
+             "stats: CONTINUE %llu FAIL %llu fallbacks %llu failures %llu",
+             (unsigned long long)s->ops[CUFFD_OP_CONTINUE], (unsigned long long)s->ops[CUFFD_OP_FAIL],
+             (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    for (size_t i = 0; i < 4; i++)
+        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "page %zu does not show the page cache", i);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// WP faults answered with UNPROTECT; one OP_FAIL: the fallback for a WP fault unprotects.
+int cuffd_test_loop_wp(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    uint64_t feat = kind == CUFFD_MEM_ANON ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    rc = ct_fix_init(&f, kind, 4, feat | UFFD_FEATURE_POISON, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    memcpy(f.base, f.src, 4 * f.ps);
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_WP, NULL);
+    CT_CHECK(e == 0, "register WP: %s", ct_err(e));
+    e = cuffd_writeprotect(f.uffd, U(f.base), 4 * f.ps, true, false);
+    CT_CHECK(e == 0, "protect: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, 1);
+    x.op = CUFFD_OP_UNPROTECT;
+    // Even with the POISON fallback, a failed WP fault is only unprotected: the data is there.
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base + 8, .count = 4, .stride = f.ps, .write = 1, .wval = 0xEE,
+                           .catch_sigbus = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "writer still blocked (%zu of 4 pages)", t.touched);
+    CT_CHECK(!t.sigbus && t.touched == 4, "writer got SIGBUS at %p after %zu pages", t.sigbus_addr, t.touched);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->faults_wp == 4 && s->faults_missing == 0, "stats: wp %llu missing %llu, expected 4 0",
+             (unsigned long long)s->faults_wp, (unsigned long long)s->faults_missing);
+    CT_CHECK(s->ops[CUFFD_OP_UNPROTECT] == 3 && s->ops[CUFFD_OP_FAIL] == 1 && s->fallbacks == 1 && s->failures == 0,
+             "stats: UNPROTECT %llu FAIL %llu fallbacks %llu failures %llu",
+             (unsigned long long)s->ops[CUFFD_OP_UNPROTECT], (unsigned long long)s->ops[CUFFD_OP_FAIL],
+             (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    for (size_t i = 0; i < 4; i++) {
+        CT_CHECK((uint8_t)f.base[i * f.ps + 8] == 0xEE, "write to page %zu lost", i);
+        CT_CHECK((uint8_t)f.base[i * f.ps + 9] == ct_pat(i, 9), "page %zu data changed", i);
+    }
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// The header says DONTWAKE is the loop's business: a decider that sets it must not leave the
+// faulting thread asleep.
+int cuffd_test_loop_dontwake_managed(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, NT, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_toucher t[NT];
+    int e = cuffd_register(f.uffd, U(f.base), NT * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    x.mode = UFFDIO_COPY_MODE_DONTWAKE;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    for (int i = 0; i < NT; i++) {
+        t[i] = (struct ct_toucher){.addr = f.base + (size_t)i * f.ps, .count = 1};
+        e = ct_touch_start(&t[i]);
+        CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    }
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_touch_join(&t[i], CT_WAIT_MS) == 0,
+                 "thread %d still asleep: the decider's DONTWAKE reached the kernel and nobody woke it", i);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    CT_CHECK(l.st.ops[CUFFD_OP_COPY] == NT && l.st.faults_missing == NT, "stats: %llu COPY, %llu faults",
+             (unsigned long long)l.st.ops[CUFFD_OP_COPY], (unsigned long long)l.st.faults_missing);
+    for (int i = 0; i < NT; i++)
+        CT_CHECK(ct_check_pattern(f.base + (size_t)i * f.ps, f.ps, (size_t)i) < 0, "page %d wrong", i);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// A decider whose resolution misses the faulting page (here: COPY into a page that already
+// exists, so EEXIST) must not strand the thread: it is woken, re-faults, and is asked again.
+int cuffd_test_loop_misdirected(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done;
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + f.ps), U(f.src + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 1: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    x.misdirect = 1;
+    x.misdirect_page = 1;
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    struct ct_toucher t = {.addr = f.base, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0,
+             "the thread is still asleep after a resolution that missed its page (%llu faults, existed %llu)",
+             (unsigned long long)l.st.faults_missing, (unsigned long long)l.st.existed);
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    CT_CHECK(l.st.existed == 1 && l.st.faults_missing == 2 && l.st.ops[CUFFD_OP_COPY] == 2,
+             "stats: existed %llu faults %llu COPY %llu, expected 1 2 2 (the re-fault asked again)",
+             (unsigned long long)l.st.existed, (unsigned long long)l.st.faults_missing,
+             (unsigned long long)l.st.ops[CUFFD_OP_COPY]);
+    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "page 0 wrong");
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// After the loop has stopped, a new fault stays queued (nobody answers it); closing the uffd
+// releases the thread, which then faults normally (zeros / the file's data).
+int cuffd_test_loop_close_releases(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct lctx x;
+    struct lthread l = {0};
+    int stop = -1;
+    rc = ct_fix_init(&f, kind, 2, 0, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int e = cuffd_register(f.uffd, U(f.base), 2 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, &f, -1);
+    e = lthread_start(&l, &f, &x, stop, 4, CUFFD_FALLBACK_POISON);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0 && l.ret == 0, "loop did not stop cleanly: %s / %s", ct_err(e), ct_err(l.ret));
+    struct ct_toucher t = {.addr = f.base + 3, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    pid_t tid = t.tid;
+    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "the fault after the stop was not left queued");
+    CT_CHECK(!atomic_load(&t.finished), "a fault after the stop was answered");
+    close(f.uffd);
+    f.uffd = -1;
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "closing the uffd did not release the queued fault");
+    CT_CHECK(t.sum == 0, "the released thread read 0x%llx from a never-filled page", (unsigned long long)t.sum);
+    CT_CHECK(l.st.messages == 0, "the stopped loop read %llu messages", (unsigned long long)l.st.messages);
+out:
+    if (l.running) lthread_stop(&l, stop);
     if (stop >= 0) close(stop);
     ct_fix_fini(&f);
     return rc;

@@ -162,7 +162,12 @@ static long free_huge(void) {
     return v;
 }
 
-int cuffd_test_hugetlb_reserve(long pages) {
+// The last reservation's outcome; forked test processes inherit it for their skip reasons.
+static int reserve_err = 1; // 1: never tried
+
+int ct_hugetlb_reserve_error(void) { return reserve_err; }
+
+static int reserve(long pages) {
     long old = read_nr();
     if (old < 0) return (int)old;
     if (reserve_depth++ == 0) saved_nr = old;
@@ -172,6 +177,11 @@ int cuffd_test_hugetlb_reserve(long pages) {
     if (e < 0) return e;
     fr = free_huge();
     return fr >= pages ? 0 : -ENOMEM;
+}
+
+int cuffd_test_hugetlb_reserve(long pages) {
+    reserve_err = reserve(pages);
+    return reserve_err;
 }
 
 void cuffd_test_hugetlb_restore(void) {

@@ -98,11 +98,13 @@ int ct_map(int kind, uint64_t len, struct cuffd_region *r, char *msg, size_t msg
     int e = cuffd_region_map(kind, len, false, r);
     if (e == 0) return CUFFD_TEST_PASS;
     if (kind == CUFFD_MEM_HUGETLB) {
-        snprintf(msg, msglen,
-                 "cannot map %llu MiB of hugetlb memory (%s): nr_hugepages=%ld; reserve huge "
-                 "pages as root (the test class does) or run on a machine with hugetlb",
-                 (unsigned long long)(len >> 20), ct_err(e),
-                 read_long("/proc/sys/vm/nr_hugepages"));
+        int re = ct_hugetlb_reserve_error();
+        char why[96];
+        if (re == 1) snprintf(why, sizeof why, "no reservation was attempted");
+        else if (re < 0) snprintf(why, sizeof why, "raising vm.nr_hugepages failed: %s (needs root)", ct_err(re));
+        else snprintf(why, sizeof why, "huge pages were reserved but are in use");
+        snprintf(msg, msglen, "cannot map %llu MiB of hugetlb memory (%s): nr_hugepages=%ld, %s",
+                 (unsigned long long)(len >> 20), ct_err(e), read_long("/proc/sys/vm/nr_hugepages"), why);
         return CUFFD_TEST_SKIP;
     }
     snprintf(msg, msglen, "cuffd_region_map(%s, %llu): %s", ct_kind_name(kind),

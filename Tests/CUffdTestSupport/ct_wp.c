@@ -162,9 +162,62 @@ int cuffd_test_wp_async_scan(int kind, char *msg, size_t msglen) {
     CT_TRY(touch(&f, 6, 1, 1, 0x33, msg, msglen));
     CT_TRY(scan(&f, pm, true, &mask, msg, msglen));
     CT_CHECK(mask == 0x40, "after writing page 6: 0x%x reported, expected 0x40", mask);
+    // A one-entry vector: each call returns one region and walk_end says where to go on; the
+    // re-protect covers only what was reported, so nothing is lost between calls.
+    CT_TRY(touch(&f, 0, 1, 1, 0x44, msg, msglen));
+    CT_TRY(touch(&f, 2, 1, 1, 0x44, msg, msglen));
+    CT_TRY(touch(&f, 5, 1, 1, 0x44, msg, msglen));
+    {
+        uint64_t from = U(f.base), end = U(f.base) + 8 * f.ps;
+        int calls = 0;
+        mask = 0;
+        while (from < end && calls < 20) {
+            struct page_region v[1];
+            uint64_t walk_end = 0;
+            int n = cuffd_pagemap_scan_written(pm, from, end, true, v, 1, &walk_end);
+            CT_CHECK(n >= 0 && n <= 1, "PAGEMAP_SCAN with one entry: %d", n);
+            CT_CHECK(walk_end > from && walk_end <= end, "walk_end +0x%llx does not advance from +0x%llx",
+                     (unsigned long long)(walk_end - U(f.base)), (unsigned long long)(from - U(f.base)));
+            for (int i = 0; i < n; i++)
+                for (uint64_t a = v[i].start; a < v[i].end; a += f.ps) mask |= 1u << ((a - U(f.base)) / f.ps);
+            from = walk_end;
+            calls++;
+        }
+        CT_CHECK(mask == 0x25, "resumed scans reported 0x%x, expected 0x25 (pages 0, 2, 5)", mask);
+        CT_CHECK(calls >= 3, "three separate regions came back in %d calls with a one-entry vector", calls);
+    }
+    CT_TRY(scan(&f, pm, false, &mask, msg, msglen));
+    CT_CHECK(mask == 0, "after the resumed re-protecting scans, pages 0x%x still reported written", mask);
     CT_CHECK((uint8_t)f.base[f.ps] == 0x11 && (uint8_t)f.base[4 * f.ps] == 0x22 &&
-                 (uint8_t)f.base[6 * f.ps] == 0x33 && (uint8_t)f.base[5 * f.ps] == ct_pat(5, 0),
+                 (uint8_t)f.base[6 * f.ps] == 0x33 && (uint8_t)f.base[5 * f.ps + 1] == ct_pat(5, 1),
              "page contents wrong after async write faults");
+out:
+    if (pm >= 0) close(pm);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_wp_async_unpopulated(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    int pm = -1;
+    rc = ct_fix_init(&f, kind, 4, UFFD_FEATURE_WP_ASYNC, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    uint32_t mask = 0;
+    // WP_ASYNC implies WP_UNPOPULATED: the kernel enables it, and granted must say so.
+    CT_CHECK(f.features & UFFD_FEATURE_WP_ASYNC, "granted 0x%llx lacks WP_ASYNC", (unsigned long long)f.features);
+    CT_CHECK(f.features & UFFD_FEATURE_WP_UNPOPULATED,
+             "granted 0x%llx lacks WP_UNPOPULATED, which WP_ASYNC enables", (unsigned long long)f.features);
+    // And it is in effect: never-touched pages get protected, so a first write is tracked.
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_WP, NULL);
+    CT_CHECK(e == 0, "register WP: %s", ct_err(e));
+    e = cuffd_writeprotect(f.uffd, U(f.base), 4 * f.ps, true, false);
+    CT_CHECK(e == 0, "protect: %s", ct_err(e));
+    pm = cuffd_pagemap_open();
+    CT_CHECK(pm >= 0, "open pagemap: %s", ct_err(pm));
+    CT_TRY(touch(&f, 2, 1, 1, 0x5, msg, msglen));
+    CT_TRY(scan(&f, pm, true, &mask, msg, msglen));
+    CT_CHECK(mask == 0x4, "first write to a never-touched page: 0x%x reported, expected 0x4", mask);
 out:
     if (pm >= 0) close(pm);
     ct_fix_fini(&f);

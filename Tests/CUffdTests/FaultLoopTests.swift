@@ -26,4 +26,39 @@ final class FaultLoopTests: HugetlbReservingTestCase {
 
     /// A REMOVE queued behind a fault: the COPY gets EAGAIN, the loop reads the event and retries.
     func testLoopEAGAINRetryKeepsFault_anon() throws { try runCTest(cuffd_test_loop_eagain_retry, .anon) }
+
+    /// Two threads fault on one page: one COPY resolves, the other gets EEXIST, is woken and counted.
+    func testLoopEEXISTWakesSecondFaulter_anon() throws { try runCTest(cuffd_test_loop_eexist_wakes, .anon) }
+
+    /// Stopping under a never-ending fault stream returns, and no fault it read is lost.
+    func testLoopStopUnderLoadLosesNoFault_anon() throws { try runCTest(cuffd_test_loop_stop_under_load, .anon) }
+
+    /// Two loops on one uffd: every fault is read and resolved by exactly one of them.
+    func testTwoLoopsShareOneUffd_anon() throws { try runCTest(cuffd_test_loop_two_loops, .anon) }
+    func testTwoLoopsShareOneUffd_shmem() throws { try runCTest(cuffd_test_loop_two_loops, .shmem) }
+
+    /// spin_polls > 0 (busy-poll before poll()): same results, and stop still works.
+    func testLoopBusyPoll_anon() throws { try runCTest(cuffd_test_loop_busy_poll, .anon) }
+
+    /// MINOR faults through the loop with CONTINUE; an OP_FAIL falls back to CONTINUE.
+    func testLoopMinorContinue_shmem() throws { try runCTest(cuffd_test_loop_minor, .shmem) }
+    func testLoopMinorContinue_shmemPrivate() throws { try runCTest(cuffd_test_loop_minor, .shmemPrivate) }
+    func testLoopMinorContinue_hugetlb() throws { try runCTest(cuffd_test_loop_minor, .hugetlb) }
+
+    /// WP faults through the loop with UNPROTECT; an OP_FAIL on a WP fault only unprotects.
+    func testLoopWriteProtect_anon() throws { try runCTest(cuffd_test_loop_wp, .anon) }
+    func testLoopWriteProtect_shmem() throws { try runCTest(cuffd_test_loop_wp, .shmem) }
+    func testLoopWriteProtect_shmemPrivate() throws { try runCTest(cuffd_test_loop_wp, .shmemPrivate) }
+    func testLoopWriteProtect_hugetlb() throws { try runCTest(cuffd_test_loop_wp, .hugetlb) }
+
+    /// A decider that sets DONTWAKE in mode does not leave the faulting thread asleep (the loop manages waking).
+    func testLoopDecidersDontwakeIsManaged_anon() throws { try runCTest(cuffd_test_loop_dontwake_managed, .anon) }
+
+    /// A resolution that misses the faulting page (EEXIST elsewhere) wakes the thread; its re-fault is asked again.
+    func testLoopMisdirectedResolutionWakesThread_anon() throws { try runCTest(cuffd_test_loop_misdirected, .anon) }
+
+    /// A fault after the loop stopped stays queued; closing the uffd releases it (it faults normally).
+    func testFaultAfterStopReleasedByClose_anon() throws { try runCTest(cuffd_test_loop_close_releases, .anon) }
+    func testFaultAfterStopReleasedByClose_shmem() throws { try runCTest(cuffd_test_loop_close_releases, .shmem) }
+    func testFaultAfterStopReleasedByClose_hugetlb() throws { try runCTest(cuffd_test_loop_close_releases, .hugetlb) }
 }

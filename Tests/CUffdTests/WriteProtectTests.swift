@@ -18,4 +18,7 @@ final class WriteProtectTests: HugetlbReservingTestCase {
     func testAsyncDirtyTracking_shmem() throws { try runCTest(cuffd_test_wp_async_scan, .shmem) }
     func testAsyncDirtyTracking_shmemPrivate() throws { try runCTest(cuffd_test_wp_async_scan, .shmemPrivate) }
     func testAsyncDirtyTracking_hugetlb() throws { try runCTest(cuffd_test_wp_async_scan, .hugetlb) }
+
+    /// WP_ASYNC implies WP_UNPOPULATED: granted reports it, and a first write to a never-touched page is tracked.
+    func testAsyncImpliesUnpopulated_anon() throws { try runCTest(cuffd_test_wp_async_unpopulated, .anon) }
 }

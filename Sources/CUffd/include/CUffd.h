@@ -52,7 +52,8 @@ int cuffd_open(int flags, int *path, bool *user_mode_only);
 int cuffd_probe(uint64_t *features, uint64_t *ioctls);
 
 /// UFFDIO_API on `fd` with `requested` features. On success `granted` receives the features
-/// now enabled on the fd (the requested set: the kernel refuses the call otherwise) and
+/// now enabled on the fd (the requested set: the kernel refuses the call otherwise; plus
+/// WP_UNPOPULATED, which the kernel enables along with WP_ASYNC) and
 /// `ioctls` the fd-level ioctl mask. A second call on the same fd fails (EINVAL).
 int cuffd_api(int fd, uint64_t requested, uint64_t *granted, uint64_t *ioctls);
 

@@ -50,10 +50,15 @@ int cuffd_test_probe(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_register_modes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_register_busy(int mem_kind, char *msg, size_t msglen);
 
+// MARK: - cuffd_resolve_one outcomes (RESOLVED, EXISTED, GONE, FALLBACK, FAILED)
+int cuffd_test_resolve_one_outcomes(int mem_kind, char *msg, size_t msglen);
+
 // MARK: - Resolve verbs
 int cuffd_test_copy(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy_partial(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_copy_fault(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_copy_dontwake_wake(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_copy_mode_wp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_zeropage(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_continue(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_poison(int mem_kind, char *msg, size_t msglen);
@@ -62,6 +67,7 @@ int cuffd_test_poison(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_4k(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_thp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_thp_nohuge_dst(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_move_thp_whole_nohuge_dst(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_src_holes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_eexist(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_move_ebusy(int mem_kind, char *msg, size_t msglen);
@@ -70,6 +76,7 @@ int cuffd_test_move_ebusy(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp_unpopulated(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_wp_async_scan(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_wp_async_unpopulated(int mem_kind, char *msg, size_t msglen);
 
 // MARK: - Events and fault modes
 int cuffd_test_event_fork(int mem_kind, char *msg, size_t msglen);
@@ -87,6 +94,15 @@ int cuffd_test_loop_fallback_poison(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_fallback_zeropage(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_stop_drains(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eagain_retry(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_eexist_wakes(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_stop_under_load(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_two_loops(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_busy_poll(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_minor(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_wp(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_dontwake_managed(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_misdirected(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_close_releases(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
