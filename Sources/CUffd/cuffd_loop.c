@@ -194,15 +194,6 @@ enum { CUFFD_OUTCOME_RETRY = 100 };
 
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
-    if (msg && res->op != CUFFD_OP_FAIL && res->op != CUFFD_OP_NONE && !covers_fault(msg, res)) {
-        // An invalid resolution is a decider error: the fallback acts on the faulting page.
-        res->done = 0;
-        res->error = EINVAL;
-        int o = apply_fallback(uffd, msg, res, fallback, features) == 0 ? CUFFD_OUTCOME_FALLBACK
-                                                                         : CUFFD_OUTCOME_FAILED;
-        res->outcome = (uint32_t)o;
-        return o;
-    }
     int64_t done = 0;
     int rc = perform(uffd, res, &done);
     res->done = done;
