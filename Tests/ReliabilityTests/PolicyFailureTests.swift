@@ -70,60 +70,79 @@ final class PolicyFailureTests: XCTestCase {
         }
     }
 
-    /// Invalid resolutions: outside the registered area, misaligned, a length that is not a
-    /// page multiple, a valid page that is not the faulting one. The fallback acts on the
-    /// faulting page (never on the invalid range), so the thread is released.
-    func invalidResolution(_ make: @escaping @Sendable (_ fault: Fault, _ region: MappedRegion, _ outside: UInt) -> Resolution,
-                           fallback: FaultHandler.Fallback = .zeroFill, expectedErrno: Int32? = nil) throws {
-        let r = try MappedRegion(.anonymous(), length: pages * basePageSize)
-        let outside = try MappedRegion(.anonymous(), length: pages * basePageSize) // mapped, never registered
+    /// A policy that answers page `bad` with `make(...)` the first `times` times, then correctly.
+    func misdirecting(_ r: MappedRegion, _ outside: MappedRegion, times: Int,
+                      _ make: @escaping @Sendable (_ fault: Fault, _ region: MappedRegion, _ outside: UInt) -> Resolution)
+        -> (ClosurePolicy, Counter) {
         let copy = CopyPolicy(region: r, source: PatternSource(length: r.length))
-        let base = r.address, bad = self.bad
+        let base = r.address, bad = self.bad, out = outside.address
+        let asked = Counter()
         let policy = ClosurePolicy(inner: copy) { f, ctx in
-            if f.address == base + UInt(bad * basePageSize) { return make(f, r, outside.address) }
+            if f.address == base + UInt(bad * basePageSize), asked.next() <= times {
+                return make(f, r, out)
+            }
             return try copy.resolve(f, context: ctx)
         }
-        let (_, h) = try startHandler(r, options: options(fallback)) { _ in policy }
+        return (policy, asked)
+    }
+
+    /// Resolutions the kernel rejects (misaligned, a length that is not a page multiple: EINVAL)
+    /// get the fallback on the **faulting** page (never on the invalid range, which would leave
+    /// the thread asleep), and are reported.
+    func rejectedResolution(_ make: @escaping @Sendable (_ fault: Fault, _ region: MappedRegion, _ outside: UInt) -> Resolution) throws {
+        let r = try MappedRegion(.anonymous(), length: pages * basePageSize)
+        let outside = try MappedRegion(.anonymous(), length: pages * basePageSize) // mapped, never registered
+        let (policy, _) = misdirecting(r, outside, times: .max, make)
+        let (_, h) = try startHandler(r, options: options(.zeroFill)) { _ in policy }
         let got = readPages(r.address, Array(0..<pages), pageSize: basePageSize, timeout: 5)
         if got == nil { h.uffd.close() } // release the blocked thread so the child can report
         h.stop()
         assertPages(got, Array(0..<pages)) { $0 == self.bad ? .value(0) : .value(patternWord($0)) }
         let f = h.failures()
         XCTAssertEqual(f.count, 1, "\(f)")
-        if let e = expectedErrno { XCTAssertEqual(f.first?.errno.rawValue, e, "\(f)") }
+        XCTAssertEqual(f.first?.errno.rawValue, EINVAL, "\(f)")
         report("outcome=\(f.first.map { "\($0)" } ?? "-")")
-        _ = outside
     }
 
-    func testResolutionOutsideRegisteredAreaGetsFallback() throws {
+    func testMisalignedResolutionGetsFallbackOnTheFaultingPage() throws {
         try isolated {
-            try invalidResolution({ f, _, outside in
-                .copy(from: outside, to: outside + UInt(basePageSize), length: basePageSize)
-            })
+            try rejectedResolution({ f, _, outside in .copy(from: outside, to: f.address + 8, length: basePageSize) })
         }
     }
 
-    func testMisalignedResolutionGetsFallback() throws {
+    func testResolutionLengthNotAPageMultipleGetsFallbackOnTheFaultingPage() throws {
         try isolated {
-            try invalidResolution({ f, _, outside in
-                .copy(from: outside, to: f.address + 8, length: basePageSize)
-            })
+            try rejectedResolution({ f, _, outside in .copy(from: outside, to: f.address, length: 100) })
         }
     }
 
-    func testResolutionLengthNotAPageMultipleGetsFallback() throws {
+    /// Resolutions that are valid but miss the faulting page (another registered page, memory
+    /// outside the registered area): performed as asked, and the faulting thread is woken so it
+    /// re-faults and the policy is asked again (here it answers right the 4th time). A policy
+    /// that keeps missing keeps its thread re-faulting (visible in the stats), never asleep.
+    func missedPage(_ make: @escaping @Sendable (_ fault: Fault, _ region: MappedRegion, _ outside: UInt) -> Resolution) throws {
+        let r = try MappedRegion(.anonymous(), length: pages * basePageSize)
+        let outside = try MappedRegion(.anonymous(), length: pages * basePageSize)
+        let (policy, asked) = misdirecting(r, outside, times: 3, make)
+        let (_, h) = try startHandler(r, options: options(.poison)) { _ in policy }
+        let got = readPages(r.address, [bad], pageSize: basePageSize, timeout: 5)
+        if got == nil { h.uffd.close() }
+        h.stop()
+        assertPages(got, [bad]) { .value(patternWord($0)) }
+        XCTAssertEqual(asked.count, 4, "the policy was not asked again after each miss")
+        XCTAssertEqual(h.stats().missingFaults, 4)
+        report("missed page: asked=\(asked.count) \(h.stats())")
+    }
+
+    func testResolutionOfAnotherPageWakesTheThreadToRefault() throws {
         try isolated {
-            try invalidResolution({ f, _, outside in
-                .copy(from: outside, to: f.address, length: 100)
-            })
+            try missedPage({ _, r, _ in .zeropage(r.address + UInt(14 * basePageSize), length: basePageSize) })
         }
     }
 
-    func testResolutionOfAnotherPageGetsFallback() throws {
+    func testResolutionOutsideRegisteredAreaWakesTheThreadToRefault() throws {
         try isolated {
-            // A valid, registered page, but not the one that faulted: the faulting thread
-            // would sleep forever if only that page were resolved.
-            try invalidResolution({ f, r, _ in .zeropage(r.address + UInt(14 * basePageSize), length: basePageSize) })
+            try missedPage({ _, _, outside in .copy(from: outside, to: outside + UInt(basePageSize), length: basePageSize) })
         }
     }
 

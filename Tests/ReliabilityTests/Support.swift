@@ -126,3 +126,11 @@ final class Locked<T>: @unchecked Sendable {
         return try body(&value)
     }
 }
+
+/// A shareable atomic counter (an Atomic cannot travel in a tuple).
+final class Counter: Sendable {
+    private let value = Atomic<Int>(0)
+    /// Adds one; returns the new value.
+    func next() -> Int { value.add(1, ordering: .relaxed).newValue }
+    var count: Int { value.load(ordering: .relaxed) }
+}
