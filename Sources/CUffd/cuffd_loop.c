@@ -35,10 +35,16 @@ int cuffd_wait_readable(int fd, int timeout_ms) {
     }
 }
 
+// Cached on first use by whichever reader thread gets there: relaxed atomics, since several
+// threads run the loop at once (a plain static is a data race).
 static uint64_t base_page(void) {
-    static uint64_t ps;
-    if (!ps) ps = (uint64_t)sysconf(_SC_PAGESIZE);
-    return ps;
+    static _Atomic uint64_t ps;
+    uint64_t v = atomic_load_explicit(&ps, memory_order_relaxed);
+    if (!v) {
+        v = (uint64_t)sysconf(_SC_PAGESIZE);
+        atomic_store_explicit(&ps, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 // Every filling verb's DONTWAKE is bit 0. The loop owns waking: a resolution always wakes its
@@ -74,10 +80,22 @@ static int perform(int uffd, const struct cuffd_resolution *r, int64_t *done) {
     }
 }
 
-// The page the fallback acts on: the decider's range when it gave one, else the fault's base page.
+// Whether the decider's range is on page boundaries and contains the faulting address. Any
+// other range (elsewhere, misaligned, a length that is not a page multiple) cannot release the
+// faulting thread: resolving or waking it leaves that thread asleep for good.
+static bool covers_fault(const struct uffd_msg *msg, const struct cuffd_resolution *r) {
+    uint64_t ps = base_page();
+    if (!r->len || ((r->dst | r->len) & (ps - 1))) return false;
+    if (!msg) return true;
+    uint64_t a = msg->arg.pagefault.address;
+    return a >= r->dst && a - r->dst < r->len;
+}
+
+// The page the fallback acts on: the decider's range when it covers the fault, else the
+// fault's base page.
 static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolution *r,
                            uint64_t *start, uint64_t *len) {
-    if (r->len) {
+    if (covers_fault(msg, r) || !msg) {
         *start = r->dst;
         *len = r->len;
     } else {
@@ -89,9 +107,13 @@ static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolu
 
 // hugetlb ranges refuse base-page ranges (EINVAL): the fallback retries with the huge page.
 static uint64_t huge_page(void) {
-    static uint64_t hps;
-    if (!hps) hps = cuffd_hugepage_size();
-    return hps;
+    static _Atomic uint64_t hps;
+    uint64_t v = atomic_load_explicit(&hps, memory_order_relaxed);
+    if (!v) {
+        v = cuffd_hugepage_size();
+        atomic_store_explicit(&hps, v, memory_order_relaxed);
+    }
+    return v;
 }
 
 // Zeros to COPY from where there is no zero page (hugetlb): one huge page of never-touched
@@ -141,11 +163,19 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     uint64_t flags = msg ? msg->arg.pagefault.flags : 0;
     if (fallback == CUFFD_FALLBACK_WAKE) return cuffd_wake(uffd, start, len);
     int rc = fallback_op(uffd, start, len, flags, fallback, features);
-    if (rc == -EINVAL && !r->len && msg) {
-        // The decider gave no range and the base page was refused: in a hugetlb range the
-        // fallback must cover the whole huge page, or the thread re-faults forever.
-        uint64_t hps = huge_page();
-        if (hps > len) {
+    if (rc == -EINVAL && msg) {
+        // The decider's range was refused (e.g. not huge-page aligned in a hugetlb range), or
+        // the base page was: retry on the faulting base page, then on its huge page. In a
+        // hugetlb range the fallback must cover the whole huge page, or the thread re-faults
+        // forever.
+        uint64_t ps = base_page(), hps = huge_page();
+        uint64_t a = msg->arg.pagefault.address;
+        if (len != ps || start != (a & ~(ps - 1))) {
+            start = a & ~(ps - 1);
+            len = ps;
+            rc = fallback_op(uffd, start, len, flags, fallback, features);
+        }
+        if (rc == -EINVAL && hps > len) {
             start = msg->arg.pagefault.address & ~(hps - 1);
             len = hps;
             rc = fallback_op(uffd, start, len, flags, fallback, features);

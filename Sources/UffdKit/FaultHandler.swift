@@ -109,6 +109,7 @@ public final class FaultHandler: Sendable {
         var readers: [Reader] = []
         var threads: [pthread_t] = []
         var stopFD: Int32 = -1
+        var readerFD: Int32 = -1
         var running = false
         var finalStats: HandlerStats? = nil
     }
@@ -132,12 +133,19 @@ public final class FaultHandler: Sendable {
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
             if st.running { return .success(()) }
-            let fd = uffd.fd
-            guard fd >= 0 else { return .failure(UffdError(.handler, .badFileDescriptor, detail: "the userfaultfd is closed")) }
-            let fl = fcntl(fd, F_GETFL)
-            if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(fd, F_SETFL, fl | O_NONBLOCK) }
+            let userFD = uffd.fd
+            guard userFD >= 0 else { return .failure(UffdError(.handler, .badFileDescriptor, detail: "the userfaultfd is closed")) }
+            let fl = fcntl(userFD, F_GETFL)
+            if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(userFD, F_SETFL, fl | O_NONBLOCK) }
+            // The readers use their own descriptor of the same file, closed by stop(): a
+            // `Userfaultfd.close()` while they run cannot make them read a reused fd number.
+            let fd = fcntl(userFD, F_DUPFD_CLOEXEC, 0)
+            guard fd >= 0 else { return .failure(UffdError(.handler, Errno(rawValue: errno), detail: "dup of the userfaultfd")) }
             let efd = cuffd_eventfd()
-            guard efd >= 0 else { return .failure(UffdError(.handler, rc: efd, detail: "eventfd")) }
+            guard efd >= 0 else {
+                Glibc.close(fd)
+                return .failure(UffdError(.handler, rc: efd, detail: "eventfd"))
+            }
             let page = basePageSize
             let slot = (policy.scratchBytes + page - 1) / page * page
             let perRead = options.readers > 1 ? options.sharedBatch : options.batch
@@ -151,6 +159,7 @@ public final class FaultHandler: Sendable {
                 guard let r = Reader(index: i, fd: fd, stopFD: efd, features: uffd.features, policy: policy,
                                      batch: batch, slot: slot, cpu: cpu, options: options, sink: sink) else {
                     Glibc.close(efd)
+                    Glibc.close(fd)
                     return .failure(UffdError(.handler, .noMemory, detail: "scratch memory"))
                 }
                 readers.append(r)
@@ -165,6 +174,7 @@ public final class FaultHandler: Sendable {
                     _ = cuffd_eventfd_signal(efd)
                     for t in threads { pthread_join(t, nil) }
                     Glibc.close(efd)
+                    Glibc.close(fd)
                     return .failure(UffdError(.handler, Errno(rawValue: rc), detail: "pthread_create"))
                 }
                 threads.append(t)
@@ -181,6 +191,7 @@ public final class FaultHandler: Sendable {
             st.readers = readers
             st.threads = threads
             st.stopFD = efd
+            st.readerFD = fd
             st.running = true
             st.finalStats = nil
             return .success(())
@@ -193,18 +204,19 @@ public final class FaultHandler: Sendable {
     /// `onFailure` callback (on a reader thread), it does not wait for that reader, which stops
     /// once its current batch is done; the other readers are waited for.
     public func stop() {
-        let (threads, efd, readers): ([pthread_t], Int32, [Reader]) = state.withLock { st in
-            guard st.running else { return ([], -1, []) }
+        let (threads, efd, rfd, readers): ([pthread_t], Int32, Int32, [Reader]) = state.withLock { st in
+            guard st.running else { return ([], -1, -1, []) }
             st.running = false
-            let r = (st.threads, st.stopFD, st.readers)
+            let r = (st.threads, st.stopFD, st.readerFD, st.readers)
             st.threads = []
             st.stopFD = -1
+            st.readerFD = -1
             return r
         }
         guard efd >= 0 else { return }
         _ = cuffd_eventfd_signal(efd)
-        // A reader calling stop() would wait for itself: detach it instead, and let it close the
-        // stop fd when its loop returns (it still polls it until then).
+        // A reader calling stop() would wait for itself: detach it instead, and let it close
+        // the stop fd and the readers' descriptor when its loop returns (it still uses them).
         let me = pthread_self()
         var selfReader: Reader? = nil
         for (t, r) in zip(threads, readers) {
@@ -216,9 +228,12 @@ public final class FaultHandler: Sendable {
             }
         }
         if let selfReader {
-            selfReader.closeStopFDOnExit.store(true, ordering: .releasing)
+            selfReader.closeFDsOnExit.store(rfd, ordering: .releasing)
         } else {
             Glibc.close(efd)
+            // The readers' descriptor: after a Userfaultfd.close(), this drops the last
+            // reference and releases every thread still blocked.
+            if rfd >= 0 { Glibc.close(rfd) }
         }
         var s = HandlerStats()
         for r in readers { r.merge(into: &s) }
@@ -315,8 +330,9 @@ final class Reader: @unchecked Sendable {
     let index: Int
     let fd: Int32
     let stopFD: Int32
-    /// Set by stop() called on this reader's own thread: the reader closes the stop fd itself.
-    let closeStopFDOnExit = Atomic<Bool>(false)
+    /// Set by stop() called on this reader's own thread: the readers' descriptor (or -1 when
+    /// none) that this reader closes, with the stop fd, when its loop ends. -2: not set.
+    let closeFDsOnExit = Atomic<Int32>(-2)
     let features: Features
     let policy: any FaultPolicy
     let batch: Int
@@ -395,7 +411,11 @@ final class Reader: @unchecked Sendable {
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
-        if closeStopFDOnExit.load(ordering: .acquiring) { Glibc.close(stopFD) }
+        let rfd = closeFDsOnExit.load(ordering: .acquiring)
+        if rfd != -2 {
+            Glibc.close(stopFD)
+            if rfd >= 0 { Glibc.close(rfd) }
+        }
     }
 
     /// Fills `res[i]` for each fault of the batch; events go to the policy in order.

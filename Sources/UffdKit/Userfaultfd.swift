@@ -88,7 +88,8 @@ public final class Userfaultfd: Sendable {
     deinit { close() }
 
     /// Closes the fd now (idempotent). Threads blocked on its faults are woken and retry the
-    /// access as if the memory were not registered.
+    /// access as if the memory were not registered. A running ``FaultHandler`` holds its own
+    /// descriptor of the file: it keeps serving until ``FaultHandler/stop()``, which releases it.
     public func close() {
         let fd = _fd.exchange(-1, ordering: .acquiringAndReleasing)
         if fd >= 0 { _ = Glibc.close(fd) }

@@ -10,6 +10,7 @@
 #include <stddef.h>
 
 #include "CUffd.h"
+#include "reliability.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -1,0 +1,262 @@
+// Child processes with a watchdog, signal-catching accesses, unprivileged opens, sysctls.
+#include "reliability.h"
+
+#include "CUffd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static uint64_t now_ms(void) { return cuffd_now_ns() / 1000000u; }
+
+int rel_run_child(const char *const *argv, const char *env_name, const char *env_value,
+                  int timeout_ms, char *out, size_t outlen, int *exit_code) {
+    if (outlen) out[0] = 0;
+    // The environment is built before fork: the child may only call async-signal-safe code.
+    size_t n = 0;
+    while (environ[n]) n++;
+    char **envp = calloc(n + 2, sizeof(char *));
+    if (!envp) return -ENOMEM;
+    size_t k = 0, nl = strlen(env_name);
+    for (size_t i = 0; i < n; i++)
+        if (!(strncmp(environ[i], env_name, nl) == 0 && environ[i][nl] == '=')) envp[k++] = environ[i];
+    char *mine = malloc(nl + strlen(env_value) + 2);
+    if (!mine) {
+        free(envp);
+        return -ENOMEM;
+    }
+    sprintf(mine, "%s=%s", env_name, env_value);
+    envp[k++] = mine;
+    envp[k] = NULL;
+
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        int e = errno;
+        free(mine);
+        free(envp);
+        return -e;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(p[0]);
+        close(p[1]);
+        free(mine);
+        free(envp);
+        return -e;
+    }
+    if (pid == 0) {
+        setpgid(0, 0);
+        dup2(p[1], 1);
+        dup2(p[1], 2);
+        execve(argv[0], (char *const *)argv, envp);
+        _exit(127);
+    }
+    setpgid(pid, pid);
+    close(p[1]);
+    free(mine);
+    free(envp);
+    fcntl(p[0], F_SETFL, O_NONBLOCK);
+
+    // Keep the tail of the output: failures are reported last.
+    size_t cap = outlen ? outlen - 1 : 0, got = 0;
+    char chunk[4096];
+    uint64_t start = now_ms();
+    int status = 0, rc = 0;
+    bool open_pipe = true;
+    for (;;) {
+        if (open_pipe) {
+            struct pollfd pf = {.fd = p[0], .events = POLLIN};
+            poll(&pf, 1, 20);
+            for (;;) {
+                ssize_t r = read(p[0], chunk, sizeof chunk);
+                if (r == 0) open_pipe = false;
+                if (r <= 0) break;
+                size_t m = (size_t)r;
+                if (cap == 0) continue;
+                if (m >= cap) {
+                    memcpy(out, chunk + m - cap, cap);
+                    got = cap;
+                } else {
+                    if (got + m > cap) {
+                        size_t drop = got + m - cap;
+                        memmove(out, out + drop, got - drop);
+                        got -= drop;
+                    }
+                    memcpy(out + got, chunk, m);
+                    got += m;
+                }
+            }
+        } else {
+            usleep(5000);
+        }
+        pid_t w = waitpid(pid, &status, WNOHANG);
+        if (w == pid) break;
+        if (now_ms() - start >= (uint64_t)timeout_ms) {
+            kill(-pid, SIGKILL);
+            kill(pid, SIGKILL);
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+            }
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+    // What the child left running in its group.
+    kill(-pid, SIGKILL);
+    for (;;) {
+        ssize_t r = read(p[0], chunk, sizeof chunk);
+        if (r <= 0 || cap == 0) break;
+        size_t m = (size_t)r;
+        if (m > cap - got) m = cap - got;
+        memcpy(out + got, chunk, m);
+        got += m;
+    }
+    close(p[0]);
+    if (outlen) out[got] = 0;
+    if (exit_code) *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return rc;
+}
+
+// MARK: - signal-catching accesses
+
+static __thread sigjmp_buf *access_jmp;
+static pthread_once_t handlers_once = PTHREAD_ONCE_INIT;
+
+static void on_fault_signal(int sig, siginfo_t *si, void *uc) {
+    (void)si;
+    (void)uc;
+    sigjmp_buf *j = access_jmp;
+    if (j) siglongjmp(*j, sig);
+    // Not inside a catching access: the default action.
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void install_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault_signal;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+    sigaction(SIGSEGV, &sa, NULL);
+}
+
+static int access_u64(volatile uint64_t *addr, uint64_t delta, bool write, uint64_t *value) {
+    pthread_once(&handlers_once, install_handlers);
+    sigjmp_buf jb;
+    int sig = sigsetjmp(jb, 1);
+    if (sig) {
+        access_jmp = NULL;
+        return sig == SIGBUS ? REL_ACCESS_SIGBUS : REL_ACCESS_SIGSEGV;
+    }
+    access_jmp = &jb;
+    uint64_t v;
+    if (write) {
+        v = *addr + delta;
+        *addr = v;
+    } else {
+        v = *addr;
+    }
+    access_jmp = NULL;
+    if (value) *value = v;
+    return REL_ACCESS_OK;
+}
+
+int rel_read_u64(const volatile uint64_t *addr, uint64_t *value) {
+    return access_u64((volatile uint64_t *)addr, 0, false, value);
+}
+
+int rel_add_u64(volatile uint64_t *addr, uint64_t delta, uint64_t *value) {
+    return access_u64(addr, delta, true, value);
+}
+
+// MARK: - unprivileged open
+
+int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) return -errno;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(p[0]);
+        close(p[1]);
+        return -e;
+    }
+    if (pid == 0) {
+        int result;
+        if (setgroups(0, NULL) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0) {
+            result = -(1000 + errno);
+        } else {
+            result = cuffd_open(flags, NULL, NULL);
+            if (result >= 0) close(result);
+        }
+        (void)!write(p[1], &result, sizeof result);
+        _exit(0);
+    }
+    close(p[1]);
+    int result = -EIO;
+    struct pollfd pf = {.fd = p[0], .events = POLLIN};
+    int pr = poll(&pf, 1, timeout_ms);
+    if (pr > 0) {
+        if (read(p[0], &result, sizeof result) != sizeof result) result = -EIO;
+    } else {
+        result = -ETIMEDOUT;
+        kill(pid, SIGKILL);
+    }
+    close(p[0]);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    return result;
+}
+
+long rel_sysctl_read(const char *path) {
+    FILE *f = fopen(path, "re");
+    if (!f) return -errno;
+    long v = 0;
+    int ok = fscanf(f, "%ld", &v);
+    fclose(f);
+    return ok == 1 ? v : -EIO;
+}
+
+int rel_sysctl_write(const char *path, long value) {
+    FILE *f = fopen(path, "we");
+    if (!f) return -errno;
+    int rc = fprintf(f, "%ld\n", value) < 0 ? -EIO : 0;
+    if (fclose(f) != 0 && rc == 0) rc = -errno;
+    return rc;
+}
+
+int rel_punch_hole(int fd, uint64_t len) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)len) == 0 ? 0 : -errno;
+}
+
+pid_t rel_fork_sleeper(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        // Holds a copy of the parent's memory until killed; async-signal-safe only.
+        for (;;) pause();
+    }
+    return pid < 0 ? -errno : pid;
+}
+
+int rel_kill_reap(pid_t pid) {
+    if (kill(pid, SIGKILL) < 0) return -errno;
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0) {
+        if (errno != EINTR) return -errno;
+    }
+    return 0;
+}

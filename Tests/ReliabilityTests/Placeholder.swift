@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderR: XCTestCase { func testPlaceholder() {} }
