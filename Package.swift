@@ -67,7 +67,8 @@ let package = Package(
         // Stress and fault injection through UffdKit.
         .testTarget(
             name: "ReliabilityTests",
-            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
+            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"],
+            exclude: ["tsan-suppressions.txt"]
         ),
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(

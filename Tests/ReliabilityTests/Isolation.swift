@@ -129,6 +129,7 @@ func waitFor(_ sem: DispatchSemaphore, _ seconds: Double) -> Bool {
 
 /// Sets vm.nr_hugepages so that `pages` huge pages are free for `body`, restoring the old value
 /// after (also when the body throws). Throws a skip (with the reason) when that is impossible.
+@discardableResult
 func withHugePages<T>(_ pages: Int, _ body: () throws -> T) throws -> T {
     let rc = cuffd_test_hugetlb_reserve(pages)
     defer { cuffd_test_hugetlb_restore() }
