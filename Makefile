@@ -54,10 +54,8 @@ stress: deps
 SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests
 # Not under TSan: the EVENT_FORK cases (TSan's fork() interceptor holds TSan's locks while the
 # kernel waits for a reader to read the fork event; the reader needs those locks: deadlock).
-# Skipped: it counts one WP fault per written page, but touch()'s overlapping chunks (see
-# Tests/ReliabilityTests/tsan-suppressions.txt) let TSan's slower timing fault one page twice.
-# Also skipped: UffdKitTests' EVENT_FORK cases (the TSan fork deadlock below; they are not isolated).
-SANITIZE_TSAN_SKIP ?= TrackingTests/testWriteTrackerLogsDirtyPages|HandlerTests/testForkEvent
+# Also skipped: UffdKitTests' EVENT_FORK cases (the same TSan fork deadlock; they are not isolated).
+SANITIZE_TSAN_SKIP ?= HandlerTests/testForkEvent
 SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests\.(StressTests|PolicyFailureTests|RegionChangeTests|MoveTests)|ReliabilityTests\.LifecycleTests/test(Stop|Close)
 UBSAN_FLAGS := -Xcc -fsanitize=undefined -Xcc -fno-sanitize=function
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1

@@ -47,7 +47,7 @@ func touch(_ base: UInt, length: Int, threads: Int, stride: Int = basePageSize, 
         while c < chunks {
             // The first multiple of `stride` in the chunk, so strides are global.
             var off = (c * chunk + stride - 1) / stride * stride
-            let end = Swift.min(length, off + chunk)
+            let end = Swift.min(length, (c + 1) * chunk)
             while off < end {
                 let p = UnsafeMutablePointer<UInt8>(bitPattern: base + UInt(off))!
                 if let w = writeValue { p.pointee = w }
