@@ -75,24 +75,26 @@ public enum Message: Sendable {
     case event(Event)
 
     /// Decodes a raw message; a fork event adopts the child's fd.
-    init(_ m: uffd_msg, features: Features) {
+    init(_ m: uffd_msg, features: Features, userModeOnly: Bool) {
         switch Int32(m.event) {
         case Int32(UFFD_EVENT_PAGEFAULT):
             self = .fault(Fault(m, pageMask: ~(UInt(basePageSize) - 1),
                                 exact: features.contains(.exactAddress),
                                 threadIDs: features.contains(.threadID)))
         default:
-            self = .event(Event(m, features: features))
+            self = .event(Event(m, features: features, userModeOnly: userModeOnly))
         }
     }
 }
 
 extension Event {
     /// Decodes an event message. A fork event's child fd is owned by the returned value.
-    init(_ m: uffd_msg, features: Features) {
+    /// `userModeOnly`: the parent fd's; the kernel gives the child's fd the parent's flags.
+    init(_ m: uffd_msg, features: Features, userModeOnly: Bool) {
         switch Int32(m.event) {
         case Int32(UFFD_EVENT_FORK):
-            self = .fork(child: Userfaultfd(adopting: Int32(bitPattern: m.arg.fork.ufd), features: features))
+            self = .fork(child: Userfaultfd(adopting: Int32(bitPattern: m.arg.fork.ufd), features: features,
+                                            userModeOnly: userModeOnly))
         case Int32(UFFD_EVENT_REMAP):
             self = .remap(from: UInt(m.arg.remap.from), to: UInt(m.arg.remap.to), length: Int(m.arg.remap.len))
         case Int32(UFFD_EVENT_REMOVE):

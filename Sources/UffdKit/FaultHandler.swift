@@ -156,7 +156,7 @@ public final class FaultHandler: Sendable {
             for i in 0..<Swift.max(1, options.readers) {
                 var cpu: Int? = nil
                 if let cpus = options.cpus, !cpus.isEmpty { cpu = cpus[i % cpus.count] }
-                guard let r = Reader(index: i, fd: fd, stopFD: efd, features: uffd.features, policy: policy,
+                guard let r = Reader(index: i, fd: fd, stopFD: efd, features: uffd.features, userModeOnly: uffd.userModeOnly, policy: policy,
                                      batch: batch, slot: slot, cpu: cpu, options: options, sink: sink) else {
                     Glibc.close(efd)
                     Glibc.close(fd)
@@ -334,6 +334,8 @@ final class Reader: @unchecked Sendable {
     /// none) that this reader closes, with the stop fd, when its loop ends. -2: not set.
     let closeFDsOnExit = Atomic<Int32>(-2)
     let features: Features
+    /// The fd's UFFD_USER_MODE_ONLY (a forked child's fd inherits it).
+    let userModeOnly: Bool
     let policy: any FaultPolicy
     let batch: Int
     let cpu: Int?
@@ -353,12 +355,13 @@ final class Reader: @unchecked Sendable {
     /// Errors thrown by the policy in the current batch (index in the batch, error).
     var pendingErrors: [(Int, any Error)] = []
 
-    init?(index: Int, fd: Int32, stopFD: Int32, features: Features, policy: any FaultPolicy, batch: Int,
-          slot: Int, cpu: Int?, options: FaultHandler.Options, sink: HandlerSink) {
+    init?(index: Int, fd: Int32, stopFD: Int32, features: Features, userModeOnly: Bool, policy: any FaultPolicy,
+          batch: Int, slot: Int, cpu: Int?, options: FaultHandler.Options, sink: HandlerSink) {
         self.index = index
         self.fd = fd
         self.stopFD = stopFD
         self.features = features
+        self.userModeOnly = userModeOnly
         self.policy = policy
         self.batch = batch
         self.cpu = cpu
@@ -451,7 +454,7 @@ final class Reader: @unchecked Sendable {
     /// Events are rare: decoding one may allocate (a fork's child fd becomes a `Userfaultfd`).
     @inline(never)
     func deliver(_ m: uffd_msg, _ ctx: FaultContext) {
-        let event = Event(m, features: features)
+        let event = Event(m, features: features, userModeOnly: userModeOnly)
         policy.handle(event: event, context: ctx)
         if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
     }

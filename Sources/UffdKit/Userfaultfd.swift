@@ -77,11 +77,11 @@ public final class Userfaultfd: Sendable {
     }
 
     /// Adopts an fd that already did the API handshake (e.g. the child's fd from a fork event).
-    init(adopting fd: Int32, features: Features) {
+    init(adopting fd: Int32, features: Features, userModeOnly: Bool) {
         self._fd = Atomic(fd)
         self.features = features
         self.ioctls = []
-        self.userModeOnly = true
+        self.userModeOnly = userModeOnly
         self.openedThroughDevice = false
     }
 
@@ -277,7 +277,7 @@ public final class Userfaultfd: Sendable {
         var msgs = [uffd_msg](repeating: uffd_msg(), count: cap)
         let n = msgs.withUnsafeMutableBufferPointer { cuffd_read_msgs(fd, $0.baseAddress, cap) }
         guard n >= 0 else { throw UffdError(.faultLoop, rc: Int32(n)) }
-        return (0..<Int(n)).map { Message(msgs[$0], features: features) }
+        return (0..<Int(n)).map { Message(msgs[$0], features: features, userModeOnly: userModeOnly) }
     }
 
     /// Waits up to `timeoutMilliseconds` (-1: forever) for a message; true when one is queued.

@@ -9,6 +9,8 @@ import XCTest
 final class EventRecorder: FaultPolicy {
     let inner: any FaultPolicy
     let events = Mutex<[String]>([])
+    /// The forked child's fd's `userModeOnly`, once a fork was seen.
+    let childUserModeOnly = Mutex<Bool?>(nil)
     init(_ inner: any FaultPolicy) { self.inner = inner }
     func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
         try inner.resolve(fault, context: context)
@@ -16,7 +18,9 @@ final class EventRecorder: FaultPolicy {
     func handle(event: Event, context: borrowing FaultContext) {
         let s: String
         switch event {
-        case .fork: s = "fork"
+        case .fork(let child):
+            s = "fork"
+            childUserModeOnly.withLock { $0 = child.userModeOnly }
         case .remap(let f, let t, let l): s = "remap \(f) \(t) \(l)"
         case .remove(let a, let b): s = "remove \(a) \(b)"
         case .unmap(let a, let b): s = "unmap \(a) \(b)"
@@ -54,6 +58,37 @@ final class HandlerTests: XCTestCase {
     let ps = basePageSize
 
     // MARK: Events
+
+    /// The kernel gives a forked child's fd the parent's flags: a kernel-faults parent has a
+    /// kernel-faults child, and the child's `Userfaultfd` says so.
+    func testForkedChildFdKeepsTheParentsUserModeOnlySetting() throws {
+        try require([.eventFork])
+        let uffd: Userfaultfd
+        do {
+            uffd = try Userfaultfd(features: [.eventFork], options: [.nonBlocking, .kernelFaults])
+        } catch {
+            throw XCTSkip("kernel faults are not allowed for this user: \(error)")
+        }
+        XCTAssertFalse(uffd.userModeOnly)
+        let len = 1 * MiB
+        let r = try MappedRegion(.anonymous(), length: len)
+        try uffd.register(r, modes: .missing)
+        let rec = EventRecorder(ZeroFillPolicy(region: r))
+        let handler = FaultHandler(uffd: uffd, policy: rec)
+        try handler.start()
+        let base = r.address, ps = self.ps
+        let result = Box<Int32>(-1)
+        let finished = withWatchdog(30, onTimeout: { uffd.close(); handler.stop() }) {
+            var sum: UInt64 = 0
+            let rc = cuffd_fork_and_sum(UnsafeRawPointer(bitPattern: base), UInt64(len), UInt64(ps), 20_000, &sum)
+            result.update { $0 = rc }
+        }
+        handler.stop()
+        uffd.close()
+        XCTAssertTrue(finished)
+        XCTAssertEqual(result.value, 0)
+        XCTAssertEqual(rec.childUserModeOnly.withLock { $0 }, false)
+    }
 
     func testForkEventServesTheChildWithTheSamePolicy() throws {
         try require([.eventFork])
