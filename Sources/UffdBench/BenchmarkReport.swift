@@ -25,13 +25,15 @@ public struct BenchmarkResult: Sendable, Codable {
     public var error: String?
     /// True when the kernel lacks what the case needs (the row is skipped).
     public var unsupported: Bool
-    /// Minimum and median nanoseconds per 4 KiB page over the runs.
+    /// Minimum nanoseconds per 4 KiB page over the runs.
     public var minNsPerPage: Double?
+    /// Median nanoseconds per 4 KiB page over the runs.
     public var medianNsPerPage: Double?
     /// Throughput of the median run, GB/s (10^9 bytes per second).
     public var medianGBps: Double?
-    /// median / baseline's median and min / baseline's min (> 1: slower than the baseline).
+    /// median / baseline's median (> 1: slower than the baseline).
     public var ratioMedian: Double?
+    /// min / baseline's min (> 1: slower than the baseline).
     public var ratioMin: Double?
     /// Medians of the run's extra counters.
     public var counters: [String: Double]
