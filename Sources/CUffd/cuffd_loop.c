@@ -307,16 +307,11 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         }
         spins = 0;
         size_t total = pending + (size_t)n;
-        if (stopping && ++drain_rounds > STOP_DRAIN_ROUNDS) {
-            // Giving up on a queue that never empties. The faults in hand (this read and the
-            // deferred ones) were read, so no later loop will see them: wake them, so they
-            // re-fault onto the queue instead of sleeping until the fd is closed.
-            uint64_t ps = base_page();
-            for (size_t i = 0; i < total; i++)
-                if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
-            return 0;
-        }
+        // Giving up on a queue that never empties: this round is still decided and performed
+        // (its events reach the decider, its faults are resolved), but a fault that has to
+        // wait for an event is woken rather than kept, so it re-faults onto the queue instead
+        // of sleeping until the fd is closed; then the loop returns.
+        bool last_round = stopping && ++drain_rounds > STOP_DRAIN_ROUNDS;
         uint64_t now = cuffd_now_ns();
         memset(res, 0, total * sizeof(res[0]));
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);
@@ -340,7 +335,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 st->retries++;
                 r->outcome = CUFFD_OUTCOME_NONE;
                 r->error = EAGAIN;
-                if (kept < CUFFD_MAX_BATCH) {
+                if (!last_round && kept < CUFFD_MAX_BATCH) {
                     retry[i] = 1;
                     kept++;
                 } else {
@@ -370,6 +365,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 j++;
             }
         }
+        if (last_round) return 0;
         pending = kept;
         if (pending) sched_yield();
     }
