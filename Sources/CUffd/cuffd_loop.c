@@ -292,7 +292,8 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                     return -errno;
                 }
                 if (npfd == 2 && (pfd[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) stopping = true;
-                if (pfd[0].revents & (POLLERR | POLLNVAL)) return pfd[0].revents & POLLNVAL ? -EBADF : 0;
+                // POLLERR: the fd never had its UFFDIO_API handshake (the kernel's poll says so).
+                if (pfd[0].revents & (POLLERR | POLLNVAL)) return pfd[0].revents & POLLNVAL ? -EBADF : -EINVAL;
                 if ((pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLIN)) return 0;
             }
         }

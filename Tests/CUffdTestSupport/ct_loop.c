@@ -764,3 +764,29 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// A uffd without its UFFDIO_API handshake cannot deliver faults: the loop says so (-EINVAL)
+// at once instead of returning as if stopped.
+int cuffd_test_loop_without_handshake(int kind, char *msg, size_t msglen) {
+    (void)kind;
+    int rc = CUFFD_TEST_PASS;
+    int fd = cuffd_open(CUFFD_OPEN_NONBLOCK | CUFFD_OPEN_USER_MODE_ONLY, NULL, NULL);
+    if (fd < 0) {
+        snprintf(msg, msglen, "cannot open a userfaultfd: %s", ct_err(-fd));
+        return CUFFD_TEST_SKIP;
+    }
+    struct cuffd_loop_stats st;
+    memset(&st, 0, sizeof st);
+    struct cuffd_loop_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.uffd = fd;
+    cfg.stop_fd = -1;
+    cfg.batch = 4;
+    cfg.decide = NULL; // never called: no message can arrive
+    int e = cuffd_loop_run(&cfg, &st);
+    CT_CHECK(e == -EINVAL, "loop on a uffd without UFFDIO_API returned %s, want EINVAL", ct_err(-e));
+    CT_CHECK(st.messages == 0, "the loop read %llu messages", (unsigned long long)st.messages);
+out:
+    close(fd);
+    return rc;
+}

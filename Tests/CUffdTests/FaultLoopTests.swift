@@ -61,4 +61,5 @@ final class FaultLoopTests: HugetlbReservingTestCase {
     func testFaultAfterStopReleasedByClose_anon() throws { try runCTest(cuffd_test_loop_close_releases, .anon) }
     func testFaultAfterStopReleasedByClose_shmem() throws { try runCTest(cuffd_test_loop_close_releases, .shmem) }
     func testFaultAfterStopReleasedByClose_hugetlb() throws { try runCTest(cuffd_test_loop_close_releases, .hugetlb) }
+    func testLoopWithoutHandshakeIsEINVAL() throws { try runCTest(cuffd_test_loop_without_handshake, .anon) }
 }

@@ -222,7 +222,8 @@ struct cuffd_loop_config {
 /// fallback on failure) before the function returns, so no thread that faulted before the
 /// stop is left blocked. Faults that arrive later stay queued on the fd until a loop runs
 /// again or the fd is closed (closing wakes them and they fault normally).
-/// Returns 0, or -errno when poll/read failed for another reason.
+/// Returns 0; -EINVAL when the uffd never had its UFFDIO_API handshake; -EBADF when it is not
+/// an open fd; -errno when poll/read failed for another reason.
 int cuffd_loop_run(const struct cuffd_loop_config *config, struct cuffd_loop_stats *stats);
 
 /// Performs one resolution with the loop's semantics (EEXIST -> wake, partial -> continue,

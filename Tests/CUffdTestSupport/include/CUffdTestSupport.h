@@ -103,6 +103,7 @@ int cuffd_test_loop_wp(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_dontwake_managed(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_misdirected(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_close_releases(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_loop_without_handshake(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
