@@ -2,6 +2,7 @@
 #include "cubench_internal.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,4 +203,17 @@ uint64_t cubench_tlb_shootdowns(void) {
     }
     fclose(f);
     return total;
+}
+
+int cubench_next_fault(int uffd, int stopfd, struct uffd_msg *m) {
+    for (;;) {
+        struct pollfd p[2] = {{.fd = uffd, .events = POLLIN}, {.fd = stopfd, .events = POLLIN}};
+        int rc = poll(p, 2, 1000);
+        if (rc < 0 && errno != EINTR) return -1;
+        if (p[1].revents) return 0;
+        if (!(p[0].revents & POLLIN)) continue;
+        if (read(uffd, m, sizeof *m) != (ssize_t)sizeof *m) continue;
+        if (m->event != UFFD_EVENT_PAGEFAULT) continue;
+        return 1;
+    }
 }

@@ -105,14 +105,8 @@ static void *handler_main(void *arg) {
     cubench_pin(c->handler_cpu);
     char scratch[CUBENCH_PAGE] __attribute__((aligned(4096)));
     for (;;) {
-        struct pollfd p[2] = {{.fd = c->uffd, .events = POLLIN}, {.fd = c->stopfd, .events = POLLIN}};
-        int rc = poll(p, 2, 1000);
-        if (rc < 0 && errno != EINTR) break;
-        if (p[1].revents) break;
-        if (!(p[0].revents & POLLIN)) continue;
         struct uffd_msg m;
-        if (read(c->uffd, &m, sizeof m) != (ssize_t)sizeof m) continue;
-        if (m.event != UFFD_EVENT_PAGEFAULT) continue;
+        if (cubench_next_fault(c->uffd, c->stopfd, &m) <= 0) break;
         c->handler_faults++;
         uint64_t page = (m.arg.pagefault.address - (uint64_t)(uintptr_t)c->to) / CUBENCH_PAGE;
         if (page >= c->pages) continue;

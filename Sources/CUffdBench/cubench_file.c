@@ -83,14 +83,8 @@ static void *load_handler(void *arg) {
     struct lctx *c = arg;
     cubench_pin(c->cpu);
     for (;;) {
-        struct pollfd p[2] = {{.fd = c->uffd, .events = POLLIN}, {.fd = c->stopfd, .events = POLLIN}};
-        int rc = poll(p, 2, 1000);
-        if (rc < 0 && errno != EINTR) break;
-        if (p[1].revents) break;
-        if (!(p[0].revents & POLLIN)) continue;
         struct uffd_msg m;
-        if (read(c->uffd, &m, sizeof m) != (ssize_t)sizeof m) continue;
-        if (m.event != UFFD_EVENT_PAGEFAULT) continue;
+        if (cubench_next_fault(c->uffd, c->stopfd, &m) <= 0) break;
         c->faults++;
         uint64_t base = (uint64_t)(uintptr_t)c->region;
         uint64_t off = (m.arg.pagefault.address - base) & ~(c->window - 1);

@@ -37,6 +37,11 @@ int cubench_uffd_open(uint64_t wanted, uint64_t *granted);
 /// Signals an eventfd.
 void cubench_signal(int efd);
 
+/// The minimal handler's wait, and nothing more: poll the uffd and the stop fd (1 s ticks),
+/// read one message. Returns 1 with a page fault in *m, 0 once the stop fd is readable, -1 when
+/// poll fails. Other events, and reads another handler won (EAGAIN), are skipped.
+int cubench_next_fault(int uffd, int stopfd, struct uffd_msg *m);
+
 /// Runs `pl->fault_threads` threads that each touch one byte of every 4 KiB page of their
 /// slice of [base, base+len) (slices are whole `granule`s), released together once all exist. `*ns`
 /// receives last end - first start. When a thread is still running at the deadline, `unblock`

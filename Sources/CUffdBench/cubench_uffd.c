@@ -102,14 +102,8 @@ static void *minimal_main(void *arg) {
     cubench_pin(h->cpu);
     uint64_t faults = 0;
     for (;;) {
-        struct pollfd p[2] = {{.fd = c->uffd, .events = POLLIN}, {.fd = c->stopfd, .events = POLLIN}};
-        int rc = poll(p, 2, 1000);
-        if (rc < 0 && errno != EINTR) break;
-        if (p[1].revents) break;
-        if (!(p[0].revents & POLLIN)) continue;
         struct uffd_msg m;
-        if (read(c->uffd, &m, sizeof m) != (ssize_t)sizeof m) continue; // EAGAIN: another handler took it
-        if (m.event != UFFD_EVENT_PAGEFAULT) continue;
+        if (cubench_next_fault(c->uffd, c->stopfd, &m) <= 0) break;
         faults++;
         minimal_resolve(c, m.arg.pagefault.address);
     }
