@@ -215,6 +215,39 @@ final class HandlerTests: XCTestCase {
         XCTAssertEqual(st.fallbacks + st.failures, 0, "\(st)")
     }
 
+    func testMovePolicyFollowsARemapOfTheRange() throws {
+        try require([.move, .eventRemap, .eventUnmap])
+        let len = 4 * MiB
+        let raw = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        let target = mmap(nil, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(target, len) }
+        let old = UInt(bitPattern: raw), tgt = UInt(bitPattern: target)
+        let donor = try MappedRegion.donor(length: len)
+        fillPattern(donor.pointer, len, seed: 47)
+        let policy = try MovePolicy(start: old, length: len, donor: donor)
+        let u = try Userfaultfd(features: [.move, .eventRemap, .eventUnmap])
+        try u.register(old, length: len, modes: .missing)
+        let h = FaultHandler(uffd: u, policy: policy)
+        try h.start()
+        let rc = Box<Int32>(-1)
+        let ok = withWatchdog(60, onTimeout: { u.close(); h.stop() }) {
+            // The first half moves in at the old address; the rest faults at the new one.
+            _ = touch(old, length: len / 2, threads: 2)
+            rc.update { $0 = cuffd_mremap_fixed(UnsafeMutableRawPointer(bitPattern: old), UInt64(len),
+                                                UnsafeMutableRawPointer(bitPattern: tgt)) }
+            _ = touch(tgt, length: len, threads: 2)
+        }
+        h.stop()
+        u.close()
+        XCTAssertTrue(ok)
+        XCTAssertEqual(rc.value, 0)
+        XCTAssertEqual(policy.rangeStart, tgt)
+        verifyPattern(target, len, seed: 47)
+        let st = h.stats()
+        XCTAssertEqual(st.resolutions[.move], UInt64(len / ps), "\(st)")
+        XCTAssertEqual(st.fallbacks + st.failures, 0, "\(st)")
+    }
+
     // MARK: Stop
 
     func testStopResolvesFaultsQueuedBeforeIt() throws {

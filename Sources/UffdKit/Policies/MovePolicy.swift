@@ -5,14 +5,16 @@ import Synchronization
 /// may be a base page or 2 MiB (THP moves: donor and range 2 MiB-aligned).
 ///
 /// Each donor granule moves once. A granule dropped later (a remove or unmap event) is
-/// zero-filled on its next fault, page by page. A second fault on a granule whose move is in
+/// zero-filled on its next fault, page by page. Follows remap events of the range (mremap):
+/// granule `i` is still granule `i` at the new address. A second fault on a granule whose move is in
 /// flight on another reader is only woken: it retries after the move.
 ///
 /// The donor must be exclusive to this process (MOVE says EBUSY for shared pages): make it
 /// with ``MappedRegion/donor(length:alignment:hugePages:)`` (MADV_DONTFORK).
 public final class MovePolicy: FaultPolicy, @unchecked Sendable {
-    /// The start of the served range.
-    public let rangeStart: UInt
+    /// The start of the served range (follows remaps).
+    public var rangeStart: UInt { start.load(ordering: .relaxed) }
+    private let start: Atomic<UInt>
     /// The length of the served range.
     public let rangeLength: Int
     /// The unit of one move.
@@ -32,7 +34,7 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
             throw UffdError(.argument, .invalidArgument,
                             detail: "MovePolicy needs granule-aligned range and donor, donor >= range")
         }
-        rangeStart = start
+        self.start = Atomic(start)
         rangeLength = length
         self.granule = granule
         self.donor = donor
@@ -59,6 +61,7 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
 
     /// Moves the faulting granule the first time; zero-fills dropped ones; wakes duplicates.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        let rangeStart = self.rangeStart
         guard fault.address >= rangeStart, fault.address - rangeStart < UInt(rangeLength) else {
             throw outsideRange(fault, rangeStart, rangeLength)
         }
@@ -72,9 +75,12 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
         return old == 2 ? .zeropage() : .wake()
     }
 
-    /// Marks granules touched by a remove/unmap as dropped.
+    /// Follows a remap of the range; marks granules touched by a remove/unmap as dropped.
     public func handle(event: Event, context: borrowing FaultContext) {
+        let rangeStart = self.rangeStart
         switch event {
+        case .remap(let from, let to, _):
+            _ = start.compareExchange(expected: from, desired: to, ordering: .relaxed)
         case .remove(let s, let e), .unmap(let s, let e):
             let lo = Swift.max(s, rangeStart), hi = Swift.min(e, rangeStart + UInt(rangeLength))
             guard lo < hi else { return }
