@@ -128,7 +128,8 @@ public final class FaultHandler: Sendable {
     public var isRunning: Bool { state.withLock { $0.running } }
 
     /// Starts the reader threads and returns once they wait for faults (so the owner may
-    /// fork right away). Sets O_NONBLOCK on the fd (the loop needs it).
+    /// fork right away). Sets O_NONBLOCK on the fd (the loop needs it). A handler may be
+    /// started again after ``stop()``; its stats keep counting across runs.
     /// - Throws: ``UffdError`` `.handler` when the stop fd, scratch memory or a thread cannot be made.
     public func start() throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
@@ -193,7 +194,6 @@ public final class FaultHandler: Sendable {
             st.stopFD = efd
             st.readerFD = fd
             st.running = true
-            st.finalStats = nil
             return .success(())
         }
         try result.get()
