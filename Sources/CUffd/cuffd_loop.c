@@ -47,6 +47,16 @@ static uint64_t base_page(void) {
     return v;
 }
 
+// The base page holding the faulting address.
+static uint64_t fault_page(const struct uffd_msg *msg) {
+    return msg->arg.pagefault.address & ~(base_page() - 1);
+}
+
+// Wakes the faulting thread: it re-faults, and the fault is delivered again.
+static void wake_fault(int uffd, const struct uffd_msg *msg) {
+    cuffd_wake(uffd, fault_page(msg), base_page());
+}
+
 // Every filling verb's DONTWAKE is bit 0. The loop owns waking: a resolution always wakes its
 // range, or a decider's DONTWAKE would leave the faulting thread asleep with nobody to wake it.
 #define VERB_DONTWAKE ((uint64_t)1 << 0)
@@ -95,13 +105,12 @@ static bool covers_fault(const struct uffd_msg *msg, const struct cuffd_resoluti
 // fault's base page.
 static void fallback_range(const struct uffd_msg *msg, const struct cuffd_resolution *r,
                            uint64_t *start, uint64_t *len) {
-    if (covers_fault(msg, r) || !msg) {
+    if (!msg || covers_fault(msg, r)) {
         *start = r->dst;
         *len = r->len;
     } else {
-        uint64_t ps = base_page();
-        *start = msg ? (msg->arg.pagefault.address & ~(ps - 1)) : r->dst;
-        *len = ps;
+        *start = fault_page(msg);
+        *len = base_page();
     }
 }
 
@@ -169,9 +178,8 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
         // hugetlb range the fallback must cover the whole huge page, or the thread re-faults
         // forever.
         uint64_t ps = base_page(), hps = huge_page();
-        uint64_t a = msg->arg.pagefault.address;
-        if (len != ps || start != (a & ~(ps - 1))) {
-            start = a & ~(ps - 1);
+        if (len != ps || start != fault_page(msg)) {
+            start = fault_page(msg);
             len = ps;
             rc = fallback_op(uffd, start, len, flags, fallback, features);
         }
@@ -208,16 +216,11 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         outcome = CUFFD_OUTCOME_EXISTED;
     } else if (rc == -EAGAIN) {
         return CUFFD_OUTCOME_RETRY;
-    } else if (rc == -ENOENT || rc == -ESRCH) {
-        // The range or the process is gone. For MOVE, ENOENT is a source hole: a policy
-        // error, handled by the fallback below.
-        if (res->op == CUFFD_OP_MOVE && rc == -ENOENT) {
-            outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
-                          ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
-        } else {
-            if (res->len) cuffd_wake(uffd, res->dst, res->len);
-            outcome = CUFFD_OUTCOME_GONE;
-        }
+    } else if (rc == -ESRCH || (rc == -ENOENT && res->op != CUFFD_OP_MOVE)) {
+        // The range or the process is gone. (For MOVE, ENOENT is a source hole: a policy
+        // error, which gets the fallback below.)
+        if (res->len) cuffd_wake(uffd, res->dst, res->len);
+        outcome = CUFFD_OUTCOME_GONE;
     } else {
         outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
                       ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
@@ -228,10 +231,7 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
     if (msg && msg->event == UFFD_EVENT_PAGEFAULT && res->len) {
         uint64_t a = msg->arg.pagefault.address;
         uint64_t covered = outcome == CUFFD_OUTCOME_RESOLVED ? (uint64_t)res->done : res->len;
-        if (a < res->dst || a >= res->dst + covered) {
-            uint64_t ps = base_page();
-            cuffd_wake(uffd, a & ~(ps - 1), ps);
-        }
+        if (a < res->dst || a >= res->dst + covered) wake_fault(uffd, msg);
     }
     res->outcome = (uint32_t)outcome;
     return outcome;
@@ -340,8 +340,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                     retry[i] = 1;
                     kept++;
                 } else {
-                    uint64_t ps = base_page();
-                    cuffd_wake(cfg->uffd, msgs[i].arg.pagefault.address & ~(ps - 1), ps);
+                    wake_fault(cfg->uffd, &msgs[i]);
                 }
                 continue;
             }
