@@ -61,10 +61,10 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
         let end = base + UInt(inner.rangeLength)
         guard page >= base, page < end else { throw outsideRange(fault, base, inner.rangeLength) }
         var pages = minPages
+        var slot = -1
+        let shift = UInt64(ps.trailingZeroBitCount)
         if minPages != maxPages {
-            let shift = UInt64(ps.trailingZeroBitCount)
             let pageNumber = UInt64(page) >> shift
-            var slot = -1
             for i in 0..<Self.streamSlots {
                 let v = streams[i].load(ordering: .relaxed)
                 guard v != 0 else { continue }
@@ -79,13 +79,13 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
             if slot < 0 {
                 slot = nextSlot.wrappingAdd(1, ordering: .relaxed).oldValue & (Self.streamSlots - 1)
             }
-            let length = Swift.min(UInt(pages * ps), end - page)
+        }
+        let length = Swift.min(UInt(pages * ps), end - page)
+        if slot >= 0 {
             let next = (UInt64(page + length) >> shift) << 16 | UInt64(Swift.min(pages, 0xFFFF))
             streams[slot].store(next, ordering: .relaxed)
             current.store(pages, ordering: .relaxed)
-            return try inner.fill(page, length: Int(length), context: context)
         }
-        let length = Swift.min(UInt(pages * ps), end - page)
         return try inner.fill(page, length: Int(length), context: context)
     }
 
