@@ -262,6 +262,28 @@ final class RemapTests: XCTestCase {
         XCTAssertTrue(h.failures().isEmpty, "\(h.failures().prefix(2))")
         XCTAssertEqual(h.stats().fallbacks, 0)
     }
+
+    /// AsyncWriteTracker keeps its range in the same type. Its fd asks for no REMAP events (no
+    /// handler would read them), so the kernel unregisters memory that mremap moves: the owner
+    /// drops that part from the range, and the tracker goes on scanning the rest.
+    func testAsyncWriteTrackerDropsTheRemappedPart() throws {
+        try require([.wpAsync, .wpUnpopulated])
+        let pages = 32, len = pages * ps, lo = 8, n = 8
+        let (old, tgt) = anonAndTarget(len, n * ps)
+        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), n * ps) }
+        memset(UnsafeMutableRawPointer(bitPattern: old)!, 1, len)
+        let t = try AsyncWriteTracker(start: old, length: len)
+        XCTAssertEqual(try t.collectPageCount(), 0)
+        XCTAssertEqual(remapFixed(old + UInt(lo * ps), n * ps, tgt), 0)
+        XCTAssertTrue(t.range.unmap(start: old + UInt(lo * ps), end: old + UInt((lo + n) * ps)))
+        XCTAssertEqual(t.range.segments.count, 2)
+        UnsafeMutablePointer<UInt8>(bitPattern: old)!.pointee = 2
+        UnsafeMutablePointer<UInt8>(bitPattern: tgt + UInt(2 * ps))!.pointee = 2 // no longer tracked
+        UnsafeMutablePointer<UInt8>(bitPattern: old + UInt((pages - 1) * ps))!.pointee = 2
+        let ranges = try t.collect()
+        XCTAssertEqual(ranges.map(\.lowerBound), [old, old + UInt((pages - 1) * ps)], "\(ranges)")
+        XCTAssertEqual(try t.collectPageCount(), 0, "re-protected by the scan")
+    }
 }
 
 /// mremap(2) of `[from, from+len)` to exactly `to`; 0 or -errno.

@@ -109,8 +109,9 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
 public final class AsyncWriteTracker: @unchecked Sendable {
     /// The userfaultfd (WP_ASYNC) the range is registered with.
     public let uffd: Userfaultfd
-    /// The tracked range. No handler reads this fd's events: after moving the memory with
-    /// mremap, tell the range (``ServedRange/remap(from:to:length:)``).
+    /// The tracked range. The fd asks for no REMAP events (no handler would read them), so the
+    /// kernel unregisters memory that mremap moves: after moving part of the range, drop it with
+    /// ``ServedRange/unmap(start:end:)`` (its old addresses), and ``collect(reprotect:)`` scans the rest.
     public let range: ServedRange
     private let pagemap: Int32
 
