@@ -61,6 +61,10 @@ struct PoisonCommand: ParsableCommand {
                 children.append(.object(["page": .int(page), "child": .string(result)]))
                 notes.lines.append("child        touched page \(page): \(result)")
             }
+            // A child dies as soon as its POISON ioctl returns, before its handler publishes the
+            // batch's counters: give the handlers a moment so the report counts every child.
+            let published = Date().addingTimeInterval(5)
+            while (s.handler!.stats().resolutions[.poison] ?? 0) < UInt64(sigbus) && Date() < published { usleep(1000) }
             notes.lines.insert("poisoned     pages \(chosen.map(String.init).joined(separator: ", ")) of \(count)", at: 0)
             notes.details["poisoned_pages"] = .array(chosen.map { .int($0) })
             notes.details["children"] = .array(children)
