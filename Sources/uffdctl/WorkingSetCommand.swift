@@ -162,7 +162,7 @@ final class WorkingSetSession: @unchecked Sendable {
         } catch {
             throw .usage("cannot read the source to identify the image: \(error)")
         }
-        batchBytes = try batch.map { b throws(CLIError) in try parseSize(b, option: "--prefetch-batch") } ?? (256 << 10)
+        batchBytes = try batch.map { b throws(CLIError) in try parseSize(b, option: "--prefetch-batch") } ?? max(256 << 10, pageSize)
         guard batchBytes >= pageSize else { throw .usage("--prefetch-batch \(formatBytes(batchBytes)) is smaller than a page (\(formatBytes(pageSize)))") }
         if let prefetch {
             let ws = try loadWorkingSet(prefetch)

@@ -200,17 +200,22 @@ final class PrefetchTests: XCTestCase {
         let s = try Session(region, features: [.eventFork], options: ho) { _ in
             KeepChild(CopyPolicy(region: region, source: source), child)
         }
+        var fds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&fds), 0)
         let pid = fork()
         if pid == 0 {
-            // The child touches nothing and leaves while the parent fills its memory.
-            usleep(50_000)
+            // The child touches nothing and leaves when told, while the parent fills its memory.
+            var b: UInt8 = 0
+            _ = read(fds[0], &b, 1)
             _exit(0)
         }
+        close(fds[0])
         XCTAssertGreaterThan(pid, 0)
         var waited = 0
         while child.value == nil && waited < 5000 { usleep(1000); waited += 1 }
         guard let childFD = child.value else {
             XCTFail("no fork event")
+            close(fds[1])
             var status: Int32 = 0
             waitpid(pid, &status, 0)
             return
@@ -219,11 +224,18 @@ final class PrefetchTests: XCTestCase {
         o.batchBytes = ps // one page per batch: slow enough to be mid-way when the child exits
         let p = try Prefetcher(uffd: childFD, range: ServedRange(region: region), source: source, workingSet: ws, options: o)
         try p.start()
+        // Mid-way: let the filler install some pages, then let the child exit.
+        var spins = 0
+        while p.stats().prefetchedPages < 200 && p.ending == nil && spins < 10_000 { usleep(500); spins += 1 }
+        var one: UInt8 = 1
+        _ = write(fds[1], &one, 1)
+        close(fds[1])
         XCTAssertTrue(p.wait(timeout: 30), "the filler did not end after the process exited")
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         let st = p.stats()
         XCTAssertEqual(st.ending, .processGone, "\(st)")
+        XCTAssertGreaterThanOrEqual(st.prefetchedPages, 200, "\(st)")
         XCTAssertLessThan(st.prefetchedPages, pages, "\(st)")
         _ = s.finish()
     }
