@@ -253,6 +253,33 @@ static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
     }
 }
 
+// A fault kept after EAGAIN is decided again (the event read meanwhile may have changed the
+// answer). When the new decision is the one that met EAGAIN, the kernel's partial progress
+// stands: go on at start+done instead of sending the done part again (which would end in EEXIST
+// on the first page and leave the rest unfilled).
+// Returns the bytes skipped (0: performed as decided).
+static uint64_t continue_partial(struct cuffd_resolution *r, const struct cuffd_resolution *prev) {
+    uint64_t done = prev->done > 0 ? (uint64_t)prev->done : 0;
+    if (!done || done >= prev->len || r->op != prev->op || r->dst != prev->dst || r->len != prev->len ||
+        r->src != prev->src || r->mode != prev->mode)
+        return 0;
+    r->dst += done;
+    r->len -= done;
+    if (r->op == CUFFD_OP_COPY || r->op == CUFFD_OP_MOVE) r->src += done;
+    return done;
+}
+
+// The decision a continued resolution came from, with all progress so far as `done`: what the
+// next round's decision is compared with.
+static struct cuffd_resolution as_decided(const struct cuffd_resolution *r, uint64_t skipped) {
+    struct cuffd_resolution d = *r;
+    d.dst -= skipped;
+    d.len += skipped;
+    if (d.op == CUFFD_OP_COPY || d.op == CUFFD_OP_MOVE) d.src -= skipped;
+    d.done = (int64_t)skipped + (r->done > 0 ? r->done : 0);
+    return d;
+}
+
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
 #define LOOP_CAP (2 * CUFFD_MAX_BATCH)
 // While stopping, the number of rounds that may still find messages before the loop gives up
@@ -262,6 +289,8 @@ static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
 int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats *st) {
     struct uffd_msg msgs[LOOP_CAP];
     struct cuffd_resolution res[LOOP_CAP];
+    struct cuffd_resolution kept_res[CUFFD_MAX_BATCH]; // what the kept faults met EAGAIN with
+    uint64_t skipped[CUFFD_MAX_BATCH];                 // progress carried into this round's kept faults
     uint8_t retry[LOOP_CAP] = {0};
     size_t batch = cfg->batch ? cfg->batch : 1;
     if (batch > CUFFD_MAX_BATCH) batch = CUFFD_MAX_BATCH;
@@ -318,6 +347,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);
         st->reads++;
         cfg->decide(cfg->ctx, msgs, res, total);
+        for (size_t i = 0; i < pending; i++) skipped[i] = continue_partial(&res[i], &kept_res[i]);
 
         size_t kept = 0;
         for (size_t i = 0; i < total; i++) {
@@ -334,6 +364,8 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 // The pending event (REMOVE, UNMAP, REMAP, FORK) must be read first; keep the
                 // fault for the next round. Overflow: wake it, it re-faults.
                 st->retries++;
+                // The bytes done before the EAGAIN are in place: count them now.
+                st->bytes += (uint64_t)(r->done > 0 ? r->done : 0);
                 r->outcome = CUFFD_OUTCOME_NONE;
                 r->error = EAGAIN;
                 if (!last_round && kept < CUFFD_MAX_BATCH) {
@@ -362,6 +394,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 if (!retry[i]) continue;
                 retry[i] = 0;
                 if (j != i) msgs[j] = msgs[i];
+                kept_res[j] = as_decided(&res[i], i < pending ? skipped[i] : 0);
                 j++;
             }
         }

@@ -27,6 +27,10 @@ final class FaultLoopTests: HugetlbReservingTestCase {
     /// A REMOVE queued behind a fault: the COPY gets EAGAIN, the loop reads the event and retries.
     func testLoopEAGAINRetryKeepsFault_anon() throws { try runCTest(cuffd_test_loop_eagain_retry, .anon) }
 
+    /// EAGAIN after partial progress (a COPY whose source faults while a REMOVE is queued): the
+    /// retry continues at start+done and the first attempt's bytes are counted.
+    func testLoopEAGAINAfterPartialProgressContinues_anon() throws { try runCTest(cuffd_test_loop_eagain_partial, .anon) }
+
     /// Two threads fault on one page: one COPY resolves, the other gets EEXIST, is woken and counted.
     func testLoopEEXISTWakesSecondFaulter_anon() throws { try runCTest(cuffd_test_loop_eexist_wakes, .anon) }
 
