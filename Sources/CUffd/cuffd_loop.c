@@ -3,6 +3,7 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -198,8 +199,6 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     return rc;
 }
 
-enum { CUFFD_OUTCOME_RETRY = 100 };
-
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
     int64_t done = 0;
@@ -280,6 +279,27 @@ static struct cuffd_resolution as_decided(const struct cuffd_resolution *r, uint
     return d;
 }
 
+// How long poll() may sleep: until the earliest deadline of the deferred fetches, if any.
+static int poll_timeout(const struct cuffd_loop_config *cfg) {
+    uint64_t dl = cuffd_deferred_next_deadline(cfg->deferred);
+    if (dl == UINT64_MAX) return -1;
+    uint64_t now = cuffd_now_ns();
+    if (dl <= now) return 0;
+    uint64_t ms = (dl - now + 999999) / 1000000;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+// Fetches past their deadline get the fallback; the owner hears of them through `complete`.
+static void expire_deferred(const struct cuffd_loop_config *cfg) {
+    struct uffd_msg m[8];
+    struct cuffd_resolution r[8];
+    size_t k;
+    do {
+        k = cuffd_deferred_expire(cfg->deferred, cuffd_now_ns(), m, r, 8);
+        if (k && cfg->complete) cfg->complete(cfg->ctx, m, r, k);
+    } while (k == 8);
+}
+
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
 #define LOOP_CAP (2 * CUFFD_MAX_BATCH)
 // While stopping, the number of rounds that may still find messages before the loop gives up
@@ -315,7 +335,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                     if (poll(&sp, 1, 0) > 0 && (sp.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) stopping = true;
                 }
             } else {
-                int rc = poll(pfd, npfd, -1);
+                int rc = poll(pfd, npfd, cfg->deferred ? poll_timeout(cfg) : -1);
                 if (rc < 0) {
                     if (errno == EINTR) continue;
                     return -errno;
@@ -326,6 +346,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 if ((pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLIN)) return 0;
             }
         }
+        if (cfg->deferred) expire_deferred(cfg);
         size_t room = LOOP_CAP - pending;
         if (room > batch) room = batch;
         ssize_t n = room ? cuffd_read_msgs(cfg->uffd, msgs + pending, room) : 0;
@@ -358,6 +379,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 continue;
             }
             if (r->op < CUFFD_OP_COUNT) st->ops[r->op]++;
+            if (r->op == CUFFD_OP_DEFER) {
+                // The decider claimed the range in the in-flight table: its finisher (or the
+                // deadline, or a cancel) wakes this thread.
+                r->outcome = CUFFD_OUTCOME_DEFERRED;
+                r->end_ns = now;
+                continue;
+            }
             int outcome = cuffd_resolve_one(cfg->uffd, &msgs[i], r, cfg->fallback, cfg->features);
             r->end_ns = cuffd_now_ns();
             if (outcome == CUFFD_OUTCOME_RETRY) {
