@@ -15,6 +15,7 @@ enum { E_FREE = 0, E_IN_FLIGHT, E_BUSY };
 
 struct entry {
     uint64_t dst, len, deadline_ns, start_ns;
+    uint64_t page;         // page size of the range's memory: what an EEXIST skips
     uint32_t gen;          // bumped when the entry is freed: tokens of earlier fetches go stale
     uint32_t state;
     uint32_t ended_gen;    // the generation that ended last, and why (errno), for late finishes
@@ -94,9 +95,10 @@ static void recompute_deadline(struct cuffd_deferred *d) {
 }
 
 int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, uint64_t dst,
-                         uint64_t len, uint64_t deadline_ns, uint64_t *token) {
+                         uint64_t len, uint64_t page_size, uint64_t deadline_ns, uint64_t *token) {
     if (!d || !msg || !token) return -EINVAL;
-    uint64_t ps = cuffd_page_size();
+    uint64_t ps = page_size ? page_size : cuffd_page_size();
+    if (ps & (ps - 1)) return -EINVAL;
     uint64_t a = msg->arg.pagefault.address;
     if (!len || ((dst | len) & (ps - 1)) || a < dst || a - dst >= len) return -EINVAL;
     pthread_mutex_lock(&d->mu);
@@ -128,6 +130,7 @@ int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, u
     x->dst = dst;
     x->len = len;
     x->deadline_ns = deadline_ns;
+    x->page = ps;
     x->start_ns = cuffd_now_ns();
     x->state = E_IN_FLIGHT;
     x->late_joins = 0;
@@ -200,33 +203,50 @@ static void count(struct cuffd_deferred *d, int outcome, const struct cuffd_reso
     if (r->op == CUFFD_OP_COPY && r->done > 0) d->st.bytes += (uint64_t)r->done;
 }
 
-// Performs `r` for a claimed entry with the loop's outcome model. EAGAIN with no progress means
-// an event is unread: a reader drains it; wait and go on from start+done until the deadline or
-// a cancel, then wake the range (its threads re-fault and are asked again).
+// Performs `r` for a claimed entry with the loop's outcome model. EEXIST on a COPY: someone
+// filled that page; keep it and go on with the rest (copying the whole range again on every
+// re-fault would meet the same page first, forever). EAGAIN with no progress means an event is
+// unread: a reader drains it; wait and go on from where it stopped until the deadline or a
+// cancel, then wake the range (its threads re-fault and are asked again).
 static int perform_claimed(struct cuffd_deferred *d, struct entry *x, struct cuffd_resolution *r,
                            uint64_t *retries) {
-    uint64_t dst = r->dst, len = r->len, src = r->src;
-    int64_t total = 0;
-    for (unsigned spin = 0;; spin++) {
-        int outcome = cuffd_resolve_one(d->uffd, &x->msg, r, d->fallback, d->features);
-        if (r->done > 0) total += r->done;
-        if (outcome != CUFFD_OUTCOME_RETRY) {
-            r->dst = dst, r->len = len, r->src = src, r->done = total;
-            return outcome;
+    const uint64_t dst = r->dst, len = r->len, src = r->src;
+    uint64_t pos = 0;
+    int64_t copied = 0;
+    bool existed = false;
+    int outcome;
+    for (unsigned spin = 0;;) {
+        r->dst = dst + pos;
+        r->len = len - pos;
+        if (r->op == CUFFD_OP_COPY) r->src = src + pos;
+        outcome = cuffd_resolve_one(d->uffd, &x->msg, r, d->fallback, d->features);
+        if (r->done > 0) {
+            pos += (uint64_t)r->done;
+            copied += r->done;
         }
+        if (outcome == CUFFD_OUTCOME_EXISTED && r->op == CUFFD_OP_COPY) {
+            existed = true;
+            pos += x->page;
+            if (pos < len) continue;
+            outcome = CUFFD_OUTCOME_RESOLVED;
+        }
+        if (outcome != CUFFD_OUTCOME_RETRY) break;
         (*retries)++;
         if (atomic_load_explicit(&d->closed, memory_order_relaxed) || cuffd_now_ns() >= x->deadline_ns) {
             cuffd_wake(d->uffd, dst, len);
-            r->dst = dst, r->len = len, r->src = src, r->done = total;
             r->error = EAGAIN;
-            return CUFFD_OUTCOME_FAILED;
+            outcome = CUFFD_OUTCOME_FAILED;
+            break;
         }
-        r->dst = dst + (uint64_t)total;
-        r->len = len - (uint64_t)total;
-        if (r->op == CUFFD_OP_COPY) r->src = src + (uint64_t)total;
-        if (spin < 64) sched_yield();
+        if (spin++ < 64) sched_yield();
         else usleep(100);
     }
+    r->dst = dst, r->len = len, r->src = src, r->done = copied;
+    if (existed && outcome == CUFFD_OUTCOME_RESOLVED) {
+        outcome = CUFFD_OUTCOME_EXISTED;
+        r->error = EEXIST;
+    }
+    return outcome;
 }
 
 static int finish(struct cuffd_deferred *d, uint64_t token, uint32_t op, uint64_t src, int error,

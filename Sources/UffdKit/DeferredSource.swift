@@ -62,7 +62,7 @@ public struct DeferredCopyPolicy: FaultPolicy {
         let chunk = source.chunkSize
         let offset = Int(fault.address - destination) / chunk * chunk
         let end = Swift.min(offset + chunk, (source.length + pageSize - 1) / pageSize * pageSize)
-        switch try context.deferFill(destination + UInt(offset), length: end - offset) {
+        switch try context.deferFill(destination + UInt(offset), length: end - offset, pageSize: pageSize) {
         case .fetch(let f): source.fetch(offset: offset, length: end - offset, into: f)
         case .joined: break
         }

@@ -58,8 +58,8 @@ public enum Deferral: Sendable {
 public enum DeferredOutcome: Sendable, Hashable {
     /// The bytes were copied in and every waiting thread woken.
     case resolved
-    /// Some page of the range was filled by someone else first (EEXIST): the rest was woken
-    /// (its threads re-fault and are asked again) and the fetch counted as done.
+    /// Some page of the range was filled by someone else first (EEXIST): that page was kept,
+    /// the rest copied in, every waiter woken; counted in ``HandlerStats/existed``.
     case existed
     /// The range or the process is gone (ENOENT/ESRCH): woken.
     case gone
@@ -133,7 +133,8 @@ public struct DeferredFetch: Sendable {
 
 extension FaultContext {
     /// Leaves the fault being decided waiting for bytes that arrive later: claims
-    /// `[start, start+length)` (page-aligned, containing the fault) in the handler's table of
+    /// `[start, start+length)` (aligned to `pageSize`, the memory's page size; containing the
+    /// fault) in the handler's table of
     /// fetches in flight. Return ``Resolution/deferred`` for the fault afterwards. For
     /// ``Deferral/fetch(_:)`` start the fetch (without blocking this reader thread) and finish
     /// it once; ``Deferral/joined`` means a fetch of the range is already on its way.
@@ -144,13 +145,13 @@ extension FaultContext {
     ///   ranges are in flight (resolve synchronously, or throw to get the fallback), ESHUTDOWN when
     ///   the handler is stopping, EINVAL for a range that does not contain the fault, ENOTSUP
     ///   outside a handler or with deferral disabled.
-    public func deferFill(_ start: UInt, length: Int) throws(UffdError) -> Deferral {
+    public func deferFill(_ start: UInt, length: Int, pageSize: Int = basePageSize) throws(UffdError) -> Deferral {
         guard let table = deferredTable, let message else {
             throw UffdError(.handler, .notSupported, detail: "deferred resolution needs a FaultHandler with maxDeferredFetches > 0")
         }
         var token: UInt64 = 0
         let deadline = cuffd_now_ns() &+ table.deadlineNanos
-        let rc = cuffd_deferred_begin(table.raw, message, UInt64(start), UInt64(length), deadline, &token)
+        let rc = cuffd_deferred_begin(table.raw, message, UInt64(start), UInt64(length), UInt64(pageSize), deadline, &token)
         switch rc {
         case 1: return .fetch(DeferredFetch(table: table, token: token, address: start, length: length))
         case 0: return .joined

@@ -261,7 +261,7 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
 //   owner (stop)                 cuffd_deferred_cancel: wake every range in flight
 //
 // Finishing performs UFFDIO_COPY of the whole range with the loop's outcome model: EEXIST ->
-// the rest is woken and counted; EAGAIN (no progress) -> waits for a reader to drain the event
+// that page is kept, the rest copied, the outcome counted as EXISTED; EAGAIN (no progress) -> waits for a reader to drain the event
 // and goes on from start+done, up to the deadline; any failure (and _fail) -> the fallback on
 // the range. Every thread waiting in the range is woken by that one COPY (or fallback): joiners
 // cost nothing. A token finishes at most once; a late or second finish returns -ETIMEDOUT
@@ -299,12 +299,12 @@ int cuffd_deferred_create(int uffd, uint32_t capacity, int fallback, uint64_t fe
 /// Cancels what is in flight (as cuffd_deferred_cancel) and frees the table.
 void cuffd_deferred_destroy(struct cuffd_deferred *d);
 
-/// Claims `[dst, dst+len)` (page-aligned, containing the fault of `msg`) for a fetch due by
-/// `deadline_ns` (CLOCK_MONOTONIC). Returns 1: new, the caller must finish `*token` exactly
+/// Claims `[dst, dst+len)` (aligned to `page_size`, the memory's page size, 0: the base page;
+/// containing the fault of `msg`) for a fetch due by `deadline_ns` (CLOCK_MONOTONIC). Returns 1: new, the caller must finish `*token` exactly
 /// once; 0: the fault's page is inside a range in flight, joined it (`*token` is that range's);
 /// -ENOSPC: `capacity` ranges in flight; -ESHUTDOWN: cancelled; -EINVAL: bad range.
 int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, uint64_t dst,
-                         uint64_t len, uint64_t deadline_ns, uint64_t *token);
+                         uint64_t len, uint64_t page_size, uint64_t deadline_ns, uint64_t *token);
 
 /// The bytes of `token`'s range are at `src` (len bytes): UFFDIO_COPY them and wake every
 /// waiter. Returns the outcome (enum cuffd_outcome) or -ETIMEDOUT/-ECANCELED/-ESTALE (nothing
