@@ -244,11 +244,11 @@ static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
         else if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) st->faults_minor++;
         else st->faults_missing++;
         break;
-    case UFFD_EVENT_FORK: st->events[0]++; break;
-    case UFFD_EVENT_REMAP: st->events[1]++; break;
-    case UFFD_EVENT_REMOVE: st->events[2]++; break;
-    case UFFD_EVENT_UNMAP: st->events[3]++; break;
-    default: st->events[4]++; break;
+    case UFFD_EVENT_FORK: st->events[CUFFD_EVENT_SLOT_FORK]++; break;
+    case UFFD_EVENT_REMAP: st->events[CUFFD_EVENT_SLOT_REMAP]++; break;
+    case UFFD_EVENT_REMOVE: st->events[CUFFD_EVENT_SLOT_REMOVE]++; break;
+    case UFFD_EVENT_UNMAP: st->events[CUFFD_EVENT_SLOT_UNMAP]++; break;
+    default: st->events[CUFFD_EVENT_SLOT_OTHER]++; break;
     }
 }
 

@@ -79,11 +79,14 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         missingFaults += s.faults_missing
         writeProtectFaults += s.faults_wp
         minorFaults += s.faults_minor
-        forkEvents += s.events.0
-        remapEvents += s.events.1
-        removeEvents += s.events.2
-        unmapEvents += s.events.3
-        otherEvents += s.events.4
+        withUnsafeBytes(of: s.events) { raw in
+            let ev = raw.bindMemory(to: UInt64.self)
+            forkEvents += ev[Int(CUFFD_EVENT_SLOT_FORK.rawValue)]
+            remapEvents += ev[Int(CUFFD_EVENT_SLOT_REMAP.rawValue)]
+            removeEvents += ev[Int(CUFFD_EVENT_SLOT_REMOVE.rawValue)]
+            unmapEvents += ev[Int(CUFFD_EVENT_SLOT_UNMAP.rawValue)]
+            otherEvents += ev[Int(CUFFD_EVENT_SLOT_OTHER.rawValue)]
+        }
         withUnsafeBytes(of: s.ops) { raw in
             let ops = raw.bindMemory(to: UInt64.self)
             for (i, c) in ops.enumerated() where c != 0 {

@@ -354,8 +354,8 @@ int cuffd_test_loop_eagain_retry(int kind, char *msg, size_t msglen) {
     const struct cuffd_loop_stats *s = &l.st;
     CT_CHECK(s->retries >= 1, "no EAGAIN retry counted: the race was not exercised (reads %llu)",
              (unsigned long long)s->reads);
-    CT_CHECK(s->events[2] == 1 && s->faults_missing == 1, "stats: %llu REMOVE events, %llu faults",
-             (unsigned long long)s->events[2], (unsigned long long)s->faults_missing);
+    CT_CHECK(s->events[CUFFD_EVENT_SLOT_REMOVE] == 1 && s->faults_missing == 1, "stats: %llu REMOVE events, %llu faults",
+             (unsigned long long)s->events[CUFFD_EVENT_SLOT_REMOVE], (unsigned long long)s->faults_missing);
     CT_CHECK(s->ops[CUFFD_OP_COPY] == 1 + s->retries && s->bytes == f.ps && s->fallbacks == 0 && s->failures == 0,
              "stats: COPY ops %llu retries %llu bytes %llu fallbacks %llu failures %llu",
              (unsigned long long)s->ops[CUFFD_OP_COPY], (unsigned long long)s->retries,

@@ -189,6 +189,16 @@ typedef void (*cuffd_decide_fn)(void *ctx, const struct uffd_msg *msgs,
 typedef void (*cuffd_complete_fn)(void *ctx, const struct uffd_msg *msgs,
                                   const struct cuffd_resolution *res, size_t n);
 
+/// Where each event kind is counted in cuffd_loop_stats.events.
+enum cuffd_event_slot {
+    CUFFD_EVENT_SLOT_FORK = 0,
+    CUFFD_EVENT_SLOT_REMAP,
+    CUFFD_EVENT_SLOT_REMOVE,
+    CUFFD_EVENT_SLOT_UNMAP,
+    CUFFD_EVENT_SLOT_OTHER,
+    CUFFD_EVENT_SLOTS
+};
+
 /// Counters of one loop; each thread running a loop passes its own (no sharing, no locks).
 struct cuffd_loop_stats {
     uint64_t reads;            ///< read() calls that returned messages
@@ -196,7 +206,7 @@ struct cuffd_loop_stats {
     uint64_t faults_missing;
     uint64_t faults_wp;
     uint64_t faults_minor;
-    uint64_t events[5];        ///< FORK, REMAP, REMOVE, UNMAP, other
+    uint64_t events[CUFFD_EVENT_SLOTS]; ///< by enum cuffd_event_slot
     uint64_t ops[CUFFD_OP_COUNT];
     uint64_t bytes;            ///< bytes resolved
     uint64_t existed;          ///< EEXIST outcomes
