@@ -48,3 +48,33 @@ final class ConstantsTests: XCTestCase {
         XCTAssertEqual(RegisterMode([.missing, .minor]).description, "missing|minor")
     }
 }
+
+/// Userfaultfd's per-range ioctl query and fd adoption.
+final class RangeIoctlProbeTests: XCTestCase {
+    func testProbeRangeIoctlsPerMemoryKind() throws {
+        let offered = try Userfaultfd.probe()
+        let anon = try Userfaultfd.probeRangeIoctls(for: .anonymous())
+        XCTAssertTrue(anon.isSuperset(of: [.copy, .zeropage, .wake]), "\(anon)")
+        XCTAssertFalse(anon.contains(.continue), "anonymous memory has no page cache: \(anon)")
+        if offered.contains(.move) { XCTAssertTrue(anon.contains(.move), "\(anon)") }
+        if offered.contains(.pagefaultFlagWP) { XCTAssertTrue(anon.contains(.writeProtect), "\(anon)") }
+        let shmem = try Userfaultfd.probeRangeIoctls(for: .shmem)
+        XCTAssertTrue(shmem.isSuperset(of: [.copy, .zeropage, .wake]), "\(shmem)")
+        if offered.contains(.minorShmem) { XCTAssertTrue(shmem.contains(.continue), "\(shmem)") }
+    }
+
+    func testAdoptedFdServesLikeTheOriginal() throws {
+        let opened = try Userfaultfd(features: [.exactAddress])
+        let fd = dup(opened.fd)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        let adopted = Userfaultfd(adopting: fd, features: opened.features)
+        XCTAssertEqual(adopted.features, opened.features)
+        XCTAssertTrue(adopted.ioctls.isSuperset(of: [.register, .unregister, .api]))
+        let r = try MappedRegion(.anonymous(), length: 2 * basePageSize)
+        let mask = try adopted.register(r, modes: .missing)
+        XCTAssertTrue(mask.contains(.copy))
+        XCTAssertEqual(try adopted.zeropage(r.address, length: basePageSize), basePageSize)
+        adopted.close()
+        XCTAssertEqual(adopted.fd, -1)
+    }
+}
