@@ -269,7 +269,7 @@ static int finish(struct cuffd_deferred *d, uint64_t token, uint32_t op, uint64_
     pthread_mutex_lock(&d->mu);
     count(d, outcome, &r);
     d->st.retries += retries;
-    bool late = release(d, x, 0);
+    bool late = release(d, x, EALREADY);
     pthread_mutex_unlock(&d->mu);
     if (late) cuffd_wake(d->uffd, dst, len);
     if (res_out) *res_out = r;
