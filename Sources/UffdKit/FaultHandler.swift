@@ -54,7 +54,8 @@ public final class FaultHandler: Sendable {
 
     /// What to do with the child's userfaultfd of a fork event.
     public enum ForkHandling: Sendable {
-        /// Run a handler with the same policy and options for the child.
+        /// Run a handler with the same options for the child, and the policy's
+        /// ``FaultPolicy/forkedChild()`` (the same policy unless it keeps per-address-space state).
         case serveWithSamePolicy
         /// Close it unless the policy kept it: the child's faults then resolve normally
         /// (anonymous memory reads as zeros).

@@ -61,7 +61,7 @@ final class HandlerSink: Sendable {
 
     func adopt(child: Userfaultfd, policy: any FaultPolicy) {
         guard case .serveWithSamePolicy = options.forkHandling else { return }
-        let h = FaultHandler(uffd: child, policy: policy, options: options)
+        let h = FaultHandler(uffd: child, policy: policy.forkedChild(), options: options)
         do {
             try h.start()
             kids.withLock { $0.append(h) }

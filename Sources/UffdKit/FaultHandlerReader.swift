@@ -1,6 +1,7 @@
 import CUffd
 import Histogram
 import Synchronization
+import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -197,8 +198,18 @@ final class Reader: @unchecked Sendable {
     @inline(never)
     func reportFailures(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
         for i in 0..<n {
+            let o = res[i].outcome
+            guard o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
             let policyError = pendingErrors.first(where: { $0.0 == i })?.1
-            sink.report(msgs[i], res[i], features: features, policyError: policyError)
+            // The policy undoes what it marked when it decided (e.g. a granule "moving").
+            let r = res[i]
+            let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+            let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
+                                        length: Int(r.len), source: UInt(r.src), mode: r.mode)
+            var ctx = context
+            ctx.batchIndex = i
+            policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
+            sink.report(msgs[i], r, features: features, policyError: policyError)
         }
         pendingErrors.removeAll(keepingCapacity: true)
     }
