@@ -30,7 +30,7 @@ import Musl
 ///   the batch's latencies under its own, otherwise uncontended, lock; ``stats()`` merges them.
 ///
 /// The pieces: this file is the lifecycle; `FaultHandlerReader.swift` the reader threads and
-/// their trampolines; `FaultHandlerRun.swift` the descriptors of one run; 
+/// their trampolines; `FaultHandlerRun.swift` the descriptors of one run;
 /// `FaultHandlerFailures.swift` failure delivery; `FaultHandlerDeferred.swift` deferral.
 public final class FaultHandler: Sendable {
     /// What happens to a fault the policy or the ioctl could not resolve (`enum cuffd_fallback`).

@@ -232,8 +232,8 @@ struct cuffd_loop_config {
     cuffd_complete_fn complete; ///< may be NULL
     void *ctx;
     /// The in-flight table OP_DEFER answers use (NULL: none). The loop wakes for its deadlines
-    /// and applies the fallback to fetches that missed them, passing each to `complete` as a
-    /// one-message batch (the fetch's first fault, op DEFER, error ETIMEDOUT).
+    /// and applies the fallback to fetches that missed them, passing them to `complete` in
+    /// batches of their own (each fetch's first fault; op DEFER, error ETIMEDOUT).
     struct cuffd_deferred *deferred;
 };
 
@@ -245,14 +245,18 @@ struct cuffd_loop_config {
 /// On stop, everything already queued is still read and resolved through `decide` (with the
 /// fallback on failure) before the function returns, so no thread that faulted before the
 /// stop is left blocked. Faults that arrive later stay queued on the fd until a loop runs
-/// again or the fd is closed (closing wakes them and they fault normally).
+/// again or the fd is closed (closing wakes them and they fault normally). Faults answered
+/// with OP_DEFER are not waited for: the owner cancels (cuffd_deferred_cancel) or finishes them.
+/// A fault kept after EAGAIN is decided again; if the decider answers the same resolution, it
+/// goes on from where the kernel stopped (the done bytes are counted once).
 /// Returns 0; -EINVAL when the uffd never had its UFFDIO_API handshake; -EBADF when it is not
 /// an open fd; -errno when poll/read failed for another reason.
 int cuffd_loop_run(const struct cuffd_loop_config *config, struct cuffd_loop_stats *stats);
 
 /// Performs one resolution with the loop's semantics (EEXIST -> wake, partial -> continue,
 /// failure -> fallback). `msg` is the fault it answers (for the fallback), may be NULL.
-/// Returns the outcome; fills res->done / res->error.
+/// Returns the outcome, CUFFD_OUTCOME_RETRY for EAGAIN with no progress (nothing was woken:
+/// drain events, then go on from dst + done); fills res->done / res->error.
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features);
 
