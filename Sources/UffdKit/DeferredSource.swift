@@ -12,6 +12,9 @@ import CUffd
 /// - Finish every request exactly once, from any thread: ``DeferredFetch/deliver(_:)`` with
 ///   exactly `length` bytes, or ``DeferredFetch/fail(_:)`` with the error (the handler's
 ///   fallback then unblocks the faulting threads and the error reaches the handler's owner).
+///   The fallback covers the whole chunk: with `.poison` every page of it raises SIGBUS when
+///   touched, with `.zeroFill` it reads zeros, with `.wake` its threads re-fault and the chunk
+///   is requested again.
 ///   Never deliver bytes you are not sure of (a short read, a changed object): fail instead.
 /// - A request may outlive its usefulness: after the handler's deadline
 ///   (``FaultHandler/Options/deferredDeadline``) or a ``FaultHandler/stop()``, finishing it
