@@ -100,7 +100,13 @@ final class UserfaultfdTests: XCTestCase {
         try u.register(r, modes: .writeProtect)
         try u.writeProtect(r.address, length: r.length)
         try u.unprotect(r.address, length: r.length)
-        memset(r.pointer, 2, r.length) // would block forever if still protected
+        // Still protected, the write would block: the watchdog closes the fd (which releases
+        // the writer) and fails the test instead of hanging the suite.
+        let p = UInt(bitPattern: r.pointer), len = r.length
+        let ok = withWatchdog(20, onTimeout: { u.close() }) {
+            memset(UnsafeMutableRawPointer(bitPattern: p)!, 2, len)
+        }
+        XCTAssertTrue(ok, "the write after unprotect blocked")
         XCTAssertEqual(r.pointer.load(as: UInt8.self), 2)
     }
 
