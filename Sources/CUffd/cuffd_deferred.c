@@ -231,7 +231,7 @@ static int perform_claimed(struct cuffd_deferred *d, struct entry *x, struct cuf
             outcome = CUFFD_OUTCOME_RESOLVED;
         }
         if (outcome != CUFFD_OUTCOME_RETRY) break;
-        (*retries)++;
+        if (spin == 0) (*retries)++; // one wait, however many polls it takes
         if (atomic_load_explicit(&d->closed, memory_order_relaxed) || cuffd_now_ns() >= x->deadline_ns) {
             cuffd_wake(d->uffd, dst, len);
             r->error = EAGAIN;

@@ -252,6 +252,103 @@ final class DeferredResolutionTests: XCTestCase {
         XCTAssertEqual(memcmp(rest, src.data + page, chunk - page), 0, "the rest of the chunk")
     }
 
+    /// Single flight holds across readers: with two readers the faults on one chunk still
+    /// make one request.
+    func testSingleFlightAcrossTwoReaders() throws {
+        let r = try MappedRegion(.anonymous(), length: 4 * chunk)
+        let src = TestSource(length: 4 * chunk, chunkSize: chunk, mode: .hold)
+        let s = try session(r, src) { $0.readers = 2 }
+        let base = r.address, page = self.page
+        let finished = s.run(30) {
+            let group = DispatchGroup()
+            for i in 0..<4 {
+                group.enter()
+                Thread.detachNewThread {
+                    _ = readByte(base + UInt(i * page))
+                    group.leave()
+                }
+            }
+            XCTAssertTrue(eventually { s.handler.stats().deferredJoined == 3 })
+            XCTAssertEqual(src.finishHeld(), [.resolved])
+            XCTAssertEqual(group.wait(timeout: .now() + 10), .success)
+        }
+        XCTAssertTrue(finished)
+        XCTAssertEqual(src.requests.load(ordering: .relaxed), 1)
+        XCTAssertEqual(s.finish().deferredFetches, 1)
+    }
+
+    /// A delivery while an event is unread (a REMOVE queued behind a reader that is busy) meets
+    /// EAGAIN: it waits for the reader to drain the event and then completes; nothing is lost.
+    func testDeliveryMeetingEAGAINWaitsForTheEventToBeDrained() throws {
+        try require([.eventRemove])
+        let len = 8 * chunk
+        let r = try MappedRegion(.anonymous(), length: len)
+        let src = TestSource(length: len, chunkSize: chunk, mode: .hold)
+        /// Defers chunk 0..5; a fault in chunk 7 blocks the (single) reader until released.
+        final class Gate: FaultPolicy, @unchecked Sendable {
+            let inner: DeferredCopyPolicy
+            let blocker: UInt
+            let entered = Atomic<Bool>(false)
+            let release = DispatchSemaphore(value: 0)
+            init(_ inner: DeferredCopyPolicy, blocker: UInt) { self.inner = inner; self.blocker = blocker }
+            func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+                if fault.address >= blocker {
+                    // Only the first time: its ZEROPAGE meets EAGAIN too, and the retry is
+                    // decided again.
+                    if !entered.exchange(true, ordering: .acquiringAndReleasing) { _ = release.wait(timeout: .now() + 20) }
+                    return .zeropage()
+                }
+                return try inner.resolve(fault, context: context)
+            }
+        }
+        let gate = Gate(DeferredCopyPolicy(destination: r.address, source: src), blocker: r.address + UInt(7 * chunk))
+        var o = FaultHandler.Options()
+        o.fallback = .zeroFill
+        let s = try Session(r, features: [.eventRemove], options: o) { _ in gate }
+        let base = r.address, chunk = self.chunk
+        // A populated page for MADV_DONTNEED to remove (the REMOVE event).
+        let filler = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { filler.deallocate() }
+        memset(filler, 7, chunk)
+        _ = try s.uffd.copy(to: base + UInt(6 * chunk), from: UInt(bitPattern: filler), length: chunk)
+        let outcome = Mutex<DeferredOutcome?>(nil)
+        let finished = s.run(30) {
+            let waiter = Atomic<Bool>(false)
+            Thread.detachNewThread {
+                _ = readByte(base + 3)
+                waiter.store(true, ordering: .releasing)
+            }
+            XCTAssertTrue(eventually { src.requests.load(ordering: .relaxed) == 1 })
+            Thread.detachNewThread { _ = readByte(base + UInt(7 * chunk)) }
+            XCTAssertTrue(eventually { gate.entered.load(ordering: .acquiring) }, "the reader is not busy")
+            let removed = Atomic<Bool>(false)
+            Thread.detachNewThread {
+                madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(6 * chunk)), chunk, MADV_DONTNEED)
+                removed.store(true, ordering: .releasing)
+            }
+            usleep(200_000) // the REMOVE is queued and unread: the mm is "changing"
+            XCTAssertFalse(removed.load(ordering: .acquiring), "MADV_DONTNEED should wait for its event to be read")
+            let delivered = Atomic<Bool>(false)
+            Thread.detachNewThread {
+                let o = src.finishHeld().first
+                outcome.withLock { $0 = o }
+                delivered.store(true, ordering: .releasing)
+            }
+            usleep(100_000)
+            XCTAssertFalse(delivered.load(ordering: .acquiring), "the delivery should wait for the event to be drained")
+            gate.release.signal()
+            XCTAssertTrue(eventually { delivered.load(ordering: .acquiring) && removed.load(ordering: .acquiring) })
+            XCTAssertTrue(eventually { waiter.load(ordering: .acquiring) }, "the waiting thread was not woken")
+        }
+        XCTAssertTrue(finished)
+        XCTAssertEqual(outcome.withLock { $0 }, .resolved)
+        XCTAssertEqual(memcmp(UnsafeRawPointer(bitPattern: base)!, src.data, chunk), 0)
+        let st = s.finish()
+        // One for the delivery's wait, one or more for the blocker's ZEROPAGE kept by the loop.
+        XCTAssertGreaterThanOrEqual(st.retries, 2, "EAGAIN was not met: the race was not exercised")
+        XCTAssertEqual(st.removeEvents, 1)
+    }
+
     /// deferFill outside a handler (no table) is refused with a clear error, not a crash.
     func testDeferFillOutsideAHandlerIsRefused() {
         let ctx = FaultContext(fd: -1, features: [])

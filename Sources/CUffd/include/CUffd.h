@@ -294,7 +294,7 @@ struct cuffd_deferred_stats {
     uint64_t bytes;       ///< bytes filled by complete
     uint64_t existed;     ///< completes that met EEXIST (someone filled part of it): woken
     uint64_t gone;        ///< completes that met ENOENT/ESRCH: woken
-    uint64_t retries;     ///< EAGAIN (no progress) met by complete and waited out
+    uint64_t retries;     ///< finishes that met EAGAIN (no progress) and waited for the event to be read
     uint64_t fallbacks;   ///< failed/expired ranges resolved by the fallback
     uint64_t failures;    ///< ... where the fallback failed too (woken to re-fault)
     uint64_t expired;     ///< ranges that missed their deadline
