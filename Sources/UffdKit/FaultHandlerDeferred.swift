@@ -1,4 +1,6 @@
 import CUffd
+import Histogram
+import Synchronization
 import SystemPackage
 
 #if canImport(Glibc)
@@ -15,6 +17,9 @@ final class DeferredTable: @unchecked Sendable {
     let sink: HandlerSink
     let features: Features
     let deadlineNanos: UInt64
+    /// From claiming a range to finishing it, one sample per finished fetch (finishes run on
+    /// any thread: a lock per fetch, never per fault).
+    let latency = Mutex(HandlerStats.makeHistogram())
 
     init(uffd: Int32, options: FaultHandler.Options, features: Features, sink: HandlerSink) throws(UffdError) {
         var p: OpaquePointer? = nil
@@ -37,10 +42,12 @@ final class DeferredTable: @unchecked Sendable {
         var d = cuffd_deferred_stats()
         cuffd_deferred_get_stats(raw, &d)
         s.add(d)
+        latency.withLock { s.latency.add($0) }
     }
 
-    /// Reports a finish that ended in the fallback (or worse) to the owner.
-    func report(_ m: uffd_msg, _ r: cuffd_resolution, error: (any Error)?) {
+    /// Records a finish and reports it to the owner when it ended in the fallback (or worse).
+    func finished(_ m: uffd_msg, _ r: cuffd_resolution, error: (any Error)?) {
+        latency.withLock { _ = $0.record(r.end_ns &- r.start_ns) }
         sink.report(m, r, features: features, policyError: error)
     }
 }
@@ -113,7 +120,7 @@ public struct DeferredFetch: Sendable {
         var m = uffd_msg()
         var r = cuffd_resolution()
         let rc = cuffd_deferred_complete(table.raw, token, UInt64(UInt(bitPattern: base)), &m, &r)
-        if rc > 0 { table.report(m, r, error: nil) }
+        if rc > 0 { table.finished(m, r, error: nil) }
         return DeferredOutcome(rc)
     }
 
@@ -126,7 +133,7 @@ public struct DeferredFetch: Sendable {
         var m = uffd_msg()
         var r = cuffd_resolution()
         let rc = cuffd_deferred_fail(table.raw, token, e, &m, &r)
-        if rc > 0 { table.report(m, r, error: error) }
+        if rc > 0 { table.finished(m, r, error: error) }
         return DeferredOutcome(rc)
     }
 }

@@ -57,7 +57,8 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
     /// Deferred fetches in flight when the stats were taken.
     public var deferredInFlight: UInt64 = 0
     /// Nanoseconds from reading a fault's batch to the end of its resolution, one sample per
-    /// resolution.
+    /// resolution; for a deferred fetch, from claiming its range to finishing it (one sample
+    /// per fetch, however many faults joined it).
     public var latency: Histogram<UInt64> = HandlerStats.makeHistogram()
 
     /// Creates empty stats.

@@ -122,6 +122,7 @@ final class DeferredResolutionTests: XCTestCase {
         let st = s.finish()
         XCTAssertEqual(st.deferredFetches, 16)
         XCTAssertEqual(st.deferredResolved, 16)
+        XCTAssertEqual(st.latency.totalCount, 16, "one latency sample per fetch")
         XCTAssertEqual(st.bytes, UInt64(len))
         XCTAssertEqual(st.resolutions[.deferred], st.faults)
         XCTAssertEqual(st.fallbacks + st.failures, 0)
