@@ -117,40 +117,6 @@ public final class Userfaultfd: Sendable {
         return Features(rawValue: f)
     }
 
-    /// The ioctls the kernel offers on a registered range of `kind` (what `cuffd_register`
-    /// reports for a probe registration): a throwaway fd with every offered non-event feature,
-    /// a small region of that memory registered with every mode the kernel accepts for it
-    /// (MISSING, plus WP and MINOR where available). Nothing stays open or mapped.
-    /// - Throws: ``UffdError`` `.open`/`.api` (no userfaultfd), `.map` (e.g. no huge pages
-    ///   reserved for hugetlb), `.register` (the memory cannot be registered at all).
-    public static func probeRangeIoctls(for kind: MappedRegion.Kind) throws(UffdError) -> Ioctls {
-        let offered = try probe()
-        // No event features: with EVENT_UNMAP the unmapping below would wait for a reader.
-        let unwanted: Features = [.allEvents, .sigbus, .wpAsync]
-        let known = Features(rawValue: UInt64(CUFFD_KNOWN_FEATURES))
-        let uffd = try Userfaultfd(features: offered.intersection(known).subtracting(unwanted),
-                                   options: [.nonBlocking, .kernelFaults])
-        let length: Int
-        switch kind {
-        case .hugetlb:
-            guard let h = hugePageSize else { throw UffdError(.map, .noMemory, detail: "no hugetlb page size") }
-            length = h
-        default: length = 2 * basePageSize
-        }
-        let region = try MappedRegion(kind, length: length)
-        var modes: [RegisterMode] = [[.missing, .writeProtect, .minor], [.missing, .writeProtect], [.missing, .minor], .missing]
-        if case .anonymous = kind { modes.removeAll { $0.contains(.minor) } }
-        var last = UffdError(.register, .invalidArgument)
-        for m in modes {
-            do {
-                return try uffd.register(region, modes: m)
-            } catch {
-                last = error
-            }
-        }
-        throw last
-    }
-
     // MARK: Registration
 
     /// Registers `[start, start+length)` for `modes`; returns the ioctls available on it.

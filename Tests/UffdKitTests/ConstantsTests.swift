@@ -49,20 +49,8 @@ final class ConstantsTests: XCTestCase {
     }
 }
 
-/// Userfaultfd's per-range ioctl query and fd adoption.
-final class RangeIoctlProbeTests: XCTestCase {
-    func testProbeRangeIoctlsPerMemoryKind() throws {
-        let offered = try Userfaultfd.probe()
-        let anon = try Userfaultfd.probeRangeIoctls(for: .anonymous())
-        XCTAssertTrue(anon.isSuperset(of: [.copy, .zeropage, .wake]), "\(anon)")
-        XCTAssertFalse(anon.contains(.continue), "anonymous memory has no page cache: \(anon)")
-        if offered.contains(.move) { XCTAssertTrue(anon.contains(.move), "\(anon)") }
-        if offered.contains(.pagefaultFlagWP) { XCTAssertTrue(anon.contains(.writeProtect), "\(anon)") }
-        let shmem = try Userfaultfd.probeRangeIoctls(for: .shmem)
-        XCTAssertTrue(shmem.isSuperset(of: [.copy, .zeropage, .wake]), "\(shmem)")
-        if offered.contains(.minorShmem) { XCTAssertTrue(shmem.contains(.continue), "\(shmem)") }
-    }
-
+/// A userfaultfd adopted from its opener (another process, a fork event).
+final class AdoptedUserfaultfdTests: XCTestCase {
     func testAdoptedFdServesLikeTheOriginal() throws {
         let opened = try Userfaultfd(features: [.exactAddress])
         let fd = dup(opened.fd)
