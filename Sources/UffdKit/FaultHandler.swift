@@ -23,7 +23,7 @@ import Musl
 ///   deferred fetch that fails or misses ``Options/deferredDeadline`` all get the ``Fallback``
 ///   (default: poison, so the faulting thread receives SIGBUS) and are reported through
 ///   ``failures()`` and ``Options/onFailure``; no thread is left blocked.
-/// - Deferred resolution: a policy may answer "not yet" (``FaultContext/deferFill(_:length:)``
+/// - Deferred resolution: a policy may answer "not yet" (``FaultContext/deferFill(_:length:pageSize:)``
 ///   and ``Resolution/deferred``) and deliver the bytes later from any thread; see
 ///   ``DeferredFetch`` and ``DeferredSource``.
 /// - Stats: each reader counts privately; once per batch it publishes its counters and records
@@ -91,7 +91,7 @@ public final class FaultHandler: Sendable {
         /// How long ``FaultHandler/start()`` waits for its readers to come up before it gives
         /// up (stops them) and throws.
         public var startTimeout: Duration = .seconds(10)
-        /// Ranges that may be fetched at once through ``FaultContext/deferFill(_:length:)``
+        /// Ranges that may be fetched at once through ``FaultContext/deferFill(_:length:pageSize:)``
         /// (single flight: faults inside a range in flight join it); 0 disables deferral.
         public var maxDeferredFetches: Int = 1024
         /// How long a deferred fetch may take: then its range gets the fallback, the owner an

@@ -52,7 +52,7 @@ final class DeferredTable: @unchecked Sendable {
     }
 }
 
-/// What ``FaultContext/deferFill(_:length:)`` did with the fault being decided.
+/// What ``FaultContext/deferFill(_:length:pageSize:)`` did with the fault being decided.
 public enum Deferral: Sendable {
     /// The range is new: start fetching its bytes and finish the fetch exactly once.
     case fetch(DeferredFetch)

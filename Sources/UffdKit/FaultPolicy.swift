@@ -26,7 +26,7 @@ public struct Resolution: Sendable, Hashable {
         case poison
         /// The policy could not resolve: the handler's fallback applies.
         case fail
-        /// Not yet: the policy claimed the range with ``FaultContext/deferFill(_:length:)``
+        /// Not yet: the policy claimed the range with ``FaultContext/deferFill(_:length:pageSize:)``
         /// and its bytes are on their way (`CUFFD_OP_DEFER`).
         case deferred
 
@@ -117,7 +117,7 @@ public struct Resolution: Sendable, Hashable {
     /// Let the handler's fallback resolve the fault.
     public static let fail = Resolution(.fail)
 
-    /// Not yet: the fault waits for the fetch claimed by ``FaultContext/deferFill(_:length:)``.
+    /// Not yet: the fault waits for the fetch claimed by ``FaultContext/deferFill(_:length:pageSize:)``.
     public static let deferred = Resolution(.deferred)
 }
 
@@ -142,7 +142,7 @@ public struct FaultContext: @unchecked Sendable {
     /// The handler run's table of deferred fetches (nil outside a handler). Unowned: the
     /// reader that made this context keeps the table alive while it decides.
     unowned(unsafe) var deferredTable: DeferredTable? = nil
-    /// The message being decided (set per fault by the reader; what ``deferFill(_:length:)`` claims for).
+    /// The message being decided (set per fault by the reader; what ``deferFill(_:length:pageSize:)`` claims for).
     var message: UnsafePointer<uffd_msg>? = nil
 
     /// Scratch memory private to this fault: valid until the batch's resolutions were performed.

@@ -39,7 +39,7 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
     public var failures: UInt64 = 0
     /// Faults resolved while stopping.
     public var stopDrained: UInt64 = 0
-    /// Deferred fetches begun (ranges; ``FaultContext/deferFill(_:length:)`` returning `.fetch`).
+    /// Deferred fetches begun (ranges; ``FaultContext/deferFill(_:length:pageSize:)`` returning `.fetch`).
     public var deferredFetches: UInt64 = 0
     /// Faults that joined a fetch already in flight (single flight).
     public var deferredJoined: UInt64 = 0
