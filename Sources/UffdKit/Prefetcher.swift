@@ -19,6 +19,10 @@ import Musl
 ///   (unread) it gives the CPU away, for at most ``Options/maxWaitForFaults`` (so a stopped
 ///   handler cannot stall it for good). A batch is short (256 KiB by default), so a fault never
 ///   waits behind more than one batch, and the filler never holds a lock a reader needs.
+/// - Ahead of the process: with the handler's tracker shared (``WorkingSetPolicy``), pages a
+///   fault already took are passed over without a source read or an ioctl, and when the faults
+///   are further down the list than the filler (it fell behind), it jumps to just past them and
+///   comes back for the pages it jumped over once the rest of the list is done.
 /// - Races: a page a fault resolved first stops the filler's COPY with EEXIST; that page is
 ///   counted (``Stats/alreadyPresentPages``) and the copy goes on after it. A fault queued on a
 ///   page the filler installed meanwhile gets EEXIST in the handler, which wakes it.
@@ -76,7 +80,8 @@ public final class Prefetcher: @unchecked Sendable {
         public var pageSize = 0
         /// Pages the filler installed.
         public var prefetchedPages = 0
-        /// Pages already present when the filler got there (EEXIST: a fault was first). Normal.
+        /// Pages a fault took first: already present when the filler got there (EEXIST), or
+        /// seen faulting by the shared tracker and passed over without an ioctl. Normal.
         public var alreadyPresentPages = 0
         /// Pages skipped: unmapped since, a source error, or a failed ioctl.
         public var skippedPages = 0
@@ -95,6 +100,9 @@ public final class Prefetcher: @unchecked Sendable {
         public var batches = 0, copies = 0, wakes = 0
         /// Batches that first yielded to queued faults.
         public var yieldedToFaults = 0
+        /// Runs the filler jumped over because the faults were already past them in the list
+        /// (done after the rest of the list; their pages mostly faulted meanwhile).
+        public var runsSkippedAhead = 0
         /// EAGAIN retries (the address space was changing).
         public var retries = 0
         /// Source reads that failed, and the last error (pages skipped).
@@ -127,6 +135,10 @@ public final class Prefetcher: @unchecked Sendable {
 
     private let shared: Bool
     private let runs: [(offset: Int, length: Int)]
+    /// The list position of each run's first page (ascending).
+    private let runRanks: [Int]
+    /// Whether the handler's faults report how far down the list they are (shared tracker).
+    private let followsFaults: Bool
     private let planned: Int
     private let state = Mutex<State>(State())
     private let stopRequested = Atomic<Bool>(false)
@@ -145,6 +157,7 @@ public final class Prefetcher: @unchecked Sendable {
         let prefetched = Atomic<Int>(0), existed = Atomic<Int>(0), skipped = Atomic<Int>(0)
         let batches = Atomic<Int>(0), copies = Atomic<Int>(0), wakes = Atomic<Int>(0)
         let yielded = Atomic<Int>(0), retries = Atomic<Int>(0), sourceErrors = Atomic<Int>(0)
+        let skippedAhead = Atomic<Int>(0)
     }
 
     /// Prepares a filler of `range` from `source` with the pages of `workingSet`.
@@ -176,14 +189,18 @@ public final class Prefetcher: @unchecked Sendable {
         let offsets = workingSet.offsets(forPageSize: ps).filter { $0 < range.length }
         planned = offsets.count
         var runs: [(offset: Int, length: Int)] = []
-        for off in offsets {
+        var ranks: [Int] = []
+        for (rank, off) in offsets.enumerated() {
             if let last = runs.last, last.offset + last.length == off, last.length + ps <= o.batchBytes {
                 runs[runs.count - 1].length += ps
             } else {
                 runs.append((off, ps))
+                ranks.append(rank)
             }
         }
         self.runs = runs
+        self.runRanks = ranks
+        followsFaults = tracker?.publishRanks(offsets.map { $0 / ps }) ?? false
     }
 
     deinit { stop() }
@@ -260,6 +277,7 @@ public final class Prefetcher: @unchecked Sendable {
         s.wakes = counters.wakes.load(ordering: .relaxed)
         s.yieldedToFaults = counters.yielded.load(ordering: .relaxed)
         s.retries = counters.retries.load(ordering: .relaxed)
+        s.runsSkippedAhead = counters.skippedAhead.load(ordering: .relaxed)
         s.sourceErrors = counters.sourceErrors.load(ordering: .relaxed)
         s.lastError = st.lastError
         s.ending = st.ending
@@ -323,47 +341,88 @@ public final class Prefetcher: @unchecked Sendable {
             return
         }
         let fd = job.fd
-        var i = 0
-        batches: while i < runs.count {
-            if stopRequested.load(ordering: .relaxed) { ending = .stopped; break }
-            if let stopWhen = job.stopWhen, stopWhen() { ending = .handlerStopped; break }
-            yieldToFaults(fd)
-            var bytes = 0
-            var lo = UInt.max, hi: UInt = 0
-            while i < runs.count && (bytes == 0 || bytes + runs[i].length <= options.batchBytes) {
-                let r = runs[i]
-                i += 1
-                bytes += r.length
-                var done = 0
-                while done < r.length {
-                    let off = r.offset + done
-                    guard let addr = range.address(ofOffset: off), let at = range.locate(addr) else {
-                        counters.skipped.add(1, ordering: .relaxed)  // unmapped since
-                        done += ps
-                        continue
+        // The list, then the parts skipped because the faults went past them (most of those
+        // pages faulted meanwhile and are passed over without an ioctl).
+        var segments: [Range<Int>] = [0..<runs.count]
+        var q = 0
+        outer: while q < segments.count {
+            var i = segments[q].lowerBound
+            let end = segments[q].upperBound
+            while i < end {
+                if stopRequested.load(ordering: .relaxed) { ending = .stopped; break outer }
+                if let stopWhen = job.stopWhen, stopWhen() { ending = .handlerStopped; break outer }
+                if q == 0 && followsFaults {
+                    // The process is already further down the list: installing what it has
+                    // passed helps less than staying ahead of it. Come back for those later.
+                    let f = tracker.frontier
+                    if f >= runRanks[i] {
+                        var lo = i, hi = end
+                        while lo < hi {
+                            let mid = (lo + hi) / 2
+                            if runRanks[mid] <= f { lo = mid + 1 } else { hi = mid }
+                        }
+                        segments.append(i..<lo)
+                        counters.skippedAhead.add(lo - i, ordering: .relaxed)
+                        i = lo
+                        if i >= end { break }
                     }
-                    let n = Swift.min(r.length - done, Int(at.segmentEnd - addr))
-                    let src: UnsafeRawPointer
-                    do {
-                        src = try source.bytes(at: off, count: n, scratch: scratch)
-                    } catch {
-                        counters.sourceErrors.add(1, ordering: .relaxed)
-                        counters.skipped.add(n / ps, ordering: .relaxed)
-                        lastError = "source at offset \(off): \(error)"
-                        done += n
-                        continue
-                    }
-                    switch install(fd, addr, src, n, ps, &lo, &hi, &lastError) {
-                    case .ok: break
-                    case .gone: ending = .processGone; break batches
-                    case .stop: ending = .stopped; break batches
-                    }
-                    done += n
                 }
+                yieldToFaults(fd)
+                var bytes = 0
+                var lo = UInt.max, hi: UInt = 0
+                while i < end && (bytes == 0 || bytes + runs[i].length <= options.batchBytes) {
+                    let r = runs[i]
+                    i += 1
+                    bytes += r.length
+                    switch fillRun(fd, r, ps, scratch, &lo, &hi, &lastError) {
+                    case .ok: break
+                    case .gone: ending = .processGone; break outer
+                    case .stop: ending = .stopped; break outer
+                    }
+                }
+                counters.batches.add(1, ordering: .relaxed)
+                if hi > lo { wake(fd, lo, hi) }
             }
-            counters.batches.add(1, ordering: .relaxed)
-            if hi > lo { wake(fd, lo, hi) }
+            q += 1
         }
+    }
+
+    /// Installs one run: pages a fault already took are passed over (no source read, no
+    /// ioctl); the rest in pieces contiguous in both image and address space.
+    private func fillRun(_ fd: Int32, _ r: (offset: Int, length: Int), _ ps: Int, _ scratch: UnsafeMutableRawPointer,
+                         _ lo: inout UInt, _ hi: inout UInt, _ lastError: inout String?) -> Install {
+        var done = 0
+        while done < r.length {
+            let off = r.offset + done
+            let page = off / ps
+            if tracker.faulted(page: page) {
+                counters.existed.add(1, ordering: .relaxed)
+                done += ps
+                continue
+            }
+            guard let addr = range.address(ofOffset: off), let at = range.locate(addr) else {
+                counters.skipped.add(1, ordering: .relaxed)  // unmapped since
+                done += ps
+                continue
+            }
+            let limit = Swift.min(r.length - done, Int(at.segmentEnd - addr))
+            var n = ps
+            while n < limit && !tracker.faulted(page: page + n / ps) { n += ps }
+            let src: UnsafeRawPointer
+            do {
+                src = try source.bytes(at: off, count: n, scratch: scratch)
+            } catch {
+                counters.sourceErrors.add(1, ordering: .relaxed)
+                counters.skipped.add(n / ps, ordering: .relaxed)
+                lastError = "source at offset \(off): \(error)"
+                done += n
+                continue
+            }
+            let result = install(fd, addr, src, n, ps, &lo, &hi, &lastError)
+            if result != .ok { return result }
+            done += n
+        }
+        return .ok
     }
 
     private enum Install { case ok, gone, stop }

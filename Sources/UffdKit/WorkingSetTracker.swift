@@ -35,6 +35,11 @@ public final class WorkingSetTracker: @unchecked Sendable {
     private let next = Atomic<Int>(0)
     private let late = Atomic<Int>(0)
     private let start = Atomic<UInt64>(0)
+    /// A prefetcher's list position per page (Int32, -1: not listed), published once; 0: none.
+    private let ranks = Atomic<UInt>(0)
+    private var ranksBytes = 0
+    /// The furthest list position a fault reached (-1: none): the filler skips ahead of it.
+    private let frontierRank = Atomic<Int>(-1)
 
     /// Tracks `range`; `recording` also keeps the first-fault order and times.
     /// - Throws: ``UffdError`` `.map` when the tables cannot be mapped.
@@ -67,6 +72,8 @@ public final class WorkingSetTracker: @unchecked Sendable {
     }
 
     deinit {
+        let r = ranks.load(ordering: .acquiring)
+        if r != 0 { munmap(UnsafeMutableRawPointer(bitPattern: r), ranksBytes) }
         munmap(states, statesBytes)
         if let order { munmap(order, orderBytes) }
     }
@@ -81,6 +88,12 @@ public final class WorkingSetTracker: @unchecked Sendable {
         let index = offset >> shift
         let old = cuffd_page_state_set(states, index, UInt8(CUFFD_PAGE_FAULTED))
         if old & UInt8(CUFFD_PAGE_PREFETCHED) != 0 { late.add(1, ordering: .relaxed) }
+        let r = ranks.load(ordering: .acquiring)
+        if r != 0 {
+            let rank = Int(UnsafePointer<Int32>(bitPattern: r)![index])
+            // A racy max: a lost update only makes the filler skip ahead a little later.
+            if rank > frontierRank.load(ordering: .relaxed) { frontierRank.store(rank, ordering: .relaxed) }
+        }
         if old & UInt8(CUFFD_PAGE_FAULTED) == 0, let order {
             let slot = next.wrappingAdd(1, ordering: .relaxed).oldValue
             // Each page claims a slot once, so `pages` slots always suffice. Time 0 marks a
@@ -90,6 +103,25 @@ public final class WorkingSetTracker: @unchecked Sendable {
             order[2 * slot + 1] = t &+ 1
         }
     }
+
+    /// Publishes the list position of each page of a prefetch (once; later calls are ignored).
+    /// Returns whether the positions are in use.
+    func publishRanks(_ pageIndexes: [Int]) -> Bool {
+        guard ranks.load(ordering: .acquiring) == 0 else { return false }
+        let bytes = Swift.max(basePageSize, (pages * 4 + basePageSize - 1) / basePageSize * basePageSize)
+        guard let m = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              m != MAP_FAILED else { return false }
+        let t = m.assumingMemoryBound(to: Int32.self)
+        t.initialize(repeating: -1, count: pages)
+        for (rank, i) in pageIndexes.enumerated() where i >= 0 && i < pages { t[i] = Int32(truncatingIfNeeded: rank) }
+        ranksBytes = bytes
+        let (exchanged, _) = ranks.compareExchange(expected: 0, desired: UInt(bitPattern: m), ordering: .acquiringAndReleasing)
+        if !exchanged { munmap(m, bytes) }
+        return exchanged
+    }
+
+    /// The furthest position in the prefetch list a fault has reached (-1: none).
+    var frontier: Int { frontierRank.load(ordering: .relaxed) }
 
     /// Marks pages `[first, first+count)` as installed by the prefetch filler.
     func notePrefetched(firstPage: Int, count: Int) {

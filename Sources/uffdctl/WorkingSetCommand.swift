@@ -242,6 +242,7 @@ final class WorkingSetSession: @unchecked Sendable {
             o["wakes"] = .int(s.wakes)
             o["yielded_to_faults"] = .int(s.yieldedToFaults)
             o["retries"] = .int(s.retries)
+            o["runs_skipped_ahead"] = .int(s.runsSkippedAhead)
             o["source_errors"] = .int(s.sourceErrors)
             o["time_to_last_page_seconds"] = s.timeToLastPage.map { JSONValue.double($0) } ?? .null
             o["ending"] = .string(s.ending?.description ?? "running")
