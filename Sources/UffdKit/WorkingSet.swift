@@ -7,7 +7,7 @@ import Musl
 #endif
 
 /// The pages a restored process touched, in the order of their first faults, with the time of
-/// each since the start: recorded on one restore (``WorkingSetRecorder``), prefetched on the
+/// each since the start: recorded on one restore (``WorkingSetTracker`` with ``WorkingSetPolicy``), prefetched on the
 /// next (``Prefetcher``). Several recordings merge into one (``merged(_:minCount:)``) that keeps
 /// the pages seen in every run (or in at least K), ordered by average position.
 ///
