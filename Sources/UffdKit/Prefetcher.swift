@@ -169,10 +169,22 @@ public final class Prefetcher: @unchecked Sendable {
     /// prefetch saved; without one the filler keeps its own page table.
     /// - Throws: ``UffdError`` `.argument` for a mismatched recording, the source's error when
     ///   the image cannot be sampled, `.map` when the page table cannot be mapped.
+    ///
+    /// A region of a larger image (one of a VM's memory regions in its memory file): `source`
+    /// serves the region (its offset 0 is `imageOffset` in the image), `imageIdentity` is the
+    /// whole image's (``WorkingSet/Identity/init(of:)`` of the image, checked once), and only
+    /// the recorded pages inside the region are installed.
     public init(uffd: Userfaultfd, range: ServedRange, source: any PageSource, workingSet: WorkingSet,
-                tracker: WorkingSetTracker? = nil, options: Options = Options()) throws {
-        let identity = try WorkingSet.Identity(of: source)
-        try workingSet.check(against: identity, servedLength: range.length)
+                tracker: WorkingSetTracker? = nil, imageOffset: Int = 0, imageIdentity: WorkingSet.Identity? = nil,
+                options: Options = Options()) throws {
+        if imageOffset != 0 && imageIdentity == nil {
+            throw UffdError(.argument, .invalidArgument, detail: "a region at image offset \(imageOffset) needs the whole image's identity")
+        }
+        let identity = try imageIdentity ?? WorkingSet.Identity(of: source)
+        try workingSet.check(against: identity, servedLength: imageIdentity == nil ? range.length : identity.size)
+        if let tracker, tracker.imageOffset != imageOffset {
+            throw UffdError(.argument, .invalidArgument, detail: "the tracker's image offset \(tracker.imageOffset) is not the prefetcher's \(imageOffset)")
+        }
         if let tracker, tracker.range !== range {
             throw UffdError(.argument, .invalidArgument, detail: "the tracker must track the prefetcher's range")
         }
@@ -181,12 +193,13 @@ public final class Prefetcher: @unchecked Sendable {
         self.source = source
         self.workingSet = workingSet
         self.shared = tracker != nil
-        self.tracker = try tracker ?? WorkingSetTracker(range: range, recording: false)
+        self.tracker = try tracker ?? WorkingSetTracker(range: range, recording: false, imageOffset: imageOffset)
         var o = options
         let ps = range.pageSize
         o.batchBytes = Swift.max(ps, o.batchBytes / ps * ps)
         self.options = o
-        let offsets = workingSet.offsets(forPageSize: ps).filter { $0 < range.length }
+        let offsets = workingSet.offsets(forPageSize: ps)
+            .filter { $0 >= imageOffset && $0 - imageOffset < range.length }.map { $0 - imageOffset }
         planned = offsets.count
         var runs: [(offset: Int, length: Int)] = []
         var ranks: [Int] = []

@@ -193,6 +193,30 @@ public struct WorkingSet: Sendable, Hashable {
                           entries: kept.map { Entry(offset: $0.offset, nanoseconds: UInt64($0.acc.timeSum / Double($0.acc.count))) })
     }
 
+    /// The recordings of the regions of one image made in one run (one tracker per region, clocks
+    /// started together), as one recording: every page, in the order of the first-fault times.
+    /// - Throws: ``UffdError`` `.argument` when the parts name different images or page sizes,
+    ///   or a page appears in two parts (overlapping regions).
+    public static func combined(_ parts: [WorkingSet]) throws(UffdError) -> WorkingSet {
+        guard let first = parts.first else {
+            throw UffdError(.argument, .invalidArgument, detail: "combining needs at least one recording")
+        }
+        var all: [Entry] = []
+        for p in parts {
+            guard p.identity == first.identity, p.pageSize == first.pageSize else {
+                throw UffdError(.argument, .invalidArgument, detail: "recordings of different images or page sizes cannot be combined")
+            }
+            all += p.entries
+        }
+        guard Set(all.map(\.offset)).count == all.count else {
+            throw UffdError(.argument, .invalidArgument, detail: "a page appears in two recordings: the regions overlap")
+        }
+        // A stable sort keeps each region's own order for equal times.
+        let sorted = all.enumerated().sorted { $0.element.nanoseconds != $1.element.nanoseconds
+            ? $0.element.nanoseconds < $1.element.nanoseconds : $0.offset < $1.offset }.map(\.element)
+        return WorkingSet(identity: first.identity, pageSize: first.pageSize, runs: first.runs, entries: sorted)
+    }
+
     // MARK: Summary
 
     /// What `working-set info` shows.

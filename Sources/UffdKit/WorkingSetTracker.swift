@@ -26,6 +26,9 @@ public final class WorkingSetTracker: @unchecked Sendable {
     public let pages: Int
     /// Whether first faults are recorded (false: only the page states are kept, for prefetch stats).
     public let isRecording: Bool
+    /// Where the range starts in the image (a region of a larger image, e.g. one of a VM's
+    /// memory regions in its memory file): recorded offsets are image offsets.
+    public let imageOffset: Int
 
     let states: UnsafeMutablePointer<UInt8>
     private let order: UnsafeMutablePointer<UInt64>?
@@ -41,10 +44,12 @@ public final class WorkingSetTracker: @unchecked Sendable {
     /// The furthest list position a fault reached (-1: none): the filler skips ahead of it.
     private let frontierRank = Atomic<Int>(-1)
 
-    /// Tracks `range`; `recording` also keeps the first-fault order and times.
+    /// Tracks `range`, which holds the image's bytes from `imageOffset` on; `recording` also
+    /// keeps the first-fault order and times.
     /// - Throws: ``UffdError`` `.map` when the tables cannot be mapped.
-    public init(range: ServedRange, recording: Bool) throws(UffdError) {
+    public init(range: ServedRange, recording: Bool, imageOffset: Int = 0) throws(UffdError) {
         self.range = range
+        self.imageOffset = imageOffset
         pageSize = range.pageSize
         pages = (range.length + pageSize - 1) / pageSize
         isRecording = recording
@@ -147,7 +152,9 @@ public final class WorkingSetTracker: @unchecked Sendable {
     /// Pages that faulted so far.
     public var faultedPages: Int { (0..<pages).reduce(0) { $0 + (faulted(page: $1) ? 1 : 0) } }
 
-    /// The recording so far, first faults in order. Empty when not recording.
+    /// The recording so far, first faults in order, at image offsets. Empty when not recording.
+    /// The recordings of several regions of one image (restart their clocks together) combine
+    /// with ``WorkingSet/combined(_:)``.
     public func workingSet(identity: WorkingSet.Identity) -> WorkingSet {
         var entries: [WorkingSet.Entry] = []
         if let order {
@@ -156,7 +163,7 @@ public final class WorkingSetTracker: @unchecked Sendable {
             for i in 0..<n {
                 let t = order[2 * i + 1]
                 guard t != 0 else { continue }
-                entries.append(WorkingSet.Entry(offset: Int(order[2 * i]) << shift, nanoseconds: t - 1))
+                entries.append(WorkingSet.Entry(offset: imageOffset + Int(order[2 * i]) << shift, nanoseconds: t - 1))
             }
         }
         return WorkingSet(identity: identity, pageSize: pageSize, entries: entries)

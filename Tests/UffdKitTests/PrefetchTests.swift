@@ -100,6 +100,69 @@ final class PrefetchTests: XCTestCase {
         if !ok { throw XCTSkip("cannot reserve \(2 * pages + 1) huge pages of \(huge >> 10) KiB (vm.nr_hugepages)") }
     }
 
+    /// One image served as two regions (as a VM's memory file in two memory regions): each
+    /// region recorded by its own tracker at its image offset, the recordings combined into one
+    /// in image offsets, then each region of a fresh pair prefetched from the whole-image
+    /// recording with the image's identity: every byte verified, each region gets its own pages.
+    func testRegionsOfOneImageRecordAndPrefetchAtTheirImageOffsets() throws {
+        let ps = basePageSize, half = 512, len = half * ps
+        let image = PatternSource(length: 2 * len, seed: Self.seed)
+        let identity = try WorkingSet.Identity(of: image)
+        let slices = [Slice(image, offset: 0, length: len), Slice(image, offset: len, length: len)]
+        func serve(_ regions: [MappedRegion], recording: Bool) throws -> ([Session], [WorkingSetTracker], [ServedRange]) {
+            var sessions: [Session] = [], trackers: [WorkingSetTracker] = [], ranges: [ServedRange] = []
+            for (i, r) in regions.enumerated() {
+                let range = ServedRange(region: r)
+                let t = try WorkingSetTracker(range: range, recording: recording, imageOffset: i * len)
+                sessions.append(try Session(r) { _ in WorkingSetPolicy(CopyPolicy(range: range, source: slices[i]), tracker: t) })
+                trackers.append(t)
+                ranges.append(range)
+            }
+            return (sessions, trackers, ranges)
+        }
+        let first = [try MappedRegion(.anonymous(), length: len), try MappedRegion(.anonymous(), length: len)]
+        let (s1, t1, _) = try serve(first, recording: true)
+        let touched = scattered(2 * half, count: 300, salt: 5)
+        let bases = first.map(\.address)
+        s1[0].run {
+            for p in touched { XCTAssertNotEqual(loadWord(bases[p / half] + UInt((p % half) * ps)), 1) }
+        }
+        for s in s1 { _ = s.finish() }
+        let ws = try WorkingSet.combined(t1.map { $0.workingSet(identity: identity) })
+        XCTAssertEqual(Set(ws.entries.map { $0.offset / ps }), Set(touched))
+        XCTAssertEqual(ws.entries.count, 300)
+
+        let second = [try MappedRegion(.anonymous(), length: len), try MappedRegion(.anonymous(), length: len)]
+        let (s2, t2, r2) = try serve(second, recording: false)
+        var prefetched = 0
+        for i in 0..<2 {
+            XCTAssertThrowsError(try Prefetcher(uffd: s2[i].uffd, range: r2[i], source: slices[i], workingSet: ws, tracker: t2[i],
+                                                imageOffset: i * len)) // no image identity: refused
+            let p = try Prefetcher(uffd: s2[i].uffd, range: r2[i], source: slices[i], workingSet: ws, tracker: t2[i],
+                                   imageOffset: i * len, imageIdentity: identity)
+            try p.start(alongside: s2[i].handler)
+            XCTAssertTrue(p.wait(timeout: 30))
+            let st = p.stats()
+            XCTAssertEqual(st.plannedPages, touched.filter { $0 / half == i }.count)
+            XCTAssertEqual(st.prefetchedPages, st.plannedPages, "\(st)")
+            prefetched += st.prefetchedPages
+        }
+        XCTAssertEqual(prefetched, 300)
+        let bases2 = second.map(\.address)
+        s2[0].run {
+            for i in 0..<2 { for pg in 0..<half { XCTAssertNotEqual(loadWord(bases2[i] + UInt(pg * ps)), 1) } }
+        }
+        var faults = 0
+        for s in s2 { faults += Int(s.finish().faults) }
+        XCTAssertEqual(faults, 2 * half - 300)
+        for (i, r) in second.enumerated() {
+            let w = r.pointer.assumingMemoryBound(to: UInt64.self)
+            var bad = 0
+            for k in 0..<(len / 8) where w[k] != PatternSource.word(at: i * len + k * 8, seed: Self.seed) { bad += 1 }
+            XCTAssertEqual(bad, 0, "region \(i)")
+        }
+    }
+
     /// Threads fault on the very pages the filler installs, in the same order and in reverse:
     /// each page is resolved once (the loser gets EEXIST, counted, never an error), every byte
     /// is right, nobody hangs.
@@ -245,4 +308,19 @@ final class PrefetchTests: XCTestCase {
 @inline(never)
 func loadWord(_ address: UInt) -> UInt64 {
     UnsafePointer<UInt64>(bitPattern: address)!.pointee
+}
+
+/// Bytes `[offset, offset+length)` of another source (a region of an image).
+struct Slice: PageSource {
+    let base: any PageSource
+    let offset: Int
+    let length: Int
+    init(_ base: any PageSource, offset: Int, length: Int) {
+        self.base = base
+        self.offset = offset
+        self.length = length
+    }
+    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        try base.bytes(at: self.offset + offset, count: count, scratch: scratch)
+    }
 }
