@@ -307,5 +307,6 @@ extern const unsigned long cuffd_ioctl_api, cuffd_ioctl_register, cuffd_ioctl_un
 #endif
 
 #include "cuffd_swift_support.h"
+#include "cuffd_sigbus.h"
 
 #endif // CUFFD_H

@@ -11,6 +11,7 @@
 
 #include "CUffd.h"
 #include "reliability.h"
+#include "ct_sigbus_tests.h"
 
 #ifdef __cplusplus
 extern "C" {
