@@ -25,6 +25,10 @@ struct CopyCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     @Option(name: .customLong("fail-pages"),
             help: ArgumentHelp("Testing: the policy throws for these page indexes (comma-separated), to show the fallback and exit 1.",
                                visibility: .hidden))
@@ -52,6 +56,10 @@ struct CopyCommand: ParsableCommand {
         defer { if fileFD >= 0 { close(fileFD) } }
         try session.checkHugePages(size)
         let window = try readaheadWindow(readahead, pageSize: pageSize)
+        if inThread {
+            try runInThread(parsed, size: size, fileFD: fileFD, fileLength: fileLength, window: window)
+            return
+        }
 
         let region = try SessionSteps.map(memory, length: size)
         let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
