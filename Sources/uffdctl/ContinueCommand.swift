@@ -17,6 +17,10 @@ struct ContinueCommand: ParsableCommand {
 
     @OptionGroup var session: SessionOptions
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         let memory = session.memoryChoice ?? .shmem
         try session.validateCommon()
@@ -31,6 +35,11 @@ struct ContinueCommand: ParsableCommand {
         guard let alias = region.alias else { throw CLIError.failed("the \(memory.rawValue) region has no second view") }
         // Fill the page cache through the alias: the registered view then takes minor faults.
         fillPattern(alias, offset: 0, count: size)
+        if inThread {
+            return try InThreadSession.run(operation: "continue", session: session, memory: memory, region: region,
+                                           features: SessionSteps.memoryFeatures(memory, minor: true), modes: .minor,
+                                           needed: .continue, policy: .continue, expected: .pattern(seed: 0x5EED))
+        }
 
         let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory, minor: true))
         try SessionSteps.register(uffd, region, modes: .minor, needed: .continue, memory: memory)

@@ -24,10 +24,10 @@ enum InThreadSession {
 
     /// Runs the workload over `region` with `policy` resolved in-thread, verifies every byte
     /// against `expected` and reports it as `operation`.
-    static func run(operation: String, session: SessionOptions, region: MappedRegion, features: Features,
+    static func run(operation: String, session: SessionOptions, memory: MemoryType? = nil, region: MappedRegion, features: Features,
                     modes: RegisterMode = .missing, needed: Ioctls, policy: InThreadResolver.Policy,
                     expected: ExpectedContent, extra: [String: Any] = [:], lines: [String] = []) throws(CLIError) {
-        let memory = session.memory
+        let memory = memory ?? session.memory
         let uffd = try SessionSteps.open(features: features.union(.sigbus))
         let resolver: InThreadResolver
         do {

@@ -17,6 +17,10 @@ struct ZeropageCommand: ParsableCommand {
 
     @OptionGroup var session: SessionOptions
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         try session.validateCommon()
         let memory = session.memory
@@ -25,6 +29,11 @@ struct ZeropageCommand: ParsableCommand {
         try session.checkHugePages(size)
 
         let region = try SessionSteps.map(memory, length: size)
+        if inThread {
+            return try InThreadSession.run(operation: "zeropage", session: session, region: region,
+                                           features: SessionSteps.memoryFeatures(memory), needed: .zeropage,
+                                           policy: .zero, expected: .zero)
+        }
         let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
         try SessionSteps.register(uffd, region, modes: .missing, needed: .zeropage, memory: memory)
         let handler = try SessionSteps.startHandler(uffd, policy: ZeroFillPolicy(region: region), readers: session.readers, pin: session.pin)

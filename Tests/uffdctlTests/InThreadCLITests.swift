@@ -37,6 +37,20 @@ final class InThreadCLITests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("matched zeros"), r.stdout)
     }
 
+    /// `zeropage --in-thread` and `continue --in-thread` (MINOR shmem, writes land in the page cache).
+    func testZeropageAndContinueInThread() throws {
+        let z = try runUffdctl(["zeropage", "--in-thread", "--size", "2M", "--json"])
+        XCTAssertEqual(z.code, 0, z.stderr)
+        XCTAssertEqual(flag(z.json, "verified"), true, z.stdout)
+        XCTAssertEqual(number(z.json?["resolutions"] as? [String: Any], "zeropage"), 512, z.stdout)
+        let c = try runUffdctl(["continue", "--in-thread", "--size", "2M", "--write", "--json"])
+        XCTAssertEqual(c.code, 0, c.stderr)
+        XCTAssertEqual(c.json?["memory"] as? String, "shmem", c.stdout)
+        XCTAssertEqual(number(c.json?["faults_by_kind"] as? [String: Any], "minor"), 512, c.stdout)
+        XCTAssertEqual(number(c.json?["resolutions"] as? [String: Any], "continue"), 512, c.stdout)
+        XCTAssertEqual(flag(c.json, "verified"), true, c.stdout)
+    }
+
     /// Options that do not apply are refused in one line, exit 2.
     func testInThreadRefusesReadahead() throws {
         let r = try runUffdctl(["copy", "--in-thread", "--readahead", "64K"])
