@@ -62,6 +62,8 @@ static struct {
 // The per-thread loop guard; initial-exec TLS: no allocation on first touch in a signal handler.
 static __thread __attribute__((tls_model("initial-exec"))) uint64_t guard_page;
 static __thread __attribute__((tls_model("initial-exec"))) uint32_t guard_count;
+// Where this thread is inside chain(): a deeper entry of the handler comes from the chained action.
+static __thread __attribute__((tls_model("initial-exec"))) uintptr_t chain_sp;
 
 static inline void inc(_Atomic uint64_t *c, uint64_t n) { atomic_fetch_add_explicit(c, n, memory_order_relaxed); }
 
@@ -173,7 +175,8 @@ static int file_copy(struct slot *s, uint64_t page, int64_t *done) {
     return rc;
 }
 
-enum outcome { O_RESOLVED, O_EXISTED, O_GONE, O_FALLBACK, O_FAILED };
+// O_RETRY: nothing was mapped and nothing failed (a wake): the access is simply retried.
+enum outcome { O_RESOLVED, O_EXISTED, O_GONE, O_FALLBACK, O_FAILED, O_RETRY };
 
 // Runs one op with the outcome model: EAGAIN retried (bounded), EEXIST done, ENOENT/ESRCH gone.
 // A MOVE whose donor page is a hole (moved before, or dropped since) maps zeros instead.
@@ -193,7 +196,7 @@ static int run_op(struct slot *s, const struct cuffd_resolution *r, bool file, i
         }
         *err = -rc;
         switch (rc) {
-        case 0: return O_RESOLVED;
+        case 0: return r->op == CUFFD_OP_WAKE ? O_RETRY : O_RESOLVED;
         case -EEXIST: return O_EXISTED;
         case -ENOENT:
         case -ESRCH: return O_GONE;
@@ -248,7 +251,7 @@ static int resolve(struct slot *s, uint64_t addr) {
             if (o == O_RESOLVED) {
                 inc(&s->st.resolved, 1);
                 inc(&s->st.bytes, (uint64_t)done);
-            } else {
+            } else if (o != O_RETRY) {
                 inc(o == O_EXISTED ? &s->st.existed : &s->st.gone, 1);
             }
             return o;
@@ -319,10 +322,14 @@ static void chain(int sig, siginfo_t *info, void *uc) {
     mask = p->sa_mask;
     if (!(p->sa_flags & SA_NODEFER)) sigaddset(&mask, sig);
     pthread_sigmask(SIG_BLOCK, &mask, &old);
+    volatile char here = 0;
+    uintptr_t outer = chain_sp;
+    chain_sp = (uintptr_t)&here;
     if (p->sa_flags & SA_SIGINFO)
         p->sa_sigaction(sig, info, uc);
     else
         h(sig);
+    chain_sp = outer; // (not reached when the action jumps out: a later entry is higher on the stack)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
@@ -364,37 +371,56 @@ static void on_sigbus(int sig, siginfo_t *info, void *uc) {
     if (!s && !retired) goto not_ours;
 
     uint64_t page = addr & ~((s ? s->ps : atomic_load_explicit(&base_ps, memory_order_relaxed)) - 1);
-    if (page == guard_page) {
-        if (++guard_count >= LOOP_LIMIT) {
-            guard_count = 0;
-            guard_page = 0;
-            if (s) {
-                inc(&s->st.signals, 1);
-                inc(&s->st.loop_breaks, 1);
-                atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
-            }
-            goto deliver;
+    bool repeat = page == guard_page;
+    if (repeat && guard_count >= LOOP_LIMIT) {
+        guard_count = 0;
+        guard_page = 0;
+        if (s) {
+            inc(&s->st.signals, 1);
+            inc(&s->st.loop_breaks, 1);
+            atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
         }
+        goto deliver;
+    }
+    int o = O_RETRY;
+    if (s) {
+        inc(&s->st.signals, 1);
+        o = resolve(s, addr);
+        atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
+        if (o == O_FAILED) goto deliver;
+    } else {
+        // Raised before its range was removed: retry the access (the range is normally
+        // unregistered by now, so it succeeds; if not, the loop guard delivers it).
+        inc(&gst.retired, 1);
+    }
+    // The loop guard counts only attempts that mapped nothing (another thread's page, a gone
+    // range, a tombstone, a wake): a page this thread mapped and finds missing again was
+    // dropped in between (MADV_DONTNEED), which is a new fault, not a loop.
+    if (o == O_RESOLVED || o == O_FALLBACK) {
+        guard_page = page;
+        guard_count = 0;
+    } else if (repeat) {
+        guard_count++;
     } else {
         guard_page = page;
         guard_count = 1;
     }
-    if (!s) {
-        // Raised before its range was removed: retry the access (the range is normally
-        // unregistered by now, so it succeeds; if not, the loop guard delivers it).
-        inc(&gst.retired, 1);
-        errno = saved_errno;
-        return;
-    }
-    inc(&s->st.signals, 1);
-    int o = resolve(s, addr);
-    atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
-    if (o == O_FAILED) goto deliver;
     errno = saved_errno;
     return;
 
 not_ours:
     inc(&gst.chained, 1);
+    {
+        // Entered again from inside the action we chain to (it passes SIGBUS back to us:
+        // installed over us, then we over it): the default action ends the cycle.
+        volatile char here = 0;
+        uintptr_t sp = (uintptr_t)&here;
+        if (chain_sp && sp < chain_sp && chain_sp - sp < (1u << 20)) {
+            deliver_default(info);
+            errno = saved_errno;
+            return;
+        }
+    }
 deliver:
     errno = saved_errno;
     chain(sig, info, uc);
@@ -649,7 +675,7 @@ int cuffd_sigbus_prefault(int id, uint64_t addr, uint64_t len) {
         } else if (o == O_EXISTED) {
             inc(&s->st.existed, 1);
         } else {
-            rc = -err;
+            rc = o == O_RETRY ? -EAGAIN : -err; // a custom policy that only wakes maps nothing
         }
     }
     atomic_fetch_sub(&s->busy, 1);

@@ -420,6 +420,19 @@ int cuffd_test_sigbus_loop_guard(int kind, char *msg, size_t msglen) {
     CT_CHECK(st.loop_breaks == 1 && st.signals >= 2 && st.signals <= 8 && atomic_load(&prev_calls) == 1,
              "loop breaks %llu signals %llu previous calls %d", (unsigned long long)st.loop_breaks,
              (unsigned long long)st.signals, atomic_load(&prev_calls));
+    // A page this thread maps, drops (MADV_DONTNEED) and faults again, many times in a row, is
+    // a new fault each time, never a loop.
+    CT_CHECK(cuffd_sigbus_remove(id) == 0, "remove");
+    struct cuffd_sigbus_range z = range_of(&f, CUFFD_SIGBUS_COPY, CUFFD_SIGBUS_FALLBACK_SIGNAL);
+    int iz = cuffd_sigbus_add(&z);
+    CT_CHECK(iz >= 0, "add copy");
+    for (int i = 0; i < 20; i++) {
+        CT_CHECK(read_or_prev(f.base + f.ps + 3, &v) == 0 && v == ct_pat(1, 3), "round %d: the page did not resolve", i);
+        madvise(f.base + f.ps, f.ps, MADV_DONTNEED);
+    }
+    cuffd_sigbus_range_stats(iz, &st);
+    CT_CHECK(st.resolved == 20 && st.loop_breaks == 0, "resolved %llu loop breaks %llu", (unsigned long long)st.resolved,
+             (unsigned long long)st.loop_breaks);
     rc = CUFFD_TEST_PASS;
 out:
     ct_fix_fini(&f);
@@ -698,6 +711,69 @@ int cuffd_test_sigbus_fork(int kind, char *msg, size_t msglen) {
     CT_CHECK(st.resolved == npages, "parent resolved %llu", (unsigned long long)st.resolved);
     rc = CUFFD_TEST_PASS;
 out:
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// MARK: - a handler installed over ours ------------------------------------------------------------
+
+static struct sigaction above_prev;
+static _Atomic int above_calls;
+
+// Installed after ours: counts and passes every SIGBUS on to what it replaced (ours).
+static void above_handler(int sig, siginfo_t *si, void *uc) {
+    atomic_fetch_add(&above_calls, 1);
+    above_prev.sa_sigaction(sig, si, uc);
+}
+
+// A handler installed over ours that chains to it keeps our ranges resolving, and a signal that
+// is not ours still reaches the action before ours; installing ours again on top (it now
+// chains to that handler, which chains back to us) ends in the previous action, not a cycle.
+int cuffd_test_sigbus_chained_from_above(int kind, char *msg, size_t msglen) {
+    (void)kind;
+    struct ct_fix f;
+    char path[] = "/tmp/ct_sigbus_above_XXXXXX";
+    int fd = -1;
+    char *map = MAP_FAILED;
+    long ps = sysconf(_SC_PAGESIZE);
+    int rc = setup(&f, CUFFD_MEM_ANON, 4, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct cuffd_sigbus_range r = range_of(&f, CUFFD_SIGBUS_COPY, CUFFD_SIGBUS_FALLBACK_SIGNAL);
+    int id = cuffd_sigbus_add(&r);
+    CT_CHECK(id >= 0, "add");
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = above_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    CT_CHECK(sigaction(SIGBUS, &sa, &above_prev) == 0 && (above_prev.sa_flags & SA_SIGINFO), "install above");
+    uint8_t v = 0;
+    CT_CHECK(read_or_prev(f.base + 5, &v) == 0 && v == ct_pat(0, 5), "our page did not resolve through the handler above");
+    CT_CHECK(atomic_load(&above_calls) == 1, "above: %d calls", atomic_load(&above_calls));
+    fd = mkstemp(path);
+    CT_CHECK(fd >= 0, "mkstemp");
+    unlink(path);
+    CT_CHECK(ftruncate(fd, ps) == 0, "ftruncate");
+    map = mmap(NULL, 2 * ps, PROT_READ, MAP_SHARED, fd, 0);
+    CT_CHECK(map != MAP_FAILED, "mmap");
+    CT_CHECK(read_or_prev(map + ps, &v) == 1 && atomic_load(&prev_calls) == 1, "foreign SIGBUS: previous calls %d",
+             atomic_load(&prev_calls));
+    // Ours on top again: ours -> above -> ours (deeper: the cycle is cut) -> default action. In a child.
+    fflush(NULL);
+    pid_t pid = fork();
+    CT_CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        if (cuffd_sigbus_install() != 0) _exit(10);
+        (void)*(volatile char *)(map + ps);
+        _exit(0);
+    }
+    int st = 0;
+    CT_CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+    CT_CHECK(WIFSIGNALED(st) && WTERMSIG(st) == SIGBUS, "the cycle did not end in the default action: status 0x%x", st);
+    rc = CUFFD_TEST_PASS;
+out:
+    if (map != MAP_FAILED) munmap(map, 2 * ps);
+    if (fd >= 0) close(fd);
     ct_fix_fini(&f);
     return rc;
 }

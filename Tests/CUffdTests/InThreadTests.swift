@@ -23,7 +23,7 @@ final class InThreadTests: HugetlbReservingTestCase {
     /// EFAULT (no nested signal); fallback zero-fills, or the signal is delivered once.
     func testNestedFaultInPolicySourceFailsCleanly() throws { try runCTest(cuffd_test_sigbus_nested_source) }
     /// A policy whose answer never maps the page: the signal is delivered after a few attempts,
-    /// never an endless SIGBUS loop.
+    /// never an endless SIGBUS loop; a page mapped, dropped and faulted again 20 times is not a loop.
     func testResolutionThatDoesNotStickIsDeliveredNotLooped() throws { try runCTest(cuffd_test_sigbus_loop_guard) }
     /// Zeropage, file (pread; tail past EOF zero), move (donor emptied; dropped page -> zeros),
     /// continue (MINOR shmem), poison (every access delivered, the page never filled over).
@@ -37,4 +37,7 @@ final class InThreadTests: HugetlbReservingTestCase {
     /// fork: the child sees resolved pages and zeros elsewhere, starts with an empty table and
     /// can serve its own ranges; the parent goes on resolving.
     func testFork() throws { try runCTest(cuffd_test_sigbus_fork) }
+    /// A handler installed over ours that chains to it keeps our ranges resolving and foreign
+    /// signals reaching the action before ours; ours installed on top again cuts the cycle.
+    func testHandlerInstalledOverOursThatChains() throws { try runCTest(cuffd_test_sigbus_chained_from_above) }
 }
