@@ -335,27 +335,32 @@ static void chain(int sig, siginfo_t *info, void *uc) {
 
 // MARK: - The handler --------------------------------------------------------------------------
 
-// The slot whose range holds addr, with its busy count taken; NULL when none. *retired is set
-// when the address is only in a removed range's tombstone (an active range wins: a new range
-// may reuse the addresses of a removed one).
+// The active slot whose range holds addr, with its busy count taken; NULL when none. *retired
+// is set when the address is only in a removed range's tombstone. Only the matching slot's
+// counters are touched: the scan itself reads bounds and states (relaxed: a filter; the state
+// read after taking the busy count decides).
 static struct slot *lookup(uint64_t addr, bool *retired) {
     uint32_t n = atomic_load_explicit(&nslots_used, memory_order_acquire);
     bool resolving = atomic_load_explicit(&active, memory_order_acquire);
+    bool tomb = false;
     *retired = false;
     for (uint32_t i = 0; i < n; i++) {
         struct slot *s = &slots[i];
         if (addr < atomic_load_explicit(&s->start, memory_order_relaxed) ||
             addr >= atomic_load_explicit(&s->end, memory_order_relaxed))
             continue;
-        atomic_fetch_add_explicit(&s->busy, 1, memory_order_seq_cst);
-        uint32_t st = atomic_load_explicit(&s->state, memory_order_seq_cst);
-        bool in = addr >= atomic_load_explicit(&s->start, memory_order_relaxed) &&
-                  addr < atomic_load_explicit(&s->end, memory_order_relaxed);
+        uint32_t st = atomic_load_explicit(&s->state, memory_order_relaxed);
+        if (st == SLOT_RETIRED || st == SLOT_SETUP) tomb = true; // SETUP: a tombstone being reused
         // Uninstalled (pass-through): a range still in the table is not resolved any more.
-        if (in && st == SLOT_ACTIVE && resolving) return s;
-        if (in && st == SLOT_RETIRED) *retired = true;
+        if (st != SLOT_ACTIVE || !resolving) continue;
+        atomic_fetch_add_explicit(&s->busy, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&s->state, memory_order_seq_cst) == SLOT_ACTIVE &&
+            addr >= atomic_load_explicit(&s->start, memory_order_relaxed) &&
+            addr < atomic_load_explicit(&s->end, memory_order_relaxed))
+            return s;
         atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
     }
+    *retired = tomb;
     return NULL;
 }
 
@@ -483,11 +488,18 @@ int cuffd_sigbus_add(const struct cuffd_sigbus_range *range) {
             return -EEXIST;
         }
     }
-    // A free slot first, then a never-used one (so tombstones live as long as possible), then
-    // a tombstone.
+    // A free slot first; then the tombstone of a removed range at the same addresses (the new
+    // range answers for them now); then a never-used slot (so other tombstones live as long as
+    // possible); then any tombstone. The handler scans slots [0, nslots_used): reuse keeps it short.
     for (uint32_t i = 0; i < n && !s; i++) {
         uint32_t want = SLOT_FREE;
         if (atomic_compare_exchange_strong(&slots[i].state, &want, SLOT_SETUP)) s = &slots[i];
+    }
+    for (uint32_t i = 0; i < n && !s; i++) {
+        uint32_t want = SLOT_RETIRED;
+        if (r.start < atomic_load(&slots[i].end) && atomic_load(&slots[i].start) < r.start + r.len &&
+            atomic_compare_exchange_strong(&slots[i].state, &want, SLOT_SETUP))
+            s = &slots[i];
     }
     if (!s && n < CUFFD_SIGBUS_MAX_RANGES) s = &slots[n];
     for (uint32_t i = 0; i < n && !s; i++) {
