@@ -39,6 +39,25 @@ final class InThreadResolverTests: XCTestCase {
         XCTAssertTrue(resolver.ranges.isEmpty)
     }
 
+    /// The README's in-thread example, as written there (plus the checks).
+    func testReadmeExample() throws {
+        let source = try MappedRegion(.anonymous(), length: 64 << 20)
+        fillPattern(source.pointer, source.length, seed: 11)
+
+        let region = try MappedRegion(.anonymous(), length: 64 << 20)
+        let resolver = try InThreadResolver()                 // its own uffd, features [.sigbus]
+        let range = try resolver.add(region, policy: .copy(from: source.address), fallback: .signal)
+        try resolver.install()                                // sigaction(SIGBUS), remembering the old action
+        withWatchdog(60, onTimeout: { resolver.uninstall() }) {
+            _ = touch(region.address, length: region.length, threads: 2)
+        }
+        let stats = resolver.stats(range)
+        resolver.uninstall()                                  // unregister + remove; the handler passes through
+
+        XCTAssertEqual(stats.resolved, UInt64(region.length / basePageSize))
+        XCTAssertEqual(memcmp(region.pointer, source.pointer, region.length), 0)
+    }
+
     /// A file source: pages come from the file; the part of the last page past its end and the
     /// pages after it are zeros.
     func testFileSourceZerosPastEnd() throws {
