@@ -322,9 +322,8 @@ static void chain(int sig, siginfo_t *info, void *uc) {
     mask = p->sa_mask;
     if (!(p->sa_flags & SA_NODEFER)) sigaddset(&mask, sig);
     pthread_sigmask(SIG_BLOCK, &mask, &old);
-    volatile char here = 0;
     uintptr_t outer = chain_sp;
-    chain_sp = (uintptr_t)&here;
+    chain_sp = (uintptr_t)__builtin_frame_address(0);
     if (p->sa_flags & SA_SIGINFO)
         p->sa_sigaction(sig, info, uc);
     else
@@ -418,8 +417,8 @@ not_ours:
     {
         // Entered again from inside the action we chain to (it passes SIGBUS back to us:
         // installed over us, then we over it): the default action ends the cycle.
-        volatile char here = 0;
-        uintptr_t sp = (uintptr_t)&here;
+        // Frame addresses, not locals' (a sanitizer's fake stack would move those).
+        uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
         if (chain_sp && sp < chain_sp && chain_sp - sp < (1u << 20)) {
             deliver_default(info);
             errno = saved_errno;

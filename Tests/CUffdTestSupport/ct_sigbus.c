@@ -287,8 +287,8 @@ static _Atomic uintptr_t decide_sp;
 
 static int decide_record_sp(void *ctx, uint64_t addr, struct cuffd_resolution *res) {
     const struct ct_fix *f = ctx;
-    volatile char marker = 0;
-    atomic_store(&decide_sp, (uintptr_t)&marker);
+    // The frame address: a local's address may be on a sanitizer's fake stack.
+    atomic_store(&decide_sp, (uintptr_t)__builtin_frame_address(0));
     uint64_t page = addr & ~(f->ps - 1);
     res->op = CUFFD_OP_COPY;
     res->dst = page;
