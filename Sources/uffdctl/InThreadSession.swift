@@ -22,9 +22,11 @@ enum InThreadSession {
         return h
     }
 
-    /// Runs the workload over `region` with `policy` resolved in-thread, verifies every byte
-    /// against `expected` and reports it as `operation`.
-    static func run(operation: String, session: SessionOptions, memory: MemoryType? = nil, region: MappedRegion, features: Features,
+    /// Runs the workload over `region` with `policy` resolved in-thread (`unit` bytes per fault:
+    /// the region's page by default), verifies every byte against `expected` and reports it as
+    /// `operation`.
+    static func run(operation: String, session: SessionOptions, memory: MemoryType? = nil, region: MappedRegion,
+                    unit: Int? = nil, features: Features,
                     modes: RegisterMode = .missing, needed: Ioctls, policy: InThreadResolver.Policy,
                     expected: ExpectedContent, extra: [String: Any] = [:], lines: [String] = []) throws(CLIError) {
         let memory = memory ?? session.memory
@@ -41,7 +43,7 @@ enum InThreadSession {
         do {
             try SessionSteps.register(uffd, region, modes: modes, needed: needed, memory: memory)
             range = try resolver.add(region.address, length: region.length, policy: policy, fallback: .zeroFill,
-                                     pageSize: region.pageSize, register: false)
+                                     pageSize: unit ?? region.pageSize, register: false)
             try resolver.install()
         } catch let e as CLIError {
             throw e
@@ -62,7 +64,7 @@ enum InThreadSession {
         resolver.uninstall(restoringPreviousHandler: true)
         let verification = try verifyRegion(base: region.address, length: region.length, expected: expected, actions: actions)
 
-        var report = SessionReport(operation: operation, memory: memory, size: region.length, pageSize: region.pageSize,
+        var report = SessionReport(operation: operation, memory: memory, size: region.length, pageSize: unit ?? region.pageSize,
                                    threads: session.threads, access: session.access, write: session.write,
                                    readers: 0, pin: session.pin, seconds: outcome.seconds,
                                    stats: handlerStats(s, minor: modes.contains(.minor)),

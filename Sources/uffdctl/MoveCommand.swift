@@ -24,6 +24,10 @@ struct MoveCommand: ParsableCommand {
     @Flag(name: .customLong("compare-copy"), help: "Also run the workload with UFFDIO_COPY and print the ratio.")
     var compareCopy = false
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         try session.validateCommon()
         guard session.memory == .anon else {
@@ -46,6 +50,12 @@ struct MoveCommand: ParsableCommand {
 
         let region = try SessionSteps.map(.anon, length: size, thpAligned: huge)
         if huge { try? region.advise(MADV_HUGEPAGE) }
+        if inThread {
+            guard !compareCopy else { throw CLIError.usage("--in-thread cannot be combined with --compare-copy") }
+            return try InThreadSession.run(operation: "move", session: session, region: region, unit: granule,
+                                           features: .move, needed: .move, policy: .move(donor: donor),
+                                           expected: .pattern(seed: 0x5EED))
+        }
         let uffd = try SessionSteps.open(features: .move)
         try SessionSteps.register(uffd, region, modes: .missing, needed: .move, memory: .anon)
         let policy: MovePolicy

@@ -51,6 +51,20 @@ final class InThreadCLITests: XCTestCase {
         XCTAssertEqual(flag(c.json, "verified"), true, c.stdout)
     }
 
+    /// `move --in-thread`: each faulting thread moves its page from the donor (4 KiB and 2 MiB
+    /// granules); every granule moved once.
+    func testMoveInThread() throws {
+        for extra in [[], ["--huge"]] {
+            let r = try runUffdctl(["move", "--in-thread", "--size", "8M", "--write", "--json"] + extra)
+            XCTAssertEqual(r.code, 0, r.stderr)
+            let granules = extra.isEmpty ? 2048.0 : 4.0
+            XCTAssertEqual(number(r.json?["resolutions"] as? [String: Any], "move"), granules, r.stdout)
+            XCTAssertEqual(flag(r.json, "verified"), true, r.stdout)
+        }
+        let bad = try runUffdctl(["move", "--in-thread", "--compare-copy"])
+        XCTAssertEqual(bad.code, 2, bad.stderr)
+    }
+
     /// Options that do not apply are refused in one line, exit 2.
     func testInThreadRefusesReadahead() throws {
         let r = try runUffdctl(["copy", "--in-thread", "--readahead", "64K"])
