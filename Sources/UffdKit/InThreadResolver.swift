@@ -155,12 +155,19 @@ public final class InThreadResolver: Sendable {
     public let uffd: Userfaultfd
     private let entries = Mutex<[Int32: Entry]>([:])
 
-    /// Uses `uffd`, which must have ``Features/sigbus`` enabled.
-    /// - Throws: ``UffdError`` `.argument` when it has not.
+    /// Uses `uffd`, which must have ``Features/sigbus`` enabled and no event feature.
+    /// - Throws: ``UffdError`` `.argument` when it has not, or has events: a fork, mremap or
+    ///   MADV_DONTNEED would wait for a reader of the event, and in SIGBUS mode there is none.
     public init(uffd: Userfaultfd) throws(UffdError) {
         guard uffd.features.contains(.sigbus) else {
             throw UffdError(.argument, .invalidArgument,
                             detail: "InThreadResolver needs a Userfaultfd opened with features: [.sigbus]")
+        }
+        let events = uffd.features.intersection(.allEvents)
+        guard events.isEmpty else {
+            throw UffdError(.argument, .invalidArgument,
+                            detail: "InThreadResolver cannot serve events \(events): nobody reads them in SIGBUS mode "
+                                + "(a fork, mremap or MADV_DONTNEED would wait forever); open the fd without them")
         }
         self.uffd = uffd
     }

@@ -131,13 +131,16 @@ final class InThreadResolverTests: XCTestCase {
         XCTAssertThrowsError(try resolver.prefault(range, start: region.address, length: 5 * page))
     }
 
-    /// Bad input is refused with a clear error: a fd without SIGBUS mode, a misaligned range,
+    /// Bad input is refused with a clear error: a fd without SIGBUS mode or with events, a misaligned range,
     /// an overlapping range, a file that does not exist, a donor shorter than the range.
     func testBadInput() throws {
         let page = basePageSize
         let plain = try Userfaultfd()
         XCTAssertThrowsError(try InThreadResolver(uffd: plain)) { e in
             XCTAssertTrue("\(e)".contains("sigbus"), "\(e)")
+        }
+        XCTAssertThrowsError(try InThreadResolver(features: .eventRemove)) { e in
+            XCTAssertTrue("\(e)".contains("events"), "\(e)")
         }
         let region = try MappedRegion(.anonymous(), length: 4 * page)
         let resolver = try InThreadResolver()

@@ -61,7 +61,7 @@ struct cuffd_sigbus_range {
     uint64_t start;        ///< page-aligned start of a range registered on `uffd`
     uint64_t len;          ///< bytes, a multiple of page_size
     uint64_t page_size;    ///< the unit of one resolution: base page, or the huge page of a hugetlb range (0: base page)
-    int32_t uffd;          ///< a userfaultfd with UFFD_FEATURE_SIGBUS, kept open while the range is in the table
+    int32_t uffd;          ///< a userfaultfd with UFFD_FEATURE_SIGBUS and no EVENT_* feature (nobody reads events), kept open while the range is in the table
     uint32_t policy;       ///< enum cuffd_sigbus_policy
     int32_t fallback;      ///< enum cuffd_sigbus_fallback
     int32_t file_fd;       ///< CUFFD_SIGBUS_FILE: the file (kept open by the caller)
