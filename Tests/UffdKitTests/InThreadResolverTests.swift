@@ -131,6 +131,42 @@ final class InThreadResolverTests: XCTestCase {
         XCTAssertThrowsError(try resolver.prefault(range, start: region.address, length: 5 * page))
     }
 
+    /// "How to get both": memory handed to syscalls lives in a second range on a fd-mode
+    /// userfaultfd served by a FaultHandler (kernel faults wait for it), next to an in-thread range.
+    func testSecondFdModeRangeServesSyscalls() throws {
+        let page = basePageSize
+        let inThread = try MappedRegion(.anonymous(), length: 4 * page)
+        let forSyscalls = try MappedRegion(.anonymous(), length: 4 * page)
+        let resolver = try InThreadResolver()
+        _ = try resolver.add(inThread, policy: .zero)
+        try resolver.install()
+        defer { resolver.uninstall() }
+        let fdMode: Userfaultfd
+        do {
+            fdMode = try Userfaultfd(options: [.nonBlocking, .kernelFaults])
+        } catch {
+            throw XCTSkip("kernel-mode faults are not allowed for this user: \(error)")
+        }
+        _ = try fdMode.register(forSyscalls, modes: .missing)
+        let handler = FaultHandler(uffd: fdMode, policy: ZeroFillPolicy(region: forSyscalls))
+        try handler.start()
+        defer { handler.stop() }
+        var fds: [Int32] = [0, 0]
+        XCTAssertEqual(pipe(&fds), 0)
+        defer { close(fds[0]); close(fds[1]) }
+        XCTAssertEqual(write(fds[1], "wxyzwxyz", 8), 8)
+        let ok = Box<Int>(-2)
+        let readEnd = fds[0]
+        withWatchdog(30, onTimeout: { handler.stop(); fdMode.close() }) {
+            let n = read(readEnd, forSyscalls.pointer + page, 4)  // a kernel fault, served by the handler
+            ok.update { $0 = n }
+        }
+        XCTAssertEqual(ok.value, 4)
+        XCTAssertEqual(read(fds[0], inThread.pointer + page, 4), -1)  // SIGBUS mode: EFAULT
+        XCTAssertEqual(errno, EFAULT)
+        XCTAssertEqual(handler.stats().faults, 1)
+    }
+
     /// Bad input is refused with a clear error: a fd without SIGBUS mode or with events, a misaligned range,
     /// an overlapping range, a file that does not exist, a donor shorter than the range.
     func testBadInput() throws {
