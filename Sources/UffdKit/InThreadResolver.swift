@@ -272,7 +272,9 @@ public final class InThreadResolver: Sendable {
     /// registered it) and returns once no handler uses it. Later faults there are ordinary
     /// faults of unregistered memory. Idempotent.
     public func remove(_ range: Range) {
-        guard let e = entries.withLock({ $0.removeValue(forKey: range.id) }) else { return }
+        // Table ids are reused after a removal: only the range itself is removed.
+        guard let e = entries.withLock({ d in d[range.id]?.range == range ? d.removeValue(forKey: range.id) : nil })
+        else { return }
         release(e)
     }
 

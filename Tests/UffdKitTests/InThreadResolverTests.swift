@@ -189,7 +189,11 @@ final class InThreadResolverTests: XCTestCase {
             XCTAssertTrue("\(e)".contains("overlaps"), "\(e)")
         }
         resolver.remove(r)
+        // The id is reused by the next range; removing the old one again must not remove it.
+        let r2 = try resolver.add(region, policy: .zero)
         resolver.remove(r)
+        XCTAssertEqual(resolver.ranges, [r2])
+        resolver.remove(r2)
         XCTAssertThrowsError(try resolver.add(region, policy: .file(path: "/no/such/file"))) { e in
             XCTAssertEqual((e as? UffdError)?.errno, .noSuchFileOrDirectory)
         }

@@ -102,7 +102,7 @@ struct cuffd_sigbus_global_stats {
 #define CUFFD_SIGBUS_MAX_POISONED 128
 
 /// Adds a range to the table; its SIGBUS are resolved from now on (once installed). Returns the
-/// range's id (>= 0), or -EINVAL (bad alignment, unknown policy, missing source), -EEXIST (it
+/// range's id (>= 0; ids of removed ranges are reused), or -EINVAL (bad alignment, unknown policy, missing source), -EEXIST (it
 /// overlaps a range in the table), -ENOSPC (table full), -ENOMEM (scratch pages). Not
 /// async-signal-safe; may run while other threads fault.
 int cuffd_sigbus_add(const struct cuffd_sigbus_range *range);
