@@ -84,7 +84,11 @@ public final class InThreadResolver: Sendable {
         public let start: UInt
         /// Bytes.
         public let length: Int
+        /// Tells a range from a later one that reuses its table slot at the same addresses.
+        let generation: UInt64
     }
+
+    private static let generations = Atomic<UInt64>(0)
 
     /// Counters of one range (`struct cuffd_sigbus_stats`).
     public struct Stats: Sendable, Equatable {
@@ -248,7 +252,8 @@ public final class InThreadResolver: Sendable {
                 : "start, length and page size must be page-aligned (page \(pageSize))"
             throw UffdError(.argument, rc: id, detail: "in-thread range 0x\(String(start, radix: 16))+\(length): \(what)")
         }
-        let range = Range(id: id, start: start, length: length)
+        let range = Range(id: id, start: start, length: length,
+                          generation: InThreadResolver.generations.add(1, ordering: .relaxed).newValue)
         entries.withLock { $0[id] = Entry(range: range, registered: register, ownedFD: ownedFD, keepAlive: keep) }
         return range
     }
