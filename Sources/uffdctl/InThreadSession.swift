@@ -1,12 +1,56 @@
 import Foundation
 import UffdKit
 
-/// `--in-thread`: the session's faults are resolved by the faulting threads themselves
-/// (UFFD_FEATURE_SIGBUS and ``InThreadResolver``), with no handler thread.
-enum InThreadSession {
+/// `--in-thread`: a session's faults are resolved by the faulting threads themselves
+/// (UFFD_FEATURE_SIGBUS and ``InThreadResolver``), with no handler thread. ``SessionRunner`` arms
+/// one for ``SessionPlan/Handling/inThread`` before the workload and ends it after.
+final class InThreadSession {
+    let uffd: Userfaultfd
+    private let resolver: InThreadResolver
+    private let range: InThreadResolver.Range
+    private let region: MappedRegion
+    private var ended = false
+
+    /// Opens a SIGBUS-mode fd with `features`, registers the region for `modes` (the range must
+    /// offer `needed`), adds it with the plan's policy and installs the handler. A fault the
+    /// policy cannot resolve maps zeros: the worker goes on, the session reports the failure and
+    /// exits 1 (as the handler sessions do), instead of dying of SIGBUS.
+    init(region: MappedRegion, memory: MemoryType, features: Features, modes: RegisterMode, needed: Ioctls,
+         unit: Int?, policy makePolicy: (SessionContext) throws -> InThreadResolver.Policy) throws {
+        uffd = try SessionSteps.open(features: features.union(.sigbus))
+        self.region = region
+        do {
+            resolver = try InThreadResolver(uffd: uffd)
+        } catch {
+            throw cliError(error, what: "in-thread resolver")
+        }
+        try SessionSteps.register(uffd, region, modes: modes, needed: needed, memory: memory)
+        let policy = try makePolicy(SessionContext(region: region, uffd: uffd, handler: nil))
+        do {
+            range = try resolver.add(region.address, length: region.length, policy: policy, fallback: .zeroFill,
+                                     pageSize: unit ?? region.pageSize, register: false)
+            try resolver.install()
+        } catch {
+            throw cliError(error, memory: memory, what: "in-thread resolver")
+        }
+    }
+
+    /// The counters, once: unregisters the region and puts the previous SIGBUS action back (the
+    /// workers are done by then). Later calls do nothing and return nil.
+    @discardableResult
+    func end() -> InThreadResolver.Stats? {
+        guard !ended else { return nil }
+        ended = true
+        let s = resolver.stats(range)
+        try? uffd.unregister(region.address, length: region.length)
+        resolver.uninstall(restoringPreviousHandler: true)
+        return s
+    }
+
     /// The resolver's counters in the shape of the report's handler stats (every SIGBUS the
-    /// workers took counts as a fault of `kind`; there is no per-resolution latency).
-    static func handlerStats(_ s: InThreadResolver.Stats, minor: Bool) -> HandlerStats {
+    /// workers took counts as a fault; there is no per-resolution latency), plus the summary
+    /// line and JSON fields of the in-thread mode.
+    static func report(_ s: InThreadResolver.Stats, minor: Bool, into notes: inout SessionNotes) -> HandlerStats {
         var h = HandlerStats()
         if minor { h.minorFaults = s.signals } else { h.missingFaults = s.signals }
         let ops: [(Resolution.Operation, UInt64)] = [
@@ -19,107 +63,52 @@ enum InThreadSession {
         h.retries = s.retries
         h.fallbacks = s.fallbacks
         h.failures = s.delivered + s.loopBreaks
+        notes.details["in_thread"] = .bool(true)
+        notes.details["signals"] = .int(Int(s.signals))
+        notes.lines.append("in-thread    \(s.signals) SIGBUS resolved in the faulting threads "
+            + "(\(s.resolved) by the policy, \(s.existed) already there, \(s.fallbacks) zero-filled after a failure); no handler thread")
         return h
     }
+}
 
-    /// Runs the workload over `region` with `policy` resolved in-thread (`unit` bytes per fault:
-    /// the region's page by default), verifies every byte against `expected` and reports it as
-    /// `operation`.
-    static func run(operation: String, session: SessionOptions, memory: MemoryType? = nil, region: MappedRegion,
-                    unit: Int? = nil, features: Features,
-                    modes: RegisterMode = .missing, needed: Ioctls, policy: InThreadResolver.Policy,
-                    expected: ExpectedContent, extra: [String: Any] = [:], lines: [String] = []) throws(CLIError) {
-        let memory = memory ?? session.memory
-        let uffd = try SessionSteps.open(features: features.union(.sigbus))
-        let resolver: InThreadResolver
-        do {
-            resolver = try InThreadResolver(uffd: uffd)
-        } catch {
-            throw cliError(error, what: "in-thread resolver")
+extension SessionPlan.Handling {
+    /// Whether the faults are minor faults (the report counts them as such).
+    var minor: Bool {
+        switch self {
+        case .handler(_, let modes, _, _), .inThread(_, let modes, _, _, _): modes.contains(.minor)
+        case .kernel: false
         }
-        // A fault the policy cannot resolve maps zeros: the worker goes on, verification fails
-        // and the session exits 1 (as the handler sessions do), instead of dying of SIGBUS.
-        let range: InThreadResolver.Range
-        do {
-            try SessionSteps.register(uffd, region, modes: modes, needed: needed, memory: memory)
-            range = try resolver.add(region.address, length: region.length, policy: policy, fallback: .zeroFill,
-                                     pageSize: unit ?? region.pageSize, register: false)
-            try resolver.install()
-        } catch let e as CLIError {
-            throw e
-        } catch let e as UffdError {
-            throw cliError(e, memory: memory, what: "in-thread resolver")
-        } catch {
-            throw .failed("in-thread resolver: \(error)")
-        }
-
-        let actions = uniformActions(pages: region.length / basePageSize, write: session.write)
-        let workload = Workload(base: region.address, length: region.length, threads: session.threads,
-                                order: session.access, actions: actions, pin: session.pin)
-        let outcome = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: operation))
-        let s = resolver.stats(range)
-        // Every worker is done: the previous SIGBUS action can be put back safely.
-        try? uffd.unregister(region.address, length: region.length)
-        resolver.uninstall(restoringPreviousHandler: true)
-        let verification = try verifyRegion(base: region.address, length: region.length, expected: expected, actions: actions)
-
-        var report = SessionReport(operation: operation, memory: memory, size: region.length, pageSize: unit ?? region.pageSize,
-                                   threads: session.threads, access: session.access, write: session.write,
-                                   readers: 0, pin: session.pin, seconds: outcome.seconds,
-                                   stats: handlerStats(s, minor: modes.contains(.minor)),
-                                   verification: verification, expectedName: expected.name)
-        report.firstFailure = s.firstError.map { "first failed resolution: \($0)" }
-        report.extra = extra
-        report.extra["in_thread"] = true
-        report.extra["signals"] = s.signals
-        report.lines = lines
-        report.lines.append("in-thread    \(s.signals) SIGBUS resolved in the faulting threads "
-            + "(\(s.resolved) by the policy, \(s.existed) already there, \(s.fallbacks) zero-filled after a failure); no handler thread")
-        try report.emit(json: session.json)
     }
 }
 
 extension CopyCommand {
     /// `copy --in-thread`: the pattern is copied from memory laid out like the region, a file
     /// is pread page by page (zeros past its end), zeros are mapped with ZEROPAGE.
-    func runInThread(_ parsed: CopySource, size: Int, fileFD: Int32, fileLength: Int,
-                     window: ReadaheadPolicy<CopyPolicy>.Window?) throws(CLIError) {
+    func inThreadHandling(_ parsed: CopySource, size: Int, fileFD: Int32,
+                          window: ReadaheadPolicy<CopyPolicy>.Window?) throws(CLIError) -> SessionPlan.Handling {
         guard window == nil, failPages == nil else {
             throw .usage("--in-thread resolves one page per fault: --readahead and --fail-pages do not apply")
         }
         let memory = session.memory
-        let region = try SessionSteps.map(memory, length: size)
-        var sourceRegion: MappedRegion?
         let policy: InThreadResolver.Policy
-        let expected: ExpectedContent
         switch parsed {
         case .zero:
             policy = .zero
-            expected = .zero
         case .pattern:
-            expected = .pattern(seed: 0x5EED)
-            let src = try SessionSteps.map(.anon, length: size)
-            try expected.fill(src.pointer, offset: 0, count: size)
-            sourceRegion = src
-            policy = .copy(from: src.address)
+            // Kept alive by the plan's closure for the whole session.
+            let source = try SessionSteps.map(.anon, length: size)
+            try ExpectedContent.pattern(seed: 0x5EED).fill(source.pointer, offset: 0, count: size)
+            return .inThread(features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: .copy, unit: nil,
+                             policy: { _ in .copy(from: source.address) })
         case .file:
             policy = .fileDescriptor(fileFD, offset: 0)
-            expected = .file(fd: fileFD, length: fileLength)
         }
-        var lines = ["source       \(source), readahead none"]
-        if case .file = parsed {
-            lines[0] += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
-        }
-        try withExtendedLifetime(sourceRegion) { () throws(CLIError) in
-            try InThreadSession.run(operation: "copy", session: session, region: region,
-                                    features: SessionSteps.memoryFeatures(memory),
-                                    needed: parsed.isZero && memory != .hugetlb ? .zeropage : .copy, policy: policy,
-                                    expected: expected, extra: ["source": source, "readahead": "none"], lines: lines)
-        }
+        let zeroNeeds: Ioctls = memory == .hugetlb ? .copy : .zeropage
+        return .inThread(features: SessionSteps.memoryFeatures(memory), modes: .missing,
+                         needed: policy.isZero ? zeroNeeds : .copy, unit: nil, policy: { _ in policy })
     }
 }
 
-extension CopySource {
+extension InThreadResolver.Policy {
     var isZero: Bool { if case .zero = self { true } else { false } }
 }
