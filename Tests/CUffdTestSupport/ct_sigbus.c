@@ -777,3 +777,50 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// MARK: - gone ---------------------------------------------------------------------------------------
+
+struct gone_ctx {
+    const struct ct_fix *f;
+};
+
+// Unregisters the faulting page's range before answering COPY: the kernel then says ENOENT (no
+// registered VMA), as for a range unregistered between the fault and its handler.
+static int decide_unregister_first(void *ctx, uint64_t addr, struct cuffd_resolution *res) {
+    const struct ct_fix *f = ((struct gone_ctx *)ctx)->f;
+    uint64_t page = addr & ~(f->ps - 1);
+    cuffd_unregister(f->uffd, (uint64_t)(uintptr_t)f->base, f->ps * f->npages);
+    res->op = CUFFD_OP_COPY;
+    res->dst = page;
+    res->len = f->ps;
+    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
+    return 0;
+}
+
+// ENOENT (the range was unregistered under the fault) is "gone": no fallback, no delivery; the
+// access is retried and, the memory being ordinary now, reads zeros.
+int cuffd_test_sigbus_gone(int kind, char *msg, size_t msglen) {
+    (void)kind;
+    struct ct_fix f;
+    int rc = setup(&f, CUFFD_MEM_ANON, 2, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct gone_ctx g = {.f = &f};
+    struct cuffd_sigbus_range r = range_of(&f, CUFFD_SIGBUS_CUSTOM, CUFFD_SIGBUS_FALLBACK_ZEROPAGE);
+    r.decide = decide_unregister_first;
+    r.ctx = &g;
+    int id = cuffd_sigbus_add(&r);
+    CT_CHECK(id >= 0, "add");
+    uint8_t v = 0xff;
+    CT_CHECK(read_or_prev(f.base + f.ps + 2, &v) == 0 && v == 0, "read %u after the range went away, want 0", v);
+    struct cuffd_sigbus_stats st;
+    cuffd_sigbus_range_stats(id, &st);
+    CT_CHECK(st.signals == 1 && st.gone == 1 && st.fallbacks == 0 && st.delivered == 0 && st.resolved == 0,
+             "signals %llu gone %llu fallbacks %llu delivered %llu resolved %llu", (unsigned long long)st.signals,
+             (unsigned long long)st.gone, (unsigned long long)st.fallbacks, (unsigned long long)st.delivered,
+             (unsigned long long)st.resolved);
+    CT_CHECK(atomic_load(&prev_calls) == 0, "a signal reached the previous handler");
+    rc = CUFFD_TEST_PASS;
+out:
+    ct_fix_fini(&f);
+    return rc;
+}

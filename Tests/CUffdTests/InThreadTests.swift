@@ -40,4 +40,7 @@ final class InThreadTests: HugetlbReservingTestCase {
     /// A handler installed over ours that chains to it keeps our ranges resolving and foreign
     /// signals reaching the action before ours; ours installed on top again cuts the cycle.
     func testHandlerInstalledOverOursThatChains() throws { try runCTest(cuffd_test_sigbus_chained_from_above) }
+    /// The range unregistered under the fault (ENOENT) is "gone": no fallback, no signal; the
+    /// access is retried on what is now ordinary memory.
+    func testRangeGoneUnderTheFaultIsRetried() throws { try runCTest(cuffd_test_sigbus_gone) }
 }

@@ -19,6 +19,7 @@ int cuffd_test_sigbus_kernel_access(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_sigbus_uninstall_in_flight(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_sigbus_fork(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_sigbus_chained_from_above(int mem_kind, char *msg, size_t msglen);
+int cuffd_test_sigbus_gone(int mem_kind, char *msg, size_t msglen);
 
 #ifdef __cplusplus
 }
