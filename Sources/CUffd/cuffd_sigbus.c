@@ -18,6 +18,9 @@
 // range stays as a tombstone, so a signal raised before the removal retries the access) -> SETUP.
 enum { SLOT_FREE = 0, SLOT_SETUP, SLOT_ACTIVE, SLOT_RETIRED };
 
+_Static_assert(CUFFD_OP_POISON < 8 && CUFFD_OP_UNPROTECT < 8 && CUFFD_OP_WAKE < 8,
+               "cuffd_sigbus_stats.ops[8] is indexed by the ops the resolver performs");
+
 // Consecutive SIGBUS on one page of one thread after which the signal is delivered instead of
 // resolved again: a resolution that does not stick (an unregistered range over a truncated
 // file, a WP fault the policy cannot answer) must not turn into an endless SIGBUS loop.
@@ -227,6 +230,8 @@ static int decide(struct slot *s, uint64_t addr, uint64_t page, struct cuffd_res
         if (!r->len || ((r->dst | r->len) & (s->ps - 1)) || addr < r->dst || addr - r->dst >= r->len)
             return -EINVAL;
         if (r->op == CUFFD_OP_NONE || r->op == CUFFD_OP_FAIL || r->op >= CUFFD_OP_COUNT) return -EIO;
+        // Nobody would finish a deferred fault: the faulting thread is the resolver.
+        if (r->op == CUFFD_OP_DEFER) return -EOPNOTSUPP;
         return 0;
     }
     default: return -EINVAL;
