@@ -69,8 +69,7 @@ int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, cha
     size_t got = 0;
     int status = 0;
     bool timed_out = false;
-    struct timespec start;
-    clock_gettime(CLOCK_MONOTONIC, &start);
+    uint64_t deadline = cuffd_now_ns() + (uint64_t)timeout_sec * 1000000000ull;
     for (;;) {
         // Drain the pipe as we go: a test process blocked on a full pipe must not look hung.
         ssize_t n = got < sizeof buf - 1 ? read(p[0], buf + got, sizeof buf - 1 - got) : 0;
@@ -82,9 +81,7 @@ int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, cha
             close(p[0]);
             return CUFFD_TEST_FAIL;
         }
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec - start.tv_sec >= timeout_sec) {
+        if (cuffd_now_ns() >= deadline) {
             timed_out = true;
             kill(-pid, SIGKILL);
             kill(pid, SIGKILL);

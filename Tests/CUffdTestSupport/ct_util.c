@@ -168,67 +168,20 @@ void ct_fix_fini(struct ct_fix *f) {
     f->src = NULL;
 }
 
-static struct timespec deadline_in(int ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    return ts;
-}
-
 atomic_int ct_abandoned;
 
 int ct_join(pthread_t th, int timeout_ms) {
-    struct timespec ts = deadline_in(timeout_ms);
-    int e = pthread_timedjoin_np(th, NULL, &ts);
-    if (e == 0) return 0;
+    if (cuffd_join_within(th, (uint32_t)timeout_ms) == 0) return 0;
     atomic_store(&ct_abandoned, 1);
     return -ETIMEDOUT;
 }
 
-// MARK: SIGBUS catching: a per-thread jump buffer, armed only around a deliberate access.
-static _Thread_local sigjmp_buf tls_jmp;
-static _Thread_local volatile int tls_armed;
-static _Thread_local void *volatile tls_addr;
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc) {
-    (void)uc;
-    if (tls_armed) {
-        tls_armed = 0;
-        tls_addr = si->si_addr;
-        siglongjmp(tls_jmp, 1);
-    }
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
-static void install_sigbus(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, NULL);
-}
-
 int ct_touch_catch(volatile char *p, int write, uint8_t wval, uint8_t *read_val, void **fault_addr) {
-    install_sigbus();
-    if (sigsetjmp(tls_jmp, 1)) {
-        if (fault_addr) *fault_addr = tls_addr;
-        return 1;
-    }
-    tls_armed = 1;
-    if (write) {
-        *p = (char)wval;
-    } else {
-        uint8_t v = (uint8_t)*p;
-        if (read_val) *read_val = v;
-    }
-    tls_armed = 0;
+    uint64_t v = 0;
+    int sig = cuffd_access_catching(p, write ? CUFFD_ACCESS_WRITE8 : CUFFD_ACCESS_READ8, wval, false,
+                                    &v, fault_addr);
+    if (sig) return 1;
+    if (!write && read_val) *read_val = (uint8_t)v;
     return 0;
 }
 

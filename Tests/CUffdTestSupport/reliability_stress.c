@@ -3,6 +3,8 @@
 // memory, so every fault the handler resolves is checked by the next access to the page.
 #include "reliability.h"
 
+#include "CUffd.h"
+
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -139,14 +141,7 @@ int rel_stress_start(struct rel_stress *s, void *area, int nthreads, int mode, u
 int rel_stress_stop(struct rel_stress *s, int timeout_ms) {
     atomic_store(&s->stop, 1);
     int rc = 0;
-    struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
-    dl.tv_sec += timeout_ms / 1000;
-    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    struct timespec dl = cuffd_deadline_after_ms((uint32_t)timeout_ms);
     for (int i = 0; i < s->nthreads; i++) {
         if (pthread_timedjoin_np(s->threads[i], NULL, &dl) != 0) {
             fail(s, "locking thread %llu of %llu did not finish within %llu ms (blocked on a fault)",

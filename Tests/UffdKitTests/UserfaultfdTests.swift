@@ -1,4 +1,5 @@
 import CUffd
+import CUffdTestSupport
 import Synchronization
 import SystemPackage
 import XCTest

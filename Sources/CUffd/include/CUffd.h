@@ -296,12 +296,6 @@ int cuffd_pin_self(int cpu);
 /// The CPU the calling thread runs on.
 int cuffd_current_cpu(void);
 
-/// Exported numbers Swift cannot import (function-like macros).
-extern const unsigned long cuffd_ioctl_api, cuffd_ioctl_register, cuffd_ioctl_unregister,
-    cuffd_ioctl_wake, cuffd_ioctl_copy, cuffd_ioctl_zeropage, cuffd_ioctl_move,
-    cuffd_ioctl_writeprotect, cuffd_ioctl_continue, cuffd_ioctl_poison, cuffd_ioctl_new,
-    cuffd_ioctl_pagemap_scan;
-
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,7 @@
 
 #include "CUffd.h"
 #include "reliability.h"
+#include "swift_helpers.h"
 
 #ifdef __cplusplus
 extern "C" {
