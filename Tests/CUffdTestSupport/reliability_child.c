@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,7 +23,7 @@ extern char **environ;
 static uint64_t now_ms(void) { return cuffd_now_ns() / 1000000u; }
 
 int rel_run_child(const char *const *argv, const char *env_name, const char *env_value,
-                  int timeout_ms, char *out, size_t outlen, int *exit_code) {
+                  const char *cwd, int timeout_ms, char *out, size_t outlen, int *exit_code) {
     if (outlen) out[0] = 0;
     // The environment is built before fork: the child may only call async-signal-safe code.
     size_t n = 0;
@@ -61,6 +62,7 @@ int rel_run_child(const char *const *argv, const char *env_name, const char *env
         setpgid(0, 0);
         dup2(p[1], 1);
         dup2(p[1], 2);
+        if (cwd && chdir(cwd) < 0) _exit(126);
         execve(argv[0], (char *const *)argv, envp);
         _exit(127);
     }
@@ -198,6 +200,12 @@ int rel_sysctl_write(const char *path, long value) {
     int rc = fprintf(f, "%ld\n", value) < 0 ? -EIO : 0;
     if (fclose(f) != 0 && rc == 0) rc = -errno;
     return rc;
+}
+
+int rel_mounted_noexec(const char *path) {
+    struct statvfs sv;
+    if (statvfs(path, &sv) < 0) return -errno;
+    return (sv.f_flag & ST_NOEXEC) != 0;
 }
 
 int rel_punch_hole(int fd, uint64_t len) {

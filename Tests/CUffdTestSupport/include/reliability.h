@@ -16,13 +16,13 @@ extern "C" {
 // MARK: - Child processes
 
 /// Runs `argv[0]` (argv NULL-terminated) in a new process group with `env_name=env_value`
-/// added to the environment, capturing stdout+stderr into `out` (the last `outlen-1` bytes are
+/// added to the environment and `cwd` as its working directory (NULL: this process's), capturing stdout+stderr into `out` (the last `outlen-1` bytes are
 /// kept, NUL-terminated). After `timeout_ms` the whole group is killed with SIGKILL.
 /// Returns 0 when the child ended by itself (`*exit_code` = its status, or 128+signal when a
 /// signal killed it), -ETIMEDOUT when the watchdog killed it, or -errno when it could not start.
 /// Only async-signal-safe calls run between fork and exec.
 int rel_run_child(const char *const *argv, const char *env_name, const char *env_value,
-                  int timeout_ms, char *out, size_t outlen, int *exit_code);
+                  const char *cwd, int timeout_ms, char *out, size_t outlen, int *exit_code);
 
 // MARK: - Faulting accesses that may raise a signal
 
@@ -89,6 +89,9 @@ int rel_stress_verify(struct rel_stress *s, const void *area);
 /// -errno; -EPERM+(-1000) style failures of the privilege drop itself are reported as
 /// -(1000 + errno). Waits at most `timeout_ms` (then -ETIMEDOUT).
 int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms);
+
+/// 1 when the file system holding `path` is mounted noexec, 0 when not, -errno on error.
+int rel_mounted_noexec(const char *path);
 
 /// fallocate(PUNCH_HOLE|KEEP_SIZE) over `[0, len)` of `fd`: drops shmem/hugetlb file pages.
 /// Returns 0 or -errno.
