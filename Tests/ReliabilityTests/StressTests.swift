@@ -97,6 +97,7 @@ final class StressTests: XCTestCase {
         let modes: RegisterMode = wp ? [.missing, .writeProtect] : .missing
 
         var totalFaults: UInt64 = 0, handlerExisted: UInt64 = 0, wpFaults: UInt64 = 0
+        var batchedReads: UInt64 = 0, batchedMessages: UInt64 = 0
         let backgroundCopied = Atomic<Int>(0), backgroundExisted = Atomic<Int>(0)
         let backgroundErrors = Locked<[String]>([])
         for round in 0..<profile.rounds {
@@ -107,7 +108,11 @@ final class StressTests: XCTestCase {
                                     pageSize: ps, writeProtected: wp)
             var o = FaultHandler.Options()
             o.readers = cpus
-            o.batch = round & 2 == 0 ? 16 : 1
+            // With several readers each read() takes `sharedBatch` messages (`batch` is the
+            // single reader's): both are set, so the variation reaches the reads.
+            let batch = round & 2 == 0 ? 16 : 1
+            o.batch = batch
+            o.sharedBatch = batch
             o.spinPolls = busyPoll ? 200 : 0
             let handler = FaultHandler(uffd: uffd, policy: policy, options: o)
             try handler.start()
@@ -158,6 +163,12 @@ final class StressTests: XCTestCase {
             handler.stop()
             let st = handler.stats()
             totalFaults += st.faults
+            // A read never returns more messages than the batch asked for.
+            XCTAssertLessThanOrEqual(st.messages, st.reads * UInt64(batch), "round \(round): batch \(batch) \(st)")
+            if batch > 1 {
+                batchedReads += st.reads
+                batchedMessages += st.messages
+            }
             wpFaults += st.writeProtectFaults
             handlerExisted += st.existed
             XCTAssertEqual(st.fallbacks + st.failures, 0, "round \(round): \(handler.failures().prefix(3)) \(st)")
@@ -179,8 +190,14 @@ final class StressTests: XCTestCase {
         XCTAssertGreaterThan(backgroundExisted.load(ordering: .relaxed) + Int(handlerExisted), 0,
                              "the EEXIST path never ran")
         if wp { XCTAssertGreaterThan(wpFaults, 0, "no write-protect fault") }
+        // The batch-16 rounds really batch: with 2 locking threads per CPU faulting at once,
+        // some read() returns several queued faults (with batch 1 messages == reads). Asked only
+        // where the rounds saw enough faults for a burst to be certain (not the 8-page hugetlb run).
+        if batchedReads >= 200 {
+            XCTAssertGreaterThan(batchedMessages, batchedReads, "no read() in the batch-16 rounds returned more than one message")
+        }
         report("stress kind=\(kind) wp=\(wp) pages=\(npages)x\(ps) rounds=\(profile.rounds) increments=\(ops) "
-               + "handlerFaults=\(totalFaults) wpFaults=\(wpFaults) handlerEEXIST=\(handlerExisted) "
+               + "handlerFaults=\(totalFaults) batch16Reads=\(batchedReads) batch16Messages=\(batchedMessages) wpFaults=\(wpFaults) handlerEEXIST=\(handlerExisted) "
                + "backgroundCopied=\(backgroundCopied.load(ordering: .relaxed)) backgroundEEXIST=\(backgroundExisted.load(ordering: .relaxed))")
     }
 

@@ -101,8 +101,14 @@ final class UserfaultfdTests: XCTestCase {
         try u.register(r, modes: .writeProtect)
         try u.writeProtect(r.address, length: r.length)
         try u.unprotect(r.address, length: r.length)
-        memset(r.pointer, 2, r.length) // would block forever if still protected
-        XCTAssertEqual(r.pointer.load(as: UInt8.self), 2)
+        // Nobody reads the fd: a page left protected blocks the writer. The write runs on its
+        // own thread; on a timeout closing the fd releases it and the test fails instead of hanging.
+        let p = UInt(bitPattern: r.pointer), len = r.length
+        let finished = withWatchdog(10, onTimeout: { u.close() }) {
+            memset(UnsafeMutableRawPointer(bitPattern: p)!, 2, len)
+        }
+        XCTAssertTrue(finished, "a write to unprotected pages blocked (still write-protected)")
+        for i in 0..<4 { XCTAssertEqual(r.pointer.load(fromByteOffset: i * ps, as: UInt8.self), 2) }
     }
 
     func testUnansweredFaultBlocksTheThread() {
