@@ -53,6 +53,35 @@ extern atomic_int ct_abandoned;
 #define CT_WAIT_MS 5000 // how long a test waits for any one expected thing
 
 const char *ct_kind_name(int kind);
+
+// MARK: the table
+/// Memory-type bits of a row (`mems`).
+#define CT_M(kind) (1u << (kind))
+#define CT_M_ANON CT_M(CUFFD_MEM_ANON)
+#define CT_M_SHMEM CT_M(CUFFD_MEM_SHMEM)
+#define CT_M_SHMEM_PRIVATE CT_M(CUFFD_MEM_SHMEM_PRIVATE)
+#define CT_M_HUGETLB CT_M(CUFFD_MEM_HUGETLB)
+#define CT_M_FILES (CT_M_SHMEM | CT_M_SHMEM_PRIVATE | CT_M_HUGETLB)
+#define CT_M_ALL (CT_M_ANON | CT_M_FILES)
+
+/// Row features that depend on the memory type (bits the kernel's feature word does not use).
+#define CT_F_WP (1ull << 63)        ///< PAGEFAULT_FLAG_WP on anon, WP_HUGETLBFS_SHMEM on files
+#define CT_F_WP_FILE (1ull << 62)   ///< WP_HUGETLBFS_SHMEM on files, nothing on anon
+#define CT_F_MINOR (1ull << 61)     ///< MINOR_SHMEM / MINOR_HUGETLBFS; nothing on anon
+#define CT_F_MOVE_ANON (1ull << 60) ///< MOVE on anon, nothing on files
+#define CT_F_ALL (CT_F_WP | CT_F_WP_FILE | CT_F_MINOR | CT_F_MOVE_ANON)
+
+/// Whether `kind` is backed by huge pages.
+static inline bool ct_is_hugetlb(int kind) { return kind == CUFFD_MEM_HUGETLB; }
+/// The most huge pages one fixture maps (the test class reserves a few fixtures' worth).
+#define CT_HUGE_MAX_PAGES 8
+
+/// The UFFD_FEATURE_* bits a row's `features` mean on `kind`.
+uint64_t ct_case_features(int kind, uint64_t features);
+
+/// A file's rows, ended by an empty one: `CT_CASES(fill) = { {...}, ... CT_END };`
+#define CT_CASES(group) const struct cuffd_test_case ct_cases_##group[]
+#define CT_END {0}
 const char *ct_err(int neg_errno); // "EAGAIN", "EEXIST", ... for -errno or errno
 
 /// The pattern every source page carries: page index and offset both matter.

@@ -9,15 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *ct_kind_name(int kind) {
-    switch (kind) {
-    case CUFFD_MEM_ANON: return "anon";
-    case CUFFD_MEM_SHMEM: return "shmem";
-    case CUFFD_MEM_SHMEM_PRIVATE: return "shmem-private";
-    case CUFFD_MEM_HUGETLB: return "hugetlb";
-    default: return "?";
-    }
-}
+const char *ct_kind_name(int kind) { return cuffd_test_mem_name(kind); }
 
 const char *ct_err(int e) {
     if (e < 0) e = -e;
