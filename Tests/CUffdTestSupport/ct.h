@@ -61,7 +61,9 @@ const char *ct_kind_name(int kind);
 #define CT_M_SHMEM CT_M(CUFFD_MEM_SHMEM)
 #define CT_M_SHMEM_PRIVATE CT_M(CUFFD_MEM_SHMEM_PRIVATE)
 #define CT_M_HUGETLB CT_M(CUFFD_MEM_HUGETLB)
-#define CT_M_FILES (CT_M_SHMEM | CT_M_SHMEM_PRIVATE | CT_M_HUGETLB)
+#define CT_M_HUGETLB_PRIVATE CT_M(CUFFD_MEM_HUGETLB_PRIVATE)
+#define CT_M_HUGE (CT_M_HUGETLB | CT_M_HUGETLB_PRIVATE)
+#define CT_M_FILES (CT_M_SHMEM | CT_M_SHMEM_PRIVATE | CT_M_HUGE)
 #define CT_M_ALL (CT_M_ANON | CT_M_FILES)
 
 /// Row features that depend on the memory type (bits the kernel's feature word does not use).
@@ -72,7 +74,14 @@ const char *ct_kind_name(int kind);
 #define CT_F_ALL (CT_F_WP | CT_F_WP_FILE | CT_F_MINOR | CT_F_MOVE_ANON)
 
 /// Whether `kind` is backed by huge pages.
-static inline bool ct_is_hugetlb(int kind) { return kind == CUFFD_MEM_HUGETLB; }
+static inline bool ct_is_hugetlb(int kind) { return cuffd_mem_is_hugetlb(kind); }
+/// A file mapped shared (writes reach the file) / mapped private (copy-on-write over it).
+static inline bool ct_is_shared_file(int kind) {
+    return kind == CUFFD_MEM_SHMEM || kind == CUFFD_MEM_HUGETLB;
+}
+static inline bool ct_is_private_file(int kind) {
+    return kind == CUFFD_MEM_SHMEM_PRIVATE || kind == CUFFD_MEM_HUGETLB_PRIVATE;
+}
 /// The most huge pages one fixture maps (the test class reserves a few fixtures' worth).
 #define CT_HUGE_MAX_PAGES 8
 

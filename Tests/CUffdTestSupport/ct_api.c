@@ -132,7 +132,7 @@ out:
 
 // The features a mode needs on a memory kind, as the probe reports them.
 static bool mode_supported(int kind, uint64_t mode, uint64_t avail) {
-    bool huge = kind == CUFFD_MEM_HUGETLB;
+    bool huge = ct_is_hugetlb(kind);
     if (mode & UFFDIO_REGISTER_MODE_MINOR) {
         if (kind == CUFFD_MEM_ANON) return false;
         if (!(avail & (huge ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM))) return false;
@@ -160,7 +160,7 @@ static int t_register_modes(struct ct_fix *f, char *msg, size_t msglen) {
         CT_CHECK(e == 0, "%s: register mode 0x%llx: %s", ct_kind_name(kind),
                  (unsigned long long)mode, ct_err(e));
         uint64_t want = BIT(_UFFDIO_WAKE) | BIT(_UFFDIO_COPY);
-        if (kind != CUFFD_MEM_HUGETLB) want |= BIT(_UFFDIO_ZEROPAGE);
+        if (!ct_is_hugetlb(kind)) want |= BIT(_UFFDIO_ZEROPAGE);
         if (kind == CUFFD_MEM_ANON && (f->avail & UFFD_FEATURE_MOVE)) want |= BIT(_UFFDIO_MOVE);
         if (f->avail & UFFD_FEATURE_POISON) want |= BIT(_UFFDIO_POISON);
         if (mode & UFFDIO_REGISTER_MODE_WP) want |= BIT(_UFFDIO_WRITEPROTECT);
@@ -168,7 +168,7 @@ static int t_register_modes(struct ct_fix *f, char *msg, size_t msglen) {
         uint64_t never = 0;
         if (!(mode & UFFDIO_REGISTER_MODE_WP)) never |= BIT(_UFFDIO_WRITEPROTECT);
         if (!(mode & UFFDIO_REGISTER_MODE_MINOR)) never |= BIT(_UFFDIO_CONTINUE);
-        if (kind == CUFFD_MEM_HUGETLB) never |= BIT(_UFFDIO_ZEROPAGE) | BIT(_UFFDIO_MOVE);
+        if (ct_is_hugetlb(kind)) never |= BIT(_UFFDIO_ZEROPAGE) | BIT(_UFFDIO_MOVE);
         CT_CHECK((io & want) == want, "%s: mode 0x%llx: range ioctls 0x%llx lack 0x%llx",
                  ct_kind_name(kind), (unsigned long long)mode, (unsigned long long)io,
                  (unsigned long long)(want & ~io));
@@ -294,7 +294,7 @@ CT_CASES(api) = {
      "REGISTER with each mode reports the range ioctls the memory type supports; UNREGISTER ends faults."},
     {"register_busy", t_register_busy, CT_M_ALL, 0, 2,
      "A range registered on one uffd cannot be registered on another (EBUSY)."},
-    {"resolve_one_outcomes", t_resolve_one_outcomes, CT_M_ANON | CT_M_SHMEM | CT_M_HUGETLB, UFFD_FEATURE_POISON | CT_F_MOVE_ANON, 4,
+    {"resolve_one_outcomes", t_resolve_one_outcomes, CT_M_ANON | CT_M_SHMEM | CT_M_HUGE, UFFD_FEATURE_POISON | CT_F_MOVE_ANON, 4,
      "cuffd_resolve_one: RESOLVED, EXISTED (EEXIST), GONE (unregistered), FALLBACK (OP_FAIL, MOVE source hole) and FAILED (nothing can fill the range), with done and error."},
     CT_END,
 };

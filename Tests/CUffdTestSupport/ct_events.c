@@ -213,7 +213,7 @@ static int t_eagain_while_remove_unread(struct ct_fix *f, char *msg, size_t msgl
     e = cuffd_copy(f->uffd, U(p2), U(f->src), f->ps, 0, &done);
     CT_CHECK(e == -EAGAIN && done == 0, "COPY: %s done %lld, expected EAGAIN 0", ct_err(e), (long long)done);
     done = -1;
-    if (kind != CUFFD_MEM_HUGETLB) {
+    if (!ct_is_hugetlb(kind)) {
         e = cuffd_zeropage(f->uffd, U(p3), f->ps, 0, &done);
         CT_CHECK(e == -EAGAIN && done == 0, "ZEROPAGE: %s done %lld, expected EAGAIN 0", ct_err(e),
                  (long long)done);
@@ -342,7 +342,7 @@ CT_CASES(events) = {
      "UFFD_FEATURE_SIGBUS: a missing page raises SIGBUS (caught in the isolated test process), no message."},
     {"thread_id_exact_address", t_thread_id_exact_address, CT_M_ALL, UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_EXACT_ADDRESS, 2,
      "THREAD_ID: ptid is the faulting thread's tid; EXACT_ADDRESS: the address is not masked."},
-    {"address_masked", t_address_masked, CT_M_ANON | CT_M_HUGETLB, 0, 2,
+    {"address_masked", t_address_masked, CT_M_ANON | CT_M_HUGE, 0, 2,
      "Without those features the address is masked to the page and ptid is 0."},
     CT_END,
 };

@@ -32,9 +32,9 @@ static int t_copy(struct ct_fix *f, char *msg, size_t msglen) {
     CT_CHECK(e == 0 && done == (int64_t)f->ps, "COPY page 1: %s, done %lld", ct_err(e), (long long)done);
     CT_CHECK(ct_check_pattern(f->base + f->ps, f->ps, 1) < 0, "page 1 does not hold the copied data");
     CT_TRY(check_missing(f, 1u << 1, msg, msglen));
-    if (kind == CUFFD_MEM_SHMEM || kind == CUFFD_MEM_HUGETLB)
+    if (ct_is_shared_file(kind))
         CT_CHECK(ct_check_pattern(f->alias + f->ps, f->ps, 1) < 0, "the shared file does not hold the copy");
-    if (kind == CUFFD_MEM_SHMEM_PRIVATE)
+    if (ct_is_private_file(kind))
         CT_CHECK(ct_check_zero(f->alias + f->ps, f->ps) < 0,
                  "COPY into private shmem must not write the file");
     e = cuffd_copy(f->uffd, U(f->base + f->ps), U(f->src), f->ps, 0, &done);
@@ -126,7 +126,7 @@ static int t_zeropage(struct ct_fix *f, char *msg, size_t msglen) {
     uint64_t io = 0;
     int e = cuffd_register(f->uffd, U(f->base), f->ps * 4, UFFDIO_REGISTER_MODE_MISSING, &io);
     CT_CHECK(e == 0, "register: %s", ct_err(e));
-    if (kind == CUFFD_MEM_HUGETLB) {
+    if (ct_is_hugetlb(kind)) {
         // hugetlb has no zero page: the range says so, and the ioctl refuses.
         CT_CHECK(!(io & (1ull << _UFFDIO_ZEROPAGE)), "hugetlb range offers ZEROPAGE");
         e = cuffd_zeropage(f->uffd, U(f->base), f->ps, 0, &done);
@@ -196,7 +196,7 @@ static int t_continue(struct ct_fix *f, char *msg, size_t msglen) {
              ct_err(e), (long long)done);
     // The mapping is of the page cache itself (shared) or copy-on-write (private).
     f->alias[3] = 0x55;
-    if (kind == CUFFD_MEM_SHMEM_PRIVATE) {
+    if (ct_is_private_file(kind)) {
         f->base[f->ps + 1] = 0x66;
         CT_CHECK((uint8_t)f->alias[f->ps + 1] == ct_pat(1, 1), "private write reached the file");
     } else {

@@ -770,7 +770,7 @@ CT_CASES(loop) = {
      "A decider that sets DONTWAKE in mode does not leave the faulting thread asleep (the loop manages waking)."},
     {"loop_misdirected", t_loop_misdirected, CT_M_ANON, 0, 2,
      "A resolution that misses the faulting page (EEXIST elsewhere) wakes the thread; its re-fault is asked again."},
-    {"loop_close_releases", t_loop_close_releases, CT_M_ANON | CT_M_SHMEM | CT_M_HUGETLB, 0, 2,
+    {"loop_close_releases", t_loop_close_releases, CT_M_ANON | CT_M_SHMEM | CT_M_HUGE, 0, 2,
      "A fault after the loop stopped stays queued; closing the uffd releases it (it faults normally)."},
     {"loop_without_handshake", t_loop_without_handshake, CT_M_ANON, 0, 0,
      "cuffd_loop_run on a uffd without UFFDIO_API is EINVAL."},

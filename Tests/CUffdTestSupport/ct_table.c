@@ -42,6 +42,7 @@ const char *cuffd_test_mem_name(int kind) {
     case CUFFD_MEM_SHMEM: return "shmem";
     case CUFFD_MEM_SHMEM_PRIVATE: return "shmem_private";
     case CUFFD_MEM_HUGETLB: return "hugetlb";
+    case CUFFD_MEM_HUGETLB_PRIVATE: return "hugetlb_private";
     default: return "unknown";
     }
 }

@@ -89,7 +89,7 @@ static long read_long(const char *path) {
 int ct_map(int kind, uint64_t len, struct cuffd_region *r, char *msg, size_t msglen) {
     int e = cuffd_region_map(kind, len, false, r);
     if (e == 0) return CUFFD_TEST_PASS;
-    if (kind == CUFFD_MEM_HUGETLB) {
+    if (ct_is_hugetlb(kind)) {
         int re = ct_hugetlb_reserve_error();
         char why[96];
         if (re == 1) snprintf(why, sizeof why, "no reservation was attempted");
@@ -115,7 +115,7 @@ int ct_fix_init(struct ct_fix *f, int kind, size_t npages, uint64_t features, ch
     if (rc != CUFFD_TEST_PASS) return rc;
     uint64_t io = 0;
     cuffd_probe(&f->avail, &io);
-    uint64_t ps = kind == CUFFD_MEM_HUGETLB ? cuffd_hugepage_size() : cuffd_page_size();
+    uint64_t ps = ct_is_hugetlb(kind) ? cuffd_hugepage_size() : cuffd_page_size();
     if (!ps) {
         snprintf(msg, msglen, "no default huge page size in /proc/meminfo");
         return CUFFD_TEST_SKIP;

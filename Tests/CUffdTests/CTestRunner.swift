@@ -71,8 +71,9 @@ func runCGroup(_ group: String, timeout: Int32 = 30, file: StaticString = #fileP
 /// class and gives the old nr_hugepages back afterwards. When the reservation fails (not root,
 /// no hugetlb), the hugetlb cases skip with the reason from the mapping attempt.
 class HugetlbReservingTestCase: XCTestCase {
-    /// Enough for the largest hugetlb case (a few fixtures of at most CT_HUGE_MAX_PAGES of 2 MiB).
-    static let hugePagesNeeded = 32
+    /// Enough for the largest hugetlb case (a few fixtures of at most CT_HUGE_MAX_PAGES of
+    /// 2 MiB; a hugetlb-private fixture reserves its private pages besides the file's).
+    static let hugePagesNeeded = 48
 
     override class func setUp() {
         super.setUp()

@@ -44,13 +44,16 @@ final class StressTests: XCTestCase {
     func testStressShmemPrivateWriteProtect() throws { try stress(.shmemPrivate, wp: true) }
     func testStressHugetlb() throws { try stress(.hugetlb, wp: false) }
     func testStressHugetlbWriteProtect() throws { try stress(.hugetlb, wp: true) }
+    func testStressHugetlbPrivate() throws { try stress(.hugetlbPrivate, wp: false) }
+    func testStressHugetlbPrivateWriteProtect() throws { try stress(.hugetlbPrivate, wp: true) }
 
     func stress(_ kind: MappedRegion.Kind, wp: Bool) throws {
         let p = StressProfile.current
         let timeout = longStress ? 900 : 60
-        if kind == .hugetlb {
-            // Reserved by the parent (restored even when the child is killed); the child finds them free.
-            try withHugePages(2 * p.hugePages + 2) {
+        if kind.isHugetlb {
+            // Reserved by the parent (restored even when the child is killed); the child finds
+            // them free. Two areas; a private one reserves its own pages besides the file's.
+            try withHugePages((kind.isPrivateFile ? 4 : 2) * p.hugePages + 2) {
                 try isolated(timeout: timeout) { try runStress(kind, wp: wp, profile: p) }
             }
         } else {
@@ -62,7 +65,7 @@ final class StressTests: XCTestCase {
         var f: Features = []
         switch kind {
         case .shmem, .shmemPrivate: f.insert(.missingShmem)
-        case .hugetlb: f.insert(.missingHugetlbfs)
+        case .hugetlb, .hugetlbPrivate: f.insert(.missingHugetlbfs)
         default: break
         }
         if wp {
@@ -77,9 +80,9 @@ final class StressTests: XCTestCase {
         let offered = try Userfaultfd.probe()
         guard offered.isSuperset(of: want) else { throw relSkip("kernel does not offer \(want.subtracting(offered))") }
         let cpus = Swift.max(2, ProcessInfo.processInfo.activeProcessorCount)
-        let ps = kind == .hugetlb ? (hugePageSize ?? 0) : basePageSize
+        let ps = kind.isHugetlb ? (hugePageSize ?? 0) : basePageSize
         guard ps > 0 else { throw relSkip("no default huge page size") }
-        let npages = kind == .hugetlb ? profile.hugePages : profile.basePages
+        let npages = kind.isHugetlb ? profile.hugePages : profile.basePages
         let len = npages * ps
         var src: MappedRegion
         var dst: MappedRegion
@@ -87,7 +90,7 @@ final class StressTests: XCTestCase {
             src = try MappedRegion(kind, length: len)
             dst = try MappedRegion(kind, length: len)
         } catch {
-            if kind == .hugetlb { throw relSkip("cannot map hugetlb memory: \(error)") }
+            if kind.isHugetlb { throw relSkip("cannot map hugetlb memory: \(error)") }
             throw error
         }
         let uffd = try Userfaultfd(features: want)
