@@ -191,6 +191,18 @@ int ct_handler_faults(struct ct_handler *h, uint64_t all, uint64_t none);
 /// Reads one message, waiting up to timeout_ms: 1 read, 0 timeout, -errno.
 int ct_read_msg(int uffd, struct uffd_msg *m, int timeout_ms);
 
+/// The uffd-wp bit of a /proc/PID/pagemap entry ("Bit 57 pte is uffd-wp write-protected",
+/// Documentation/admin-guide/mm/pagemap.rst; no uapi header names it).
+#define CT_PM_UFFD_WP (1ull << 57)
+#define CT_PM_PRESENT (1ull << 63) ///< "Bit 63 page present" (a marker is not)
+/// The calling process's pagemap entry for the page holding addr: 0 or -errno.
+/// Async-signal-safe (open/pread/close only), so a forked child may call it.
+int ct_pagemap_entry(const void *addr, uint64_t *entry);
+
+/// Drops pages [first, first+n) of the fixture so the next access faults as missing: MADV_REMOVE
+/// for shared file memory (the page cache goes too), MADV_DONTNEED otherwise. 0 or -errno.
+int ct_release(struct ct_fix *f, size_t first, size_t n);
+
 /// Value of a "Key:   N kB" line of /proc/self/smaps for the VMA containing addr (-1: not found).
 long ct_smaps_kb(const void *addr, const char *key);
 

@@ -51,12 +51,28 @@ int ct_present(const void *addr) {
     int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
     uint64_t e = 0;
-    off_t off = (off_t)(((uintptr_t)addr / 4096) * 8);
+    off_t off = (off_t)(((uintptr_t)addr / cuffd_page_size()) * 8); // one entry per base page
     ssize_t n = pread(fd, &e, sizeof e, off);
     int err = errno;
     close(fd);
     if (n != (ssize_t)sizeof e) return n < 0 ? -err : -EIO;
     return (e >> 63) & 1 || (e >> 62) & 1;
+}
+
+int ct_pagemap_entry(const void *addr, uint64_t *entry) {
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    off_t off = (off_t)(((uintptr_t)addr / cuffd_page_size()) * 8); // one entry per base page
+    ssize_t n = pread(fd, entry, sizeof *entry, off);
+    int err = errno;
+    close(fd);
+    if (n != (ssize_t)sizeof *entry) return n < 0 ? -err : -EIO;
+    return 0;
+}
+
+int ct_release(struct ct_fix *f, size_t first, size_t n) {
+    int advice = ct_is_shared_file(f->kind) ? MADV_REMOVE : MADV_DONTNEED;
+    return madvise(f->base + first * f->ps, n * f->ps, advice) == 0 ? 0 : -errno;
 }
 
 int ct_need_features(uint64_t want, char *msg, size_t msglen) {

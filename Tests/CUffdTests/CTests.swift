@@ -6,7 +6,7 @@ import XCTest
 /// C function and one row; only a new file adds a group here.
 final class CTests: HugetlbReservingTestCase {
     /// The groups run below; a group in the table but not here fails testEveryGroupRuns.
-    static let groups = ["api", "fill", "move", "wp", "events", "loop", "support"]
+    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "loop", "support"]
 
     /// UFFDIO_API handshake, open paths, the probe, REGISTER modes/ownership, resolve outcomes.
     func testApi() throws { try runCGroup("api") }
@@ -16,6 +16,8 @@ final class CTests: HugetlbReservingTestCase {
     func testMove() throws { try runCGroup("move") }
     /// UFFDIO_WRITEPROTECT, WP faults, WP_UNPOPULATED, WP_ASYNC + PAGEMAP_SCAN.
     func testWp() throws { try runCGroup("wp") }
+    /// Write-protect state in the page tables (pagemap bit 57): fork, pins, markers, page-out.
+    func testWpState() throws { try runCGroup("wp_state") }
     /// Non-cooperative events, EAGAIN while one is unread, SIGBUS mode, THREAD_ID/EXACT_ADDRESS.
     func testEvents() throws { try runCGroup("events") }
     /// cuffd_loop_run: batches, stats, fallbacks, stop, EAGAIN/EEXIST, several loops.
