@@ -9,6 +9,7 @@ extern CT_CASES(wp);
 extern CT_CASES(events);
 extern CT_CASES(loop);
 extern CT_CASES(wp_state);
+extern CT_CASES(chains);
 extern CT_CASES(support);
 
 static const struct {
@@ -17,7 +18,7 @@ static const struct {
 } groups[] = {
     {"api", ct_cases_api},       {"fill", ct_cases_fill}, {"move", ct_cases_move},
     {"wp", ct_cases_wp},         {"events", ct_cases_events}, {"loop", ct_cases_loop},
-    {"wp_state", ct_cases_wp_state}, {"support", ct_cases_support},
+    {"wp_state", ct_cases_wp_state}, {"chains", ct_cases_chains}, {"support", ct_cases_support},
 };
 
 size_t cuffd_test_group_count(void) { return sizeof groups / sizeof groups[0]; }

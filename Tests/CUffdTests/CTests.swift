@@ -6,7 +6,7 @@ import XCTest
 /// C function and one row; only a new file adds a group here.
 final class CTests: HugetlbReservingTestCase {
     /// The groups run below; a group in the table but not here fails testEveryGroupRuns.
-    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "loop", "support"]
+    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "chains", "loop", "support"]
 
     /// UFFDIO_API handshake, open paths, the probe, REGISTER modes/ownership, resolve outcomes.
     func testApi() throws { try runCGroup("api") }
@@ -20,6 +20,8 @@ final class CTests: HugetlbReservingTestCase {
     func testWpState() throws { try runCGroup("wp_state") }
     /// Non-cooperative events, EAGAIN while one is unread, SIGBUS mode, THREAD_ID/EXACT_ADDRESS.
     func testEvents() throws { try runCGroup("events") }
+    /// Scenarios across processes: SIGBUS mode with a forked child, the FORK/REMAP/REMOVE chain.
+    func testChains() throws { try runCGroup("chains") }
     /// cuffd_loop_run: batches, stats, fallbacks, stop, EAGAIN/EEXIST, several loops.
     func testLoop() throws { try runCGroup("loop") }
     /// The core's shared helpers: the SIGBUS catcher and its chaining, the deadline.
