@@ -2,6 +2,8 @@
 // and the done count on partial progress.
 #include "ct.h"
 
+#include <linux/mman.h> // MADV_COLLAPSE: the kernel's header has it, glibc's <sys/mman.h> not yet
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define U(p) ((uint64_t)(uintptr_t)(p))
@@ -313,6 +315,63 @@ out:
     return rc;
 }
 
+// MINOR faults on shmem answered by CONTINUE, then MADV_COLLAPSE of the registered view into
+// huge pages: it maps them by PMD there, the data survives, and reading raises no new fault.
+static int t_minor_collapse(struct ct_fix *f, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    struct ct_handler h;
+    bool hstarted = false;
+    const uint64_t pmd = 2u << 20, len = f->npages * f->ps;
+    // The fixture's view is not PMD-aligned: map the file again at an aligned address.
+    char *al = cuffd_map_anon_aligned(len, pmd);
+    CT_CHECK(al, "aligned reservation: %s", ct_err(errno));
+    CT_CHECK(mmap(al, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, f->r.memfd, 0) == al,
+             "mmap the memfd at the aligned address: %s", ct_err(errno));
+    munmap(f->base, len);
+    f->base = f->r.addr = al;
+    int e = cuffd_register(f->uffd, U(f->base), len, UFFDIO_REGISTER_MODE_MINOR, NULL);
+    CT_CHECK(e == 0, "register MINOR: %s", ct_err(e));
+    // Filling the file through the other view raises nothing; the registered view faults MINOR.
+    for (size_t i = 0; i < f->npages; i++) memcpy(f->alias + i * f->ps, f->src + i * f->ps, f->ps);
+    e = ct_handler_start(&h, f, CT_H_CONTINUE);
+    CT_CHECK(e == 0, "handler: %s", ct_err(e));
+    hstarted = true;
+    struct ct_toucher t = {.addr = f->base, .count = f->npages, .stride = f->ps};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "reader blocked (%zu of %zu pages)", t.touched, f->npages);
+    int faults = atomic_load(&h.nlog);
+    // The handler logs the first CT_MAX_LOG messages: every logged one must be MINOR.
+    int logged = faults < CT_MAX_LOG ? faults : CT_MAX_LOG;
+    CT_CHECK(faults == (int)f->npages && ct_handler_faults(&h, UFFD_PAGEFAULT_FLAG_MINOR, 0) == logged,
+             "%d messages (%d of the %d logged MINOR), expected %zu MINOR faults", faults,
+             ct_handler_faults(&h, UFFD_PAGEFAULT_FLAG_MINOR, 0), logged, f->npages);
+    CT_CHECK(atomic_load(&h.errors) == 0, "CONTINUE failed: %s", ct_err(h.first_err));
+    if (madvise(f->base, len, MADV_COLLAPSE) != 0) {
+        int err = errno;
+        char knob[64] = "?";
+        FILE *k = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "re");
+        if (k) {
+            if (!fgets(knob, sizeof knob, k)) knob[0] = 0;
+            fclose(k);
+            knob[strcspn(knob, "\n")] = 0;
+        }
+        CT_SKIP("MADV_COLLAPSE on shmem failed here: %s (transparent_hugepage/shmem_enabled: %s)",
+                ct_err(err), knob);
+    }
+    long pmd_kb = ct_smaps_kb(f->base, "ShmemPmdMapped");
+    CT_CHECK(pmd_kb >= (long)(pmd >> 10), "after MADV_COLLAPSE the registered view has ShmemPmdMapped %ld kB", pmd_kb);
+    for (size_t i = 0; i < f->npages; i++) {
+        CT_CHECK(ct_check_pattern(f->base + i * f->ps, f->ps, i) < 0, "page %zu corrupt after collapse", i);
+        CT_CHECK(ct_check_pattern(f->alias + i * f->ps, f->ps, i) < 0, "page %zu corrupt in the file", i);
+    }
+    CT_CHECK(atomic_load(&h.nlog) == faults, "reading the collapsed view raised %d new faults",
+             atomic_load(&h.nlog) - faults);
+out:
+    if (hstarted) ct_handler_stop(&h);
+    return rc;
+}
+
 // MARK: - the table
 
 CT_CASES(fill) = {
@@ -330,6 +389,8 @@ CT_CASES(fill) = {
      "ZEROPAGE maps zero pages (a repeat is EEXIST); hugetlb has no zero page: the range lacks ZEROPAGE and the ioctl gives EINVAL."},
     {"continue", t_continue, CT_M_FILES, CT_F_MINOR, 4,
      "CONTINUE maps page-cache pages filled through the alias; a repeat is EEXIST."},
+    {"minor_collapse", t_minor_collapse, CT_M_SHMEM, CT_F_MINOR, 512,
+     "MINOR faults on shmem answered by CONTINUE, then MADV_COLLAPSE maps the registered view by PMD: data intact, no new fault."},
     {"poison", t_poison, CT_M_ALL, UFFD_FEATURE_POISON, 3,
      "POISON marks pages: an access raises SIGBUS; a repeat is EEXIST."},
     CT_END,
