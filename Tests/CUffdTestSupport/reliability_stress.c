@@ -178,3 +178,89 @@ int rel_stress_verify(struct rel_stress *s, const void *area) {
     }
     return atomic_load(&s->failed) ? -1 : 0;
 }
+
+// MARK: - blocking-read resolvers (uffd-stress's read mode)
+
+struct rel_resolvers {
+    int uffd, n;
+    char *dst;
+    const char *src;
+    uint64_t len, ps;
+    bool wp;
+    pthread_t threads[REL_MAX_THREADS];
+    atomic_uint_fast64_t faults, wp_faults, existed, errors;
+    atomic_int first_error;
+};
+
+static void resolve_one(struct rel_resolvers *r, const struct uffd_msg *m) {
+    uint64_t a = m->arg.pagefault.address & ~(r->ps - 1), base = (uint64_t)(uintptr_t)r->dst;
+    int e;
+    if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+        atomic_fetch_add(&r->wp_faults, 1);
+        e = cuffd_writeprotect(r->uffd, a, r->ps, false, false);
+    } else if (a < base || a >= base + r->len) {
+        e = -EFAULT; // not ours: cannot happen with one registered area
+    } else {
+        atomic_fetch_add(&r->faults, 1);
+        int64_t done = 0;
+        e = cuffd_copy(r->uffd, a, (uint64_t)(uintptr_t)(r->src + (a - base)), r->ps,
+                       r->wp ? UFFDIO_COPY_MODE_WP : 0, &done);
+        if (e == -EEXIST) {
+            atomic_fetch_add(&r->existed, 1);
+            e = cuffd_wake(r->uffd, a, r->ps);
+        }
+    }
+    if (e < 0 && atomic_fetch_add(&r->errors, 1) == 0) atomic_store(&r->first_error, e);
+}
+
+static void *resolver_main(void *arg) {
+    struct rel_resolvers *r = arg;
+    for (;;) {
+        struct uffd_msg m;
+        // Blocks in read(2), a cancellation point: that is where rel_resolvers_stop ends us.
+        ssize_t n = read(r->uffd, &m, sizeof m);
+        if (n != (ssize_t)sizeof m) {
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (atomic_fetch_add(&r->errors, 1) == 0) atomic_store(&r->first_error, n < 0 ? -errno : -EIO);
+            return NULL;
+        }
+        int old;
+        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
+        if (m.event == UFFD_EVENT_PAGEFAULT) resolve_one(r, &m);
+        pthread_setcancelstate(old, NULL);
+    }
+}
+
+struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void *src, uint64_t len,
+                                          uint64_t page_size, bool wp) {
+    if (n < 1 || n > REL_MAX_THREADS) return NULL;
+    struct rel_resolvers *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    *r = (struct rel_resolvers){.uffd = uffd, .dst = dst, .src = src, .len = len, .ps = page_size, .wp = wp};
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&r->threads[i], NULL, resolver_main, r) != 0) break;
+        r->n++;
+    }
+    if (r->n == 0) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out) {
+    int rc = 0;
+    for (int i = 0; i < r->n; i++) pthread_cancel(r->threads[i]);
+    for (int i = 0; i < r->n; i++)
+        if (cuffd_join_within(r->threads[i], 10000) != 0) rc = -ETIMEDOUT;
+    if (out) {
+        out->faults = atomic_load(&r->faults);
+        out->wp_faults = atomic_load(&r->wp_faults);
+        out->existed = atomic_load(&r->existed);
+        out->errors = atomic_load(&r->errors);
+        out->first_error = atomic_load(&r->first_error);
+        out->threads = r->n;
+    }
+    if (rc == 0) free(r); // a thread that did not end may still use it
+    return rc;
+}

@@ -82,6 +82,25 @@ const char *rel_stress_error(const struct rel_stress *s);
 /// rel_stress_error).
 int rel_stress_verify(struct rel_stress *s, const void *area);
 
+// MARK: - Stress: blocking-read resolvers (uffd-stress's read mode)
+
+/// `n` threads that each block in read(2) on the blocking `uffd` and answer MISSING faults in
+/// [dst, dst+len) with UFFDIO_COPY from the same offset of `src` (protected with `wp`; EEXIST
+/// wakes the range) and WP faults with an unprotect. NULL when no thread could start.
+struct rel_resolvers;
+struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void *src, uint64_t len,
+                                          uint64_t page_size, bool wp);
+
+struct rel_resolver_counts {
+    uint64_t faults, wp_faults, existed, errors;
+    int first_error; ///< -errno of the first failed resolution
+    int threads;
+};
+
+/// Cancels the resolvers (read(2) is a cancellation point; a resolution in progress finishes)
+/// and joins them within 10 s. Returns 0 (counts in *out) or -ETIMEDOUT.
+int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out);
+
 // MARK: - Unprivileged open
 
 /// Forks a child that drops to `uid`/`gid` (setgroups(0), setresgid, setresuid) and calls
