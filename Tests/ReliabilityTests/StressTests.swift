@@ -200,8 +200,11 @@ final class StressTests: XCTestCase {
             }
             let lockersBack = rel_stress_stop(state, 10_000) == 0
             if !backgroundDone || !lockersBack {
+                // Huge pages are machine-wide: when another process took the free ones, a COPY
+                // finds none (the fallback then poisons the page). Say how the pool looked.
+                let pool = kind.isHugetlb ? " [" + hugePoolSummary() + "]" : ""
                 XCTFail("round \(round): \(backgroundDone ? "" : "background resolvers did not finish; ")"
-                        + String(cString: rel_stress_error(state)))
+                        + String(cString: rel_stress_error(state)) + pool)
                 // Release whoever is still blocked so the child can exit and report.
                 uffd.close()
                 blockingUffd.close()
@@ -266,6 +269,14 @@ final class StressTests: XCTestCase {
                + "batch16Messages=\(batchedMessages) wpFaults=\(wpFaults) handlerEEXIST=\(handlerExisted) "
                + "backgroundCopied=\(backgroundCopied.load(ordering: .relaxed)) backgroundEEXIST=\(backgroundExisted.load(ordering: .relaxed)) "
                + "aliasEEXIST=\(aliasExisted.load(ordering: .relaxed))")
+    }
+
+    /// HugePages_Total/Free/Rsvd/Surp from /proc/meminfo.
+    func hugePoolSummary() -> String {
+        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return "no /proc/meminfo" }
+        return text.split(separator: "\n").filter { $0.hasPrefix("HugePages_") }
+            .map { $0.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " ") }
+            .joined(separator: ", ")
     }
 
     /// Drops every page of `r` so that each access faults again (MISSING).
