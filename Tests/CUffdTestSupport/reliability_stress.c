@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -188,9 +189,14 @@ struct rel_resolvers {
     uint64_t len, ps;
     bool wp;
     pthread_t threads[REL_MAX_THREADS];
+    atomic_int stop;
     atomic_uint_fast64_t faults, wp_faults, existed, errors;
     atomic_int first_error;
 };
+
+// The signal that interrupts a resolver's read(2) (a handler without SA_RESTART: EINTR).
+#define REL_RESOLVER_WAKE SIGUSR2
+static void on_resolver_wake(int sig) { (void)sig; }
 
 static void resolve_one(struct rel_resolvers *r, const struct uffd_msg *m) {
     uint64_t a = m->arg.pagefault.address & ~(r->ps - 1), base = (uint64_t)(uintptr_t)r->dst;
@@ -215,25 +221,28 @@ static void resolve_one(struct rel_resolvers *r, const struct uffd_msg *m) {
 
 static void *resolver_main(void *arg) {
     struct rel_resolvers *r = arg;
-    for (;;) {
+    while (!atomic_load(&r->stop)) {
         struct uffd_msg m;
-        // Blocks in read(2), a cancellation point: that is where rel_resolvers_stop ends us.
+        // Blocks in read(2); rel_resolvers_stop interrupts it with REL_RESOLVER_WAKE (EINTR).
         ssize_t n = read(r->uffd, &m, sizeof m);
         if (n != (ssize_t)sizeof m) {
             if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             if (atomic_fetch_add(&r->errors, 1) == 0) atomic_store(&r->first_error, n < 0 ? -errno : -EIO);
             return NULL;
         }
-        int old;
-        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
         if (m.event == UFFD_EVENT_PAGEFAULT) resolve_one(r, &m);
-        pthread_setcancelstate(old, NULL);
     }
+    return NULL;
 }
 
 struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void *src, uint64_t len,
                                           uint64_t page_size, bool wp) {
     if (n < 1 || n > REL_MAX_THREADS) return NULL;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_resolver_wake; // no SA_RESTART: the blocked read(2) returns EINTR
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(REL_RESOLVER_WAKE, &sa, NULL) < 0) return NULL;
     struct rel_resolvers *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     *r = (struct rel_resolvers){.uffd = uffd, .dst = dst, .src = src, .len = len, .ps = page_size, .wp = wp};
@@ -250,9 +259,16 @@ struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void
 
 int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out) {
     int rc = 0;
-    for (int i = 0; i < r->n; i++) pthread_cancel(r->threads[i]);
-    for (int i = 0; i < r->n; i++)
-        if (cuffd_join_within(r->threads[i], 10000) != 0) rc = -ETIMEDOUT;
+    atomic_store(&r->stop, 1);
+    // A wake-up can land just before a thread enters read(2): keep waking until it is joined.
+    for (int i = 0; i < r->n; i++) {
+        int e = -ETIMEDOUT;
+        for (int tries = 0; tries < 1000 && e == -ETIMEDOUT; tries++) {
+            pthread_kill(r->threads[i], REL_RESOLVER_WAKE);
+            e = cuffd_join_within(r->threads[i], 10);
+        }
+        if (e != 0) rc = -ETIMEDOUT;
+    }
     if (out) {
         out->faults = atomic_load(&r->faults);
         out->wp_faults = atomic_load(&r->wp_faults);

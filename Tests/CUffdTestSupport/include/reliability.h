@@ -97,8 +97,8 @@ struct rel_resolver_counts {
     int threads;
 };
 
-/// Cancels the resolvers (read(2) is a cancellation point; a resolution in progress finishes)
-/// and joins them within 10 s. Returns 0 (counts in *out) or -ETIMEDOUT.
+/// Stops the resolvers (a SIGUSR2 with a no-op handler interrupts their read(2); a resolution
+/// in progress finishes) and joins them within 10 s. Returns 0 (counts in *out) or -ETIMEDOUT.
 int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out);
 
 // MARK: - Unprivileged open
