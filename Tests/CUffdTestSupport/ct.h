@@ -188,6 +188,12 @@ bool ct_handler_wait(struct ct_handler *h, int n, int timeout_ms);
 /// Page-fault messages whose flags contain `all` and none of `none`.
 int ct_handler_faults(struct ct_handler *h, uint64_t all, uint64_t none);
 
+/// Waits until *flag is non-zero: true when it was within timeout_ms.
+/// Used before fork() under EVENT_FORK: the thread that is to read the FORK message must be
+/// running first. fork() waits in the kernel until the message is read, and a sanitizer's fork()
+/// does so holding the sanitizer's locks, which a thread still starting up needs: deadlock.
+bool ct_wait_flag(atomic_int *flag, int timeout_ms);
+
 /// Reads one message, waiting up to timeout_ms: 1 read, 0 timeout, -errno.
 int ct_read_msg(int uffd, struct uffd_msg *m, int timeout_ms);
 

@@ -29,11 +29,13 @@ struct fork_reader {
     pthread_t th;
     int uffd;
     int got;
+    atomic_int running;
     struct uffd_msg m;
 };
 
 static void *fork_reader_main(void *arg) {
     struct fork_reader *r = arg;
+    atomic_store(&r->running, 1);
     r->got = ct_read_msg(r->uffd, &r->m, CT_WAIT_MS);
     return NULL;
 }
@@ -80,6 +82,7 @@ static int sigbus(struct ct_fix *f, bool wp, char *msg, size_t msglen) {
     int e2 = pthread_create(&r.th, NULL, fork_reader_main, &r);
     CT_CHECK(e2 == 0, "pthread_create: %s", ct_err(e2));
     reading = true;
+    CT_CHECK(ct_wait_flag(&r.running, CT_WAIT_MS), "the FORK reader did not start");
     pid = fork();
     CT_CHECK(pid >= 0, "fork: %s", ct_err(errno));
     if (pid == 0) {
@@ -128,7 +131,7 @@ struct chain_mon {
     int missing_before_remap;
     int nlog;
     uint8_t log[CHAIN_LOG]; ///< event types in arrival order (faults included)
-    char zero_page_buf[1];
+    atomic_int running;
 };
 
 static void chain_note(struct chain_mon *c, uint8_t ev) {
@@ -165,6 +168,7 @@ static void chain_fault(struct chain_mon *c, const struct uffd_msg *m, const cha
 static void *chain_main(void *arg) {
     struct chain_mon *c = arg;
     char *zeros = mmap(NULL, c->f->ps, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    atomic_store(&c->running, 1);
     while (!atomic_load(&c->stop)) {
         struct uffd_msg m;
         int r = ct_read_msg(c->uffd, &m, 20);
@@ -232,6 +236,7 @@ static int events_chain(struct ct_fix *f, bool wp, char *msg, size_t msglen) {
     e = pthread_create(&c.th, NULL, chain_main, &c);
     CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
     running = true;
+    CT_CHECK(ct_wait_flag(&c.running, CT_WAIT_MS), "the monitor did not start");
     pid = fork();
     CT_CHECK(pid >= 0, "fork: %s", ct_err(errno));
     if (pid == 0) {

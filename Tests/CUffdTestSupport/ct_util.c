@@ -296,6 +296,11 @@ int ct_handler_stop(struct ct_handler *h) {
     return ct_join(h->th, 2000);
 }
 
+bool ct_wait_flag(atomic_int *flag, int timeout_ms) {
+    for (int i = 0; i < timeout_ms && !atomic_load(flag); i++) usleep(1000);
+    return atomic_load(flag) != 0;
+}
+
 bool ct_handler_wait(struct ct_handler *h, int n, int timeout_ms) {
     for (int i = 0; i < timeout_ms; i++) {
         if (atomic_load(&h->nlog) >= n) return true;

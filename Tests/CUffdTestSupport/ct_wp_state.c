@@ -53,11 +53,13 @@ struct fork_reader {
     pthread_t th;
     int uffd;
     int got;
+    atomic_int running;
     struct uffd_msg m;
 };
 
 static void *fork_reader_main(void *arg) {
     struct fork_reader *r = arg;
+    atomic_store(&r->running, 1);
     r->got = ct_read_msg(r->uffd, &r->m, CT_WAIT_MS);
     return NULL;
 }
@@ -77,6 +79,7 @@ static int child_entry(struct ct_fix *f, char *addr, bool with_event, bool pin_i
         int e = pthread_create(&r.th, NULL, fork_reader_main, &r);
         CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
         reading = true;
+        CT_CHECK(ct_wait_flag(&r.running, CT_WAIT_MS), "the FORK reader did not start");
     }
     pid = fork();
     CT_CHECK(pid >= 0, "fork: %s", ct_err(errno));
