@@ -8,6 +8,7 @@ extern CT_CASES(move);
 extern CT_CASES(wp);
 extern CT_CASES(events);
 extern CT_CASES(loop);
+extern CT_CASES(deferred);
 extern CT_CASES(wp_state);
 extern CT_CASES(chains);
 extern CT_CASES(support);
@@ -18,6 +19,7 @@ static const struct {
 } groups[] = {
     {"api", ct_cases_api},       {"fill", ct_cases_fill}, {"move", ct_cases_move},
     {"wp", ct_cases_wp},         {"events", ct_cases_events}, {"loop", ct_cases_loop},
+    {"deferred", ct_cases_deferred},
     {"wp_state", ct_cases_wp_state}, {"chains", ct_cases_chains}, {"support", ct_cases_support},
 };
 

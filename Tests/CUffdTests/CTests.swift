@@ -6,7 +6,7 @@ import XCTest
 /// C function and one row; only a new file adds a group here.
 final class CTests: HugetlbReservingTestCase {
     /// The groups run below; a group in the table but not here fails testEveryGroupRuns.
-    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "chains", "loop", "support"]
+    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "chains", "loop", "deferred", "support"]
 
     /// UFFDIO_API handshake, open paths, the probe, REGISTER modes/ownership, resolve outcomes.
     func testApi() throws { try runCGroup("api") }
@@ -24,6 +24,8 @@ final class CTests: HugetlbReservingTestCase {
     func testChains() throws { try runCGroup("chains") }
     /// cuffd_loop_run: batches, stats, fallbacks, stop, EAGAIN/EEXIST, several loops.
     func testLoop() throws { try runCGroup("loop") }
+    /// Deferred resolution through the loop (OP_DEFER, cuffd_deferred_*).
+    func testDeferred() throws { try runCGroup("deferred") }
     /// The core's shared helpers: the SIGBUS catcher and its chaining, the deadline.
     func testSupport() throws { try runCGroup("support") }
 
