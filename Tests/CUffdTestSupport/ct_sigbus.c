@@ -1,9 +1,9 @@
 // In-thread resolution (cuffd_sigbus_*): the faulting thread resolves its own SIGBUS. Each test
 // runs in a forked child (the runner resets SIGBUS to SIG_DFL there), so the process-wide
-// handler and its table start empty. A "previous" handler installed before ours records what
+// handler and its table start empty. The rows (group "sigbus") map no fixture: each test opens
+// its SIGBUS-mode uffd itself; InThreadTests.swift runs them one XCTest per row. A "previous" handler installed before ours records what
 // reaches it and jumps back to the access that raised it, when the thread armed a jump.
 #include "ct.h"
-#include "ct_sigbus_tests.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -120,7 +120,7 @@ static void *mt_main(void *p) {
 
 // 4 threads read every page in the same order (racing on each page: one COPY wins, the rest
 // see EEXIST); 4 threads read their own slices of a second half.
-int cuffd_test_sigbus_threads(int kind, char *msg, size_t msglen) {
+static int sigbus_threads(int kind, char *msg, size_t msglen) {
     enum { N = 8, SAME = 4 };
     size_t npages = kind == CUFFD_MEM_HUGETLB ? 8 : 256;
     struct ct_fix f;
@@ -179,7 +179,7 @@ out:
 
 // A SIGBUS that is not ours reaches the previous handler as if we were not there: a truncated
 // file mapping (BUS_ADRERR outside every range) and a kill(SIGBUS) (SI_USER).
-int cuffd_test_sigbus_not_ours(int kind, char *msg, size_t msglen) {
+static int sigbus_not_ours(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     char path[] = "/tmp/ct_sigbus_XXXXXX";
@@ -231,7 +231,7 @@ out:
 
 // With the default action before us, a signal that is not ours, and one of ours whose
 // resolution fails with fallback SIGNAL, kill the process with SIGBUS (in forked children).
-int cuffd_test_sigbus_default_action(int kind, char *msg, size_t msglen) {
+static int sigbus_default_action(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int rc = setup(&f, CUFFD_MEM_ANON, 4, UFFDIO_REGISTER_MODE_MISSING, false, msg, msglen);
@@ -317,7 +317,7 @@ static void *alt_main(void *p) {
 }
 
 // A thread with an alternate signal stack (16 KiB) resolves its fault on that stack.
-int cuffd_test_sigbus_altstack(int kind, char *msg, size_t msglen) {
+static int sigbus_altstack(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     struct alt_arg a = {0};
@@ -352,7 +352,7 @@ out:
 // The policy's source memory is itself an unresolved page of a SIGBUS-mode range. The kernel
 // reads it in kernel mode: no nested signal, COPY fails with EFAULT. Fallback ZEROPAGE: the
 // thread reads zeros and goes on; fallback SIGNAL: the SIGBUS reaches the previous handler once.
-int cuffd_test_sigbus_nested_source(int kind, char *msg, size_t msglen) {
+static int sigbus_nested_source(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int rc = setup(&f, CUFFD_MEM_ANON, 8, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
@@ -403,7 +403,7 @@ static int decide_wake_only(void *ctx, uint64_t addr, struct cuffd_resolution *r
 
 // A policy whose answer never maps the page: after a few attempts the signal is delivered to the
 // previous handler (never an endless SIGBUS loop).
-int cuffd_test_sigbus_loop_guard(int kind, char *msg, size_t msglen) {
+static int sigbus_loop_guard(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int rc = setup(&f, CUFFD_MEM_ANON, 2, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
@@ -444,7 +444,7 @@ out:
 // Every built-in policy on its memory: zeropage, file (pread, tail past EOF zero), move (donor
 // page i to page i; the donor emptied), continue (MINOR shmem), poison (delivered as hardware
 // poison).
-int cuffd_test_sigbus_policies(int kind, char *msg, size_t msglen) {
+static int sigbus_policies(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int fd = -1;
@@ -546,7 +546,7 @@ out2:
 
 // A syscall writing into an unresolved page of a SIGBUS-mode range fails with EFAULT (no signal
 // in kernel mode); after cuffd_sigbus_prefault it succeeds.
-int cuffd_test_sigbus_kernel_access(int kind, char *msg, size_t msglen) {
+static int sigbus_kernel_access(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int p[2] = {-1, -1};
@@ -597,7 +597,7 @@ static void *fl_main(void *p) {
 // Threads fault through a range while it is unregistered, removed and the handler uninstalled
 // (pass-through): no thread dies or hangs; every page holds the source or zeros (faulted after
 // the unregister, as plain anonymous memory); then the previous action is restored.
-int cuffd_test_sigbus_uninstall_in_flight(int kind, char *msg, size_t msglen) {
+static int sigbus_uninstall_in_flight(int kind, char *msg, size_t msglen) {
     (void)kind;
     enum { T = 4 };
     struct ct_fix f;
@@ -667,7 +667,7 @@ out:
 // After fork the child's copy of the range is not registered (no EVENT_FORK): it sees the pages
 // resolved before the fork and zeros elsewhere, its table is empty (its fds would fill the
 // parent's pages), and a SIGBUS there takes the default action. The parent goes on resolving.
-int cuffd_test_sigbus_fork(int kind, char *msg, size_t msglen) {
+static int sigbus_fork(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     size_t npages = 8;
@@ -729,7 +729,7 @@ static void above_handler(int sig, siginfo_t *si, void *uc) {
 // A handler installed over ours that chains to it keeps our ranges resolving, and a signal that
 // is not ours still reaches the action before ours; installing ours again on top (it now
 // chains to that handler, which chains back to us) ends in the previous action, not a cycle.
-int cuffd_test_sigbus_chained_from_above(int kind, char *msg, size_t msglen) {
+static int sigbus_chained_from_above(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     char path[] = "/tmp/ct_sigbus_above_XXXXXX";
@@ -799,7 +799,7 @@ static int decide_unregister_first(void *ctx, uint64_t addr, struct cuffd_resolu
 
 // ENOENT (the range was unregistered under the fault) is "gone": no fallback, no delivery; the
 // access is retried and, the memory being ordinary now, reads zeros.
-int cuffd_test_sigbus_gone(int kind, char *msg, size_t msglen) {
+static int sigbus_gone(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
     int rc = setup(&f, CUFFD_MEM_ANON, 2, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
@@ -824,3 +824,49 @@ out:
     ct_fix_fini(&f);
     return rc;
 }
+
+// MARK: - the table
+
+// The rows map no fixture (npages 0): each test sets up its own SIGBUS-mode uffd and handler.
+#define CT_SIGBUS_WRAP(n) \
+    static int t_sigbus_##n(struct ct_fix *fx, char *msg, size_t msglen) { return sigbus_##n(fx->kind, msg, msglen); }
+CT_SIGBUS_WRAP(threads)
+CT_SIGBUS_WRAP(not_ours)
+CT_SIGBUS_WRAP(default_action)
+CT_SIGBUS_WRAP(altstack)
+CT_SIGBUS_WRAP(nested_source)
+CT_SIGBUS_WRAP(loop_guard)
+CT_SIGBUS_WRAP(policies)
+CT_SIGBUS_WRAP(kernel_access)
+CT_SIGBUS_WRAP(uninstall_in_flight)
+CT_SIGBUS_WRAP(fork)
+CT_SIGBUS_WRAP(chained_from_above)
+CT_SIGBUS_WRAP(gone)
+
+CT_CASES(sigbus) = {
+    {"sigbus_threads", t_sigbus_threads, CT_M_ANON | CT_M_SHMEM | CT_M_HUGETLB, 0, 0,
+     "Threads racing on the same pages and faulting their own resolve each page exactly once in-thread (EEXIST for the losers)."},
+    {"sigbus_not_ours", t_sigbus_not_ours, 0, 0, 0,
+     "A truncated file mapping's SIGBUS and a kill(SIGBUS) reach the handler installed before ours."},
+    {"sigbus_default_action", t_sigbus_default_action, 0, 0, 0,
+     "With the default action before ours, a foreign SIGBUS and a failed resolution kill with SIGBUS."},
+    {"sigbus_altstack", t_sigbus_altstack, 0, 0, 0,
+     "A thread with an alternate signal stack resolves its fault on that stack."},
+    {"sigbus_nested_source", t_sigbus_nested_source, 0, 0, 0,
+     "A policy source that is itself an unresolved SIGBUS-mode page fails with EFAULT and takes the fallback, no nested signal."},
+    {"sigbus_loop_guard", t_sigbus_loop_guard, 0, 0, 0,
+     "A resolution that maps nothing is delivered after a few attempts; a page dropped and faulted again is no loop."},
+    {"sigbus_policies", t_sigbus_policies, 0, 0, 0,
+     "Zeropage, file, move, continue and poison policies resolve (or deliver) as documented."},
+    {"sigbus_kernel_access", t_sigbus_kernel_access, 0, 0, 0,
+     "A syscall into an unresolved page gets EFAULT; after cuffd_sigbus_prefault it succeeds."},
+    {"sigbus_uninstall_in_flight", t_sigbus_uninstall_in_flight, 0, 0, 0,
+     "Unregister, remove and uninstall while threads fault: nobody dies or hangs; restore puts the old action back."},
+    {"sigbus_fork", t_sigbus_fork, 0, 0, 0,
+     "A forked child sees resolved pages and zeros, starts with an empty table and serves its own ranges."},
+    {"sigbus_chained_from_above", t_sigbus_chained_from_above, 0, 0, 0,
+     "A handler installed over ours that chains to it keeps our ranges working; ours on top again cannot cycle."},
+    {"sigbus_gone", t_sigbus_gone, 0, 0, 0,
+     "A range unregistered under the fault (ENOENT) is gone: the access is retried, no fallback, no signal."},
+    CT_END,
+};
