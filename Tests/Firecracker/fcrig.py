@@ -141,6 +141,7 @@ class HugePages:
         return self
 
     def __exit__(self, *exc):
+        cleanup_children()     # pages still mapped by a Firecracker would stay reserved
         if self.saved is not None:
             try:
                 with open(self.PATH, "w") as f:
@@ -334,7 +335,6 @@ class Serve:
         self.sock = os.path.join(workdir, f"{name}.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.pidfile = os.path.join(workdir, f"{name}.pid")
         self.args = taskset(cpu) + [uffdctl, "serve", "--socket", self.sock, "--memory-file", mem] + list(extra)
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
@@ -365,7 +365,7 @@ def restore(binary, workdir, name, state, mem_backend, cpu=None):
     fc = Firecracker(binary, workdir, name, cpu)
     t0 = time.monotonic()
     fc.api("PUT", "/snapshot/load", {"snapshot_path": state, "mem_backend": mem_backend, "resume_vm": True},
-           timeout=120)
+           timeout=30)
     return fc, t0, time.monotonic()
 
 
@@ -448,8 +448,7 @@ def case_restart(ctx, how):
     npages = REGION_PAGES
     state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
     write_mailbox(mem, 1, npages, delay=40, progress=0xFFF)
-    extra = ["--pid-file", os.path.join(ctx.work, "serve.pid")] if how == "kill9" else []
-    srv = Serve(ctx.uffdctl, ctx.work, mem, extra=extra)
+    srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--worker-pid-file", os.path.join(ctx.work, "worker.pid")])
     fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
     # Wait until the guest is a quarter through its pass, then restart the server under it.
     hit = fc.wait_guest_progress(npages // 4, 120)
@@ -467,26 +466,28 @@ def case_restart(ctx, how):
     res = verdict(fc, t0, 180, npages, 1)
     if after is None or after[0] <= t_restart:
         raise Failure("the guest made no progress after the restart")
+    new_worker = worker_pid(ctx, srv, other_than=target if how == "kill9" else None)
     fc.kill()
     alive = srv.proc.poll() is None
     code = srv.stop()
-    return {"restart": how, "killed_pid": target, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
+    return {"restart": how, "signalled_pid": target, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
             "restart_at_page": int(hit[1].split()[2], 16), "serve_log": srv.out.text()[-4000:]}
 
 
-def worker_pid(ctx, srv):
-    """The pid of serve's worker (the process that resolves faults), from its --pid-file."""
-    deadline = time.monotonic() + 5
+def worker_pid(ctx, srv, other_than=None):
+    """The pid of serve's worker (the process that resolves faults), from its --worker-pid-file;
+    with other_than, a worker that replaced that one."""
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            with open(srv.pidfile) as f:
+            with open(os.path.join(ctx.work, "worker.pid")) as f:
                 text = f.read().split()
-            if text:
+            if text and int(text[-1]) != other_than:
                 return int(text[-1])
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    raise Skip(f"serve wrote no worker pid to {srv.pidfile}; the kill -9 case needs --pid-file")
+    raise Failure(f"serve wrote no worker pid to --worker-pid-file: {srv.out.text()[-2000:]}")
 
 
 def case_corrupt(ctx):
