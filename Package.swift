@@ -75,7 +75,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl"]
+            dependencies: ["uffdctl", "UffdKit"]
         ),
     ]
 )

@@ -24,6 +24,7 @@ struct HandoffClientCommand: ParsableCommand {
     @Option(name: .customLong("touch-delay-us"), help: "Sleep between pages.") var touchDelayUs: UInt32 = 0
     @Option(name: .customLong("expect-sigbus-from"), help: "Pages from this index on may get SIGBUS (a read error test): exit 4 on SIGBUS.") var expectSigbusFrom: Int?
     @Option(help: "Watchdog seconds.") var timeout: UInt32 = 60
+    @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
 
     func run() throws {
         alarm(timeout)
@@ -33,8 +34,14 @@ struct HandoffClientCommand: ParsableCommand {
         guard length % (pageSize * regions) == 0, regions >= 1 else {
             throw CLIError.usage("--size must be a multiple of regions × page size")
         }
-        let region = try MappedRegion(hugetlb ? .hugetlb : .anonymous(), length: length)
-        let uffd = try Userfaultfd(features: [.eventRemove], options: [.nonBlocking, .kernelFaults])
+        // Like Firecracker: private anonymous memory (MAP_HUGETLB for 2 MiB guests), a uffd
+        // that takes kernel-mode faults with EVENT_REMOVE (and POISON only when asked).
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (hugetlb ? MAP_HUGETLB : 0)
+        guard let mem = mmap(nil, length, PROT_READ | PROT_WRITE, flags, -1, 0), mem != MAP_FAILED else {
+            throw CLIError.failed("mmap \(length) bytes\(hugetlb ? " of hugetlb" : ""): \(errnoName(errno))")
+        }
+        let region = (address: UInt(bitPattern: mem), length: length)
+        let uffd = try Userfaultfd(features: poisonFeature ? [.eventRemove, .poison] : [.eventRemove], options: [.nonBlocking, .kernelFaults])
         try uffd.register(region.address, length: length, modes: .missing)
         let per = length / regions
         let described = (0..<regions).map {

@@ -21,7 +21,7 @@ public final class SnapshotServer: Sendable {
     public struct Configuration: Sendable {
         /// The memory file (read-only, not owned: the caller keeps it open while the server runs).
         public var memoryFile: Int32
-        /// Its length (regions must fit inside).
+        /// Its length at start-up (regions must fit inside the file's length at their hand-off).
         public var memoryFileLength: Int
         /// How each process is served.
         public var serve = ServeOptions()
@@ -168,7 +168,10 @@ public final class SnapshotServer: Sendable {
         do throws(HandoffError) {
             handoff = try Handoff.receive(on: c, timeoutMilliseconds: cfg.receiveTimeoutMilliseconds, maxBody: cfg.maxBody,
                                           allowedUIDs: cfg.allowedUIDs)
-            try GuestRegion.validate(handoff.regions, memoryFileLength: cfg.memoryFileLength)
+            // The file's size now (it may have changed since start-up).
+            var st = stat()
+            let length = fstat(cfg.memoryFile, &st) == 0 ? Int(st.st_size) : cfg.memoryFileLength
+            try GuestRegion.validate(handoff.regions, memoryFileLength: length)
         } catch {
             refuse(c, error)
             return
