@@ -1,0 +1,108 @@
+import ArgumentParser
+import Foundation
+import UffdKit
+
+/// `uffdctl handoff-client` (hidden, for tests and demos): a process that gives its own memory
+/// to a server — maps it, registers it MISSING on a uffd that also takes kernel-mode faults,
+/// sends the uffd with its regions (Firecracker's protocol, through UffdKit's `Handoff`),
+/// then touches every page and checks it against the memory file.
+struct HandoffClientCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "handoff-client",
+        abstract: "Testing: hand this process's memory to `uffdctl serve` and verify every page.",
+        shouldDisplay: false
+    )
+
+    @Option var socket: String
+    @Option(name: .customLong("memory-file")) var memoryFile: String
+    @Option(help: "Bytes of memory (a multiple of the page size).") var size: String = "8M"
+    @Option(help: "Where the first region starts in the memory file.") var offset: String = "0"
+    @Option(help: "Regions the memory is split into (laid end to end in the file).") var regions: Int = 1
+    @Flag(help: "2 MiB hugetlb pages.") var hugetlb = false
+    @Option(name: .customLong("kernel-pages"), help: "Read the first N pages through a syscall (kernel-mode faults).") var kernelPages: Int = 0
+    @Option(name: .customLong("remove-pages"), help: "After verifying, MADV_DONTNEED the first N pages and check they read as zeros.") var removePages: Int = 0
+    @Option(name: .customLong("touch-delay-us"), help: "Sleep between pages.") var touchDelayUs: UInt32 = 0
+    @Option(name: .customLong("expect-sigbus-from"), help: "Pages from this index on may get SIGBUS (a read error test): exit 4 on SIGBUS.") var expectSigbusFrom: Int?
+    @Option(help: "Watchdog seconds.") var timeout: UInt32 = 60
+    @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
+
+    func run() throws {
+        alarm(timeout)
+        let pageSize = hugetlb ? (UffdKit.hugePageSize ?? 2 << 20) : basePageSize
+        let length = try parseSize(size, option: "--size")
+        let fileOffset = offset == "0" ? 0 : try parseSize(offset, option: "--offset")
+        guard length % (pageSize * regions) == 0, regions >= 1 else {
+            throw CLIError.usage("--size must be a multiple of regions × page size")
+        }
+        // Like Firecracker: private anonymous memory (MAP_HUGETLB for 2 MiB guests), a uffd
+        // that takes kernel-mode faults with EVENT_REMOVE (and POISON only when asked).
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (hugetlb ? MAP_HUGETLB : 0)
+        guard let mem = mmap(nil, length, PROT_READ | PROT_WRITE, flags, -1, 0), mem != MAP_FAILED else {
+            throw CLIError.failed("mmap \(length) bytes\(hugetlb ? " of hugetlb" : ""): \(errnoName(errno))")
+        }
+        let region = (address: UInt(bitPattern: mem), length: length)
+        let uffd = try Userfaultfd(features: poisonFeature ? [.eventRemove, .poison] : [.eventRemove], options: [.nonBlocking, .kernelFaults])
+        try uffd.register(region.address, length: length, modes: .missing)
+        let per = length / regions
+        let described = (0..<regions).map {
+            GuestRegion(baseHostVirtAddr: region.address + UInt($0 * per), size: per, offset: fileOffset + $0 * per, pageSize: pageSize)
+        }
+        let conn: Int32
+        do { conn = try Handoff.send(uffd, regions: described, to: socket) } catch {
+            throw CLIError.failed("hand-off to \(socket): \(error)")
+        }
+        defer { close(conn) }
+        // The server holds its own copy of the uffd now; ours stays open like Firecracker's.
+        let file = open(memoryFile, O_RDONLY)
+        guard file >= 0 else { throw CLIError.usage("cannot open \(memoryFile)") }
+        defer { close(file) }
+        if expectSigbusFrom != nil { signal(SIGBUS) { _ in _exit(4) } }
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: 4096)
+        defer { expected.deallocate() }
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw CLIError.failed("pipe") }
+        let viaKernel = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        var mismatches = 0
+        var kernelChecked = 0
+        let pages = length / pageSize
+        for i in 0..<pages {
+            let p = UnsafeMutableRawPointer(bitPattern: region.address + UInt(i * pageSize))!
+            _ = pread(file, expected, pageSize, off_t(fileOffset + i * pageSize))
+            if i < kernelPages {
+                // write() reads the page in the kernel (copy_from_user): a kernel-mode fault.
+                var ok = true
+                var off = 0
+                while off < pageSize {
+                    let n = write(pipeFDs[1], p + off, 4096)
+                    guard n == 4096, read(pipeFDs[0], viaKernel, 4096) == 4096 else { ok = false; break }
+                    if memcmp(viaKernel, expected + off, 4096) != 0 { ok = false; break }
+                    off += 4096
+                }
+                if ok { kernelChecked += 1 } else { mismatches += 1 }
+            } else if memcmp(p, expected, pageSize) != 0 {
+                mismatches += 1
+            }
+            if touchDelayUs > 0 { usleep(touchDelayUs) }
+        }
+        var removedZero = 0
+        if removePages > 0 {
+            let n = min(removePages, pages)
+            guard madvise(UnsafeMutableRawPointer(bitPattern: region.address)!, n * pageSize, MADV_DONTNEED) == 0 else {
+                throw CLIError.failed("madvise(MADV_DONTNEED): \(errnoName(errno))")
+            }
+            for i in 0..<n {
+                let p = UnsafeRawPointer(bitPattern: region.address + UInt(i * pageSize))!.assumingMemoryBound(to: UInt8.self)
+                if (0..<pageSize).allSatisfy({ p[$0] == 0 }) { removedZero += 1 }
+            }
+            // The rest is still the file's.
+            if n < pages {
+                let p = UnsafeRawPointer(bitPattern: region.address + UInt(n * pageSize))!
+                _ = pread(file, expected, pageSize, off_t(fileOffset + n * pageSize))
+                if memcmp(p, expected, pageSize) != 0 { mismatches += 1 }
+            }
+        }
+        let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
+        print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")
+        if !ok { throw ExitCode(1) }
+    }
+}
