@@ -108,6 +108,14 @@ def build_guest(outdir):
     return elf
 
 
+def meminfo(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 class HugePages:
     """Reserves `count` free 2 MiB huge pages and puts nr_hugepages back afterwards."""
     PATH = "/proc/sys/vm/nr_hugepages"
@@ -118,11 +126,7 @@ class HugePages:
 
     @staticmethod
     def free():
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("HugePages_Free:"):
-                    return int(line.split()[1])
-        return 0
+        return meminfo("HugePages_Free")
 
     def __enter__(self):
         try:
@@ -400,6 +404,12 @@ def case_basic(ctx, huge):
         fc, t0, t1 = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
         res = verdict(fc, t0, 120, npages, 0)
         res["load_ms"] = round((t1 - t0) * 1000, 2)
+        # The restored guest's memory really is hugetlb: the 32 MiB it read is in huge pages
+        # (allocated on fault; the boot VM is gone by now).
+        in_use = meminfo("HugePages_Total") - meminfo("HugePages_Free")
+        if huge and in_use < npages * 4096 // (2 << 20):
+            raise Failure(f"only {in_use} huge pages in use after the 2M guest read 32 MiB")
+        res["huge_pages_in_use"] = in_use
         fc.kill()
         code = srv.stop()
         return {"page_size": "2M" if huge else "4K", "vms": [res], "serve_exit": code, "serve_log": srv.out.text()[-4000:]}
@@ -447,7 +457,7 @@ def case_restart(ctx, how):
     and verify every page."""
     npages = REGION_PAGES
     state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
-    write_mailbox(mem, 1, npages, delay=40, progress=0xFFF)
+    write_mailbox(mem, 1, npages, delay=25, progress=0xFFF)
     srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--worker-pid-file", os.path.join(ctx.work, "worker.pid")])
     fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
     # Wait until the guest is a quarter through its pass, then restart the server under it.
@@ -455,22 +465,23 @@ def case_restart(ctx, how):
     if hit is None:
         raise Failure(f"the restored guest made no progress: {fc.out.text()[-2000:]}; log: {fc.log_text()}")
     t_restart, _, idx = hit
+    worker_before = worker_pid(ctx, srv)
     if how == "sighup":
+        target = srv.proc.pid          # the supervisor re-executes itself and starts a new worker
         srv.proc.send_signal(signal.SIGHUP)
-        target = srv.proc.pid
     else:
-        target = worker_pid(ctx, srv)
+        target = worker_before
         os.kill(target, signal.SIGKILL)
     # The pass must still be faulting after the restart, else the case proves nothing.
     after = fc.wait_guest("P ", 60, idx + 1)
     res = verdict(fc, t0, 180, npages, 1)
     if after is None or after[0] <= t_restart:
         raise Failure("the guest made no progress after the restart")
-    new_worker = worker_pid(ctx, srv, other_than=target if how == "kill9" else None)
+    new_worker = worker_pid(ctx, srv, other_than=worker_before)
     fc.kill()
     alive = srv.proc.poll() is None
     code = srv.stop()
-    return {"restart": how, "signalled_pid": target, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
+    return {"restart": how, "signalled_pid": target, "worker_before": worker_before, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
             "restart_at_page": int(hit[1].split()[2], 16), "serve_log": srv.out.text()[-4000:]}
 
 

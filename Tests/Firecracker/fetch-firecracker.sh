@@ -25,7 +25,7 @@ verify() {
 
 if verify; then echo "$BIN"; exit 0; fi
 
-mkdir -p "$CACHE" || fail "cannot create the cache directory $CACHE"
+mkdir -p "$CACHE" 2>/dev/null || fail "cannot create the cache directory $CACHE"
 TMP="$(mktemp -d "$CACHE/.fetch.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 

@@ -112,6 +112,7 @@ final class FirecrackerTests: XCTestCase {
         let o = try run("huge2m")
         assertVerified(o, vms: 1, pages: 8192)
         XCTAssertEqual(o.json["page_size"] as? String, "2M")
+        XCTAssertGreaterThanOrEqual(number(o.vms.first, "huge_pages_in_use") ?? 0, 16, "the 32 MiB read are in 2 MiB pages")
     }
 
     /// Three VMs restored at the same time from one server, each reading a scattered 16 MiB.
@@ -127,6 +128,9 @@ final class FirecrackerTests: XCTestCase {
         let o = try run("sighup", timeout: 300)
         assertVerified(o, vms: 1, pages: 32768)
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
+        XCTAssertNotNil(number(o.json, "worker_after"))
+        XCTAssertNotEqual(number(o.json, "worker_after"), number(o.json, "worker_before"), "a new worker serves after the restart")
+        XCTAssertGreaterThan(number(o.json, "restart_at_page") ?? 0, 0, "restarted mid-pass")
     }
 
     /// serve's worker is killed with SIGKILL mid-pass; the supervisor restarts it and the guest
@@ -135,5 +139,8 @@ final class FirecrackerTests: XCTestCase {
         let o = try run("kill9", timeout: 300)
         assertVerified(o, vms: 1, pages: 32768)
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
+        XCTAssertNotNil(number(o.json, "worker_after"))
+        XCTAssertNotEqual(number(o.json, "worker_after"), number(o.json, "worker_before"), "a new worker serves after the restart")
+        XCTAssertGreaterThan(number(o.json, "restart_at_page") ?? 0, 0, "restarted mid-pass")
     }
 }
