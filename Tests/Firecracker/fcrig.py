@@ -333,25 +333,44 @@ def warm(path):
 
 
 class Serve:
-    """`uffdctl serve` on a Unix socket; its log (stdout and stderr) is collected."""
+    """`uffdctl serve --json` on a Unix socket; its log lines are collected and parsed."""
 
     def __init__(self, uffdctl, workdir, mem, name="serve", extra=(), cpu=None):
         self.sock = os.path.join(workdir, f"{name}.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.args = taskset(cpu) + [uffdctl, "serve", "--socket", self.sock, "--memory-file", mem] + list(extra)
+        self.args = (taskset(cpu) + [uffdctl, "serve", "--socket", self.sock, "--memory-file", mem, "--json"]
+                     + list(extra))
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         CHILDREN.append(self.proc)
         self.out = Lines(self.proc.stdout)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None:
-                raise Failure(f"uffdctl serve exited ({self.proc.returncode}) before listening: {self.out.text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise Failure(f"uffdctl serve did not create {self.sock}: {self.out.text()[-2000:]}")
-            time.sleep(0.005)
-        time.sleep(0.05)   # bind() creates the path just before listen()
+        if self.wait_event("listening", 30) is None:
+            self.proc.kill()
+            raise Failure(f"uffdctl serve did not start listening on {self.sock} (exit {self.proc.wait()}): "
+                          f"{self.out.text()[-2000:]}")
+
+    @staticmethod
+    def _parse(line):
+        try:
+            obj = json.loads(line)
+            return obj if isinstance(obj, dict) else None
+        except ValueError:
+            return None
+
+    def events(self, msg):
+        """Every JSON log line whose msg is `msg`, in order."""
+        with self.out.cond:
+            lines = [l for _, l in self.out.lines]
+        return [o for o in map(self._parse, lines) if o is not None and o.get("msg") == msg]
+
+    def wait_event(self, msg, timeout, count=1):
+        """Waits until `count` log lines with this msg were seen; returns the last, or None."""
+        def enough(_):
+            return len(self.events(msg)) >= count
+        if self.out.wait(enough, timeout) is None:
+            return None
+        return self.events(msg)[count - 1]
 
     def stop(self):
         if self.proc.poll() is None:
@@ -362,6 +381,18 @@ class Serve:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def served_cleanly(srv, vms, min_faults, timeout=10):
+    """serve's summaries of `vms` VMs that went away: no fault got the fallback, none failed."""
+    if srv.wait_event("VM gone", timeout, vms) is None:
+        raise Failure(f"serve logged {len(srv.events('VM gone'))} of {vms} 'VM gone' summaries: {srv.out.text()[-2000:]}")
+    gone = srv.events("VM gone")
+    for g in gone:
+        if g.get("fallbacks") != 0 or g.get("failures") != 0 or int(g.get("faults", 0)) < min_faults:
+            raise Failure(f"serve's summary shows a problem (want >= {min_faults} faults, no fallback/failure): {g}")
+    return [{k: g.get(k) for k in ("faults", "bytes", "fallbacks", "failures", "first_fault_us", "p50_us", "p99_us")}
+            for g in gone]
 
 
 def restore(binary, workdir, name, state, mem_backend, cpu=None):
@@ -411,8 +442,9 @@ def case_basic(ctx, huge):
             raise Failure(f"only {in_use} huge pages in use after the 2M guest read 32 MiB")
         res["huge_pages_in_use"] = in_use
         fc.kill()
+        served = served_cleanly(srv, 1, 16 if huge else npages)
         code = srv.stop()
-        return {"page_size": "2M" if huge else "4K", "vms": [res], "serve_exit": code, "serve_log": srv.out.text()[-4000:]}
+        return {"page_size": "2M" if huge else "4K", "vms": [res], "served": served, "serve_exit": code}
 
 
 class NullCtx:
@@ -424,7 +456,7 @@ class NullCtx:
 
 
 def case_several(ctx, count=3):
-    """Several VMs restored at once from one server, each checking a different scattered pass."""
+    """Several VMs restored at once from one server, each reading the same scattered 16 MiB."""
     npages = 4096
     state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
     write_mailbox(mem, 1, npages)
@@ -445,10 +477,11 @@ def case_several(ctx, count=3):
     for t in threads:
         t.join()
     alive = srv.proc.poll() is None
-    code = srv.stop()
     if errors:
         raise Failure("; ".join(errors) + f"; serve log: {srv.out.text()[-3000:]}")
-    return {"vms": results, "serve_alive_after": alive, "serve_exit": code}
+    served = served_cleanly(srv, count, npages)
+    code = srv.stop()
+    return {"vms": results, "served": served, "serve_alive_after": alive, "serve_exit": code}
 
 
 def case_restart(ctx, how):
@@ -480,9 +513,10 @@ def case_restart(ctx, how):
     new_worker = worker_pid(ctx, srv, other_than=worker_before)
     fc.kill()
     alive = srv.proc.poll() is None
+    served = served_cleanly(srv, 1, 1)
     code = srv.stop()
-    return {"restart": how, "signalled_pid": target, "worker_before": worker_before, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
-            "restart_at_page": int(hit[1].split()[2], 16), "serve_log": srv.out.text()[-4000:]}
+    return {"restart": how, "served": served, "signalled_pid": target, "worker_before": worker_before, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
+            "restart_at_page": int(hit[1].split()[2], 16)}
 
 
 def worker_pid(ctx, srv, other_than=None):
@@ -499,6 +533,53 @@ def worker_pid(ctx, srv, other_than=None):
             pass
         time.sleep(0.05)
     raise Failure(f"serve wrote no worker pid to --worker-pid-file: {srv.out.text()[-2000:]}")
+
+
+def case_once(ctx):
+    """`serve --once`: serves one restored VM and exits 0 when that VM goes away cleanly."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages)
+    srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--once"])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    res = verdict(fc, t0, 120, npages, 1)
+    if srv.proc.poll() is not None:
+        raise Failure(f"serve --once exited ({srv.proc.returncode}) while its VM was still running")
+    fc.kill()
+    try:
+        code = srv.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        raise Failure("serve --once did not exit after its VM went away")
+    served = served_cleanly(srv, 1, npages, timeout=0)
+    return {"vms": [res], "served": served, "serve_exit": code}
+
+
+def case_vm_killed(ctx):
+    """A VM killed in the middle of its restore (faults in flight) must not harm the server or
+    the next VM: a second VM restored from the same server afterwards verifies every page."""
+    npages = REGION_PAGES
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages, delay=25, progress=0xFFF)
+    srv = Serve(ctx.uffdctl, ctx.work, mem)
+    fc, t0, _ = restore(ctx.fc, ctx.work, "victim", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    if fc.wait_guest_progress(npages // 8, 120) is None:
+        raise Failure(f"the first guest made no progress: {fc.out.text()[-500:]}")
+    fc.kill()
+    if srv.wait_event("VM gone", 20) is None:
+        raise Failure(f"serve did not notice the killed VM: {srv.out.text()[-2000:]}")
+    if srv.proc.poll() is not None:
+        raise Failure(f"serve exited ({srv.proc.returncode}) after a VM was killed")
+    fc2, t0, _ = restore(ctx.fc, ctx.work, "next", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    res = verdict(fc2, t0, 180, npages, 1)
+    fc2.kill()
+    if srv.wait_event("VM gone", 20, 2) is None:
+        raise Failure(f"serve did not log the second VM's summary: {srv.out.text()[-2000:]}")
+    first, second = srv.events("VM gone")[:2]
+    if second.get("fallbacks") != 0 or second.get("failures") != 0:
+        raise Failure(f"the second VM was not served cleanly: {second}")
+    alive = srv.proc.poll() is None
+    code = srv.stop()
+    return {"vms": [res], "killed_vm_faults": first.get("faults"), "serve_alive_after": alive, "serve_exit": code}
 
 
 def case_corrupt(ctx):
@@ -543,6 +624,8 @@ CASES = {
     "kill9": lambda ctx: case_restart(ctx, "kill9"),
     "file": case_file,
     "corrupt": case_corrupt,
+    "once": case_once,
+    "vmkilled": case_vm_killed,
 }
 
 

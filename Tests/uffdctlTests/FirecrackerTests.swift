@@ -12,6 +12,8 @@ final class FirecrackerTests: XCTestCase {
     private struct Outcome {
         var json: [String: Any]
         var vms: [[String: Any]] { json["vms"] as? [[String: Any]] ?? [] }
+        /// serve's own summaries ("VM gone" log lines) of the VMs it served.
+        var served: [[String: Any]] { json["served"] as? [[String: Any]] ?? [] }
     }
 
     private struct RigFailure: Error, CustomStringConvertible {
@@ -86,6 +88,16 @@ final class FirecrackerTests: XCTestCase {
         }
     }
 
+    /// serve's summaries: every VM's faults were served (at least `faults`), none got the fallback.
+    private func assertServed(_ o: Outcome, vms: Int, faults: Int, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(o.served.count, vms, "\(o.json)", file: file, line: line)
+        for s in o.served {
+            XCTAssertGreaterThanOrEqual(number(s, "faults") ?? 0, Double(faults), "\(s)", file: file, line: line)
+            XCTAssertEqual(number(s, "fallbacks"), 0, "\(s)", file: file, line: line)
+            XCTAssertEqual(number(s, "failures"), 0, "\(s)", file: file, line: line)
+        }
+    }
+
     /// The rig's own check can fail: one damaged page in the memory file is reported by address
     /// (File backend, no uffd involved).
     func testGuestDetectsADamagedPage() throws {
@@ -103,6 +115,7 @@ final class FirecrackerTests: XCTestCase {
     func testServeRestores4KiBGuest() throws {
         let o = try run("basic4k")
         assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 8192)
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
     }
 
@@ -111,6 +124,7 @@ final class FirecrackerTests: XCTestCase {
     func testServeRestores2MiBHugePageGuest() throws {
         let o = try run("huge2m")
         assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
         XCTAssertEqual(o.json["page_size"] as? String, "2M")
         XCTAssertGreaterThanOrEqual(number(o.vms.first, "huge_pages_in_use") ?? 0, 16, "the 32 MiB read are in 2 MiB pages")
     }
@@ -119,7 +133,25 @@ final class FirecrackerTests: XCTestCase {
     func testServeRestoresSeveralVMsAtOnce() throws {
         let o = try run("several", timeout: 300)
         assertVerified(o, vms: 3, pages: 4096)
+        assertServed(o, vms: 3, faults: 4096)
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true, "the server outlives its VMs")
+    }
+
+    /// `serve --once` serves one restored VM (a scattered 32 MiB) and exits 0 once that VM is gone.
+    func testServeOnceExitsCleanlyAfterItsVM() throws {
+        let o = try run("once")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 8192)
+        XCTAssertEqual(number(o.json, "serve_exit"), 0)
+    }
+
+    /// A VM killed while its faults are in flight does not harm the server: the next VM restored
+    /// from the same server reads and verifies all 128 MiB.
+    func testVMKilledMidRestoreLeavesServerServing() throws {
+        let o = try run("vmkilled", timeout: 300)
+        assertVerified(o, vms: 1, pages: 32768)
+        XCTAssertGreaterThan(number(o.json, "killed_vm_faults") ?? 0, 0, "the first VM was faulting when killed")
+        XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
     }
 
     /// The server is restarted with SIGHUP while the restored guest is faulting its way through
@@ -127,6 +159,7 @@ final class FirecrackerTests: XCTestCase {
     func testRestoreSurvivesServeRestartBySIGHUP() throws {
         let o = try run("sighup", timeout: 300)
         assertVerified(o, vms: 1, pages: 32768)
+        assertServed(o, vms: 1, faults: 1)
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
         XCTAssertNotNil(number(o.json, "worker_after"))
         XCTAssertNotEqual(number(o.json, "worker_after"), number(o.json, "worker_before"), "a new worker serves after the restart")
@@ -138,6 +171,7 @@ final class FirecrackerTests: XCTestCase {
     func testRestoreSurvivesKill9OfServeWorker() throws {
         let o = try run("kill9", timeout: 300)
         assertVerified(o, vms: 1, pages: 32768)
+        assertServed(o, vms: 1, faults: 1)
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
         XCTAssertNotNil(number(o.json, "worker_after"))
         XCTAssertNotEqual(number(o.json, "worker_after"), number(o.json, "worker_before"), "a new worker serves after the restart")
