@@ -80,7 +80,7 @@ clean:
 # Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
 # guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
 .PHONY: firecracker test-firecracker bench-firecracker
-FC_BENCH_RUNS ?= 7
+FC_BENCH_RUNS ?= 9
 
 firecracker:
 	Tests/Firecracker/fetch-firecracker.sh
@@ -93,6 +93,6 @@ test-firecracker: deps
 # verified pass over 32 MiB, File backend vs `uffdctl serve` (on demand, readahead), interleaved.
 bench-firecracker: release
 	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
-		--readahead 64K --readahead 2M --mode sequential
+		--readahead 64K --readahead 2M --readahead adaptive --mode sequential
 	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
 		--readahead 64K --mode scattered

@@ -648,6 +648,9 @@ def bench(ctx, args):
     samples = {name: [] for name, _ in variants}
     loads = {name: [] for name, _ in variants}
     present = {name: [] for name, _ in variants}
+    faults = {name: [] for name, _ in variants}
+    p50 = {name: [] for name, _ in variants}
+    served = {name: 0 for name, _ in variants}
     run = 0
     for r in range(args.runs + 1):           # run 0 warms everything up and is dropped
         for name, _ in (variants if r % 2 == 0 else list(reversed(variants))):
@@ -662,7 +665,16 @@ def bench(ctx, args):
             if second is None:
                 raise Failure(f"{fc.name}: no second pass: {fc.out.text()[-500:]}")
             fc.kill()
+            gone = None
+            if name in servers:
+                served[name] += 1
+                gone = servers[name].wait_event("VM gone", 20, served[name])
+                if gone is None or gone.get("fallbacks") != 0 or gone.get("failures") != 0:
+                    raise Failure(f"{name}: no clean 'VM gone' summary: {gone}")
             if r > 0:
+                if gone is not None:
+                    faults[name].append(int(gone["faults"]))
+                    p50[name].append(float(gone["p50_us"]))
                 samples[name].append(res["to_verified_ms"])
                 loads[name].append(round((t1 - t0) * 1000, 2))
                 present[name].append(round((second[0] - first[0]) * 1000, 2))
@@ -675,16 +687,20 @@ def bench(ctx, args):
         rows.append({"variant": name, "median_ms": round(med, 1), "min_ms": min(samples[name]),
                      "max_ms": max(samples[name]), "load_median_ms": round(statistics.median(loads[name]), 1),
                      "present_pass_median_ms": round(statistics.median(present[name]), 1),
-                     "ratio_to_file": round(med / base, 2), "samples_ms": samples[name]})
+                     "ratio_to_file": round(med / base, 2), "samples_ms": samples[name],
+                     "faults_median": statistics.median(faults[name]) if faults[name] else None,
+                     "serve_p50_us_median": statistics.median(p50[name]) if p50[name] else None})
     return {"mode": args.mode, "pages": npages, "runs": args.runs, "vm_cpu": args.vm_cpu,
             "serve_cpu": args.serve_cpu, "rows": rows}
 
 
 def markdown(result):
-    out = [f"| variant ({result['mode']}, {result['pages']} pages = 32 MiB) | PUT load → verified pass, median ms | min–max ms | PUT /snapshot/load ms | 2nd pass (memory present) ms | ratio to File |",
-           "|---|---|---|---|---|---|"]
+    out = [f"| variant ({result['mode']}, {result['pages']} pages = 32 MiB) | PUT load → verified pass, median ms | min–max ms | PUT /snapshot/load ms | 2nd pass (memory present) ms | uffd faults | serve p50 µs | ratio to File |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        out.append(f"| {r['variant']} | {r['median_ms']} | {r['min_ms']}–{r['max_ms']} | {r['load_median_ms']} | {r['present_pass_median_ms']} | {r['ratio_to_file']}× |")
+        f = "—" if r["faults_median"] is None else f"{r['faults_median']:g}"
+        q = "—" if r["serve_p50_us_median"] is None else f"{r['serve_p50_us_median']:g}"
+        out.append(f"| {r['variant']} | {r['median_ms']} | {r['min_ms']}–{r['max_ms']} | {r['load_median_ms']} | {r['present_pass_median_ms']} | {f} | {q} | {r['ratio_to_file']}× |")
     return "\n".join(out)
 
 
