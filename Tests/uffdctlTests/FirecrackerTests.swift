@@ -24,8 +24,8 @@ final class FirecrackerTests: XCTestCase {
         .appendingPathComponent("../Firecracker/fcrig.py").standardized
 
     /// Runs `fcrig.py e2e --case name`; a watchdog kills it (and fails the test) after `timeout`.
-    private func run(_ name: String, timeout: TimeInterval = 240, file: StaticString = #filePath,
-                     line: UInt = #line) throws -> Outcome {
+    private func run(_ name: String, timeout: TimeInterval = 240, environment: [String: String] = [:],
+                     file: StaticString = #filePath, line: UInt = #line) throws -> Outcome {
         let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/bin:/usr/local/bin"
         guard let python = path.split(separator: ":").map({ "\($0)/python3" })
             .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
@@ -45,6 +45,7 @@ final class FirecrackerTests: XCTestCase {
         p.standardOutput = out
         p.standardError = err
         p.standardInput = FileHandle.nullDevice
+        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         try p.run()
         let deadline = Date().addingTimeInterval(timeout)
         while p.isRunning && Date() < deadline { usleep(20_000) }
@@ -95,6 +96,17 @@ final class FirecrackerTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(number(s, "faults") ?? 0, Double(faults), "\(s)", file: file, line: line)
             XCTAssertEqual(number(s, "fallbacks"), 0, "\(s)", file: file, line: line)
             XCTAssertEqual(number(s, "failures"), 0, "\(s)", file: file, line: line)
+        }
+    }
+
+    /// Without a Firecracker binary the rig skips (exit 77) and says why, never passes silently.
+    func testRigSkipsWithReasonWithoutFirecracker() throws {
+        do {
+            _ = try run("basic4k", environment: ["UFFDKIT_FIRECRACKER": "/nonexistent/firecracker"])
+            XCTFail("the rig ran without a Firecracker binary")
+        } catch let skip as XCTSkip {
+            let text = "\(skip)"
+            XCTAssertTrue(text.contains("/nonexistent/firecracker") && text.contains("not executable"), text)
         }
     }
 
