@@ -80,7 +80,7 @@ clean:
 # Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
 # guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
 .PHONY: firecracker test-firecracker bench-firecracker
-FC_BENCH_RUNS ?= 9
+FC_BENCH_RUNS ?= 15
 
 firecracker:
 	Tests/Firecracker/fetch-firecracker.sh
