@@ -505,37 +505,43 @@ def case_several(ctx, count=3):
 
 def case_restart(ctx, how):
     """The guest reads the whole 128 MiB region slowly in scattered order; while it is faulting,
-    the server is restarted (SIGHUP) or its worker is killed with SIGKILL. The guest must go on
+    the server is restarted by SIGHUP (at 1/4 and 1/2 of the pass) or its worker is killed with
+    SIGKILL (at 1/4, 1/2 and 3/4). Each time a new worker must take over, and the guest must go on
     and verify every page."""
     npages = REGION_PAGES
     state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
     write_mailbox(mem, 1, npages, delay=25, progress=0xFFF)
     srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--worker-pid-file", os.path.join(ctx.work, "worker.pid")])
     fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
-    # Wait until the guest is a quarter through its pass, then restart the server under it.
-    hit = fc.wait_guest_progress(npages // 4, 120)
-    if hit is None:
-        raise Failure(f"the restored guest made no progress: {fc.out.text()[-2000:]}; log: {fc.log_text()}")
-    t_restart, _, idx = hit
-    worker_before = worker_pid(ctx, srv)
-    if how == "sighup":
-        target = srv.proc.pid          # the supervisor re-executes itself and starts a new worker
-        srv.proc.send_signal(signal.SIGHUP)
-    else:
-        target = worker_before
-        os.kill(target, signal.SIGKILL)
-    # The pass must still be faulting after the restart, else the case proves nothing.
-    after = fc.wait_guest("P ", 60, idx + 1)
+    points = [npages // 4, npages // 2] if how == "sighup" else [npages // 4, npages // 2, 3 * npages // 4]
+    restarts = []
+    worker = worker_pid(ctx, srv)
+    for point in points:
+        hit = fc.wait_guest_progress(point, 120)
+        if hit is None:
+            raise Failure(f"the restored guest did not reach page {point}: {fc.out.text()[-2000:]}; log: {fc.log_text()}")
+        t_restart, _, idx = hit
+        if how == "sighup":
+            target = srv.proc.pid      # the supervisor re-executes itself and starts a new worker
+            srv.proc.send_signal(signal.SIGHUP)
+        else:
+            target = worker
+            os.kill(target, signal.SIGKILL)
+        new_worker = worker_pid(ctx, srv, other_than=worker)
+        # The pass must still be faulting after the restart, else the case proves nothing.
+        after = fc.wait_guest("P ", 60, idx + 1)
+        if after is None or after[0] <= t_restart:
+            raise Failure(f"the guest made no progress after restart at page {point}: {srv.out.text()[-2000:]}")
+        restarts.append({"at_page": point, "signalled_pid": target, "worker_before": worker,
+                         "worker_after": new_worker})
+        worker = new_worker
     res = verdict(fc, t0, 180, npages, 1)
-    if after is None or after[0] <= t_restart:
-        raise Failure("the guest made no progress after the restart")
-    new_worker = worker_pid(ctx, srv, other_than=worker_before)
     fc.kill()
     alive = srv.proc.poll() is None
     served = served_cleanly(srv, 1, 1)
     code = srv.stop()
-    return {"restart": how, "served": served, "signalled_pid": target, "worker_before": worker_before, "worker_after": new_worker, "vms": [res], "serve_alive_after": alive, "serve_exit": code,
-            "restart_at_page": int(hit[1].split()[2], 16)}
+    return {"restart": how, "restarts": restarts, "served": served, "vms": [res], "serve_alive_after": alive,
+            "serve_exit": code}
 
 
 def worker_pid(ctx, srv, other_than=None):
@@ -551,7 +557,7 @@ def worker_pid(ctx, srv, other_than=None):
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    raise Failure(f"serve wrote no worker pid to --worker-pid-file: {srv.out.text()[-2000:]}")
+    raise Failure(f"no {'new ' if other_than else ''}worker pid in --worker-pid-file: {srv.out.text()[-2000:]}")
 
 
 def case_once(ctx):
