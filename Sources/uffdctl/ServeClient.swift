@@ -1,4 +1,5 @@
 import ArgumentParser
+import CUffd
 import Foundation
 import UffdKit
 
@@ -24,6 +25,9 @@ struct HandoffClientCommand: ParsableCommand {
     @Option(name: .customLong("touch-delay-us"), help: "Sleep between pages.") var touchDelayUs: UInt32 = 0
     @Option(name: .customLong("expect-sigbus-from"), help: "Pages from this index on may get SIGBUS (a read error test): exit 4 on SIGBUS.") var expectSigbusFrom: Int?
     @Option(help: "Watchdog seconds.") var timeout: UInt32 = 60
+    @Option(help: "Pin this process's faulting thread (and, with --in-process, the handler's reader) to this CPU.") var pin: Int32?
+    @Flag(name: .customLong("in-process"), help: "Serve the faults in this process with the same policy stack (benchmark baseline).") var inProcess = false
+    @Flag(help: "Time one read per page before verifying; print ns per page.") var bench = false
     @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
 
     func run() throws {
@@ -47,11 +51,37 @@ struct HandoffClientCommand: ParsableCommand {
         let described = (0..<regions).map {
             GuestRegion(baseHostVirtAddr: region.address + UInt($0 * per), size: per, offset: fileOffset + $0 * per, pageSize: pageSize)
         }
-        let conn: Int32
-        do { conn = try Handoff.send(uffd, regions: described, to: socket) } catch {
-            throw CLIError.failed("hand-off to \(socket): \(error)")
+        if let pin { _ = cuffd_pin_self(pin) }
+        var conn: Int32 = -1
+        var local: ServedProcess? = nil
+        if inProcess {
+            // The baseline for `serve`'s per-fault cost: the same policy stack in this process.
+            let mf = open(memoryFile, O_RDONLY | O_CLOEXEC)
+            guard mf >= 0 else { throw CLIError.usage("cannot open \(memoryFile)") }
+            var o = ServeOptions()
+            o.cpus = pin.map { [Int($0)] }
+            let me = PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid())
+            let p = try ServedProcess(id: 0, handoff: ReceivedHandoff(uffd: uffd, regions: described, peer: me),
+                                      connection: -1, memoryFile: mf, options: o)
+            try p.start()
+            local = p
+        } else {
+            do { conn = try Handoff.send(uffd, regions: described, to: socket) } catch {
+                throw CLIError.failed("hand-off to \(socket): \(error)")
+            }
         }
-        defer { close(conn) }
+        defer { if conn >= 0 { close(conn) } }
+        defer { local?.handler.stop() }
+        var nsPerPage = 0.0
+        var sum: UInt64 = 0
+        if bench {
+            // Timed: one read per page (each a missing fault served by the handler).
+            let t0 = cuffd_now_ns()
+            for i in 0..<(length / pageSize) {
+                sum &+= UInt64(UnsafePointer<UInt8>(bitPattern: region.address + UInt(i * pageSize))!.pointee)
+            }
+            nsPerPage = Double(cuffd_now_ns() - t0) / Double(length / pageSize)
+        }
         // The server holds its own copy of the uffd now; ours stays open like Firecracker's.
         let file = open(memoryFile, O_RDONLY)
         guard file >= 0 else { throw CLIError.usage("cannot open \(memoryFile)") }
@@ -102,6 +132,7 @@ struct HandoffClientCommand: ParsableCommand {
             }
         }
         let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
+        if bench { print("{\"ns_per_page\":\(Int(nsPerPage)),\"sum\":\(sum)}") }
         print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")
         if !ok { throw ExitCode(1) }
     }

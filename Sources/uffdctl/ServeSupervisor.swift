@@ -109,6 +109,7 @@ extension ServeCommand {
         }
         defer { sources.forEach { $0.cancel() } }
         let baseArgs = workerArguments()
+        var quickDeaths = 0
 
         while true {
             var pair: [Int32] = [-1, -1]
@@ -122,6 +123,7 @@ extension ServeCommand {
             close(stateFD)
             close(pair[1])
             let control = pair[0]
+            let startedAt = Date()
             log.info("worker started", metadata: ["worker_pid": "\(pid)", "supervisor_pid": "\(getpid())", "vms": "\(vms.count)"])
             if let workerPidFile { try? "\(pid)\n".write(toFile: workerPidFile, atomically: true, encoding: .utf8) }
 
@@ -151,7 +153,7 @@ extension ServeCommand {
             let code = signaled ? Int32(-1) : (status >> 8) & 0xff
             if stopping || termReceived.load(ordering: .acquiring) {
                 log.info("stopped", metadata: ["vms_left": "\(vms.count)"])
-                if supervisorState == nil || true { unlink(socket) }
+                unlink(socket)
                 return
             }
             if reexec {
@@ -172,6 +174,14 @@ extension ServeCommand {
             if !signaled && code == CLIExit.usage.rawValue && vms.isEmpty {
                 // The worker refused to start (bad input): restarting would fail the same way.
                 throw ExitCode(code)
+            }
+            // A worker that keeps dying at once (e.g. the socket or the file became unusable)
+            // is not restarted forever.
+            quickDeaths = Date().timeIntervalSince(startedAt) < 2 ? quickDeaths + 1 : 0
+            if quickDeaths >= 5 {
+                log.error("the worker died 5 times within 2 s of its start; giving up",
+                          metadata: ["vms": "\(vms.count)", "exit_code": "\(code)"])
+                throw ExitCode(CLIExit.failed.rawValue)
             }
             log.warning("worker died; starting a new one that adopts every served VM",
                         metadata: ["worker_pid": "\(pid)", signaled ? "signal" : "exit_code": "\(signaled ? status & 0x7f : code)",
