@@ -25,6 +25,7 @@ struct HandoffClientCommand: ParsableCommand {
     @Option(name: .customLong("touch-delay-us"), help: "Sleep between pages.") var touchDelayUs: UInt32 = 0
     @Option(name: .customLong("expect-sigbus-from"), help: "Pages from this index on may get SIGBUS (a read error test): exit 4 on SIGBUS.") var expectSigbusFrom: Int?
     @Option(help: "Watchdog seconds.") var timeout: UInt32 = 60
+    @Option(name: .customLong("remove-concurrently"), help: "A second thread MADV_DONTNEEDs this many pages of the second half while the pages are touched (REMOVE events racing faults); those pages may read as the file's or zeros.") var removeConcurrently: Int = 0
     @Option(help: "Pin this process's faulting thread (and, with --in-process, the handler's reader) to this CPU.") var pin: Int32?
     @Flag(name: .customLong("in-process"), help: "Serve the faults in this process with the same policy stack (benchmark baseline).") var inProcess = false
     @Flag(help: "Time one read per page before verifying; print ns per page.") var bench = false
@@ -95,6 +96,10 @@ struct HandoffClientCommand: ParsableCommand {
         var mismatches = 0
         var kernelChecked = 0
         let pages = length / pageSize
+        var racer: Racer? = nil
+        if removeConcurrently > 0 {
+            racer = Racer(base: region.address, pageSize: pageSize, first: pages / 2, count: pages - pages / 2, removals: removeConcurrently)
+        }
         for i in 0..<pages {
             let p = UnsafeMutableRawPointer(bitPattern: region.address + UInt(i * pageSize))!
             _ = pread(file, expected, pageSize, off_t(fileOffset + i * pageSize))
@@ -110,10 +115,13 @@ struct HandoffClientCommand: ParsableCommand {
                 }
                 if ok { kernelChecked += 1 } else { mismatches += 1 }
             } else if memcmp(p, expected, pageSize) != 0 {
-                mismatches += 1
+                // A page the racer removed reads as zeros (before or after it was served).
+                let zero = racer != nil && i >= pages / 2 && (0..<pageSize).allSatisfy { p.load(fromByteOffset: $0, as: UInt8.self) == 0 }
+                if !zero { mismatches += 1 }
             }
             if touchDelayUs > 0 { usleep(touchDelayUs) }
         }
+        if let racer { racer.join() }
         var removedZero = 0
         if removePages > 0 {
             let n = min(removePages, pages)
@@ -135,5 +143,33 @@ struct HandoffClientCommand: ParsableCommand {
         if bench { print("{\"ns_per_page\":\(Int(nsPerPage)),\"sum\":\(sum)}") }
         print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")
         if !ok { throw ExitCode(1) }
+    }
+}
+
+/// A thread that removes (MADV_DONTNEED) random pages of a range while another touches them.
+final class Racer: @unchecked Sendable {
+    private var thread = pthread_t()
+
+    init(base: UInt, pageSize: Int, first: Int, count: Int, removals: Int) {
+        let box = Unmanaged.passRetained(Args(base: base, pageSize: pageSize, first: first, count: count, removals: removals))
+        pthread_create(&thread, nil, { arg in
+            let a = Unmanaged<Args>.fromOpaque(arg!).takeRetainedValue()
+            var rng = SystemRandomNumberGenerator()
+            for _ in 0..<a.removals {
+                let page = a.first + Int.random(in: 0..<max(1, a.count), using: &rng)
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: a.base + UInt(page * a.pageSize)), a.pageSize, MADV_DONTNEED)
+                usleep(50)
+            }
+            return nil
+        }, box.toOpaque())
+    }
+
+    func join() { pthread_join(thread, nil) }
+
+    final class Args {
+        let base: UInt, pageSize: Int, first: Int, count: Int, removals: Int
+        init(base: UInt, pageSize: Int, first: Int, count: Int, removals: Int) {
+            self.base = base; self.pageSize = pageSize; self.first = first; self.count = count; self.removals = removals
+        }
     }
 }

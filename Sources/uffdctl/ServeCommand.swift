@@ -77,7 +77,7 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("receive-timeout"), help: ArgumentHelp("Milliseconds a connected peer may take to send its hand-off.", valueName: "ms"))
     var receiveTimeout: Int32 = 5000
 
-    @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (the VM sees a memory error) or zero.", valueName: "poison|zero"))
+    @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
@@ -202,12 +202,14 @@ struct ServeCommand: ParsableCommand {
                 m["vm"] = "\(p.id)"
                 m["regions"] = .string(p.regions.map(\.description).joined(separator: ", "))
                 m["features"] = "\(p.uffd.features)"
+                m["fallback"] = p.effectiveFallback == .poison ? "poison" : "zero"
                 if case .resumed = event {
                     log.info("resumed VM after restart (ranges woken)", metadata: m)
                 } else {
                     log.info("serving VM", metadata: m)
-                    if control >= 0 { WorkerState.announce(p, over: control) }
                 }
+            case .adopting(let p):
+                if control >= 0 { WorkerState.announce(p, over: control) }
             case .failure(let p, let f):
                 let n = failuresLogged.withLock { $0[p.id, default: 0] += 1; return $0[p.id]! }
                 if n <= 10 {
@@ -274,6 +276,7 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["p99_us"] = us(s.p99Ns)
     m["removes"] = "\(s.removeEvents)"
     m["removed_bytes"] = "\(s.removedBytes)"
+    m["retries"] = "\(s.retries)"
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))
