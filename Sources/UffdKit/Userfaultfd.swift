@@ -85,15 +85,6 @@ public final class Userfaultfd: Sendable {
         self.openedThroughDevice = false
     }
 
-    /// Adopts a userfaultfd received from another process (e.g. over a Unix socket with
-    /// SCM_RIGHTS); this object owns and closes it. The sender did the UFFDIO_API handshake, so
-    /// `features` are the sender's: state them (a hand-off description carries them; Firecracker
-    /// enables `.eventRemove`) or read them from the kernel with ``features(ofFD:)``. The fd is
-    /// taken to handle kernel-mode faults too (the flag is not observable from another process).
-    public convenience init(adopting fd: Int32, features: Features) {
-        self.init(adopting: fd, features: features, userModeOnly: false)
-    }
-
     deinit { close() }
 
     /// Closes the fd now (idempotent). Threads blocked on its faults are woken and retry the
