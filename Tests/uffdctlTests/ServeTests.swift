@@ -246,7 +246,11 @@ final class ServeTests: XCTestCase {
     // MARK: Bad input
 
     func testServeRefusesBadHandoffsAndKeepsServing() throws {
-        let server = try startServer(["--receive-timeout", "300"])
+        let wpid = dir.appendingPathComponent("w.pid").path
+        let server = try startServer(["--receive-timeout", "300", "--worker-pid-file", wpid])
+        let worker = try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(worker)/fd").count) ?? -1 }
+        let fdsBefore = openFDs()
         let uffd = try Userfaultfd(features: [.eventRemove], options: [.nonBlocking, .kernelFaults])
         let good = #"[{"base_host_virt_addr":1048576,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}]"#
         let cases: [(String, [Int32], [UInt8], String)] = [
@@ -278,6 +282,8 @@ final class ServeTests: XCTestCase {
             XCTAssertTrue(closedByPeer(s), "\(name): the connection was not closed")
         }
         XCTAssertEqual(server.log.components(separatedBy: "refused hand-off").count - 1, cases.count, server.log)
+        usleep(200_000)
+        XCTAssertEqual(openFDs(), fdsBefore, "the worker leaked fds of refused hand-offs")
         let c = try client(["--size", "1M"], name: "good")
         XCTAssertEqual(c.wait(), 0, c.output)
         XCTAssertTrue(server.process.isRunning)
@@ -302,6 +308,16 @@ final class ServeTests: XCTestCase {
             XCTAssertTrue(r.stderr.contains("--memory-file"), r.stderr)
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         }
+    }
+
+    func testServeRefusesASocketAnotherServerListensOn() throws {
+        let first = try startServer()
+        let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile], timeout: 20)
+        XCTAssertEqual(r.code, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("another server is listening"), r.stderr)
+        let c = try client(["--size", "1M"], name: "still")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(first.waitFor("VM gone"), first.log)
     }
 
     func testServeClientKilledMidRestoreOthersGoOn() throws {
