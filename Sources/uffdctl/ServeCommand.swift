@@ -31,14 +31,18 @@ struct ServeCommand: ParsableCommand {
             still running then wait for their faults until a server adopts their uffd again.
 
             Firecracker restore example:
-              uffdctl serve --socket /tmp/uffd.sock --memory-file vm.mem --readahead 64K &
+              # 1. snapshot the paused source VM
+              curl --unix-socket /tmp/src.sock -X PUT \\
+                http://localhost/snapshot/create -d '{"snapshot_type":"Full",
+                "snapshot_path":"vm.snap","mem_file_path":"vm.mem"}'
+              # 2. serve its memory, 3. restore it in a new Firecracker
+              uffdctl serve --socket /tmp/uffd.sock --memory-file vm.mem &
               firecracker --api-sock /tmp/fc.sock &
-              curl --unix-socket /tmp/fc.sock -X PUT http://localhost/snapshot/load \\
-                -H 'Content-Type: application/json' \\
-                -d '{"snapshot_path":"vm.snap","mem_backend":{"backend_type":"Uffd","backend_path":"/tmp/uffd.sock"},"resume_vm":true}'
-            (vm.snap and vm.mem from PUT /snapshot/create {"snapshot_type":"Full",\
-            "snapshot_path":"vm.snap","mem_file_path":"vm.mem"} on the paused source VM. Run \
-            the server as the user Firecracker runs as, or pass --allow-uid.)
+              curl --unix-socket /tmp/fc.sock -X PUT \\
+                http://localhost/snapshot/load -d '{"snapshot_path":"vm.snap",
+                "mem_backend":{"backend_type":"Uffd",
+                "backend_path":"/tmp/uffd.sock"},"resume_vm":true}'
+            Run the server as the user Firecracker runs as, or pass --allow-uid.
 
             Exit codes: 0 stopped by a signal, or with --once the VM was served cleanly; 1 a \
             failure (with --once: some faults got the fallback); 2 bad usage or input (memory \
@@ -96,7 +100,7 @@ struct ServeCommand: ParsableCommand {
     var supervisorState: Int32?
 
     func run() throws {
-        try validate()
+        try check()
         let (memFD, memLength) = try openMemoryFile(memoryFile)
         if noSupervisor || workerState != nil {
             try runWorker(memFD: memFD, memLength: memLength)
@@ -105,7 +109,8 @@ struct ServeCommand: ParsableCommand {
         }
     }
 
-    func validate() throws(CLIError) {
+    /// Option checks (not ArgumentParser's validate(): its errors are not CLIError lines).
+    func check() throws(CLIError) {
         guard readers >= 1, readers <= 64 else { throw .usage("--readers must be 1...64 (got \(readers))") }
         _ = try cpus()
         _ = try mode()

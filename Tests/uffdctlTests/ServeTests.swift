@@ -310,6 +310,21 @@ final class ServeTests: XCTestCase {
         }
     }
 
+    func testServeHelpHasAFirecrackerExampleAndBadOptionsExit2() throws {
+        let help = try runUffdctl(["serve", "--help"], timeout: 20)
+        XCTAssertEqual(help.code, 0)
+        for text in ["snapshot/create", "snapshot/load", "\"backend_type\":\"Uffd\"", "worker_pid", "SIGHUP"] {
+            XCTAssertTrue(help.stdout.contains(text), "--help lacks \(text)")
+        }
+        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"]] {
+            let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile] + bad, timeout: 20)
+            XCTAssertEqual(r.code, 2, "\(bad): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(bad[0]), "\(bad): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: sock), "a bad option must not leave a socket behind")
+    }
+
     func testServeRefusesASocketAnotherServerListensOn() throws {
         let first = try startServer()
         let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile], timeout: 20)
