@@ -27,8 +27,9 @@ struct ServeCommand: ParsableCommand {
             --worker-pid-file). If the worker dies (crash, kill -9) a new one adopts every uffd \
             and wakes the served ranges (faults the dead worker read but never resolved are \
             delivered again). SIGHUP to the supervisor re-executes it (an upgraded binary takes \
-            over) with the socket and every uffd inherited. SIGINT/SIGTERM end serving: VMs \
-            still running then wait for their faults until a server adopts their uffd again.
+            over) with the socket and every uffd inherited. SIGINT/SIGTERM end serving: a VM \
+            still running freezes at its next fault (Firecracker keeps its own copy of the uffd, \
+            so the kernel keeps the fault waiting); stop the server after its VMs, or use SIGHUP.
 
             Firecracker restore example:
               # 1. snapshot the paused source VM
