@@ -102,11 +102,21 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         try check()
-        let (memFD, memLength) = try openMemoryFile(memoryFile)
-        if noSupervisor || workerState != nil {
-            try runWorker(memFD: memFD, memLength: memLength)
+        // A worker or a re-executed supervisor serves the file the first process opened (the
+        // path may name a new snapshot by now); only the first process opens --memory-file.
+        if let workerState {
+            let st = try WorkerState.read(fd: workerState)
+            try runWorker(inherited: st, memFD: st.memoryFD, memLength: try fileLength(st.memoryFD))
+        } else if let supervisorState {
+            let st = try WorkerState.read(fd: supervisorState)
+            try runSupervisor(inherited: st, memFD: st.memoryFD)
         } else {
-            try runSupervisor(memLength: memLength)
+            let (memFD, memLength) = try openMemoryFile(memoryFile)
+            if noSupervisor {
+                try runWorker(inherited: nil, memFD: memFD, memLength: memLength)
+            } else {
+                try runSupervisor(inherited: nil, memFD: memFD)
+            }
         }
     }
 
@@ -172,9 +182,14 @@ struct ServeCommand: ParsableCommand {
 
     // MARK: Worker: the process that serves
 
-    func runWorker(memFD: Int32, memLength: Int) throws {
+    func fileLength(_ fd: Int32) throws(CLIError) -> Int {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .usage("the inherited memory file (fd \(fd)) is unusable: \(errnoName(errno))") }
+        return Int(st.st_size)
+    }
+
+    func runWorker(inherited: WorkerState?, memFD: Int32, memLength: Int) throws {
         let log = makeServeLogger(json: json, label: "uffdctl serve")
-        let inherited = try workerState.map { fd throws(CLIError) in try WorkerState.read(fd: fd) }
         if let inherited {
             for vm in inherited.vms {
                 if let end = vm.regions.map({ $0.offset + $0.size }).max(), end > memLength {

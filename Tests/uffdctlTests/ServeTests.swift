@@ -226,6 +226,12 @@ final class ServeTests: XCTestCase {
         kill(w1, SIGKILL)
         XCTAssertTrue(server.waitFor("resumed VM after restart"), server.log)
         usleep(300_000)
+        // A new snapshot at the same path does not change what running VMs are served: the
+        // restarted processes serve the file the first one opened.
+        let orig = memFile + ".orig"
+        XCTAssertEqual(link(memFile, orig), 0)
+        try Data(repeating: 0xEE, count: 16 << 20).write(to: URL(fileURLWithPath: memFile + ".new"))
+        XCTAssertEqual(rename(memFile + ".new", memFile), 0)
         let s = try XCTUnwrap(Int32(String(contentsOfFile: spid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         kill(s, SIGHUP)
         XCTAssertTrue(server.waitFor("supervisor re-executed"), server.log)
@@ -239,7 +245,7 @@ final class ServeTests: XCTestCase {
         XCTAssertLessThan(reexec.lowerBound, gone.lowerBound, log)
         XCTAssertNil(log.range(of: "VM gone .*faults=0 ", options: .regularExpression), log)
         // New hand-offs work after the restarts.
-        let d = try client(["--size", "1M"], name: "after")
+        let d = try BackgroundUffdctl(["handoff-client", "--socket", sock, "--memory-file", orig, "--size", "1M"], dir: dir, name: "after")
         XCTAssertEqual(d.wait(), 0, d.output)
     }
 
