@@ -7,7 +7,7 @@ SWIFT ?= swift
 CONFIG_FLAGS ?=
 TEST_FLAGS ?= --disable-swift-testing
 
-.PHONY: all deps build release run test test-c bench stress sanitize sanitize-asan sanitize-tsan clean
+.PHONY: all deps build release run test test-c bench bench-serve stress sanitize sanitize-asan sanitize-tsan clean
 
 all: build
 
@@ -41,6 +41,10 @@ test-c: deps
 
 bench: release
 	.build/release/uffdctl bench --full
+
+# Per-fault cost of `uffdctl serve` against the same policy stack in-process (BENCHMARKS.md).
+bench-serve: release
+	python3 scripts/serve-fault-cost.py 11
 
 # The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas,
 # 48 bounce rounds per memory type and write-protect mode; about 12 minutes on 2 cores).

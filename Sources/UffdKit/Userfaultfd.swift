@@ -76,22 +76,25 @@ public final class Userfaultfd: Sendable {
         self.openedThroughDevice = path == Int32(CUFFD_OPEN_DEVICE.rawValue)
     }
 
-    /// Adopts an fd that already did the API handshake (e.g. the child's fd from a fork event).
-    init(adopting fd: Int32, features: Features, userModeOnly: Bool) {
-        self._fd = Atomic(fd)
-        self.features = features
-        self.ioctls = []
-        self.userModeOnly = userModeOnly
-        self.openedThroughDevice = false
-    }
-
-    /// Adopts a userfaultfd received from another process (e.g. over a Unix socket with
-    /// SCM_RIGHTS); this object owns and closes it. The sender did the UFFDIO_API handshake, so
-    /// `features` are the sender's: state them (a hand-off description carries them; Firecracker
-    /// enables `.eventRemove`) or read them from the kernel with ``features(ofFD:)``. The fd is
-    /// taken to handle kernel-mode faults too (the flag is not observable from another process).
+    /// Takes ownership of a userfaultfd that already had its UFFDIO_API handshake: one received
+    /// from another process over a UNIX socket (SCM_RIGHTS), or a forked child's fd.
+    /// `features` are the ones the handshake enabled (what the sender negotiated): the kernel
+    /// has no call that reports them again. The fd is closed on deinit like any other.
+    /// ``ioctls`` is the fd-level set every handshake reports (API, REGISTER, UNREGISTER).
+    /// Assumes the fd handles kernel-mode faults too (the kernel cannot be asked); use
+    /// ``init(adopting:features:userModeOnly:)`` when the sender says otherwise.
     public convenience init(adopting fd: Int32, features: Features) {
         self.init(adopting: fd, features: features, userModeOnly: false)
+    }
+
+    /// Takes ownership of a userfaultfd that already had its UFFDIO_API handshake, with what
+    /// its opener knows: the enabled `features` and whether it was opened UFFD_USER_MODE_ONLY.
+    public init(adopting fd: Int32, features: Features, userModeOnly: Bool) {
+        self._fd = Atomic(fd)
+        self.features = features
+        self.ioctls = [.api, .register, .unregister]
+        self.userModeOnly = userModeOnly
+        self.openedThroughDevice = false
     }
 
     deinit { close() }

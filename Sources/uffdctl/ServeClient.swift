@@ -1,4 +1,5 @@
 import ArgumentParser
+import CUffd
 import Foundation
 import UffdKit
 
@@ -24,6 +25,10 @@ struct HandoffClientCommand: ParsableCommand {
     @Option(name: .customLong("touch-delay-us"), help: "Sleep between pages.") var touchDelayUs: UInt32 = 0
     @Option(name: .customLong("expect-sigbus-from"), help: "Pages from this index on may get SIGBUS (a read error test): exit 4 on SIGBUS.") var expectSigbusFrom: Int?
     @Option(help: "Watchdog seconds.") var timeout: UInt32 = 60
+    @Option(name: .customLong("remove-concurrently"), help: "A second thread MADV_DONTNEEDs this many pages of the second half while the pages are touched (REMOVE events racing faults); those pages may read as the file's or zeros.") var removeConcurrently: Int = 0
+    @Option(help: "Pin this process's faulting thread (and, with --in-process, the handler's reader) to this CPU.") var pin: Int32?
+    @Flag(name: .customLong("in-process"), help: "Serve the faults in this process with the same policy stack (benchmark baseline).") var inProcess = false
+    @Flag(help: "Time one read per page before verifying; print ns per page.") var bench = false
     @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
 
     func run() throws {
@@ -47,11 +52,37 @@ struct HandoffClientCommand: ParsableCommand {
         let described = (0..<regions).map {
             GuestRegion(baseHostVirtAddr: region.address + UInt($0 * per), size: per, offset: fileOffset + $0 * per, pageSize: pageSize)
         }
-        let conn: Int32
-        do { conn = try Handoff.send(uffd, regions: described, to: socket) } catch {
-            throw CLIError.failed("hand-off to \(socket): \(error)")
+        if let pin { _ = cuffd_pin_self(pin) }
+        var conn: Int32 = -1
+        var local: ServedProcess? = nil
+        if inProcess {
+            // The baseline for `serve`'s per-fault cost: the same policy stack in this process.
+            let mf = open(memoryFile, O_RDONLY | O_CLOEXEC)
+            guard mf >= 0 else { throw CLIError.usage("cannot open \(memoryFile)") }
+            var o = ServeOptions()
+            o.cpus = pin.map { [Int($0)] }
+            let me = PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid())
+            let p = try ServedProcess(id: 0, handoff: ReceivedHandoff(uffd: uffd, regions: described, peer: me),
+                                      connection: -1, memoryFile: mf, options: o)
+            try p.start()
+            local = p
+        } else {
+            do { conn = try Handoff.send(uffd, regions: described, to: socket) } catch {
+                throw CLIError.failed("hand-off to \(socket): \(error)")
+            }
         }
-        defer { close(conn) }
+        defer { if conn >= 0 { close(conn) } }
+        defer { local?.handler.stop() }
+        var nsPerPage = 0.0
+        var sum: UInt64 = 0
+        if bench {
+            // Timed: one read per page (each a missing fault served by the handler).
+            let t0 = cuffd_now_ns()
+            for i in 0..<(length / pageSize) {
+                sum &+= UInt64(UnsafePointer<UInt8>(bitPattern: region.address + UInt(i * pageSize))!.pointee)
+            }
+            nsPerPage = Double(cuffd_now_ns() - t0) / Double(length / pageSize)
+        }
         // The server holds its own copy of the uffd now; ours stays open like Firecracker's.
         let file = open(memoryFile, O_RDONLY)
         guard file >= 0 else { throw CLIError.usage("cannot open \(memoryFile)") }
@@ -65,6 +96,10 @@ struct HandoffClientCommand: ParsableCommand {
         var mismatches = 0
         var kernelChecked = 0
         let pages = length / pageSize
+        var racer: Racer? = nil
+        if removeConcurrently > 0 {
+            racer = Racer(base: region.address, pageSize: pageSize, first: pages / 2, count: pages - pages / 2, removals: removeConcurrently)
+        }
         for i in 0..<pages {
             let p = UnsafeMutableRawPointer(bitPattern: region.address + UInt(i * pageSize))!
             _ = pread(file, expected, pageSize, off_t(fileOffset + i * pageSize))
@@ -80,10 +115,13 @@ struct HandoffClientCommand: ParsableCommand {
                 }
                 if ok { kernelChecked += 1 } else { mismatches += 1 }
             } else if memcmp(p, expected, pageSize) != 0 {
-                mismatches += 1
+                // A page the racer removed reads as zeros (before or after it was served).
+                let zero = racer != nil && i >= pages / 2 && (0..<pageSize).allSatisfy { p.load(fromByteOffset: $0, as: UInt8.self) == 0 }
+                if !zero { mismatches += 1 }
             }
             if touchDelayUs > 0 { usleep(touchDelayUs) }
         }
+        if let racer { racer.join() }
         var removedZero = 0
         if removePages > 0 {
             let n = min(removePages, pages)
@@ -102,7 +140,36 @@ struct HandoffClientCommand: ParsableCommand {
             }
         }
         let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
+        if bench { print("{\"ns_per_page\":\(Int(nsPerPage)),\"sum\":\(sum)}") }
         print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")
         if !ok { throw ExitCode(1) }
+    }
+}
+
+/// A thread that removes (MADV_DONTNEED) random pages of a range while another touches them.
+final class Racer: @unchecked Sendable {
+    private var thread = pthread_t()
+
+    init(base: UInt, pageSize: Int, first: Int, count: Int, removals: Int) {
+        let box = Unmanaged.passRetained(Args(base: base, pageSize: pageSize, first: first, count: count, removals: removals))
+        pthread_create(&thread, nil, { arg in
+            let a = Unmanaged<Args>.fromOpaque(arg!).takeRetainedValue()
+            var rng = SystemRandomNumberGenerator()
+            for _ in 0..<a.removals {
+                let page = a.first + Int.random(in: 0..<max(1, a.count), using: &rng)
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: a.base + UInt(page * a.pageSize)), a.pageSize, MADV_DONTNEED)
+                usleep(50)
+            }
+            return nil
+        }, box.toOpaque())
+    }
+
+    func join() { pthread_join(thread, nil) }
+
+    final class Args {
+        let base: UInt, pageSize: Int, first: Int, count: Int, removals: Int
+        init(base: UInt, pageSize: Int, first: Int, count: Int, removals: Int) {
+            self.base = base; self.pageSize = pageSize; self.first = first; self.count = count; self.removals = removals
+        }
     }
 }

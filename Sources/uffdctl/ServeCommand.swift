@@ -27,18 +27,23 @@ struct ServeCommand: ParsableCommand {
             --worker-pid-file). If the worker dies (crash, kill -9) a new one adopts every uffd \
             and wakes the served ranges (faults the dead worker read but never resolved are \
             delivered again). SIGHUP to the supervisor re-executes it (an upgraded binary takes \
-            over) with the socket and every uffd inherited. SIGINT/SIGTERM end serving: VMs \
-            still running then wait for their faults until a server adopts their uffd again.
+            over) with the socket and every uffd inherited. SIGINT/SIGTERM end serving: a VM \
+            still running freezes at its next fault (Firecracker keeps its own copy of the uffd, \
+            so the kernel keeps the fault waiting); stop the server after its VMs, or use SIGHUP.
 
             Firecracker restore example:
-              uffdctl serve --socket /tmp/uffd.sock --memory-file vm.mem --readahead 64K &
+              # 1. snapshot the paused source VM
+              curl --unix-socket /tmp/src.sock -X PUT \\
+                http://localhost/snapshot/create -d '{"snapshot_type":"Full",
+                "snapshot_path":"vm.snap","mem_file_path":"vm.mem"}'
+              # 2. serve its memory, 3. restore it in a new Firecracker
+              uffdctl serve --socket /tmp/uffd.sock --memory-file vm.mem &
               firecracker --api-sock /tmp/fc.sock &
-              curl --unix-socket /tmp/fc.sock -X PUT http://localhost/snapshot/load \\
-                -H 'Content-Type: application/json' \\
-                -d '{"snapshot_path":"vm.snap","mem_backend":{"backend_type":"Uffd","backend_path":"/tmp/uffd.sock"},"resume_vm":true}'
-            (vm.snap and vm.mem from PUT /snapshot/create {"snapshot_type":"Full",\
-            "snapshot_path":"vm.snap","mem_file_path":"vm.mem"} on the paused source VM. Run \
-            the server as the user Firecracker runs as, or pass --allow-uid.)
+              curl --unix-socket /tmp/fc.sock -X PUT \\
+                http://localhost/snapshot/load -d '{"snapshot_path":"vm.snap",
+                "mem_backend":{"backend_type":"Uffd",
+                "backend_path":"/tmp/uffd.sock"},"resume_vm":true}'
+            Run the server as the user Firecracker runs as, or pass --allow-uid.
 
             Exit codes: 0 stopped by a signal, or with --once the VM was served cleanly; 1 a \
             failure (with --once: some faults got the fallback); 2 bad usage or input (memory \
@@ -77,7 +82,7 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("receive-timeout"), help: ArgumentHelp("Milliseconds a connected peer may take to send its hand-off.", valueName: "ms"))
     var receiveTimeout: Int32 = 5000
 
-    @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (the VM sees a memory error) or zero.", valueName: "poison|zero"))
+    @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
@@ -96,16 +101,27 @@ struct ServeCommand: ParsableCommand {
     var supervisorState: Int32?
 
     func run() throws {
-        try validate()
-        let (memFD, memLength) = try openMemoryFile(memoryFile)
-        if noSupervisor || workerState != nil {
-            try runWorker(memFD: memFD, memLength: memLength)
+        try check()
+        // A worker or a re-executed supervisor serves the file the first process opened (the
+        // path may name a new snapshot by now); only the first process opens --memory-file.
+        if let workerState {
+            let st = try WorkerState.read(fd: workerState)
+            try runWorker(inherited: st, memFD: st.memoryFD, memLength: try fileLength(st.memoryFD))
+        } else if let supervisorState {
+            let st = try WorkerState.read(fd: supervisorState)
+            try runSupervisor(inherited: st, memFD: st.memoryFD)
         } else {
-            try runSupervisor(memLength: memLength)
+            let (memFD, memLength) = try openMemoryFile(memoryFile)
+            if noSupervisor {
+                try runWorker(inherited: nil, memFD: memFD, memLength: memLength)
+            } else {
+                try runSupervisor(inherited: nil, memFD: memFD)
+            }
         }
     }
 
-    func validate() throws(CLIError) {
+    /// Option checks (not ArgumentParser's validate(): its errors are not CLIError lines).
+    func check() throws(CLIError) {
         guard readers >= 1, readers <= 64 else { throw .usage("--readers must be 1...64 (got \(readers))") }
         _ = try cpus()
         _ = try mode()
@@ -166,9 +182,14 @@ struct ServeCommand: ParsableCommand {
 
     // MARK: Worker: the process that serves
 
-    func runWorker(memFD: Int32, memLength: Int) throws {
+    func fileLength(_ fd: Int32) throws(CLIError) -> Int {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .usage("the inherited memory file (fd \(fd)) is unusable: \(errnoName(errno))") }
+        return Int(st.st_size)
+    }
+
+    func runWorker(inherited: WorkerState?, memFD: Int32, memLength: Int) throws {
         let log = makeServeLogger(json: json, label: "uffdctl serve")
-        let inherited = try workerState.map { fd throws(CLIError) in try WorkerState.read(fd: fd) }
         if let inherited {
             for vm in inherited.vms {
                 if let end = vm.regions.map({ $0.offset + $0.size }).max(), end > memLength {
@@ -202,12 +223,14 @@ struct ServeCommand: ParsableCommand {
                 m["vm"] = "\(p.id)"
                 m["regions"] = .string(p.regions.map(\.description).joined(separator: ", "))
                 m["features"] = "\(p.uffd.features)"
+                m["fallback"] = p.effectiveFallback == .poison ? "poison" : "zero"
                 if case .resumed = event {
                     log.info("resumed VM after restart (ranges woken)", metadata: m)
                 } else {
                     log.info("serving VM", metadata: m)
-                    if control >= 0 { WorkerState.announce(p, over: control) }
                 }
+            case .adopting(let p):
+                if control >= 0 { WorkerState.announce(p, over: control) }
             case .failure(let p, let f):
                 let n = failuresLogged.withLock { $0[p.id, default: 0] += 1; return $0[p.id]! }
                 if n <= 10 {
@@ -274,6 +297,7 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["p99_us"] = us(s.p99Ns)
     m["removes"] = "\(s.removeEvents)"
     m["removed_bytes"] = "\(s.removedBytes)"
+    m["retries"] = "\(s.retries)"
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))

@@ -31,10 +31,17 @@ struct ServeLogHandler: LogHandler {
         FileHandle.standardError.write(Data((line + "\n").utf8))
     }
 
+    /// Counters and times as JSON numbers ("2048" -> 2048, "10.5" -> 10.5).
+    private func number(_ s: String) -> Any? {
+        if let i = Int(s) { return i }
+        if s.contains("."), let d = Double(s), d.isFinite { return d }
+        return nil
+    }
+
     private func jsonValue(_ v: Logger.MetadataValue) -> Any {
         switch v {
-        case .string(let s): return Int(s).map { $0 as Any } ?? s
-        case .stringConvertible(let c): return Int("\(c)").map { $0 as Any } ?? "\(c)"
+        case .string(let s): return number(s) ?? s
+        case .stringConvertible(let c): return number("\(c)") ?? "\(c)"
         case .array(let a): return a.map(jsonValue)
         case .dictionary(let d): return d.mapValues(jsonValue)
         }

@@ -18,6 +18,8 @@ struct WorkerState: Codable {
     }
     var listenFD: Int32
     var controlFD: Int32
+    /// The memory file opened by the first process (served across every restart).
+    var memoryFD: Int32
     var executable: String
     var vms: [VM]
 
@@ -78,17 +80,16 @@ private let termReceived = Atomic<Bool>(false)
 extension ServeCommand {
     /// The supervisor: holds the listening socket and duplicates of every served uffd, runs
     /// one worker at a time, restarts it when it dies, re-executes itself on SIGHUP.
-    func runSupervisor(memLength: Int) throws {
+    func runSupervisor(inherited: WorkerState?, memFD: Int32) throws {
         let log = makeServeLogger(json: json, label: "uffdctl serve")
         var vms: [Int: WorkerState.VM] = [:]
         let listenFD: Int32
         var executable: String
-        if let supervisorState {
-            let st = try WorkerState.read(fd: supervisorState)
+        if let st = inherited {
             listenFD = st.listenFD
             executable = st.executable
             for vm in st.vms { vms[vm.id] = vm }
-            for fd in [listenFD] + st.vms.flatMap({ [$0.uffdFD, $0.connectionFD] }) { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            for fd in [listenFD, memFD] + st.vms.flatMap({ [$0.uffdFD, $0.connectionFD] }) { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
             log.info("supervisor re-executed", metadata: ["supervisor_pid": "\(getpid())", "vms": "\(vms.count)"])
         } else {
             let m = try mode()
@@ -109,19 +110,21 @@ extension ServeCommand {
         }
         defer { sources.forEach { $0.cancel() } }
         let baseArgs = workerArguments()
+        var quickDeaths = 0
 
         while true {
             var pair: [Int32] = [-1, -1]
             guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
                 throw CLIError.failed("socketpair: \(errnoName(errno))")
             }
-            let state = WorkerState(listenFD: listenFD, controlFD: pair[1], executable: executable, vms: Array(vms.values))
+            let state = WorkerState(listenFD: listenFD, controlFD: pair[1], memoryFD: memFD, executable: executable, vms: Array(vms.values))
             let stateFD = try state.write()
-            let inheritedFDs = [listenFD, pair[1], stateFD] + state.vms.flatMap { [$0.uffdFD, $0.connectionFD] }
+            let inheritedFDs = [listenFD, pair[1], memFD, stateFD] + state.vms.flatMap { [$0.uffdFD, $0.connectionFD] }
             let pid = try spawn(executable, baseArgs + ["--worker-state", "\(stateFD)"], keeping: inheritedFDs)
             close(stateFD)
             close(pair[1])
             let control = pair[0]
+            let startedAt = Date()
             log.info("worker started", metadata: ["worker_pid": "\(pid)", "supervisor_pid": "\(getpid())", "vms": "\(vms.count)"])
             if let workerPidFile { try? "\(pid)\n".write(toFile: workerPidFile, atomically: true, encoding: .utf8) }
 
@@ -151,14 +154,13 @@ extension ServeCommand {
             let code = signaled ? Int32(-1) : (status >> 8) & 0xff
             if stopping || termReceived.load(ordering: .acquiring) {
                 log.info("stopped", metadata: ["vms_left": "\(vms.count)"])
-                if supervisorState == nil || true { unlink(socket) }
+                unlink(socket)
                 return
             }
             if reexec {
-                var st = WorkerState(listenFD: listenFD, controlFD: -1, executable: executable, vms: Array(vms.values))
-                st.executable = executable
+                let st = WorkerState(listenFD: listenFD, controlFD: -1, memoryFD: memFD, executable: executable, vms: Array(vms.values))
                 let fd = try st.write()
-                for f in [listenFD] + st.vms.flatMap({ [$0.uffdFD, $0.connectionFD] }) { _ = fcntl(f, F_SETFD, 0) }
+                for f in [listenFD, memFD] + st.vms.flatMap({ [$0.uffdFD, $0.connectionFD] }) { _ = fcntl(f, F_SETFD, 0) }
                 let args = [executable] + baseArgs + ["--supervisor-state", "\(fd)"]
                 var cargs = args.map { strdup($0) } + [nil]
                 execv(executable, &cargs)
@@ -172,6 +174,14 @@ extension ServeCommand {
             if !signaled && code == CLIExit.usage.rawValue && vms.isEmpty {
                 // The worker refused to start (bad input): restarting would fail the same way.
                 throw ExitCode(code)
+            }
+            // A worker that keeps dying at once (e.g. the socket or the file became unusable)
+            // is not restarted forever.
+            quickDeaths = Date().timeIntervalSince(startedAt) < 2 ? quickDeaths + 1 : 0
+            if quickDeaths >= 5 {
+                log.error("the worker died 5 times within 2 s of its start; giving up",
+                          metadata: ["vms": "\(vms.count)", "exit_code": "\(code)"])
+                throw ExitCode(CLIExit.failed.rawValue)
             }
             log.warning("worker died; starting a new one that adopts every served VM",
                         metadata: ["worker_pid": "\(pid)", signaled ? "signal" : "exit_code": "\(signaled ? status & 0x7f : code)",

@@ -165,19 +165,73 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(s.bytes, 4 << 20)
     }
 
+    func testServeRemoveEventsRacingFaultsNoEAGAINStorm() throws {
+        let server = try startServer()
+        let c = try client(["--size", "16M", "--remove-concurrently", "400", "--kernel-pages", "8"], name: "race")
+        XCTAssertEqual(c.wait(), 0, "client: \(c.output)")
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        let line = try XCTUnwrap(server.log.split(separator: "\n").first { $0.contains("VM gone") })
+        func field(_ k: String) -> Int? {
+            line.split(separator: " ").first { $0.hasPrefix(k + "=") }.flatMap { Int($0.dropFirst(k.count + 1)) }
+        }
+        let removes = try XCTUnwrap(field("removes")), retries = try XCTUnwrap(field("retries"))
+        XCTAssertGreaterThan(removes, 0, String(line))
+        // Each EAGAIN is answered by reading the pending events: a few retries per event, not a storm.
+        XCTAssertLessThan(retries, 4 * removes + 16, String(line))
+        XCTAssertEqual(field("fallbacks"), 0, String(line))
+    }
+
+    /// This test process gives its own memory to `uffdctl serve` through the library, with a
+    /// legacy body (only `page_size_kib`, as Firecracker v1.7–v1.11 send it).
+    func testSwiftClientHandsItsOwnMemoryToServe() throws {
+        let server = try startServer()
+        let length = 2 << 20
+        let region = try MappedRegion(.anonymous(), length: length)
+        let uffd = try Userfaultfd(features: [.eventRemove], options: [.nonBlocking, .kernelFaults])
+        try uffd.register(region.address, length: length, modes: .missing)
+        let body = #"[{"base_host_virt_addr":\#(region.address),"size":\#(length),"offset":4194304,"page_size_kib":4096}]"#
+        let s = try Handoff.connect(to: sock)
+        defer { close(s) }
+        try Handoff.send(fd: uffd.fd, body: Array(body.utf8), over: s)
+        // Watchdog: if serving fails, unregistering wakes the touching thread (zeros: the test fails).
+        let done = Atomic<Bool>(false)
+        let addr = region.address
+        Thread.detachNewThread {
+            let deadline = Date().addingTimeInterval(20)
+            while !done.load(ordering: .acquiring) && Date() < deadline { usleep(10_000) }
+            if !done.load(ordering: .acquiring) { try? uffd.unregister(addr, length: length) }
+        }
+        let file = try Data(contentsOf: URL(fileURLWithPath: memFile))
+        var wrong = 0
+        for page in 0..<(length / 4096) {
+            let mem = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: region.address + UInt(page * 4096)), count: 4096)
+            let want = file[(4 << 20) + page * 4096 ..< (4 << 20) + (page + 1) * 4096]
+            if !mem.elementsEqual(want) { wrong += 1 }
+        }
+        done.store(true, ordering: .releasing)
+        XCTAssertEqual(wrong, 0, server.log)
+        XCTAssertTrue(server.log.contains("peer_pid=\(getpid())"), server.log)
+    }
+
     // MARK: Restart
 
     func testServeSurvivesWorkerKillAndSighup() throws {
         let wpid = dir.appendingPathComponent("w.pid").path
         let spid = dir.appendingPathComponent("s.pid").path
         let server = try startServer(["--worker-pid-file", wpid, "--pid-file", spid])
-        let c = try client(["--size", "8M", "--touch-delay-us", "400"], name: "restart")
+        let c = try client(["--size", "8M", "--touch-delay-us", "1000"], name: "restart")
         XCTAssertTrue(server.waitFor("serving VM"), server.log)
         usleep(300_000)
         let w1 = try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         kill(w1, SIGKILL)
         XCTAssertTrue(server.waitFor("resumed VM after restart"), server.log)
         usleep(300_000)
+        // A new snapshot at the same path does not change what running VMs are served: the
+        // restarted processes serve the file the first one opened.
+        let orig = memFile + ".orig"
+        XCTAssertEqual(link(memFile, orig), 0)
+        try Data(repeating: 0xEE, count: 16 << 20).write(to: URL(fileURLWithPath: memFile + ".new"))
+        XCTAssertEqual(rename(memFile + ".new", memFile), 0)
         let s = try XCTUnwrap(Int32(String(contentsOfFile: spid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
         kill(s, SIGHUP)
         XCTAssertTrue(server.waitFor("supervisor re-executed"), server.log)
@@ -185,15 +239,24 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(c.wait(), 0, "client: \(c.output) server: \(server.log)")
         XCTAssertTrue(c.output.contains("\"ok\":true"))
         XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        // Both restarts happened while the client was still faulting: the last worker served it to the end.
+        let log = server.log
+        let reexec = try XCTUnwrap(log.range(of: "supervisor re-executed")), gone = try XCTUnwrap(log.range(of: "VM gone"))
+        XCTAssertLessThan(reexec.lowerBound, gone.lowerBound, log)
+        XCTAssertNil(log.range(of: "VM gone .*faults=0 ", options: .regularExpression), log)
         // New hand-offs work after the restarts.
-        let d = try client(["--size", "1M"], name: "after")
+        let d = try BackgroundUffdctl(["handoff-client", "--socket", sock, "--memory-file", orig, "--size", "1M"], dir: dir, name: "after")
         XCTAssertEqual(d.wait(), 0, d.output)
     }
 
     // MARK: Bad input
 
     func testServeRefusesBadHandoffsAndKeepsServing() throws {
-        let server = try startServer(["--receive-timeout", "300"])
+        let wpid = dir.appendingPathComponent("w.pid").path
+        let server = try startServer(["--receive-timeout", "300", "--worker-pid-file", wpid])
+        let worker = try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(worker)/fd").count) ?? -1 }
+        let fdsBefore = openFDs()
         let uffd = try Userfaultfd(features: [.eventRemove], options: [.nonBlocking, .kernelFaults])
         let good = #"[{"base_host_virt_addr":1048576,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}]"#
         let cases: [(String, [Int32], [UInt8], String)] = [
@@ -225,6 +288,8 @@ final class ServeTests: XCTestCase {
             XCTAssertTrue(closedByPeer(s), "\(name): the connection was not closed")
         }
         XCTAssertEqual(server.log.components(separatedBy: "refused hand-off").count - 1, cases.count, server.log)
+        usleep(200_000)
+        XCTAssertEqual(openFDs(), fdsBefore, "the worker leaked fds of refused hand-offs")
         let c = try client(["--size", "1M"], name: "good")
         XCTAssertEqual(c.wait(), 0, c.output)
         XCTAssertTrue(server.process.isRunning)
@@ -249,6 +314,31 @@ final class ServeTests: XCTestCase {
             XCTAssertTrue(r.stderr.contains("--memory-file"), r.stderr)
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         }
+    }
+
+    func testServeHelpHasAFirecrackerExampleAndBadOptionsExit2() throws {
+        let help = try runUffdctl(["serve", "--help"], timeout: 20)
+        XCTAssertEqual(help.code, 0)
+        for text in ["snapshot/create", "snapshot/load", "\"backend_type\":\"Uffd\"", "worker_pid", "SIGHUP"] {
+            XCTAssertTrue(help.stdout.contains(text), "--help lacks \(text)")
+        }
+        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"]] {
+            let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile] + bad, timeout: 20)
+            XCTAssertEqual(r.code, 2, "\(bad): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(bad[0]), "\(bad): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: sock), "a bad option must not leave a socket behind")
+    }
+
+    func testServeRefusesASocketAnotherServerListensOn() throws {
+        let first = try startServer()
+        let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile], timeout: 20)
+        XCTAssertEqual(r.code, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("another server is listening"), r.stderr)
+        let c = try client(["--size", "1M"], name: "still")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(first.waitFor("VM gone"), first.log)
     }
 
     func testServeClientKilledMidRestoreOthersGoOn() throws {

@@ -153,12 +153,31 @@ public enum Handoff {
         if let allowedUIDs, !allowedUIDs.contains(peer.uid) {
             throw HandoffError(.notAllowed, "peer \(peer) is not an allowed uid (allowed: \(allowedUIDs.sorted().map(String.init).joined(separator: ",")))")
         }
+        var fds: [Int32] = []
+        do throws(HandoffError) {
+            let (body, regions) = try receiveBody(socket, peer: peer, timeoutMilliseconds: timeoutMilliseconds,
+                                                  maxBody: maxBody, fds: &fds)
+            guard let fd = fds.first else { throw HandoffError(.fds, "unreachable: no fd") }
+            guard isUserfaultfd(fd), let granted = features ?? Userfaultfd.features(ofFD: fd) else {
+                throw HandoffError(.notUserfaultfd, "the fd sent is not a userfaultfd after its UFFDIO_API handshake")
+            }
+            return ReceivedHandoff(uffd: Userfaultfd(adopting: fd, features: granted), regions: regions, peer: peer, body: body)
+        } catch {
+            // Every fd received is closed on any refusal (none leaks into this process).
+            for f in fds { Glibc.close(f) }
+            throw error
+        }
+    }
+
+    /// Reads the message: the body (until its JSON is complete, the peer stops or the
+    /// timeout) and exactly one fd (all fds received are appended to `fds` for the caller to
+    /// own or close).
+    private static func receiveBody(_ socket: Int32, peer: PeerCredentials, timeoutMilliseconds: Int32, maxBody: Int,
+                                    fds: inout [Int32]) throws(HandoffError) -> ([UInt8], [GuestRegion]) {
         let deadline = cuffd_now_ns() &+ UInt64(max(0, timeoutMilliseconds)) * 1_000_000
         var body: [UInt8] = []
-        var fds: [Int32] = []
         var truncatedFDs = false
         var closed = false
-        defer { if fds.count > 1 || truncatedFDs { for f in fds { Glibc.close(f) } } }
         var regions: [GuestRegion]? = nil
         while true {
             let now = cuffd_now_ns()
@@ -173,39 +192,24 @@ public enum Handoff {
                 break
             }
             let (n, got, ctrunc) = recvChunk(socket, room: maxBody + 1 - body.count, into: &body)
-            if n < 0 { throw HandoffError(.socket, "recvmsg: \(Errno(rawValue: -Int32(n)))") }
             fds += got
+            if n < 0 { throw HandoffError(.socket, "recvmsg: \(Errno(rawValue: -Int32(n)))") }
             truncatedFDs = truncatedFDs || ctrunc
             if n == 0 { closed = true; break }
-            if body.count > maxBody {
-                for f in fds { Glibc.close(f) }
-                fds = []
-                throw HandoffError(.tooLarge, "body over \(maxBody) bytes")
-            }
+            if body.count > maxBody { throw HandoffError(.tooLarge, "body over \(maxBody) bytes") }
             // Firecracker sends everything in one sendmsg: stop as soon as the JSON is whole.
             if let r = try? GuestRegion.decode(body) { regions = r; break }
         }
         if fds.count != 1 || truncatedFDs {
-            for f in fds { Glibc.close(f) }
+            if body.isEmpty && fds.isEmpty && closed {
+                throw HandoffError(.closed, "peer \(peer) closed the connection without sending")
+            }
             let count = truncatedFDs ? "more than \(fds.count)" : "\(fds.count)"
-            fds = []
-            if body.isEmpty && closed { throw HandoffError(.closed, "peer \(peer) closed the connection without sending") }
             throw HandoffError(.fds, "the hand-off carried \(count) fds, exactly 1 (the userfaultfd) is required")
         }
-        let fd = fds[0]
-        if body.isEmpty {
-            Glibc.close(fd)
-            throw HandoffError(.malformed, "the hand-off had an fd but no body")
-        }
-        let decoded: [GuestRegion]
-        if let regions { decoded = regions } else {
-            do { decoded = try GuestRegion.decode(body) } catch { Glibc.close(fd); throw error }
-        }
-        guard isUserfaultfd(fd), let granted = features ?? Userfaultfd.features(ofFD: fd) else {
-            Glibc.close(fd)
-            throw HandoffError(.notUserfaultfd, "the fd sent is not a userfaultfd after its UFFDIO_API handshake")
-        }
-        return ReceivedHandoff(uffd: Userfaultfd(adopting: fd, features: granted), regions: decoded, peer: peer, body: body)
+        if body.isEmpty { throw HandoffError(.malformed, "the hand-off had an fd but no body") }
+        if let regions { return (body, regions) }
+        return (body, try GuestRegion.decode(body))
     }
 
     /// One `recvmsg` without waiting (for a datagram or seqpacket control channel): the bytes
@@ -297,6 +301,11 @@ public final class HandoffListener: Sendable {
         if lstat(path, &st) == 0 {
             guard st.st_mode & S_IFMT == S_IFSOCK else {
                 throw HandoffError(.socket, "\(path) exists and is not a socket (remove it or choose another --socket)")
+            }
+            // A socket someone still listens on is not stale: never steal a running server's path.
+            if let probe = try? Handoff.connect(to: path) {
+                Glibc.close(probe)
+                throw HandoffError(.socket, "\(path): another server is listening there (stop it or choose another --socket)")
             }
             unlink(path)
         }

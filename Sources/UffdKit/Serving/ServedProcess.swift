@@ -128,6 +128,12 @@ public final class ServedProcess: Sendable {
     /// Starts the readers.
     public func start() throws(UffdError) { try handler.start() }
 
+    /// What a fault that cannot be served gets on this uffd: POISON only exists when the
+    /// sender enabled UFFD_FEATURE_POISON (Firecracker does not); the loop zero-fills otherwise.
+    public var effectiveFallback: FaultHandler.Fallback {
+        handler.options.fallback == .poison && !uffd.features.contains(.poison) ? .zeroFill : handler.options.fallback
+    }
+
     /// UFFDIO_WAKE over every region: after a restart, threads whose fault the previous server
     /// read but never resolved are no longer queued; woken, they fault again and are served.
     public func wakeAll() {
@@ -188,7 +194,7 @@ public final class ServedProcess: Sendable {
                             timeToFirstFaultNs: timeToFirstFaultNs,
                             p50Ns: s.latency.totalCount > 0 ? s.latency.valueAtPercentile(50) : nil,
                             p99Ns: s.latency.totalCount > 0 ? s.latency.valueAtPercentile(99) : nil,
-                            removeEvents: s.removeEvents, removedBytes: removedBytes,
+                            removeEvents: s.removeEvents, removedBytes: removedBytes, retries: s.retries,
                             fallbacks: s.fallbacks, failures: s.failures + UInt64(handler.loopErrors().count),
                             servedNs: cuffd_now_ns() &- startedNs)
     }
@@ -214,6 +220,8 @@ public struct ServeSummary: Sendable, CustomStringConvertible {
     public var removeEvents: UInt64
     /// Bytes of removed ranges unregistered.
     public var removedBytes: UInt64
+    /// Resolutions retried after EAGAIN (an unread event or a changing address space).
+    public var retries: UInt64
     /// Faults that got the fallback (memory file errors).
     public var fallbacks: UInt64
     /// Faults whose fallback failed too, plus loop errors.
@@ -228,7 +236,7 @@ public struct ServeSummary: Sendable, CustomStringConvertible {
     public var description: String {
         func us(_ v: UInt64?) -> String { v.map { String(format: "%.1fus", Double($0) / 1000) } ?? "-" }
         return "faults=\(faults) bytes=\(bytes) first_fault=\(us(timeToFirstFaultNs)) p50=\(us(p50Ns)) p99=\(us(p99Ns)) "
-            + "removes=\(removeEvents) removed_bytes=\(removedBytes) fallbacks=\(fallbacks) failures=\(failures) "
+            + "removes=\(removeEvents) removed_bytes=\(removedBytes) retries=\(retries) fallbacks=\(fallbacks) failures=\(failures) "
             + String(format: "served=%.3fs", Double(servedNs) / 1e9)
     }
 }

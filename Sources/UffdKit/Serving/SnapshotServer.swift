@@ -49,6 +49,9 @@ public final class SnapshotServer: Sendable {
     public enum Event: Sendable {
         /// A hand-off was refused; its connection is closed.
         case rejected(peer: PeerCredentials?, error: HandoffError)
+        /// A hand-off was accepted; serving starts right after this returns (a supervisor takes
+        /// its duplicates of the fds here, before the first fault can be read).
+        case adopting(ServedProcess)
         /// A process is being served (its first faults may already be resolved).
         case serving(ServedProcess)
         /// A process inherited from an earlier server is served again (its ranges were woken).
@@ -181,7 +184,11 @@ public final class SnapshotServer: Sendable {
         do throws(UffdError) {
             let p = try ServedProcess(id: id, handoff: handoff, connection: c, memoryFile: cfg.memoryFile,
                                       options: options(for: id), peerStartTime: startTime)
-            try p.start()
+            onEvent(.adopting(p))
+            do throws(UffdError) { try p.start() } catch {
+                onEvent(.gone(p, p.summary()))
+                throw error
+            }
             live.withLock { $0.append(p) }
             onEvent(.serving(p))
         } catch {
