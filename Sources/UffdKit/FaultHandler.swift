@@ -57,7 +57,8 @@ public final class FaultHandler: Sendable {
 
     /// What to do with the child's userfaultfd of a fork event.
     public enum ForkHandling: Sendable {
-        /// Run a handler with the same policy and options for the child.
+        /// Run a handler with the same options for the child, and the policy's
+        /// ``FaultPolicy/forkedChild()`` (the same policy unless it keeps per-address-space state).
         case serveWithSamePolicy
         /// Close it unless the policy kept it: the child's faults then resolve normally
         /// (anonymous memory reads as zeros).
@@ -291,7 +292,7 @@ final class HandlerSink: Sendable {
 
     func adopt(child: Userfaultfd, policy: any FaultPolicy) {
         guard case .serveWithSamePolicy = options.forkHandling else { return }
-        let h = FaultHandler(uffd: child, policy: policy, options: options)
+        let h = FaultHandler(uffd: child, policy: policy.forkedChild(), options: options)
         do {
             try h.start()
             kids.withLock { $0.append(h) }
@@ -487,6 +488,9 @@ final class Reader: @unchecked Sendable {
             let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
             let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
                                         length: Int(r.len), source: UInt(r.src), mode: r.mode)
+            var ctx = context
+            ctx.batchIndex = i
+            policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
             sink.report(HandlerFailure(fault: fault, resolution: resolution, policyError: policyError,
                                        errno: Errno(rawValue: r.error),
                                        recoveredByFallback: o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue)))

@@ -1,4 +1,5 @@
 import CUffd
+import SystemPackage
 
 /// What the fault loop does for one fault: an operation on a page-aligned range.
 ///
@@ -177,6 +178,19 @@ public protocol FaultPolicy: Sendable {
 
     /// Scratch bytes needed per fault (e.g. the largest range read from a file). Default 0.
     var scratchBytes: Int { get }
+
+    /// Learns that the resolution this policy returned for `fault` did not happen: its ioctl
+    /// failed with `errno` (or the policy threw; `resolution` is then ``Resolution/fail``) and
+    /// the handler's fallback took over. Called on the reader thread after the batch, before
+    /// that reader decides another fault; not on the fast path (only failures are reported).
+    /// A policy that marks state when it decides (a granule "moving") must undo it here, so a
+    /// failure never blocks the page for good. Default: nothing.
+    func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext)
+
+    /// The policy serving a forked child's faults (``FaultHandler/ForkHandling/serveWithSamePolicy``):
+    /// the child is another address space, so a policy with per-address-space state (which pages
+    /// were served, where the range was remapped) returns a policy of its own for it. Default: `self`.
+    func forkedChild() -> any FaultPolicy
 }
 
 extension FaultPolicy {
@@ -184,4 +198,8 @@ extension FaultPolicy {
     public func handle(event: Event, context: borrowing FaultContext) {}
     /// No scratch memory.
     public var scratchBytes: Int { 0 }
+    /// Nothing to undo.
+    public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {}
+    /// The same policy.
+    public func forkedChild() -> any FaultPolicy { self }
 }

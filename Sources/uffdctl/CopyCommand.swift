@@ -180,17 +180,6 @@ func readaheadName(_ w: ReadaheadPolicy<CopyPolicy>.Window?, pageSize: Int) -> S
     }
 }
 
-/// Zeros of any length (UFFDIO_COPY of zero pages, for comparison with ZEROPAGE).
-final class ZeroSource: PageSource {
-    let length: Int
-    init(length: Int) { self.length = length }
-    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
-        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "ZeroSource needs scratch memory") }
-        memset(scratch, 0, count)
-        return UnsafeRawPointer(scratch)
-    }
-}
-
 /// Testing aid: throws for chosen pages (the handler's fallback then resolves them and reports
 /// the failure), asks `otherwise` for the rest.
 final class FailingPolicy: FaultPolicy {

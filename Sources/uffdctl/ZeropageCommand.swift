@@ -9,7 +9,8 @@ struct ZeropageCommand: ParsableCommand {
         abstract: "Missing faults resolved with UFFDIO_ZEROPAGE; every byte must read zero.",
         discussion: """
             Registers the region for missing faults and maps the shared zero page on each \
-            fault (anon, shmem; hugetlb has no ZEROPAGE and exits 3). Reads stay on the zero \
+            fault (anon, shmem). hugetlb has no UFFDIO_ZEROPAGE: there zeros are copied \
+            (UFFDIO_COPY from a shared read-only huge page of zeros). Reads stay on the zero \
             page; with --write each page is then copied on write by the kernel. \
             Default session: 64 MiB anon, 2 threads.
             """ + exitCodesHelp
@@ -26,7 +27,9 @@ struct ZeropageCommand: ParsableCommand {
 
         let region = try SessionSteps.map(memory, length: size)
         let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
-        try SessionSteps.register(uffd, region, modes: .missing, needed: .zeropage, memory: memory)
+        // hugetlb has no UFFDIO_ZEROPAGE: the policy copies zeros there.
+        let copiesZeros = memory == .hugetlb
+        try SessionSteps.register(uffd, region, modes: .missing, needed: copiesZeros ? .copy : .zeropage, memory: memory)
         let handler = try SessionSteps.startHandler(uffd, policy: ZeroFillPolicy(region: region), readers: session.readers, pin: session.pin)
         defer { handler.stop() }
 
@@ -43,6 +46,10 @@ struct ZeropageCommand: ParsableCommand {
                                    readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
                                    verification: verification, expectedName: "zeros")
         report.firstFailure = handler.failures().first?.description
+        report.extra["zero_fill"] = copiesZeros ? "copy" : "zeropage"
+        if copiesZeros {
+            report.lines.append("zero-fill    hugetlb has no UFFDIO_ZEROPAGE: zeros are copied (UFFDIO_COPY from a shared zero huge page)")
+        }
         try report.emit(json: session.json)
     }
 }
