@@ -266,11 +266,18 @@ class Firecracker:
                                      preexec_fn=die_with_parent)
         CHILDREN.append(self.proc)
         self.out = Lines(self.proc.stdout)
+        # The socket's path exists from bind(); requests work from listen(): connect to know.
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise Failure(f"{name}: Firecracker did not open its API socket: {self.out.text()[-2000:]}; log: {self.log_text()}")
-            time.sleep(0.005)
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.connect(self.sock)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise Failure(f"{name}: Firecracker did not open its API socket: {self.out.text()[-2000:]}; "
+                                  f"log: {self.log_text()}")
+                time.sleep(0.005)
 
     def api(self, method, path, body, timeout=30):
         c = UnixHTTP(self.sock, timeout)
@@ -544,10 +551,40 @@ def case_restart(ctx, how):
             "serve_exit": code}
 
 
+def case_restart_at_load(ctx):
+    """Restores that arrive while the server restarts: the hand-off of one VM right after SIGHUP
+    (the supervisor is re-executing) and of another right after `kill -9` of the worker (no
+    worker yet). The listening socket lives on in the supervisor, so each connection waits in
+    its backlog for the next worker; both guests verify 32 MiB."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages)
+    srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--worker-pid-file", os.path.join(ctx.work, "worker.pid")])
+    results, restarts = [], []
+    worker = worker_pid(ctx, srv)
+    for how in ("sighup", "kill9"):
+        if how == "sighup":
+            srv.proc.send_signal(signal.SIGHUP)
+        else:
+            os.kill(worker, signal.SIGKILL)
+        fc, t0, _ = restore(ctx.fc, ctx.work, f"vm-{how}", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+        results.append(verdict(fc, t0, 120, npages, 1))
+        fc.kill()
+        new_worker = worker_pid(ctx, srv, other_than=worker)
+        restarts.append({"restart": how, "worker_before": worker, "worker_after": new_worker})
+        worker = new_worker
+    # Summaries count from the last restart: no minimum of faults, but no fallback, no failure.
+    served = served_cleanly(srv, 2, 0, timeout=20)
+    alive = srv.proc.poll() is None
+    code = srv.stop()
+    return {"vms": results, "restarts": restarts, "served": served, "serve_alive_after": alive, "serve_exit": code}
+
+
 def worker_pid(ctx, srv, other_than=None):
     """The pid of serve's worker (the process that resolves faults), from its --worker-pid-file;
-    with other_than, a worker that replaced that one."""
-    deadline = time.monotonic() + 10
+    with other_than, a worker that replaced that one (a re-executed debug build can take seconds
+    to start on this loaded machine)."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             with open(os.path.join(ctx.work, "worker.pid")) as f:
@@ -557,7 +594,8 @@ def worker_pid(ctx, srv, other_than=None):
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    raise Failure(f"no {'new ' if other_than else ''}worker pid in --worker-pid-file: {srv.out.text()[-2000:]}")
+    raise Failure(f"no {'new ' if other_than else ''}worker pid in --worker-pid-file "
+                  f"(other than {other_than}): {srv.out.text()[-3000:]}")
 
 
 def case_once(ctx):
@@ -647,6 +685,7 @@ CASES = {
     "several": case_several,
     "sighup": lambda ctx: case_restart(ctx, "sighup"),
     "kill9": lambda ctx: case_restart(ctx, "kill9"),
+    "restartatload": case_restart_at_load,
     "file": case_file,
     "corrupt": case_corrupt,
     "once": case_once,
