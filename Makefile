@@ -97,6 +97,6 @@ test-firecracker: deps
 # verified pass over 32 MiB, File backend vs `uffdctl serve` (on demand, readahead), interleaved.
 bench-firecracker: release
 	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
-		--readahead 64K --readahead 2M --readahead adaptive --mode sequential
+		--readahead 64K --readahead 2M --readahead adaptive --huge --mode sequential
 	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
 		--readahead 64K --mode scattered
