@@ -19,6 +19,12 @@ deps:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq libc6-dev linux-libc-dev; fi; \
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "swift not found: install Swift 6.x (expected at /opt/swift)"; exit 1; }
+	@# The real-Firecracker tests: binutils builds the test guest, python3 + pip drive it and fetch Firecracker.
+	@if ! command -v as >/dev/null || ! command -v ld >/dev/null || ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then \
+		echo "installing binutils python3 python3-pip"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq binutils python3 python3-pip; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq binutils python3 python3-pip; fi; \
+	fi
 
 build: deps
 	$(SWIFT) build $(CONFIG_FLAGS)
@@ -86,8 +92,10 @@ clean:
 .PHONY: firecracker test-firecracker bench-firecracker
 FC_BENCH_RUNS ?= 15
 
-firecracker:
+# Fetch (or verify the cached) Firecracker and build the test guest; prints both paths.
+firecracker: deps
 	Tests/Firecracker/fetch-firecracker.sh
+	python3 Tests/Firecracker/fcrig.py guest --out .build/firecracker-guest
 
 test-firecracker: deps
 	$(SWIFT) build --build-tests $(CONFIG_FLAGS)

@@ -836,7 +836,8 @@ def main():
     b.add_argument("--vm-cpu", type=int, default=0)
     b.add_argument("--serve-cpu", type=int, default=0)
     b.add_argument("--markdown", action="store_true")
-    sub.add_parser("guest", help="build the guest and print its path")
+    g = sub.add_parser("guest", help="build the guest and print its path")
+    g.add_argument("--out", help="directory for guest.elf (default: a temporary one, kept)")
     for p in (e, b):
         p.add_argument("--uffdctl", required=True)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -845,14 +846,19 @@ def main():
     # A watchdog's SIGTERM still runs the cleanup (children killed, huge pages given back).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ctx = Ctx()
+    if args.cmd == "guest":
+        out = args.out or tempfile.mkdtemp(prefix="uffdkit-guest-")
+        os.makedirs(out, exist_ok=True)
+        try:
+            print(build_guest(out))
+        except (Skip, Failure) as e:
+            print(f"fcrig: {e}", file=sys.stderr)
+            return 1
+        return 0
     ctx.work = tempfile.mkdtemp(prefix="uffdkit-fcrig-")
     result, code = {}, 0
     try:
         ctx.guest = build_guest(ctx.work)
-        if args.cmd == "guest":
-            print(ctx.guest)
-            args.keep = True
-            return 0
         need_kvm()
         ctx.fc = firecracker_binary()
         ctx.uffdctl = os.path.abspath(args.uffdctl)
