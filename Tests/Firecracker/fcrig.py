@@ -16,7 +16,9 @@ the 128 MiB region, Serve() starts `uffdctl serve --json` (events("VM gone") are
 restore() loads the snapshot in a new Firecracker and verdict() checks the guest's pass.
 
 Exit codes: 0 passed, 1 failed (the JSON says what), 77 skipped (the JSON's "skip" says why:
-no /dev/kvm, no Firecracker binary, no huge pages, a serve feature missing).
+no /dev/kvm, no Firecracker binary, no binutils, no huge pages).
+
+  fcrig.py guest [--out DIR]                  only build the guest; prints the ELF's path
 """
 import argparse
 import http.client
