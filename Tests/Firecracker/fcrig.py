@@ -511,10 +511,36 @@ class NullCtx:
         pass
 
 
-def case_several(ctx, count=3):
-    """Several VMs restored at once from one server, each reading the same scattered 16 MiB."""
-    npages = 4096
+def case_readahead(ctx):
+    """serve --readahead 64K: pages installed ahead of the faults must hold the right bytes too.
+    The guest reads all 32768 pages of its region in the scattered order, so every page a
+    window brought in is checked when the guest gets to it."""
+    npages = REGION_PAGES
     state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages)
+    srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--readahead", "64K"])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    res = verdict(fc, t0, 180, npages, 1)
+    fc.kill()
+    served = served_cleanly(srv, 1, 1)
+    code = srv.stop()
+    # Windows of 16 pages: far fewer faults than pages, else readahead did not happen.
+    if int(served[0]["faults"]) > npages // 2:
+        raise Failure(f"{served[0]['faults']} faults for {npages} pages: the 64K windows did not install ahead")
+    return {"vms": [res], "served": served, "serve_exit": code}
+
+
+def case_several(ctx, count=3, huge=False):
+    """Several VMs restored at once from one server, each reading the same scattered 16 MiB."""
+    if huge:
+        with HugePages((count + 1) * MEM_MIB // 2):
+            return _several(ctx, count, True)
+    return _several(ctx, count, False)
+
+
+def _several(ctx, count, huge):
+    npages = 4096
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, huge)
     write_mailbox(mem, 1, npages)
     srv = Serve(ctx.uffdctl, ctx.work, mem)
     results, errors = [None] * count, []
@@ -535,9 +561,10 @@ def case_several(ctx, count=3):
     alive = srv.proc.poll() is None
     if errors:
         raise Failure("; ".join(errors) + f"; serve log: {srv.out.text()[-3000:]}")
-    served = served_cleanly(srv, count, npages)
+    served = served_cleanly(srv, count, 8 if huge else npages)
     code = srv.stop()
-    return {"vms": results, "served": served, "serve_alive_after": alive, "serve_exit": code}
+    return {"page_size": "2M" if huge else "4K", "vms": results, "served": served, "serve_alive_after": alive,
+            "serve_exit": code}
 
 
 def case_restart(ctx, how):
@@ -713,6 +740,8 @@ CASES = {
     "basic4k": lambda ctx: case_basic(ctx, False),
     "huge2m": lambda ctx: case_basic(ctx, True),
     "several": case_several,
+    "several2m": lambda ctx: case_several(ctx, 2, True),
+    "readahead": case_readahead,
     "sighup": lambda ctx: case_restart(ctx, "sighup"),
     "kill9": lambda ctx: case_restart(ctx, "kill9"),
     "restartatload": case_restart_at_load,

@@ -161,6 +161,23 @@ final class FirecrackerTests: XCTestCase {
         XCTAssertEqual(flag(o.json, "serve_alive_after"), true, "the server outlives its VMs")
     }
 
+    /// Two 2 MiB (hugetlbfs) guests restored at once from one server.
+    func testServeRestoresSeveral2MiBGuestsAtOnce() throws {
+        let o = try run("several2m", timeout: 300)
+        assertVerified(o, vms: 2, pages: 4096)
+        assertServed(o, vms: 2, faults: 8)
+        XCTAssertEqual(o.json["page_size"] as? String, "2M")
+    }
+
+    /// `serve --readahead 64K`: the guest reads all 128 MiB in scattered order, so every page a
+    /// window installed ahead of a fault is checked; far fewer faults than pages.
+    func testServeReadaheadInstallsCorrectPages() throws {
+        let o = try run("readahead", timeout: 300)
+        assertVerified(o, vms: 1, pages: 32768)
+        assertServed(o, vms: 1, faults: 1)
+        XCTAssertLessThan(number(o.served.first, "faults") ?? .infinity, 16384, "windows installed pages ahead")
+    }
+
     /// `serve --once` serves one restored VM (a scattered 32 MiB) and exits 0 once that VM is gone.
     func testServeOnceExitsCleanlyAfterItsVM() throws {
         let o = try run("once")
