@@ -24,8 +24,8 @@ final class FirecrackerTests: XCTestCase {
         .appendingPathComponent("../Firecracker/fcrig.py").standardized
 
     /// Runs `fcrig.py e2e --case name`; a watchdog kills it (and fails the test) after `timeout`.
-    private func run(_ name: String, timeout: TimeInterval = 240, environment: [String: String] = [:],
-                     file: StaticString = #filePath, line: UInt = #line) throws -> Outcome {
+    /// Exit 77 is a skip with the rig's reason; any other failure throws with the rig's error.
+    private func run(_ name: String, timeout: TimeInterval = 240, environment: [String: String] = [:]) throws -> Outcome {
         let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/bin:/usr/local/bin"
         guard let python = path.split(separator: ":").map({ "\($0)/python3" })
             .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
@@ -56,8 +56,7 @@ final class FirecrackerTests: XCTestCase {
             if p.isRunning { kill(p.processIdentifier, SIGKILL) }
             p.waitUntilExit()
             let stderr = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
-            XCTFail("fcrig \(name) did not finish within \(timeout) s: \(stderr.suffix(2000))", file: file, line: line)
-            throw XCTSkip("watchdog fired (reported as a failure above)")
+            throw RigFailure(description: "fcrig \(name) did not finish within \(timeout) s (watchdog): \(stderr.suffix(2000))")
         }
         p.waitUntilExit()
         try out.close()
@@ -66,9 +65,8 @@ final class FirecrackerTests: XCTestCase {
         let stderr = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
         let last = stdout.split(separator: "\n").last.map(String.init) ?? ""
         guard let json = (try? JSONSerialization.jsonObject(with: Data(last.utf8))) as? [String: Any] else {
-            XCTFail("fcrig \(name) exited \(p.terminationStatus) without a JSON result: \(stdout.suffix(1000)) \(stderr.suffix(2000))",
-                    file: file, line: line)
-            throw XCTSkip("no result (reported as a failure above)")
+            throw RigFailure(description: "fcrig \(name) exited \(p.terminationStatus) without a JSON result: "
+                             + "\(stdout.suffix(1000)) \(stderr.suffix(2000))")
         }
         if p.terminationStatus == 77 {
             throw XCTSkip("Firecracker case \(name) cannot run here: \(json["skip"] as? String ?? "?")")
