@@ -14,8 +14,8 @@ final class BackgroundUffdctl {
         self.dir = dir
         errURL = dir.appendingPathComponent("\(name).err")
         outURL = dir.appendingPathComponent("\(name).out")
-        FileManager.default.createFile(atPath: errURL.path, contents: nil)
-        FileManager.default.createFile(atPath: outURL.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: outURL.path, contents: nil)
         process.executableURL = try uffdctlURL()
         process.arguments = arguments
         process.standardError = try FileHandle(forWritingTo: errURL)
@@ -307,7 +307,7 @@ final class ServeTests: XCTestCase {
 
     func testServeMemoryFileMissingUnreadableOrEmptyExits2() throws {
         let empty = dir.appendingPathComponent("empty").path
-        FileManager.default.createFile(atPath: empty, contents: nil)
+        _ = FileManager.default.createFile(atPath: empty, contents: nil)
         for f in [dir.appendingPathComponent("missing").path, empty, dir.path] {
             let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", f], timeout: 20)
             XCTAssertEqual(r.code, 2, "\(f): \(r.stderr)")
