@@ -52,8 +52,9 @@ bench: release
 bench-serve: release
 	python3 scripts/serve-fault-cost.py 11
 
-# The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas,
-# 48 bounce rounds per memory type and write-protect mode; about 12 minutes on 2 cores).
+# The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas or
+# 64 huge pages, 48 bounce rounds per memory type (5) and write-protect mode; about 15 minutes
+# on 2 cores).
 stress: deps
 	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
 	UFFDKIT_STRESS=long $(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS) --filter ReliabilityTests.StressTests
