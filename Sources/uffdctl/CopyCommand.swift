@@ -38,6 +38,10 @@ struct CopyCommand: ParsableCommand {
             help: ArgumentHelp("Bytes the prefetch installs per batch (one WAKE each; default 256K).", valueName: "size"))
     var prefetchBatch: String?
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     @Option(name: .customLong("fail-pages"),
             help: ArgumentHelp("Testing: the policy throws for these page indexes (comma-separated), to show the fallback and exit 1.",
                                visibility: .hidden))
@@ -90,6 +94,9 @@ struct CopyCommand: ParsableCommand {
             }
         }
 
+        if inThread && (recordWorkingSet != nil || prefetch != nil) {
+            throw CLIError.usage("--in-thread cannot be combined with --record-working-set or --prefetch (they need the handler thread); drop --in-thread")
+        }
         let ws = try WorkingSetSession(record: recordWorkingSet, prefetch: prefetch, batch: prefetchBatch,
                                        source: pageSource, size: size, pageSize: pageSize)
         var served: ServedRange?
@@ -125,6 +132,7 @@ struct CopyCommand: ParsableCommand {
             }
             notes.lines.append(line)
         }
+        if inThread { plan.handling = try inThreadHandling(parsed, size: size, fileFD: fileFD, window: window) }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 }

@@ -29,6 +29,8 @@ struct Uffdctl: ParsableCommand {
             PoisonCommand.self,
             BenchCommand.self,
             WorkingSetCommand.self,
+            ServeCommand.self,
+            HandoffClientCommand.self,
         ]
     )
 

@@ -65,6 +65,7 @@ final class WorkingSetCommandTests: XCTestCase {
         try refused(["copy", "--size", "4M", "--prefetch", "\(dir)/junk.ws"], "not a working-set file")
         try refused(["copy", "--size", "4M", "--prefetch", "\(dir)/p.ws", "--record-working-set", "\(dir)/q.ws"], "cannot be combined")
         try refused(["working-set", "merge", "\(dir)/p.ws", "-o", "\(dir)/o.ws", "--min", "2"], "--min 2")
+        try refused(["copy", "--size", "4M", "--in-thread", "--prefetch", "\(dir)/p.ws"], "--in-thread cannot be combined")
         let other = try runUffdctl(["copy", "--size", "4M", "--source", "zero", "--record-working-set", "\(dir)/z.ws", "--quiet"])
         XCTAssertEqual(other.code, 0, other.stderr)
         try refused(["working-set", "merge", "\(dir)/p.ws", "\(dir)/z.ws", "-o", "\(dir)/o.ws"], "another image")
