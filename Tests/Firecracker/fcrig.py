@@ -675,6 +675,39 @@ def case_once(ctx):
     return {"vms": [res], "served": served, "serve_exit": code}
 
 
+def case_prefetch(ctx):
+    """Issue 12: a restore recorded once (`serve --record-working-set`), then a second restore of
+    the same snapshot served with `--prefetch` of that recording: the guest verifies every page it
+    reads, the filler installed the working set, and (nearly) no fault is left for the handler."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages)
+    ws = os.path.join(ctx.work, "vm.ws")
+    rec = Serve(ctx.uffdctl, ctx.work, mem, name="record", extra=["--once", "--record-working-set", ws])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": rec.sock})
+    first = verdict(fc, t0, 120, npages, 1)
+    fc.kill()
+    if rec.wait_event("working set recorded", 20) is None:
+        raise Failure(f"serve did not record the working set: {rec.out.text()[-2000:]}")
+    recorded = int(rec.events("working set recorded")[0]["pages"])
+    if recorded < npages:
+        raise Failure(f"the recording has {recorded} pages, the guest read {npages}")
+    rec.stop()
+    srv = Serve(ctx.uffdctl, ctx.work, mem, name="prefetch", extra=["--once", "--prefetch", ws])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm1", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    second = verdict(fc, t0, 120, npages, 1)
+    fc.kill()
+    served = served_cleanly(srv, 1, 0)
+    g = srv.events("VM gone")[0]
+    installed = int(g["prefetched_pages"]) + int(g["prefetch_already_present_pages"])
+    if int(g["prefetch_planned_pages"]) != recorded or installed != recorded or int(g["prefetch_skipped_pages"]) != 0:
+        raise Failure(f"the prefetch did not install the recording ({recorded} pages): {g}")
+    if int(g["faults"]) > npages // 2:
+        raise Failure(f"the prefetch left most pages to faults: {g}")
+    return {"vms": [first, second], "served": served, "recorded_pages": recorded,
+            "prefetch": {k: g.get(k) for k in g if k.startswith("prefetch")} | {"faults": g.get("faults")}}
+
+
 def case_vm_killed(ctx):
     """A VM killed in the middle of its restore (faults in flight) must not harm the server or
     the next VM: a second VM restored from the same server afterwards verifies every page."""
@@ -750,6 +783,7 @@ CASES = {
     "corrupt": case_corrupt,
     "once": case_once,
     "vmkilled": case_vm_killed,
+    "prefetch": case_prefetch,
 }
 
 
