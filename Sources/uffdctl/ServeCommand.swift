@@ -85,6 +85,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
 
+    @Option(help: ArgumentHelp("How pages are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies).", valueName: "mmap|pread"))
+    var source: String = "mmap"
+
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
 
@@ -126,6 +129,7 @@ struct ServeCommand: ParsableCommand {
         _ = try cpus()
         _ = try mode()
         _ = try serveOptions()
+        guard source == "mmap" || source == "pread" else { throw .usage("--source '\(source)': use mmap or pread") }
         guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
@@ -210,6 +214,11 @@ struct ServeCommand: ParsableCommand {
         let control = inherited?.controlFD ?? -1
         var config = SnapshotServer.Configuration(memoryFile: memFD, memoryFileLength: memLength)
         config.serve = try serveOptions()
+        if source == "mmap" {
+            do { config.serve.memoryFileMapping = try MemoryFileMapping(fd: memFD, length: memLength) } catch {
+                throw CLIError.failed("--source mmap: \(error)")
+            }
+        }
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once
