@@ -67,6 +67,9 @@ struct ServeCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("spin-polls"), help: ArgumentHelp("Busy-poll: non-blocking reads before each poll() (lower fault latency when the readers have a CPU of their own; 0 sleeps in poll).", valueName: "n"))
+    var spinPolls: UInt32 = 0
+
     @Flag(help: "Log one JSON object per line.")
     var json = false
 
@@ -158,6 +161,7 @@ struct ServeCommand: ParsableCommand {
         var o = ServeOptions()
         o.readers = readers
         o.cpus = try cpus()
+        o.spinPolls = spinPolls
         switch fallback {
         case "poison": o.fallback = .poison
         case "zero": o.fallback = .zeroFill

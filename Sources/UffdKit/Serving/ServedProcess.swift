@@ -107,6 +107,8 @@ public struct ServeOptions: Sendable {
     /// A read-only shared mapping of the whole memory file: UFFDIO_COPY then copies straight
     /// from the page cache (one copy instead of pread's two). nil: pread per fault.
     public var memoryFileMapping: MemoryFileMapping? = nil
+    /// Non-blocking reads before each poll (busy polling: lower wake latency, a busy CPU).
+    public var spinPolls: UInt32 = 0
     /// Called on a reader thread for each fault that could not be served.
     public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
 
@@ -171,6 +173,7 @@ public final class ServedProcess: Sendable {
         ho.readers = Swift.max(1, options.readers)
         ho.cpus = options.cpus
         ho.fallback = options.fallback
+        ho.spinPolls = options.spinPolls
         ho.onFailure = options.onFailure
         ho.forkHandling = .release
         ho.threadName = "serve-\(id)"
