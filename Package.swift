@@ -66,7 +66,7 @@ let package = Package(
         ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd"]
+            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(
