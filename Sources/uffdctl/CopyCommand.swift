@@ -18,8 +18,11 @@ struct CopyCommand: ParsableCommand {
 
     @OptionGroup var session: SessionOptions
 
-    @Option(help: ArgumentHelp("Where pages come from: zero, pattern or file:PATH.", valueName: "source"))
+    @Option(help: ArgumentHelp("Where pages come from: zero, pattern, file:PATH (raw or packed snapshot), http(s)://URL or s3://BUCKET/KEY.",
+                               valueName: "source"))
     var source: String = "pattern"
+
+    @OptionGroup var remote: RemoteSourceOptions
 
     @Option(help: ArgumentHelp("Pages resolved per fault: a size (e.g. 64K, a multiple of the page size) or adaptive.",
                                valueName: "size|adaptive"))
@@ -34,7 +37,11 @@ struct CopyCommand: ParsableCommand {
         try session.validateCommon()
         let memory = session.memory
         let pageSize = memory.pageSize
-        let parsed = try CopySource(parsing: source)
+        var parsed = try CopySource(parsing: source)
+        if case .file(let path) = parsed, (try? PageSources.isPackedFile(path)) == true { parsed = .named(source) }
+        // Remote and packed sources (PageSources.open); raw files keep the pread path below.
+        var named: (any PageSource)?
+        if case .named(let spec) = parsed { named = try remote.open(spec) }
 
         let size: Int
         var fileLength = 0
@@ -45,6 +52,13 @@ struct CopyCommand: ParsableCommand {
             }
             (fileFD, fileLength) = try openInputFile(path)
             size = (fileLength + pageSize - 1) / pageSize * pageSize
+            try session.checkRegionSize(size, pageSize: pageSize)
+        } else if let named {
+            guard session.size == nil else {
+                throw CLIError.usage("--size cannot be combined with --source \(source) (the image's size decides the region)")
+            }
+            guard named.length > 0 else { throw CLIError.usage("--source \(source) is empty: nothing to load") }
+            size = (named.length + pageSize - 1) / pageSize * pageSize
             try session.checkRegionSize(size, pageSize: pageSize)
         } else {
             size = try session.regionSize(pageSize: pageSize)
@@ -73,6 +87,10 @@ struct CopyCommand: ParsableCommand {
                 throw CLIError.usage("--source file:\(path): cannot read the file: \(error.errno)")
             }
             expected = .file(fd: fileFD, length: fileLength)
+        case .named(let spec):
+            pageSource = named!
+            // Verified against a second, independent open (its own cache and fetches).
+            expected = .source(try remote.open(spec))
         }
         let inner = CopyPolicy(region: region, source: pageSource)
         var policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
@@ -106,6 +124,21 @@ struct CopyCommand: ParsableCommand {
             report.extra["file_bytes"] = fileLength
             line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
         }
+        if let chunked = pageSource as? ChunkedSource {
+            let c = chunked.counters
+            report.extra["image_bytes"] = chunked.length
+            report.extra["packed"] = chunked.isPacked
+            report.extra["region_fnv64"] = String(PageSources.fingerprint(
+                UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: region.address), count: chunked.length)), radix: 16)
+            report.extra["chunk_hits"] = c.hits
+            report.extra["chunk_misses"] = c.misses
+            report.extra["chunk_joined"] = c.joined
+            report.extra["requests"] = c.requests
+            report.extra["retries"] = c.retries
+            report.extra["fetched_bytes"] = c.bytes
+            line += " (\(chunked.isPacked ? "packed, " : "")image \(chunked.length) bytes; chunks: \(c.hits) hits, "
+                + "\(c.misses) fetched, \(c.joined) joined; \(c.requests) requests, \(c.retries) retries)"
+        }
         report.lines.append(line)
         try report.emit(json: session.json)
     }
@@ -116,14 +149,20 @@ enum CopySource {
     case zero
     case pattern
     case file(String)
+    /// A URL or a packed snapshot, opened with PageSources.open.
+    case named(String)
 
     init(parsing text: String) throws(CLIError) {
         switch text {
         case "zero": self = .zero
         case "pattern": self = .pattern
         default:
+            if text.hasPrefix("http://") || text.hasPrefix("https://") || text.hasPrefix("s3://") {
+                self = .named(text)
+                return
+            }
             guard text.hasPrefix("file:") else {
-                throw .usage("--source '\(text)': use zero, pattern or file:PATH")
+                throw .usage("--source '\(text)': use zero, pattern or file:PATH (raw or packed), or a URL (http(s)://... or s3://BUCKET/KEY)")
             }
             let path = String(text.dropFirst(5))
             guard !path.isEmpty else { throw .usage("--source file: needs a path (file:PATH)") }

@@ -1,5 +1,11 @@
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Resolves missing faults by copying the page from a ``PageSource`` (UFFDIO_COPY): lazy
 /// loading of a snapshot, a file, or generated contents. Offset 0 of the source is the start
 /// of the served range. Follows remap events of the range.
@@ -13,6 +19,8 @@ public final class CopyPolicy: RangeFillingPolicy {
     public let source: any PageSource
     /// Map the copied pages write-protected (UFFDIO_COPY_MODE_WP), for tracking writes later.
     public let writeProtected: Bool
+    /// The source as a ``ZeroAwarePageSource`` (cast once here, not per fault).
+    private let zeroAware: (any ZeroAwarePageSource)?
 
     /// Serves `[start, start+length)` from `source`.
     public init(start: UInt, length: Int, source: any PageSource, pageSize: Int = basePageSize, writeProtected: Bool = false) {
@@ -21,6 +29,7 @@ public final class CopyPolicy: RangeFillingPolicy {
         self.source = source
         self.pageSize = pageSize
         self.writeProtected = writeProtected
+        self.zeroAware = source as? any ZeroAwarePageSource
     }
 
     /// Serves a whole region from `source`.
@@ -48,6 +57,15 @@ public final class CopyPolicy: RangeFillingPolicy {
     /// Copies `[start, start+length)` from the source's matching offset.
     public func fill(_ page: UInt, length: Int, context: borrowing FaultContext) throws -> Resolution {
         let offset = Int(page &- start.load(ordering: .relaxed))
+        if let zeroAware, zeroAware.isZero(at: offset, count: length) {
+            // Known zeros (a packed snapshot's zero chunks): nothing to read. hugetlb has no
+            // zero page: a COPY of zeros there.
+            if pageSize == basePageSize && !writeProtected { return .zeropage(page, length: length) }
+            if let scratch = context.scratch {
+                memset(scratch, 0, length)
+                return .copy(from: UInt(bitPattern: scratch), to: page, length: length, writeProtected: writeProtected)
+            }
+        }
         let p = try source.bytes(at: offset, count: length, scratch: context.scratch)
         return .copy(from: UInt(bitPattern: p), to: page, length: length, writeProtected: writeProtected)
     }
