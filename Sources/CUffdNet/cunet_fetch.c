@@ -53,6 +53,8 @@ static struct curl_slist *setup_easy(CURL *e, const cunet_object *o, int pin_ver
         curl_easy_setopt(e, CURLOPT_AWS_SIGV4, o->sigv4);
         if (o->userpwd) curl_easy_setopt(e, CURLOPT_USERPWD, o->userpwd);
         if (o->token_header) h = curl_slist_append(h, o->token_header);
+        // S3 requires the payload hash header (curl 7.88 does not add it): the empty body's.
+        h = curl_slist_append(h, "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
     if (pin_version && o->etag[0]) h = curl_slist_append(h, o->if_match);
     if (h) curl_easy_setopt(e, CURLOPT_HTTPHEADER, h);
@@ -127,8 +129,12 @@ static int status_error(long status, const cunet_object *o, const char *what, ch
         return -ENOENT;
     }
     if (status == 403 || status == 401) {
-        cunet_errf(err, errlen, "%s %s: access denied (HTTP %ld): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                   "AWS_SESSION_TOKEN and the region, or the server's permissions", what, o->url, status);
+        if (o->sigv4)
+            cunet_errf(err, errlen, "%s %s: access denied (HTTP %ld): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                       "AWS_SESSION_TOKEN, the region and the bucket policy", what, o->url, status);
+        else
+            cunet_errf(err, errlen, "%s %s: access denied (HTTP %ld): check the server's permissions for this path", what,
+                       o->url, status);
         return -EACCES;
     }
     if (status == 412) {
@@ -412,6 +418,10 @@ static void *fetcher_main(void *arg) {
             completed(f, r, m->data.result);
         }
         if (f->waiting && f->running < f->max_connections) continue;
+        // Retries queued by the completions above wait for their backoff, not a full second.
+        now = now_ms();
+        for (request *r = f->delayed; r; r = r->next)
+            if (r->not_before - now < wait_ms) wait_ms = r->not_before > now ? (long)(r->not_before - now) : 0;
         curl_multi_poll(f->multi, NULL, 0, (int)wait_ms, NULL);
     }
     // Stop: everything still queued or running fails with -ECANCELED (callbacks run once).

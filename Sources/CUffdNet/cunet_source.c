@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <time.h>
 #include <zstd.h>
 
 void cunet_errf(char *err, size_t errlen, const char *fmt, ...);
@@ -44,11 +45,21 @@ struct cunet_source {
     slot *slots;
     int nslots, readahead;
     int32_t *where;              // chunk -> slot, -1 when not cached
+    int64_t *failed_at;          // chunk -> when its last load failed (monotonic ms), 0: never
+    long negative_ms;            // how long a failed chunk fails at once instead of refetching
+    char failure[CUNET_ERR_LEN]; // the last load failure's reason
+    int failure_rc;
     uint64_t tick, last_miss;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     cunet_source_counters counters;
 };
+
+static int64_t mono_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static int pread_all(int fd, void *buf, size_t n, uint64_t at) {
     size_t got = 0;
@@ -131,7 +142,9 @@ int cunet_source_open(const cunet_source_config *c, cunet_source **out, char *er
     if (s->readahead > s->nslots / 2) s->readahead = s->nslots / 2;
     s->slots = calloc((size_t)s->nslots, sizeof *s->slots);
     s->where = malloc((s->chunks ? s->chunks : 1) * sizeof *s->where);
-    if (!s->slots || !s->where) { rc = -ENOMEM; goto fail; }
+    s->failed_at = calloc(s->chunks ? s->chunks : 1, sizeof *s->failed_at);
+    s->negative_ms = c->negative_ms > 0 ? c->negative_ms : 1000;
+    if (!s->slots || !s->where || !s->failed_at) { rc = -ENOMEM; goto fail; }
     for (uint64_t i = 0; i < s->chunks; i++) s->where[i] = -1;
     for (int i = 0; i < s->nslots; i++) s->slots[i].source = s;
     s->last_miss = UINT64_MAX - 1;
@@ -150,7 +163,7 @@ void cunet_source_free(cunet_source *s) {
     if (s->fd >= 0) close(s->fd);
     cunet_object_free(s->object);
     for (int i = 0; s->slots && i < s->nslots; i++) { free(s->slots[i].buf); free(s->slots[i].comp); }
-    free(s->slots); free(s->where); free(s->index);
+    free(s->slots); free(s->where); free(s->index); free(s->failed_at);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     free(s);
@@ -182,9 +195,16 @@ static void load_finished(struct cunet_source *s, slot *sl, int result, const ch
     sl->waiters = NULL;
     if (result == 0) {
         sl->state = SLOT_READY;
+        s->failed_at[sl->chunk] = 0;
     } else {
-        sl->state = SLOT_FREE;          // the next reader tries again
+        // The next reader tries again, but only after negative_ms: until then reads of this
+        // chunk fail at once with this reason (a dead server must not cost every fault the
+        // whole retry budget).
+        sl->state = SLOT_FREE;
         s->where[sl->chunk] = -1;
+        s->failed_at[sl->chunk] = mono_ms();
+        s->failure_rc = result;
+        snprintf(s->failure, sizeof s->failure, "%s", reason ? reason : "");
     }
     pthread_mutex_unlock(&s->lock);
     while (w) {
@@ -303,6 +323,12 @@ static int read_chunk(struct cunet_source *s, uint64_t c, size_t within, size_t 
             pthread_mutex_unlock(&s->lock);
             return 0;
         }
+        if (i < 0 && s->failed_at[c] && mono_ms() - s->failed_at[c] < s->negative_ms) {
+            cunet_errf(err, errlen, "%s", s->failure);
+            int rc = s->failure_rc;
+            pthread_mutex_unlock(&s->lock);
+            return rc;
+        }
         slot *sl = NULL;
         if (i >= 0) {
             sl = &s->slots[i];
@@ -353,6 +379,14 @@ int cunet_source_prefetch(cunet_source *s, uint64_t c, cunet_done_fn done, void 
     if (chunk_is_zero(s, c) || (i >= 0 && s->slots[i].state == SLOT_READY)) {
         pthread_mutex_unlock(&s->lock);
         done(context, 0, "");
+        return 0;
+    }
+    if (i < 0 && s->failed_at[c] && mono_ms() - s->failed_at[c] < s->negative_ms) {
+        char why[CUNET_ERR_LEN];
+        int rc = s->failure_rc;
+        snprintf(why, sizeof why, "%s", s->failure);
+        pthread_mutex_unlock(&s->lock);
+        done(context, rc, why);
         return 0;
     }
     waiter *w = malloc(sizeof *w);

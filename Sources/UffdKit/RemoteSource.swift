@@ -28,6 +28,10 @@ public struct RemoteOptions: Sendable {
     public var retries = 3
     /// Seconds before the first retry, doubled for each further one.
     public var backoff = 0.05
+    /// Seconds a chunk whose fetch failed (after the retries) fails at once, with the same
+    /// reason, before it is fetched again: a dead server costs each fault microseconds, not
+    /// the whole retry budget.
+    public var failedChunkHold = 1.0
 
     /// The defaults.
     public init() {}
@@ -92,6 +96,7 @@ public final class ChunkedSource: PageSource, ZeroAwarePageSource, @unchecked Se
         config.max_connections = Int32(options.maxConnections)
         config.cache_bytes = options.cacheBytes
         config.readahead_chunks = options.readaheadChunks == 0 ? -1 : Int32(options.readaheadChunks)
+        config.negative_ms = max(1, Int(options.failedChunkHold * 1000))
         var out: OpaquePointer?
         let (rc, reason) = withErrorBuffer { cunet_source_open(&config, &out, $0, $1) }
         guard rc == 0, let out else { throw UffdError(.source, rc: rc, detail: reason.isEmpty ? what : reason) }

@@ -129,6 +129,7 @@ typedef struct cunet_source_config {
     size_t cache_bytes;        /* decompressed chunk cache (0: 256 MiB); at least 4 chunks */
     int readahead_chunks;      /* chunks fetched ahead of a sequential miss (<0: 0; default 4 when 0) */
     uint32_t raw_chunk_size;   /* chunk size for a raw remote object (0: 2 MiB) */
+    long negative_ms;          /* a chunk whose load failed fails at once for this long (0: 1000) */
 } cunet_source_config;
 
 int cunet_source_open(const cunet_source_config *config, cunet_source **out, char *err, size_t errlen);
@@ -142,7 +143,9 @@ const cunet_pack_entry *cunet_source_index(const cunet_source *source);
 /* The ETag pinned at open ("" for a local file or a server that sent none). */
 const char *cunet_source_etag(const cunet_source *source);
 /* Copies [offset, offset+length) into dst (zeros past the end). Thread-safe; readers of a chunk
- * being fetched wait for that one fetch. */
+ * being fetched wait for that one fetch (bounded: the fetch's retries and timeouts). A chunk
+ * whose load failed fails at once, with the same reason, for negative_ms; then it is fetched
+ * again. */
 int cunet_source_read(cunet_source *source, uint64_t offset, size_t length, void *dst, char *err, size_t errlen);
 /* 1 when every byte of [offset, offset+length) is in chunks the packed index marks as zero
  * (or past the end), 0 otherwise. Never blocks. */
