@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <time.h>
@@ -59,6 +60,20 @@ static int64_t mono_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+// A chunk buffer: 2 MiB-aligned and THP-backed where possible, so filling a fresh slot costs
+// one huge-page fault instead of 512 base-page faults.
+static char *chunk_alloc(size_t size) {
+    size_t align = (size_t)2 << 20;
+    void *m = mmap(NULL, size + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return NULL;
+    uintptr_t start = ((uintptr_t)m + align - 1) & ~(uintptr_t)(align - 1);
+    if (start > (uintptr_t)m) munmap(m, start - (uintptr_t)m);
+    uintptr_t end = (uintptr_t)m + size + align;
+    if (end > start + size) munmap((void *)(start + size), end - start - size);
+    madvise((void *)start, size, MADV_HUGEPAGE);
+    return (char *)start;
 }
 
 static int pread_all(int fd, void *buf, size_t n, uint64_t at) {
@@ -162,7 +177,10 @@ void cunet_source_free(cunet_source *s) {
     cunet_fetcher_free(s->fetcher);   // in-flight loads complete (-ECANCELED) before the slots go
     if (s->fd >= 0) close(s->fd);
     cunet_object_free(s->object);
-    for (int i = 0; s->slots && i < s->nslots; i++) { free(s->slots[i].buf); free(s->slots[i].comp); }
+    for (int i = 0; s->slots && i < s->nslots; i++) {
+        if (s->slots[i].buf) munmap(s->slots[i].buf, s->chunk_size);
+        free(s->slots[i].comp);
+    }
     free(s->slots); free(s->where); free(s->index); free(s->failed_at);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
@@ -237,7 +255,7 @@ static void fetched(void *ctx, int result, const char *reason) {
 static void start_load(struct cunet_source *s, slot *sl) {
     uint64_t c = sl->chunk;
     char why[CUNET_ERR_LEN];
-    if (!sl->buf) sl->buf = malloc(s->chunk_size);
+    if (!sl->buf) sl->buf = chunk_alloc(s->chunk_size);
     if (s->packed && !sl->comp) sl->comp = malloc(s->comp_bound);
     if (!sl->buf || (s->packed && !sl->comp)) { load_finished(s, sl, -ENOMEM, "out of memory for a chunk"); return; }
     if (s->fd >= 0) {
@@ -282,9 +300,11 @@ static slot *claim(struct cunet_source *s, uint64_t c) {
     return sl;
 }
 
-// Sequential misses fetch the next chunks too (lock held).
+// A reader moving on to the next chunk keeps the next `readahead` chunks loading, so a
+// sequential restore never waits for a fetch it could have started earlier (lock held).
 static void read_ahead(struct cunet_source *s, uint64_t c) {
-    int sequential = c == s->last_miss + 1 || c == s->last_miss;
+    if (c == s->last_miss) return;
+    int sequential = c == s->last_miss + 1;
     s->last_miss = c;
     if (!sequential || !s->object) return;
     for (int k = 1; k <= s->readahead && c + k < s->chunks; k++) {
@@ -313,6 +333,7 @@ static int read_chunk(struct cunet_source *s, uint64_t c, size_t within, size_t 
         int32_t i = s->where[c];
         if (i >= 0 && s->slots[i].state == SLOT_READY) {
             slot *sl = &s->slots[i];
+            if (!missed) read_ahead(s, c);
             sl->refs++;
             sl->tick = ++s->tick;
             if (!missed) s->counters.hits++;
@@ -332,7 +353,7 @@ static int read_chunk(struct cunet_source *s, uint64_t c, size_t within, size_t 
         slot *sl = NULL;
         if (i >= 0) {
             sl = &s->slots[i];
-            if (!missed) s->counters.joined++;
+            if (!missed) { s->counters.joined++; read_ahead(s, c); }
         } else {
             sl = claim(s, c);
             if (!sl) { pthread_cond_wait(&s->cond, &s->lock); continue; }  // every slot busy: a load or reader ends soon
