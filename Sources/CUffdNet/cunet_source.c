@@ -212,6 +212,8 @@ static void load_finished(struct cunet_source *s, slot *sl, int result, const ch
     waiter *w = sl->waiters;
     sl->waiters = NULL;
     if (result == 0) {
+        size_t valid = chunk_bytes(s, sl->chunk);
+        if (valid < s->chunk_size) memset(sl->buf + valid, 0, s->chunk_size - valid);
         sl->state = SLOT_READY;
         s->failed_at[sl->chunk] = 0;
     } else {
@@ -333,9 +335,9 @@ static int read_chunk(struct cunet_source *s, uint64_t c, size_t within, size_t 
         int32_t i = s->where[c];
         if (i >= 0 && s->slots[i].state == SLOT_READY) {
             slot *sl = &s->slots[i];
-            if (!missed) read_ahead(s, c);
-            sl->refs++;
+            sl->refs++;                  // before read_ahead: it may evict, never this slot
             sl->tick = ++s->tick;
+            if (!missed) read_ahead(s, c);
             if (!missed) s->counters.hits++;
             pthread_mutex_unlock(&s->lock);
             memcpy(dst, sl->buf + within, n);
@@ -427,4 +429,22 @@ void cunet_source_get_counters(cunet_source *s, cunet_source_counters *out) {
     *out = s->counters;
     pthread_mutex_unlock(&s->lock);
     if (s->fetcher) cunet_fetcher_counters(s->fetcher, &out->requests, &out->retries, &out->bytes);
+}
+
+int cunet_source_acquire(cunet_source *s, uint64_t c, const void **bytes) {
+    pthread_mutex_lock(&s->lock);
+    int32_t i = c < s->chunks ? s->where[c] : -1;
+    if (i < 0 || s->slots[i].state != SLOT_READY) { pthread_mutex_unlock(&s->lock); return -EAGAIN; }
+    s->slots[i].refs++;
+    s->slots[i].tick = ++s->tick;
+    *bytes = s->slots[i].buf;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+void cunet_source_release(cunet_source *s, uint64_t c) {
+    pthread_mutex_lock(&s->lock);
+    int32_t i = s->where[c];
+    if (i >= 0 && --s->slots[i].refs == 0) pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
 }

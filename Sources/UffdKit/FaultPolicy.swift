@@ -1,4 +1,5 @@
 import CUffd
+import SystemPackage
 
 /// What the fault loop does for one fault: an operation on a page-aligned range.
 ///
@@ -25,6 +26,9 @@ public struct Resolution: Sendable, Hashable {
         case poison
         /// The policy could not resolve: the handler's fallback applies.
         case fail
+        /// Not yet: the policy claimed the range with ``FaultContext/deferFill(_:length:pageSize:)``
+        /// and its bytes are on their way (`CUFFD_OP_DEFER`).
+        case deferred
 
         /// The operation's name.
         public var description: String {
@@ -38,6 +42,7 @@ public struct Resolution: Sendable, Hashable {
             case .wake: "wake"
             case .poison: "poison"
             case .fail: "fail"
+            case .deferred: "deferred"
             }
         }
     }
@@ -111,6 +116,9 @@ public struct Resolution: Sendable, Hashable {
 
     /// Let the handler's fallback resolve the fault.
     public static let fail = Resolution(.fail)
+
+    /// Not yet: the fault waits for the fetch claimed by ``FaultContext/deferFill(_:length:pageSize:)``.
+    public static let deferred = Resolution(.deferred)
 }
 
 /// What a policy sees besides the fault: the reader thread it runs on and its scratch memory.
@@ -131,6 +139,11 @@ public struct FaultContext: @unchecked Sendable {
     @usableFromInline let scratchBase: UnsafeMutableRawPointer?
     /// Bytes of scratch per batch slot (the largest ``FaultPolicy/scratchBytes`` asked for).
     public let scratchSlotSize: Int
+    /// The handler run's table of deferred fetches (nil outside a handler). Unowned: the
+    /// reader that made this context keeps the table alive while it decides.
+    unowned(unsafe) var deferredTable: DeferredTable? = nil
+    /// The message being decided (set per fault by the reader; what ``deferFill(_:length:pageSize:)`` claims for).
+    var message: UnsafePointer<uffd_msg>? = nil
 
     /// Scratch memory private to this fault: valid until the batch's resolutions were performed.
     /// Its size is ``scratchSlotSize`` (the policy's ``FaultPolicy/scratchBytes``), page-aligned.
@@ -177,6 +190,19 @@ public protocol FaultPolicy: Sendable {
 
     /// Scratch bytes needed per fault (e.g. the largest range read from a file). Default 0.
     var scratchBytes: Int { get }
+
+    /// Learns that the resolution this policy returned for `fault` did not happen: its ioctl
+    /// failed with `errno` (or the policy threw; `resolution` is then ``Resolution/fail``) and
+    /// the handler's fallback took over. Called on the reader thread after the batch, before
+    /// that reader decides another fault; not on the fast path (only failures are reported).
+    /// A policy that marks state when it decides (a granule "moving") must undo it here, so a
+    /// failure never blocks the page for good. Default: nothing.
+    func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext)
+
+    /// The policy serving a forked child's faults (``FaultHandler/ForkHandling/serveWithSamePolicy``):
+    /// the child is another address space, so a policy with per-address-space state (which pages
+    /// were served, where the range was remapped) returns a policy of its own for it. Default: `self`.
+    func forkedChild() -> any FaultPolicy
 }
 
 extension FaultPolicy {
@@ -184,4 +210,8 @@ extension FaultPolicy {
     public func handle(event: Event, context: borrowing FaultContext) {}
     /// No scratch memory.
     public var scratchBytes: Int { 0 }
+    /// Nothing to undo.
+    public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {}
+    /// The same policy.
+    public func forkedChild() -> any FaultPolicy { self }
 }

@@ -162,3 +162,50 @@ public struct PatternSource: PageSource {
         return UnsafeRawPointer(scratch)
     }
 }
+
+/// An image of zeros: what a page reads before anything is written to it. The bytes come from
+/// one process-wide, read-only mapping of zeros as large as a huge page (shared by every
+/// ZeroSource, mapped once, populated with the kernel's zero page so it costs no memory), so
+/// a COPY of zeros reads no scratch: the way to zero-fill hugetlb memory, which has no
+/// UFFDIO_ZEROPAGE. Larger reads are zeroed in scratch.
+public struct ZeroSource: PageSource, @unchecked Sendable {
+    /// The image size.
+    public let length: Int
+    /// The shared zeros (nil when they could not be mapped: scratch is then zeroed).
+    public let zeros: UnsafeRawPointer?
+    /// Bytes at ``zeros``.
+    public let zerosLength: Int
+
+    /// Bytes of the shared zero mapping (the largest `count` served without scratch).
+    public static var sharedLength: Int { ZeroSource.shared.length }
+
+    /// An image of `length` zero bytes.
+    public init(length: Int) {
+        self.length = length
+        let shared = ZeroSource.shared
+        self.zeros = shared.pointer
+        self.zerosLength = shared.length
+    }
+
+    /// The shared zeros when `count` fits, else `scratch` zero-filled.
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        if let zeros, count <= zerosLength { return zeros }
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "ZeroSource needs scratch memory for \(count) bytes") }
+        memset(scratch, 0, count)
+        return UnsafeRawPointer(scratch)
+    }
+
+    private struct Shared: @unchecked Sendable {
+        let pointer: UnsafeRawPointer?
+        let length: Int
+    }
+
+    /// Read-only private anonymous memory never written reads as zeros; MAP_POPULATE maps the
+    /// zero page up front so a COPY from it takes no read faults. Kept for the process's life.
+    private static let shared: Shared = {
+        let len = Swift.max(hugePageSize ?? 0, 2 << 20)
+        let m = mmap(nil, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE, -1, 0)
+        guard let m, m != MAP_FAILED else { return Shared(pointer: nil, length: 0) }
+        return Shared(pointer: UnsafeRawPointer(m), length: len)
+    }()
+}

@@ -67,10 +67,6 @@ struct CopyCommand: ParsableCommand {
         try session.checkHugePages(size)
         let window = try readaheadWindow(readahead, pageSize: pageSize)
 
-        let region = try SessionSteps.map(memory, length: size)
-        let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
-        try SessionSteps.register(uffd, region, modes: .missing, needed: .copy, memory: memory)
-
         let pageSource: any PageSource
         let expected: ExpectedContent
         switch parsed {
@@ -92,55 +88,50 @@ struct CopyCommand: ParsableCommand {
             // Verified against a second, independent open (its own cache and fetches).
             expected = .source(try remote.open(spec))
         }
-        let inner = CopyPolicy(region: region, source: pageSource)
-        var policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
-        if let failPages {
-            let pages = try failPages.split(separator: ",").map { t throws(CLIError) -> Int in
+        let failing = try failPages.map { list throws(CLIError) in
+            try list.split(separator: ",").map { t throws(CLIError) -> Int in
                 guard let n = Int(t), n >= 0, n < size / pageSize else { throw .usage("--fail-pages: bad page index '\(t)'") }
                 return n
             }
-            policy = FailingPolicy(failing: Set(pages.map { region.address + UInt($0 * pageSize) }), pageSize: pageSize, otherwise: policy)
         }
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
-        defer { handler.stop() }
 
-        let actions = uniformActions(pages: size / basePageSize, write: session.write)
-        let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions, pin: session.pin)
-        let outcome = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "copy"))
-        let verification = try verifyRegion(base: region.address, length: size, expected: expected, actions: actions)
-        handler.stop()
-
-        var report = SessionReport(operation: "copy", memory: memory, size: size, pageSize: pageSize,
-                                   threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
-                                   verification: verification, expectedName: expected.name)
-        report.firstFailure = handler.failures().first?.description
-        report.extra["source"] = source
-        report.extra["readahead"] = readaheadName(window, pageSize: pageSize)
-        var line = "source       \(source), readahead \(readaheadName(window, pageSize: pageSize))"
-        if case .file = parsed {
-            report.extra["file_bytes"] = fileLength
-            line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+        var plan = SessionPlan("copy", options: session, memory: memory, size: size, handling: .handler(
+            features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: .copy,
+            policy: { s in
+                let inner = CopyPolicy(region: s.region, source: pageSource)
+                let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+                guard let failing else { return policy }
+                return FailingPolicy(failing: Set(failing.map { s.region.address + UInt($0 * pageSize) }),
+                                     pageSize: pageSize, otherwise: policy)
+            }), expected: expected)
+        let source = self.source
+        plan.finish = { ctx, notes in
+            let ra = readaheadName(window, pageSize: pageSize)
+            notes.details["source"] = .string(source)
+            notes.details["readahead"] = .string(ra)
+            var line = "source       \(source), readahead \(ra)"
+            if case .file = parsed {
+                notes.details["file_bytes"] = .int(fileLength)
+                line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+            }
+            if let chunked = pageSource as? ChunkedSource {
+                let c = chunked.counters
+                notes.details["image_bytes"] = .int(chunked.length)
+                notes.details["packed"] = .bool(chunked.isPacked)
+                notes.details["region_fnv64"] = .string(String(PageSources.fingerprint(
+                    UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: ctx.region.address), count: chunked.length)), radix: 16))
+                notes.details["chunk_hits"] = .int(Int(c.hits))
+                notes.details["chunk_misses"] = .int(Int(c.misses))
+                notes.details["chunk_joined"] = .int(Int(c.joined))
+                notes.details["requests"] = .int(Int(c.requests))
+                notes.details["retries"] = .int(Int(c.retries))
+                notes.details["fetched_bytes"] = .int(Int(c.bytes))
+                line += " (\(chunked.isPacked ? "packed, " : "")image \(chunked.length) bytes; chunks: \(c.hits) hits, "
+                    + "\(c.misses) fetched, \(c.joined) joined; \(c.requests) requests, \(c.retries) retries)"
+            }
+            notes.lines.append(line)
         }
-        if let chunked = pageSource as? ChunkedSource {
-            let c = chunked.counters
-            report.extra["image_bytes"] = chunked.length
-            report.extra["packed"] = chunked.isPacked
-            report.extra["region_fnv64"] = String(PageSources.fingerprint(
-                UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: region.address), count: chunked.length)), radix: 16)
-            report.extra["chunk_hits"] = c.hits
-            report.extra["chunk_misses"] = c.misses
-            report.extra["chunk_joined"] = c.joined
-            report.extra["requests"] = c.requests
-            report.extra["retries"] = c.retries
-            report.extra["fetched_bytes"] = c.bytes
-            line += " (\(chunked.isPacked ? "packed, " : "")image \(chunked.length) bytes; chunks: \(c.hits) hits, "
-                + "\(c.misses) fetched, \(c.joined) joined; \(c.requests) requests, \(c.retries) retries)"
-        }
-        report.lines.append(line)
-        try report.emit(json: session.json)
+        try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 }
 
@@ -216,17 +207,6 @@ func readaheadName(_ w: ReadaheadPolicy<CopyPolicy>.Window?, pageSize: Int) -> S
     case nil: "none"
     case .fixed(let n): formatBytes(n * pageSize)
     case .adaptive(let lo, let hi): "adaptive (\(formatBytes(lo * pageSize))...\(formatBytes(hi * pageSize)))"
-    }
-}
-
-/// Zeros of any length (UFFDIO_COPY of zero pages, for comparison with ZEROPAGE).
-final class ZeroSource: PageSource {
-    let length: Int
-    init(length: Int) { self.length = length }
-    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
-        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "ZeroSource needs scratch memory") }
-        memset(scratch, 0, count)
-        return UnsafeRawPointer(scratch)
     }
 }
 

@@ -92,7 +92,7 @@ struct SnapshotCommand: ParsableCommand {
             catch { throw error.errno == .invalidArgument ? CLIError.usage("snapshot pack: \(error.detail)") : CLIError.failed("snapshot pack: \(error.detail)") }
             let seconds = Date().timeIntervalSince(start)
             if json {
-                printJSON(["raw_bytes": s.rawLength, "packed_bytes": s.packedLength, "chunks": s.chunks,
+                printJSONObject(["raw_bytes": s.rawLength, "packed_bytes": s.packedLength, "chunks": s.chunks,
                            "zero_chunks": s.zeroChunks, "stored_bytes": s.storedBytes, "ratio": s.ratio, "seconds": seconds])
             } else {
                 print("packed       \(memfile) -> \(out)")
@@ -134,7 +134,7 @@ struct SnapshotCommand: ParsableCommand {
             do { i = try PackedSnapshot.info(packed, options: o) }
             catch { throw sourceError(packed, error) }
             if json {
-                printJSON(["location": i.location, "chunk_size": i.chunkSize, "raw_bytes": i.rawLength, "chunks": i.chunks,
+                printJSONObject(["location": i.location, "chunk_size": i.chunkSize, "raw_bytes": i.rawLength, "chunks": i.chunks,
                            "stored_chunks": i.storedChunks, "zero_chunks": i.zeroChunks, "stored_bytes": i.storedBytes,
                            "packed_bytes": i.packedLength, "largest_frame": i.largestFrame, "ratio": i.ratio, "etag": i.etag])
             } else {
@@ -146,4 +146,10 @@ struct SnapshotCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// Prints one JSON object on stdout, keys sorted.
+private func printJSONObject(_ object: [String: Any]) {
+    let data = (try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])) ?? Data("{}".utf8)
+    print(String(decoding: data, as: UTF8.self))
 }

@@ -100,4 +100,60 @@ final class MoveTests: XCTestCase {
             report("shared donor racing fork: moved=\(pages - zeros) ebusy=\(f.count)")
         }
     }
+
+    /// Issue 9, bug 2: with `.serveWithSamePolicy` the child's handler used to share the
+    /// parent's MovePolicy. A move in the child (no donor there: MADV_DONTFORK) failed and left
+    /// the granule "moving", so the parent's later fault on it was woken forever; and a granule
+    /// the parent moved after the fork was "moved" for the child too, which was then woken
+    /// forever. Decided: the child's faults on the range get the child handler's fallback
+    /// (zeros here), and never change the parent's granules.
+    func testForkedChildNeverBlocksAGranuleForTheParentOrItself() throws {
+        try isolated {
+            try requireFeatures([.move, .eventFork])
+            let ps = basePageSize, n = 8, len = n * ps
+            let r = try MappedRegion(.anonymous(), length: len)
+            let donor = try MappedRegion.donor(length: len)
+            fillDonor(donor, n)
+            let policy = try MovePolicy(region: r, donor: donor)
+            var o = options(.zeroFill)
+            o.forkHandling = .serveWithSamePolicy
+            let (_, h) = try startHandler(r, features: [.move, .eventFork], options: o) { _ in policy }
+            defer { h.stop() }
+            var fds: [Int32] = [-1, -1]
+            XCTAssertEqual(pipe(&fds), 0)
+            let base = r.address
+            let pid = fork()
+            if pid == 0 {
+                // Child: wait until the parent moved page 5, then touch page 2 (never moved)
+                // and page 5 (moved in the parent only). Exit 0 when both read zeros.
+                var b: UInt8 = 0
+                _ = read(fds[0], &b, 1)
+                let a = UnsafePointer<UInt64>(bitPattern: base + UInt(2 * ps))!.pointee
+                let c = UnsafePointer<UInt64>(bitPattern: base + UInt(5 * ps))!.pointee
+                _exit(a == 0 && c == 0 ? 0 : 1)
+            }
+            XCTAssertGreaterThan(pid, 0)
+            close(fds[0])
+            let moved = readPages(base, [5], pageSize: ps)
+            assertPages(moved, [5]) { .value(patternWord($0)) }
+            var one: UInt8 = 1
+            _ = write(fds[1], &one, 1)
+            close(fds[1])
+            var status: Int32 = 0
+            var waited = 0
+            while waitpid(pid, &status, WNOHANG) == 0 && waited < 10_000 { usleep(1000); waited += 1 }
+            if waited >= 10_000 {
+                kill(pid, SIGKILL)
+                _ = waitpid(pid, &status, 0)
+                XCTFail("the child was still faulting after 10 s (woken forever)")
+            } else {
+                XCTAssertEqual(status, 0, "the child did not read zeros from its fallback (status \(status))")
+            }
+            // The parent's granule 2 is not blocked by the child's failed fault.
+            let got = readPages(base, Array(0..<n), pageSize: ps, timeout: 10)
+            assertPages(got, Array(0..<n)) { .value(patternWord($0)) }
+            XCTAssertEqual(policy.movedGranules, n)
+            report("child status=\(status) failures=\(h.failures().count)")
+        }
+    }
 }

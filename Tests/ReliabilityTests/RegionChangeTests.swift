@@ -168,7 +168,7 @@ final class RegionChangeTests: XCTestCase {
             var finished = 0
             for _ in 0..<4 where waitFor(done, 20) { finished += 1 }
             XCTAssertEqual(finished, 4, "a thread is blocked after the mremap")
-            XCTAssertEqual(copy.rangeStart, target, "the policy did not follow the remap")
+            XCTAssertEqual(copy.range.start, target, "the policy did not follow the remap")
             // Everything not yet populated faults at the new address and gets the right page.
             let after = readPages(target, Array(0..<pages), pageSize: ps, threads: 2)
             h.stop()

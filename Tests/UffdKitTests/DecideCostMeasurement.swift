@@ -1,5 +1,6 @@
 import CUffd
 import Foundation
+import Synchronization
 import XCTest
 @testable import UffdKit
 
@@ -9,7 +10,7 @@ import XCTest
 final class DecideCostMeasurement: XCTestCase {
     func measure(_ name: String, _ policy: any FaultPolicy, base: UInt) -> (Double, Double) {
         let sink = HandlerSink(options: .init())
-        let r = Reader(index: 0, fd: -1, stopFD: -1, features: [], userModeOnly: true, policy: policy, batch: 64,
+        let r = Reader(index: 0, files: nil, ready: nil, deferred: nil, features: [], userModeOnly: true, policy: policy, batch: 64,
                        slot: (policy.scratchBytes + 4095) / 4096 * 4096, cpu: nil, options: .init(), sink: sink)!
         let n = 64
         var msgs = [uffd_msg](repeating: uffd_msg(), count: n)
@@ -54,8 +55,35 @@ final class DecideCostMeasurement: XCTestCase {
         _ = measure("CopyPolicy(MemorySource)", CopyPolicy(start: base, length: 1 << 20, source: mem), base: base)
         _ = measure("Readahead(adaptive, Copy)", ReadaheadPolicy(CopyPolicy(start: base, length: 1 << 20, source: mem),
                                                                 window: .adaptive(minPages: 1, maxPages: 16)), base: base)
+        // The served-range lookup against the single-start check the policies used before
+        // ServedRange (same run, same batch): the ratio is what the bookkeeping costs.
+        let (plain, _) = measure("baseline: single-start copy", SingleStartCopy(start: base, length: 1 << 20, source: mem), base: base)
+        let (ranged, _) = measure("CopyPolicy(MemorySource) again", CopyPolicy(start: base, length: 1 << 20, source: mem), base: base)
+        print(String(format: "CopyPolicy / single-start copy: %.2fx", ranged / plain))
+        let donor = try MappedRegion.donor(length: 1 << 20)
+        _ = measure("MovePolicy", try MovePolicy(start: base, length: 1 << 20, donor: donor), base: base)
         let router = try RouterPolicy([.init(start: base, length: 1 << 20, policy: ZeroFillPolicy(start: base, length: 1 << 20)),
                                        .init(start: base + (2 << 20), length: 1 << 20, policy: ZeroFillPolicy(start: base, length: len))])
         _ = measure("Router(2 routes, ZeroFill)", router, base: base)
+    }
+}
+
+/// The copy policy as it was before ``ServedRange``: one atomic start, one compare.
+final class SingleStartCopy: FaultPolicy {
+    let start: Atomic<UInt>
+    let length: Int
+    let source: any PageSource
+    init(start: UInt, length: Int, source: any PageSource) {
+        self.start = Atomic(start)
+        self.length = length
+        self.source = source
+    }
+    var scratchBytes: Int { basePageSize }
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        let base = start.load(ordering: .relaxed)
+        guard fault.address >= base, fault.address - base < UInt(length) else { throw UffdError(.argument, .badAddress) }
+        let page = fault.address & ~UInt(basePageSize - 1)
+        let p = try source.bytes(at: Int(page - base), count: basePageSize, scratch: context.scratch)
+        return .copy(from: UInt(bitPattern: p), to: page, length: basePageSize)
     }
 }

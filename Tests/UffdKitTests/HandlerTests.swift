@@ -1,4 +1,5 @@
 import CUffd
+import CUffdTestSupport
 import Foundation
 import Synchronization
 import SystemPackage
@@ -241,7 +242,7 @@ final class HandlerTests: XCTestCase {
         u.close()
         XCTAssertTrue(ok)
         XCTAssertEqual(rc.value, 0)
-        XCTAssertEqual(policy.rangeStart, tgt)
+        XCTAssertEqual(policy.range.start, tgt)
         verifyPattern(target, len, seed: 47)
         let st = h.stats()
         XCTAssertEqual(st.resolutions[.move], UInt64(len / ps), "\(st)")

@@ -153,6 +153,10 @@ int cunet_source_is_zero(const cunet_source *source, uint64_t offset, size_t len
 /* Deferred use: calls done once chunk `chunk` is in the cache (at once, on this thread, when it
  * is; else on the fetcher thread, joining a fetch already in flight). Returns 0 or -errno. */
 int cunet_source_prefetch(cunet_source *source, uint64_t chunk, cunet_done_fn done, void *context);
+/* Pins cached chunk `chunk` (it cannot be evicted until cunet_source_release) and points
+ * *bytes at its chunk_size bytes (zeros past the image). -EAGAIN when it is not cached. */
+int cunet_source_acquire(cunet_source *source, uint64_t chunk, const void **bytes);
+void cunet_source_release(cunet_source *source, uint64_t chunk);
 /* Cache hits, misses, waits on an in-flight fetch, evictions, fetch requests, retries, bytes. */
 typedef struct cunet_source_counters {
     uint64_t hits, misses, joined, evictions, requests, retries, bytes;

@@ -1,5 +1,3 @@
-import Synchronization
-
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -8,11 +6,10 @@ import Musl
 
 /// Resolves missing faults by copying the page from a ``PageSource`` (UFFDIO_COPY): lazy
 /// loading of a snapshot, a file, or generated contents. Offset 0 of the source is the start
-/// of the served range. Follows remap events of the range.
+/// of the served range. Follows remap events of all or part of the range (``ServedRange``).
 public final class CopyPolicy: RangeFillingPolicy {
-    private let start: Atomic<UInt>
-    /// The length of the memory served.
-    public let rangeLength: Int
+    /// The memory served (follows remaps).
+    public let range: ServedRange
     /// The page size of the memory served (the unit of one resolution).
     public let pageSize: Int
     /// Where the bytes come from.
@@ -22,56 +19,67 @@ public final class CopyPolicy: RangeFillingPolicy {
     /// The source as a ``ZeroAwarePageSource`` (cast once here, not per fault).
     private let zeroAware: (any ZeroAwarePageSource)?
 
-    /// Serves `[start, start+length)` from `source`.
-    public init(start: UInt, length: Int, source: any PageSource, pageSize: Int = basePageSize, writeProtected: Bool = false) {
-        self.start = Atomic(start)
-        self.rangeLength = length
+    /// Serves `range` from `source`.
+    public init(range: ServedRange, source: any PageSource, writeProtected: Bool = false) {
+        self.range = range
         self.source = source
-        self.pageSize = pageSize
+        self.pageSize = range.pageSize
         self.writeProtected = writeProtected
         self.zeroAware = source as? any ZeroAwarePageSource
     }
 
-    /// Serves a whole region from `source`.
-    public convenience init(region: MappedRegion, source: any PageSource, writeProtected: Bool = false) {
-        self.init(start: region.address, length: region.length, source: source, pageSize: region.pageSize,
+    /// Serves `[start, start+length)` from `source`.
+    public convenience init(start: UInt, length: Int, source: any PageSource, pageSize: Int = basePageSize, writeProtected: Bool = false) {
+        self.init(range: ServedRange(start: start, length: length, pageSize: pageSize), source: source,
                   writeProtected: writeProtected)
     }
 
-    /// The start of the memory served (follows remaps).
-    public var rangeStart: UInt { start.load(ordering: .relaxed) }
+    /// Serves a whole region from `source`.
+    public convenience init(region: MappedRegion, source: any PageSource, writeProtected: Bool = false) {
+        self.init(range: ServedRange(region: region), source: source, writeProtected: writeProtected)
+    }
 
     /// One page per fault (see ``ReadaheadPolicy`` for more).
     public var scratchBytes: Int { pageSize }
 
     /// Copies the faulting page from the source.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        let base = start.load(ordering: .relaxed)
-        guard fault.address >= base, fault.address - base < UInt(rangeLength) else {
-            throw outsideRange(fault, base, rangeLength)
-        }
-        if fault.kind == .writeProtect { return .unprotect(fault.address & ~UInt(pageSize - 1), length: pageSize) }
-        return try fill(fault.address & ~UInt(pageSize - 1), length: pageSize, context: context)
+        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        let page = fault.address & ~UInt(pageSize - 1)
+        if fault.kind == .writeProtect { return .unprotect(page, length: pageSize) }
+        let offset = at.offset - Int(fault.address - page)
+        if let zero = zeroResolution(page, offset: offset, length: pageSize, context: context) { return zero }
+        let p = try source.bytes(at: offset, count: pageSize, scratch: context.scratch)
+        return .copy(from: UInt(bitPattern: p), to: page, length: pageSize, writeProtected: writeProtected)
+    }
+
+    /// For a source that knows `[offset, offset+length)` is all zeros (a packed snapshot's zero
+    /// chunks): ZEROPAGE, or a COPY of zeros where there is no zero page (hugetlb) or the copy
+    /// must be write-protected. nil: read the bytes.
+    @inline(__always)
+    private func zeroResolution(_ page: UInt, offset: Int, length: Int, context: borrowing FaultContext) -> Resolution? {
+        guard let zeroAware, zeroAware.isZero(at: offset, count: length) else { return nil }
+        if pageSize == basePageSize && !writeProtected { return .zeropage(page, length: length) }
+        guard let scratch = context.scratch else { return nil }
+        memset(scratch, 0, length)
+        return .copy(from: UInt(bitPattern: scratch), to: page, length: length, writeProtected: writeProtected)
     }
 
     /// Copies `[start, start+length)` from the source's matching offset.
     public func fill(_ page: UInt, length: Int, context: borrowing FaultContext) throws -> Resolution {
-        let offset = Int(page &- start.load(ordering: .relaxed))
-        if let zeroAware, zeroAware.isZero(at: offset, count: length) {
-            // Known zeros (a packed snapshot's zero chunks): nothing to read. hugetlb has no
-            // zero page: a COPY of zeros there.
-            if pageSize == basePageSize && !writeProtected { return .zeropage(page, length: length) }
-            if let scratch = context.scratch {
-                memset(scratch, 0, length)
-                return .copy(from: UInt(bitPattern: scratch), to: page, length: length, writeProtected: writeProtected)
-            }
+        guard let offset = range.offset(of: page) else {
+            throw UffdError(.argument, .badAddress, detail: "fill at \(hex(page)) outside the policy's range \(range)")
         }
+        if let zero = zeroResolution(page, offset: offset, length: length, context: context) { return zero }
         let p = try source.bytes(at: offset, count: length, scratch: context.scratch)
         return .copy(from: UInt(bitPattern: p), to: page, length: length, writeProtected: writeProtected)
     }
 
-    /// Follows a remap of the served range.
-    public func handle(event: Event, context: borrowing FaultContext) {
-        if case .remap(let from, let to, _) = event { _ = start.compareExchange(expected: from, desired: to, ordering: .relaxed) }
+    /// Follows a remap or unmap of (part of) the served range.
+    public func handle(event: Event, context: borrowing FaultContext) { range.follow(event) }
+
+    /// A copy policy over the same source for the child, whose range moves on its own.
+    public func forkedChild() -> any FaultPolicy {
+        CopyPolicy(range: range.copy(), source: source, writeProtected: writeProtected)
     }
 }

@@ -1,3 +1,4 @@
+import SystemPackage
 import Synchronization
 
 /// Resolves missing faults by moving pre-populated pages from a donor region (UFFDIO_MOVE,
@@ -5,25 +6,33 @@ import Synchronization
 /// may be a base page or 2 MiB (THP moves: donor and range 2 MiB-aligned).
 ///
 /// Each donor granule moves once. A granule dropped later (a remove or unmap event) is
-/// zero-filled on its next fault, page by page. Follows remap events of the range (mremap):
-/// granule `i` is still granule `i` at the new address. A second fault on a granule whose move is in
-/// flight on another reader is only woken: it retries after the move.
+/// zero-filled on its next fault, page by page. Follows remap events of all or part of the range
+/// (``ServedRange``): granule `i` is still granule `i` at its new address. A second fault on a
+/// granule whose move is in flight on another reader is only woken: it retries after the move.
+///
+/// A move that fails (its ioctl's error, reported through ``failed(_:resolution:errno:context:)``)
+/// marks its granule "not moved" again: the handler's fallback resolved the fault, and with the
+/// `.wake` fallback the next fault on the granule tries the move again instead of being woken
+/// forever.
+///
+/// A forked child (``forkedChild()``) has no donor (MADV_DONTFORK keeps it out of the child),
+/// so nothing can be moved into it: its faults on the range are errors, resolved by the child
+/// handler's fallback (default: SIGBUS in the child), and never touch this policy's state.
 ///
 /// The donor must be exclusive to this process (MOVE says EBUSY for shared pages): make it
 /// with ``MappedRegion/donor(length:alignment:hugePages:)`` (MADV_DONTFORK).
 public final class MovePolicy: FaultPolicy, @unchecked Sendable {
-    /// The start of the served range (follows remaps).
-    public var rangeStart: UInt { start.load(ordering: .relaxed) }
-    private let start: Atomic<UInt>
-    /// The length of the served range.
-    public let rangeLength: Int
+    /// The memory served (follows remaps).
+    public let range: ServedRange
     /// The unit of one move.
     public let granule: Int
     /// The donor region's start.
     public let donorStart: UInt
     /// The donor region (kept alive).
     public let donor: MappedRegion
-    // 0: not moved, 1: moved or moving, 2: dropped after the move (zero-fill).
+    // Per granule: notMoved, moving (the move was decided, its outcome not known yet: a failure
+    // resets it), or dropped after the move (zero-fill).
+    private static let notMoved: UInt8 = 0, moved: UInt8 = 1, dropped: UInt8 = 2
     private let state: UnsafeMutablePointer<Atomic<UInt8>>
     private let granules: Int
 
@@ -34,14 +43,13 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
             throw UffdError(.argument, .invalidArgument,
                             detail: "MovePolicy needs granule-aligned range and donor, donor >= range")
         }
-        self.start = Atomic(start)
-        rangeLength = length
+        range = ServedRange(start: start, length: length, pageSize: granule)
         self.granule = granule
         self.donor = donor
         donorStart = donor.address
         granules = length / granule
         state = .allocate(capacity: granules)
-        for i in 0..<granules { (state + i).initialize(to: Atomic(0)) }
+        for i in 0..<granules { (state + i).initialize(to: Atomic(MovePolicy.notMoved)) }
     }
 
     /// Serves a whole region.
@@ -56,39 +64,67 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
 
     /// How many granules were moved (or are moving).
     public var movedGranules: Int {
-        (0..<granules).reduce(0) { $0 + (state[$1].load(ordering: .relaxed) != 0 ? 1 : 0) }
+        (0..<granules).reduce(0) { $0 + (state[$1].load(ordering: .relaxed) != MovePolicy.notMoved ? 1 : 0) }
     }
 
     /// Moves the faulting granule the first time; zero-fills dropped ones; wakes duplicates.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        let rangeStart = self.rangeStart
-        guard fault.address >= rangeStart, fault.address - rangeStart < UInt(rangeLength) else {
-            throw outsideRange(fault, rangeStart, rangeLength)
-        }
+        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
         if fault.kind == .writeProtect { return .unprotect() }
-        let g = Int(fault.address - rangeStart) / granule
-        let (exchanged, old) = state[g].compareExchange(expected: 0, desired: 1, ordering: .relaxed)
+        let g = at.offset / granule
+        let inGranule = at.offset - g * granule
+        let dst = fault.address - UInt(inGranule)
+        let (exchanged, old) = state[g].compareExchange(expected: MovePolicy.notMoved, desired: MovePolicy.moved,
+                                                        ordering: .relaxed)
         if exchanged {
-            let off = UInt(g * granule)
-            return .move(from: donorStart + off, to: rangeStart + off, length: granule)
+            guard dst >= at.segmentStart, dst + UInt(granule) <= at.segmentEnd else {
+                // A partial remap split this granule: it cannot move as one piece.
+                state[g].store(MovePolicy.notMoved, ordering: .relaxed)
+                throw UffdError(.move, .invalidArgument,
+                                detail: "granule \(g) at \(hex(dst)) was split by a partial remap; it cannot be moved whole")
+            }
+            return .move(from: donorStart + UInt(g * granule), to: dst, length: granule)
         }
-        return old == 2 ? .zeropage() : .wake()
+        return old == MovePolicy.dropped ? .zeropage() : .wake()
     }
 
-    /// Follows a remap of the range; marks granules touched by a remove/unmap as dropped.
+    /// A move that did not happen: the granule is "not moved" again, so the next fault on it
+    /// moves it (the donor still holds it) instead of being woken forever.
+    public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {
+        guard resolution.operation == .move, let at = range.locate(resolution.start) else { return }
+        _ = state[at.offset / granule].compareExchange(expected: MovePolicy.moved, desired: MovePolicy.notMoved,
+                                                        ordering: .relaxed)
+    }
+
+    /// Follows a remap of (part of) the range; marks granules touched by a remove/unmap as dropped.
     public func handle(event: Event, context: borrowing FaultContext) {
-        let rangeStart = self.rangeStart
         switch event {
-        case .remap(let from, let to, _):
-            _ = start.compareExchange(expected: from, desired: to, ordering: .relaxed)
+        case .remap:
+            range.follow(event)
         case .remove(let s, let e), .unmap(let s, let e):
-            let lo = Swift.max(s, rangeStart), hi = Swift.min(e, rangeStart + UInt(rangeLength))
-            guard lo < hi else { return }
-            for g in Int(lo - rangeStart) / granule...Int(hi - 1 - rangeStart) / granule {
-                _ = state[g].compareExchange(expected: 1, desired: 2, ordering: .relaxed)
+            for offsets in range.offsets(inAddresses: s, e) {
+                for g in offsets.lowerBound / granule...(offsets.upperBound - 1) / granule {
+                    _ = state[g].compareExchange(expected: MovePolicy.moved, desired: MovePolicy.dropped, ordering: .relaxed)
+                }
             }
+            range.follow(event)
         default:
             break
         }
+    }
+
+    /// A forked child has no donor: its faults on the range are errors (the child handler's
+    /// fallback resolves them) and never change this policy's granules.
+    public func forkedChild() -> any FaultPolicy { NoDonorInChild(range: range.copy()) }
+
+    private final class NoDonorInChild: FaultPolicy {
+        let range: ServedRange
+        init(range: ServedRange) { self.range = range }
+        func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+            if fault.kind == .writeProtect { return .unprotect() }
+            throw UffdError(.move, .noSuchFileOrDirectory,
+                            detail: "fault at \(hex(fault.address)) in a forked child: the donor is not in the child (MADV_DONTFORK), nothing can be moved there")
+        }
+        func handle(event: Event, context: borrowing FaultContext) { range.follow(event) }
     }
 }

@@ -1,3 +1,5 @@
+import SystemPackage
+
 /// Poisons selected pages (UFFDIO_POISON: accessing them raises SIGBUS, like a hardware
 /// memory error) and lets another policy resolve the rest.
 public final class PoisonPolicy: FaultPolicy {
@@ -24,6 +26,16 @@ public final class PoisonPolicy: FaultPolicy {
 
     /// Forwards events.
     public func handle(event: Event, context: borrowing FaultContext) { otherwise.handle(event: event, context: context) }
+
+    /// Forwards failures.
+    public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {
+        otherwise.failed(fault, resolution: resolution, errno: errno, context: context)
+    }
+
+    /// The same pages poisoned, over the other policy's child.
+    public func forkedChild() -> any FaultPolicy {
+        PoisonPolicy(pages: pages, pageSize: pageSize, otherwise: otherwise.forkedChild())
+    }
 
     /// The other policy's scratch needs.
     public var scratchBytes: Int { otherwise.scratchBytes }

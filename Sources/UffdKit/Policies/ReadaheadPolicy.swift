@@ -1,4 +1,5 @@
 import Synchronization
+import SystemPackage
 
 /// Widens the resolutions of a ``RangeFillingPolicy`` (copy or zero-fill) to a window of pages
 /// starting at the faulting page, clipped to the served range. Pages of the window that are
@@ -57,9 +58,10 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
         guard fault.kind == .missing else { return try inner.resolve(fault, context: context) }
         let ps = inner.pageSize
         let page = fault.address & ~UInt(ps - 1)
-        let base = inner.rangeStart
-        let end = base + UInt(inner.rangeLength)
-        guard page >= base, page < end else { throw outsideRange(fault, base, inner.rangeLength) }
+        // The window stays inside the segment holding the page: after a partial remap the
+        // next logical page may live elsewhere.
+        guard let at = inner.range.locate(page) else { throw outsideRange(fault, inner.range) }
+        let end = at.segmentEnd
         var pages = minPages
         var slot = -1
         let shift = UInt64(ps.trailingZeroBitCount)
@@ -92,5 +94,16 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
     /// Forwards events to the wrapped policy.
     public func handle(event: Event, context: borrowing FaultContext) {
         inner.handle(event: event, context: context)
+    }
+
+    /// Forwards failures to the wrapped policy.
+    public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {
+        inner.failed(fault, resolution: resolution, errno: errno, context: context)
+    }
+
+    /// The same window over the wrapped policy's child (streams start afresh).
+    public func forkedChild() -> any FaultPolicy {
+        guard let child = inner.forkedChild() as? Inner else { return self }
+        return ReadaheadPolicy(child, window: window)
     }
 }

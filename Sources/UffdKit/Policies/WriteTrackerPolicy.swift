@@ -15,10 +15,8 @@ import Musl
 /// For tracking without a fault per page see ``AsyncWriteTracker`` (WP_ASYNC + PAGEMAP_SCAN).
 /// Register the range with `.writeProtect` on a fd opened with ``Features/pagefaultFlagWP``.
 public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
-    /// The start of the tracked range.
-    public let rangeStart: UInt
-    /// The length of the tracked range.
-    public let rangeLength: Int
+    /// The tracked range (follows remaps: page `i` is the range's page `i` wherever it lives).
+    public let range: ServedRange
     /// The page size.
     public let pageSize: Int
     /// Where snapshot mode saves pages (same layout as the range), nil when only logging.
@@ -29,12 +27,17 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
 
     /// Tracks `[start, start+length)`; with `snapshot` (at least `length` bytes), saves each
     /// page there before its first write.
-    public init(start: UInt, length: Int, pageSize: Int = basePageSize, snapshot: UnsafeMutableRawPointer? = nil) {
-        rangeStart = start
-        rangeLength = length
-        self.pageSize = pageSize
+    public convenience init(start: UInt, length: Int, pageSize: Int = basePageSize, snapshot: UnsafeMutableRawPointer? = nil) {
+        self.init(range: ServedRange(start: start, length: length, pageSize: pageSize), snapshot: snapshot)
+    }
+
+    /// Tracks `range`; with `snapshot` (at least `range.length` bytes), saves each page there
+    /// before its first write.
+    public init(range: ServedRange, snapshot: UnsafeMutableRawPointer? = nil) {
+        self.range = range
+        self.pageSize = range.pageSize
         self.snapshot = snapshot
-        pageCount = length / pageSize
+        pageCount = range.length / pageSize
         wordCount = (pageCount + 63) / 64
         words = .allocate(capacity: Swift.max(1, wordCount))
         for i in 0..<Swift.max(1, wordCount) { (words + i).initialize(to: Atomic(0)) }
@@ -42,7 +45,7 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
 
     /// Tracks a whole region.
     public convenience init(region: MappedRegion, snapshot: UnsafeMutableRawPointer? = nil) {
-        self.init(start: region.address, length: region.length, pageSize: region.pageSize, snapshot: snapshot)
+        self.init(range: ServedRange(region: region), snapshot: snapshot)
     }
 
     deinit {
@@ -55,16 +58,14 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
     /// hold them, or read them from the range (unchanged pages are identical).
     public func arm(_ uffd: Userfaultfd) throws(UffdError) {
         for i in 0..<wordCount { words[i].store(0, ordering: .relaxed) }
-        try uffd.writeProtect(rangeStart, length: rangeLength)
+        for s in range.segments { try uffd.writeProtect(s.start, length: s.length) }
     }
 
     /// Logs the page (saving it first in snapshot mode) and unprotects it.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard fault.address >= rangeStart, fault.address - rangeStart < UInt(rangeLength) else {
-            throw outsideRange(fault, rangeStart, rangeLength)
-        }
-        let idx = Int(fault.address - rangeStart) / pageSize
-        let page = rangeStart + UInt(idx * pageSize)
+        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        let idx = at.offset / pageSize
+        let page = fault.address & ~UInt(pageSize - 1)
         guard fault.kind == .writeProtect else { return .zeropage(page, length: pageSize) }
         let bit: UInt64 = 1 << UInt64(idx & 63)
         if let snapshot, words[idx >> 6].load(ordering: .acquiring) & bit == 0 {
@@ -74,6 +75,13 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
         words[idx >> 6].bitwiseOr(bit, ordering: .releasing)
         return .unprotect(page, length: pageSize)
     }
+
+    /// Follows a remap or unmap of (part of) the range.
+    public func handle(event: Event, context: borrowing FaultContext) { range.follow(event) }
+
+    /// A forked child's writes are not this range's: the child's tracker unprotects its pages
+    /// and logs them apart (no snapshot: the handler could only read the parent's memory).
+    public func forkedChild() -> any FaultPolicy { WriteTrackerPolicy(range: range.copy()) }
 
     /// Whether page `index` (from the start of the range) was written since ``arm(_:)``.
     public func isDirty(page index: Int) -> Bool {
@@ -101,10 +109,10 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
 public final class AsyncWriteTracker: @unchecked Sendable {
     /// The userfaultfd (WP_ASYNC) the range is registered with.
     public let uffd: Userfaultfd
-    /// The start of the tracked range.
-    public let rangeStart: UInt
-    /// The length of the tracked range.
-    public let rangeLength: Int
+    /// The tracked range. The fd asks for no REMAP events (no handler would read them), so the
+    /// kernel unregisters memory that mremap moves: after moving part of the range, drop it with
+    /// ``ServedRange/unmap(start:end:)`` (its old addresses), and ``collect(reprotect:)`` scans the rest.
+    public let range: ServedRange
     private let pagemap: Int32
 
     /// Opens a WP_ASYNC userfaultfd, registers `[start, start+length)` for write-protect and
@@ -117,8 +125,7 @@ public final class AsyncWriteTracker: @unchecked Sendable {
         let pm = cuffd_pagemap_open()
         guard pm >= 0 else { throw UffdError(.pagemapScan, rc: pm, detail: "open /proc/self/pagemap") }
         pagemap = pm
-        rangeStart = start
-        rangeLength = length
+        range = ServedRange(start: start, length: length)
     }
 
     /// Tracks a whole region.
@@ -133,8 +140,13 @@ public final class AsyncWriteTracker: @unchecked Sendable {
     public func collect(reprotect: Bool = true) throws(UffdError) -> [Range<UInt>] {
         var out: [Range<UInt>] = []
         var vec = [page_region](repeating: page_region(), count: 512)
-        var at = UInt64(rangeStart)
-        let end = UInt64(rangeStart) + UInt64(rangeLength)
+        for s in range.segments { try collect(UInt64(s.start), UInt64(s.end), reprotect: reprotect, into: &out, &vec) }
+        return out
+    }
+
+    private func collect(_ start: UInt64, _ end: UInt64, reprotect: Bool, into out: inout [Range<UInt>],
+                         _ vec: inout [page_region]) throws(UffdError) {
+        var at = start
         while at < end {
             var walkEnd: UInt64 = 0
             let n = vec.withUnsafeMutableBufferPointer {
@@ -145,7 +157,6 @@ public final class AsyncWriteTracker: @unchecked Sendable {
             if walkEnd <= at { break }
             at = walkEnd
         }
-        return out
     }
 
     /// The number of written pages since the last protect (re-protecting them).

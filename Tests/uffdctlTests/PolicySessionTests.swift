@@ -1,0 +1,50 @@
+import Foundation
+import XCTest
+
+/// Sessions the policy layer newly supports (issue 9): zero-fill on hugetlb (bug 3) and
+/// CONTINUE on private shmem (bug 4). Both exited non-zero before.
+final class PolicySessionTests: XCTestCase {
+    /// `continue --memory shmem-private`: the page cache is filled through the shared view,
+    /// the private view is registered MINOR; its writes stay private (the second view keeps the
+    /// pattern). Before: exit 2 ("needs --memory shmem or hugetlb").
+    func testContinueShmemPrivateSession() throws {
+        let text = try runUffdctl(["continue", "--memory", "shmem-private", "--size", "4M"])
+        XCTAssertEqual(text.code, 0, text.stderr)
+        XCTAssertTrue(text.stdout.contains("continue: 4.0 MiB shmem-private"), text.stdout)
+        XCTAssertTrue(text.stdout.contains("minor 1024"), text.stdout)
+        let r = try runUffdctl(["continue", "--memory", "shmem-private", "--size", "4M", "--write", "--threads", "3", "--json"])
+        XCTAssertEqual(r.code, 0, r.stderr)
+        XCTAssertEqual(r.json?["memory"] as? String, "shmem-private")
+        XCTAssertEqual(flag(r.json, "verified"), true)
+        XCTAssertEqual((r.json?["faults_by_kind"] as? [String: Any]).flatMap { number($0, "minor") }, 1024)
+        XCTAssertEqual((r.json?["resolutions"] as? [String: Any]).flatMap { number($0, "continue") }, 1024)
+        XCTAssertEqual((r.json?["checks"] as? [String: Any]).flatMap { flag($0, "second_view_agrees") }, true)
+    }
+
+    /// `zeropage --memory hugetlb` runs, copying zeros, and says so. Before: exit 3 (the range
+    /// offers no UFFDIO_ZEROPAGE). Huge pages are reserved for the run and the sysctl restored.
+    func testZeropageHugetlbCopiesZeros() throws {
+        let path = "/proc/sys/vm/nr_hugepages"
+        guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
+            throw XCTSkip("cannot read \(path)")
+        }
+        do { try "\(old + 4)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
+            throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
+        }
+        defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let text = try runUffdctl(["zeropage", "--memory", "hugetlb", "--size", "4M"], timeout: 30)
+        if text.code == 3, text.stderr.contains("huge pages") {
+            throw XCTSkip("huge pages were taken by another process: \(text.stderr)")
+        }
+        XCTAssertEqual(text.code, 0, text.stderr)
+        XCTAssertTrue(text.stdout.contains("hugetlb has no UFFDIO_ZEROPAGE: zeros are copied"), text.stdout)
+        XCTAssertTrue(text.stdout.contains("verified     every byte of 4.0 MiB matched zeros"), text.stdout)
+        let r = try runUffdctl(["zeropage", "--memory", "hugetlb", "--size", "4M", "--write", "--json"], timeout: 30)
+        XCTAssertEqual(r.code, 0, r.stderr)
+        XCTAssertEqual(flag(r.json, "verified"), true)
+        XCTAssertEqual(r.json?["zero_fill"] as? String, "copy")
+        XCTAssertEqual(number(r.json, "failures"), 0)
+        XCTAssertEqual(number(r.json, "fallbacks"), 0)
+        XCTAssertNotNil((r.json?["resolutions"] as? [String: Any]).flatMap { number($0, "copy") })
+    }
+}
