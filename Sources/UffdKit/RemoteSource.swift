@@ -18,6 +18,10 @@ public struct RemoteOptions: Sendable {
     public var maxConnections = 8
     /// Bytes of decompressed chunks kept in memory per source.
     public var cacheBytes = 256 << 20
+    /// Bytes per fetch of a raw (unpacked) remote image: 2 MiB suits sequential restores;
+    /// random small faults over a high-latency link want less (e.g. 64 KiB). A packed
+    /// snapshot's chunk size is the one it was packed with.
+    public var rawChunkSize = 2 << 20
     /// Chunks fetched ahead of a sequential miss (0: none).
     public var readaheadChunks = 4
     /// Seconds per connection attempt.
@@ -97,6 +101,7 @@ public final class ChunkedSource: PageSource, ZeroAwarePageSource, @unchecked Se
         config.cache_bytes = options.cacheBytes
         config.readahead_chunks = options.readaheadChunks == 0 ? -1 : Int32(options.readaheadChunks)
         config.negative_ms = max(1, Int(options.failedChunkHold * 1000))
+        config.raw_chunk_size = UInt32(clamping: options.rawChunkSize)
         var out: OpaquePointer?
         let (rc, reason) = withErrorBuffer { cunet_source_open(&config, &out, $0, $1) }
         guard rc == 0, let out else { throw UffdError(.source, rc: rc, detail: reason.isEmpty ? what : reason) }
