@@ -12,6 +12,10 @@ struct CopyCommand: ParsableCommand {
             the page (or a readahead window) from the source. With --source file:PATH the \
             region is the file's size rounded up to the page; the file is loaded lazily and \
             every byte is compared with the file afterwards (the tail past its end must be zero). \
+            A packed snapshot (file:PATH) or a URL (http(s)://, s3://BUCKET/KEY with AWS_* \
+            credentials and --endpoint for S3-compatible stores) is read in cached chunks; \
+            its size decides the region and every byte is compared with a second, independent \
+            read of the source. \
             Default session: 64 MiB anon, pattern source, 2 threads.
             """ + exitCodesHelp
     )
