@@ -2,8 +2,14 @@
 # Remote-source benchmark (BENCHMARKS.md "Remote sources"): a sequential restore of an image over
 # loopback with `uffdctl copy --source http://…` against `curl` alone downloading the same bytes
 # from the same nginx in the same run; raw and packed images. Every uffdctl run verifies every
-# byte (after the timed part). Usage: Scripts/bench-remote.sh [SIZE_MiB] [ROUNDS]
+# byte (after the timed part). Usage: Scripts/bench-remote.sh [SIZE_MiB] [ROUNDS] [RATE]
+# With RATE (e.g. 1gbit) the whole run happens in a private network namespace whose loopback
+# is shaped by TBF to that rate (needs root: unshare -n, tc).
 set -euo pipefail
+if [ -n "${3:-}" ] && [ -z "${UFFDKIT_BENCH_SHAPED:-}" ]; then
+    exec unshare -n env UFFDKIT_BENCH_SHAPED=1 bash -c \
+        'ip link set lo up && tc qdisc add dev lo root tbf rate '"$3"' burst 1mb latency 100ms && exec "$0" "$@"' "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
@@ -46,6 +52,7 @@ BYTES=$((SIZE_MIB << 20))
 cat "$DIR/www/img" "$DIR/www/img.pak" > /dev/null
 curl_gbps() { curl -s -o /dev/null -w '%{size_download} %{time_total}\n' "$1" | awk '{ printf "%.3f", $1 / $2 / 1e9 }'; }
 copy_gbps() { "$UFFDCTL" copy --source "$1" --readahead 2M --threads 1 --readers 1 --quiet --json "${@:2}" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["verified"], "not verified"; print("%.3f" % d["gbps"])'; }
+[ -n "${3:-}" ] && echo "loopback shaped: $(tc qdisc show dev lo)"
 echo "image $SIZE_MIB MiB, packed $(python3 -c 'import json; d=json.load(open("'$DIR/pack.json'")); print("%d MiB, ratio %.2f" % (d["packed_bytes"]>>20, d["ratio"]))'), nginx on loopback, $ROUNDS rounds (median)"
 for r in $(seq "$ROUNDS"); do
     echo "round $r: curl raw $(curl_gbps "$URL/img") GB/s, curl packed-file $(curl_gbps "$URL/img.pak") GB/s, " \
