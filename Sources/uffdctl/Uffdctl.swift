@@ -31,6 +31,7 @@ struct Uffdctl: ParsableCommand {
             WorkingSetCommand.self,
             ServeCommand.self,
             HandoffClientCommand.self,
+            SnapshotCommand.self,
         ]
     )
 
