@@ -201,7 +201,7 @@ final class PrefetchTests: XCTestCase {
         XCTAssertEqual(st.prefetchedPages + st.alreadyPresentPages, pages, "\(st)")
         XCTAssertEqual(Int(hs.resolutions[.copy] ?? 0) - Int(hs.existed) + st.prefetchedPages, pages, "\(hs) \(st)")
         XCTAssertEqual(hs.fallbacks + hs.failures, 0, "\(hs) \(s.handler.failures().prefix(1))")
-        XCTAssertGreaterThan(st.prefetchedPages, 0, "\(st)")
+        // Who won each page depends on scheduling (both sides usually win some); either way once.
     }
 
     /// stop() ends the filler after its current ioctl; the handler goes on serving the rest.
@@ -285,7 +285,8 @@ final class PrefetchTests: XCTestCase {
         }
         var o = Prefetcher.Options()
         o.batchBytes = ps // one page per batch: slow enough to be mid-way when the child exits
-        let p = try Prefetcher(uffd: childFD, range: ServedRange(region: region), source: source, workingSet: ws, options: o)
+        // A slow source (200 µs a page, ~3 s for the list) so the exit lands mid-way on any machine.
+        let p = try Prefetcher(uffd: childFD, range: ServedRange(region: region), source: Slow(source), workingSet: ws, options: o)
         try p.start()
         // Mid-way: let the filler install some pages, then let the child exit.
         var spins = 0
@@ -322,5 +323,16 @@ struct Slice: PageSource {
     }
     func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
         try base.bytes(at: self.offset + offset, count: count, scratch: scratch)
+    }
+}
+
+/// A source that takes 200 µs per read (a disk or a network, for timing-independent tests).
+struct Slow: PageSource {
+    let base: any PageSource
+    init(_ base: any PageSource) { self.base = base }
+    var length: Int { base.length }
+    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        usleep(200)
+        return try base.bytes(at: offset, count: count, scratch: scratch)
     }
 }
