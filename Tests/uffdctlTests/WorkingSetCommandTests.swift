@@ -1,4 +1,5 @@
 import Foundation
+import UffdKit
 import XCTest
 
 /// `copy --record-working-set / --prefetch` and `working-set merge / info`, end to end.
@@ -70,6 +71,59 @@ final class WorkingSetCommandTests: XCTestCase {
         XCTAssertEqual(other.code, 0, other.stderr)
         try refused(["working-set", "merge", "\(dir)/p.ws", "\(dir)/z.ws", "-o", "\(dir)/o.ws"], "another image")
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(dir)/o.ws"))
+    }
+
+    /// `snapshot pack --working-set`: the recorded chunks' frames come first, in recorded order
+    /// and contiguous (the index says where), the file unpacks byte for byte, and a copy session
+    /// from the packed snapshot prefetches the working set with every byte verified.
+    func testPackWorkingSetFirstAndPrefetchFromThePackedSnapshot() throws {
+        let image = dir + "/image"
+        var bytes = [UInt8](repeating: 0, count: 8 << 20)
+        var x: UInt64 = 0x1234_5678_9ABC_DEF1
+        for i in stride(from: 0, to: bytes.count, by: 8) {
+            x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            withUnsafeBytes(of: x >> 40) { for j in 0..<8 { bytes[i + j] = $0[j] } } // compressible, never all zero
+        }
+        FileManager.default.createFile(atPath: image, contents: Data(bytes))
+        let chunk = 1 << 20, ps = 4096
+        let order = [5, 2, 7]
+        var entries: [WorkingSet.Entry] = []
+        for c in order { for p in [3, 0, 200] { entries.append(.init(offset: c * chunk + p * ps, nanoseconds: UInt64(entries.count))) } }
+        let ws = WorkingSet(identity: try WorkingSet.Identity(of: try FileSource(path: image)), pageSize: ps, entries: entries)
+        try ws.write(to: dir + "/w.ws")
+        let r = try runUffdctl(["snapshot", "pack", image, dir + "/p.pak", "--chunk-size", "1M", "--working-set", dir + "/w.ws", "--json"])
+        XCTAssertEqual(r.code, 0, r.stderr)
+        XCTAssertEqual(number(r.json, "working_set_chunks"), 3, r.stdout)
+        // The index: where each chunk's frame is.
+        let packed = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir + "/p.pak")))
+        func u64(_ at: Int) -> Int { (0..<8).reduce(0) { $0 | Int(packed[at + $1]) << (8 * $1) } }
+        let count = u64(24), indexAt = u64(32)
+        XCTAssertEqual(count, 8)
+        let frameAt = (0..<count).map { u64(indexAt + 16 * $0) }
+        XCTAssertEqual(frameAt[5], 4096, "the first recorded chunk's frame comes first")
+        XCTAssertLessThan(frameAt[5], frameAt[2])
+        XCTAssertLessThan(frameAt[2], frameAt[7])
+        let end = Int(number(r.json, "working_set_frames_end") ?? 0)
+        for c in 0..<count where !order.contains(c) { XCTAssertGreaterThanOrEqual(frameAt[c], end, "chunk \(c) after the working set") }
+        for c in order { XCTAssertLessThan(frameAt[c], end) }
+        let u = try runUffdctl(["snapshot", "unpack", dir + "/p.pak", dir + "/raw"])
+        XCTAssertEqual(u.code, 0, u.stderr)
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: dir + "/raw")), Data(bytes))
+        // The packed snapshot is the same image: the recording prefetches from it.
+        let p = try runUffdctl(["copy", "--source", "file:" + dir + "/p.pak", "--access", "random", "--prefetch", dir + "/w.ws", "--json", "--quiet"])
+        XCTAssertEqual(p.code, 0, p.stderr + p.stdout)
+        XCTAssertEqual(flag(p.json, "verified"), true, p.stdout)
+        let pf = p.json?["prefetch"] as? [String: Any]
+        XCTAssertEqual(number(pf, "planned_pages"), 9, p.stdout)
+        XCTAssertEqual((number(pf, "prefetched_pages") ?? 0) + (number(pf, "already_present_pages") ?? 0), 9, p.stdout)
+        // A recording of another image is refused before packing.
+        var other = ws
+        other.identity.digest ^= 1
+        try other.write(to: dir + "/o.ws")
+        let bad = try runUffdctl(["snapshot", "pack", image, dir + "/q.pak", "--working-set", dir + "/o.ws"])
+        XCTAssertEqual(bad.code, 2, bad.stderr)
+        XCTAssertTrue(bad.stderr.contains("another version"), bad.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/q.pak"))
     }
 
     /// Prefetch on hugetlb memory: 2 MiB pages installed by the filler, every byte verified.
