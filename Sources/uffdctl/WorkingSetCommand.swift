@@ -144,7 +144,9 @@ final class WorkingSetSession: @unchecked Sendable {
     /// The working set to prefetch, checked against the image.
     let prefetch: WorkingSet?
     let prefetchPath: String?
-    let identity: WorkingSet.Identity
+    /// The image's identity, taken only when recording or prefetching (it reads samples of the
+    /// source: for a remote source, requests).
+    let identity: WorkingSet.Identity?
     let batchBytes: Int
     var tracker: WorkingSetTracker?
     var prefetcher: Prefetcher?
@@ -157,14 +159,18 @@ final class WorkingSetSession: @unchecked Sendable {
         }
         recordPath = record
         prefetchPath = prefetch
-        do {
-            identity = try WorkingSet.Identity(of: source)
-        } catch {
-            throw .usage("cannot read the source to identify the image: \(error)")
+        if record != nil || prefetch != nil {
+            do {
+                identity = try WorkingSet.Identity(of: source)
+            } catch {
+                throw .usage("cannot read the source to identify the image: \(error)")
+            }
+        } else {
+            identity = nil
         }
         batchBytes = try batch.map { b throws(CLIError) in try parseSize(b, option: "--prefetch-batch") } ?? max(256 << 10, pageSize)
         guard batchBytes >= pageSize else { throw .usage("--prefetch-batch \(formatBytes(batchBytes)) is smaller than a page (\(formatBytes(pageSize)))") }
-        if let prefetch {
+        if let prefetch, let identity {
             let ws = try loadWorkingSet(prefetch)
             do {
                 try ws.check(against: identity, servedLength: size)
@@ -210,7 +216,7 @@ final class WorkingSetSession: @unchecked Sendable {
 
     /// After the workload: writes the recording, or stops the filler and reports what it did.
     func finish(_ notes: inout SessionNotes, used: @escaping (Int) -> Bool) throws(CLIError) {
-        if let recordPath, let tracker {
+        if let recordPath, let tracker, let identity {
             let ws = tracker.workingSet(identity: identity)
             do {
                 try ws.write(to: recordPath)
