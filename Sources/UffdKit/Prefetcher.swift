@@ -45,6 +45,10 @@ public final class Prefetcher: @unchecked Sendable {
         public var cpu: Int? = nil
         /// The thread's name.
         public var threadName: String = "uffd-prefetch"
+        /// For a ``ChunkedSource`` (remote or packed): chunks of the list requested ahead of the
+        /// filler (`ChunkedSource.prefetch(chunk:)`: into its cache, joining fetches in flight,
+        /// the source's own connection limit bounding the concurrency). 0: none.
+        public var chunksAhead: Int = 16
 
         /// The defaults: 256 KiB batches, 2 ms of yielding to faults at most, not pinned.
         public init() {}
@@ -135,6 +139,10 @@ public final class Prefetcher: @unchecked Sendable {
 
     private let shared: Bool
     private let runs: [(offset: Int, length: Int)]
+    /// For a ChunkedSource: its chunks in list order (each once), and per run the position in
+    /// that list of the run's first chunk.
+    private let chunkOrder: [Int]
+    private let runChunkPosition: [Int]
     /// The list position of each run's first page (ascending).
     private let runRanks: [Int]
     /// Whether the handler's faults report how far down the list they are (shared tracker).
@@ -213,6 +221,17 @@ public final class Prefetcher: @unchecked Sendable {
         }
         self.runs = runs
         self.runRanks = ranks
+        var order: [Int] = [], positions: [Int] = []
+        if let chunked = source as? ChunkedSource, o.chunksAhead > 0, chunked.chunkSize > 0 {
+            var seen = Set<Int>()
+            for r in runs {
+                for c in (r.offset / chunked.chunkSize)...((r.offset + r.length - 1) / chunked.chunkSize)
+                where seen.insert(c).inserted { order.append(c) }
+                positions.append(order.count - 1)
+            }
+        }
+        self.chunkOrder = order
+        self.runChunkPosition = positions
         followsFaults = tracker?.publishRanks(offsets.map { $0 / ps }) ?? false
     }
 
@@ -356,6 +375,7 @@ public final class Prefetcher: @unchecked Sendable {
         let fd = job.fd
         // The list, then the parts skipped because the faults went past them (most of those
         // pages faulted meanwhile and are passed over without an ioctl).
+        var requestedChunks = 0
         var segments: [Range<Int>] = [0..<runs.count]
         var q = 0
         outer: while q < segments.count {
@@ -378,6 +398,14 @@ public final class Prefetcher: @unchecked Sendable {
                         counters.skippedAhead.add(lo - i, ordering: .relaxed)
                         i = lo
                         if i >= end { break }
+                    }
+                }
+                if !chunkOrder.isEmpty, let chunked = source as? ChunkedSource {
+                    // Keep `chunksAhead` chunks of the list on their way (joined if in flight).
+                    let want = Swift.min(chunkOrder.count, runChunkPosition[i] + options.chunksAhead)
+                    while requestedChunks < want {
+                        _ = chunked.prefetch(chunk: chunkOrder[requestedChunks], context: nil, done: prefetchDone)
+                        requestedChunks += 1
                     }
                 }
                 yieldToFaults(fd)
@@ -517,6 +545,9 @@ public final class Prefetcher: @unchecked Sendable {
         } while poll(&p, 1, 0) > 0 && p.revents & Int16(POLLIN) != 0 && monotonicNanoseconds() < deadline
     }
 }
+
+/// Chunks requested ahead need no completion: the filler's read finds them cached or joins them.
+private let prefetchDone: @convention(c) (UnsafeMutableRawPointer?, Int32, UnsafePointer<CChar>?) -> Void = { _, _, _ in }
 
 /// The filler thread's entry: takes over the retain done by `start()`.
 private func fillerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
