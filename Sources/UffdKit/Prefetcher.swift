@@ -401,7 +401,9 @@ public final class Prefetcher: @unchecked Sendable {
                     }
                 }
                 if !chunkOrder.isEmpty, let chunked = source as? ChunkedSource {
-                    // Keep `chunksAhead` chunks of the list on their way (joined if in flight).
+                    // Keep `chunksAhead` chunks of the list on their way (joined if in flight);
+                    // never the chunks of runs jumped over (the faults took them).
+                    requestedChunks = Swift.max(requestedChunks, runChunkPosition[i])
                     let want = Swift.min(chunkOrder.count, runChunkPosition[i] + options.chunksAhead)
                     while requestedChunks < want {
                         _ = chunked.prefetch(chunk: chunkOrder[requestedChunks], context: nil, done: prefetchDone)
@@ -412,6 +414,9 @@ public final class Prefetcher: @unchecked Sendable {
                 var bytes = 0
                 var lo = UInt.max, hi: UInt = 0
                 while i < end && (bytes == 0 || bytes + runs[i].length <= options.batchBytes) {
+                    // The faults went past this run while the batch was being filled: end the
+                    // batch here, the next one starts past them.
+                    if bytes > 0 && q == 0 && followsFaults && tracker.frontier >= runRanks[i] { break }
                     let r = runs[i]
                     i += 1
                     bytes += r.length
