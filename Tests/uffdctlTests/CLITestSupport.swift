@@ -84,3 +84,16 @@ func flag(_ object: [String: Any]?, _ key: String) -> Bool? {
     if let b = v as? Bool { return b }
     return (v as? NSNumber)?.boolValue
 }
+
+/// Raises vm.nr_hugepages by `extra` for a test; returns what puts the old value back (call it
+/// in a defer). Skips the test when the value cannot be read or written (not root).
+func raiseHugePages(by extra: Int) throws -> () -> Void {
+    let path = "/proc/sys/vm/nr_hugepages"
+    guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
+        throw XCTSkip("cannot read \(path)")
+    }
+    do { try "\(old + extra)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
+        throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
+    }
+    return { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+}
