@@ -73,9 +73,15 @@ let package = Package(
             name: "CUffdTests",
             dependencies: ["CUffd", "CUffdTestSupport"]
         ),
+        // Loopback servers (nginx, moto S3, a misbehaving HTTP server) for the tests of remote
+        // sources, shared by UffdKitTests and uffdctlTests; no dependency on the code under test.
+        .target(
+            name: "TestServers",
+            path: "Tests/TestServers"
+        ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport"]
+            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport", "TestServers"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(
@@ -86,7 +92,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl", "UffdKit"]
+            dependencies: ["uffdctl", "UffdKit", "TestServers"]
         ),
     ]
 )
