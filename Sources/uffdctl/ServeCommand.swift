@@ -54,8 +54,11 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("The Unix socket to listen on (Firecracker's mem_backend.backend_path).", valueName: "path"))
     var socket: String
 
-    @Option(name: .customLong("memory-file"), help: ArgumentHelp("The snapshot's memory file (mem_file_path).", valueName: "file"))
+    @Option(name: .customLong("memory-file"), help: ArgumentHelp("The snapshot's memory (mem_file_path): a raw file, a packed snapshot (uffdctl snapshot pack), or either behind http(s)://HOST/PATH or s3://BUCKET/KEY.", valueName: "file|url"))
     var memoryFile: String
+
+    @OptionGroup(title: "Remote and packed memory (http(s)://, s3://, packed snapshots)")
+    var remote: RemoteSourceOptions
 
     @Option(help: "Reader threads per served VM.")
     var readers: Int = 1
@@ -88,7 +91,7 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
 
-    @Option(help: ArgumentHelp("How pages are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies).", valueName: "mmap|pread"))
+    @Option(help: ArgumentHelp("How pages of a raw local file are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies). Remote and packed memory is read through the chunk cache.", valueName: "mmap|pread"))
     var source: String = "mmap"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
@@ -109,21 +112,75 @@ struct ServeCommand: ParsableCommand {
     func run() throws {
         try check()
         // A worker or a re-executed supervisor serves the file the first process opened (the
-        // path may name a new snapshot by now); only the first process opens --memory-file.
+        // path may name a new snapshot by now); only the first process opens a local
+        // --memory-file. A URL is reopened by each worker (there is no fd to inherit); the
+        // ETag the first process saw is inherited and checked, so a worker never serves a
+        // replaced object to VMs restored from the old one.
         if let workerState {
             let st = try WorkerState.read(fd: workerState)
-            try runWorker(inherited: st, memFD: st.memoryFD, memLength: try fileLength(st.memoryFD))
+            try runWorker(inherited: st, image: try inheritedImage(st))
         } else if let supervisorState {
             let st = try WorkerState.read(fd: supervisorState)
-            try runSupervisor(inherited: st, memFD: st.memoryFD)
+            try runSupervisor(inherited: st, memFD: st.memoryFD, etag: st.etag)
         } else {
-            let (memFD, memLength) = try openMemoryFile(memoryFile)
             if noSupervisor {
-                try runWorker(inherited: nil, memFD: memFD, memLength: memLength)
+                try runWorker(inherited: nil, image: try openImage())
             } else {
-                try runSupervisor(inherited: nil, memFD: memFD)
+                // Opened here to fail at start-up with one line; the worker opens its own (a
+                // URL's source is dropped here: the supervisor never reads pages).
+                let (fd, etag) = try { () throws(CLIError) -> (Int32, String?) in let i = try openImage(); return (i.fd, i.etag) }()
+                try runSupervisor(inherited: nil, memFD: fd, etag: etag)
             }
         }
+    }
+
+    /// What the served memory is: a raw local file (its fd: pread or mmap, the fast path) or an
+    /// image source (remote, or a packed file read through its inherited fd).
+    struct Image {
+        var fd: Int32 = -1
+        var length: Int
+        var source: (any PageSource)?
+        var etag: String? { (source as? ChunkedSource).map(\.etag) }
+    }
+
+    var isURL: Bool { memoryFile.contains("://") }
+
+    /// Opens --memory-file at start-up; every way it can be unusable (missing, unreadable,
+    /// empty, a corrupt packed snapshot, a URL that answers 404/403, an unknown host, a refused
+    /// connection) is one line and exit 2.
+    func openImage() throws(CLIError) -> Image {
+        if isURL { return Image(length: 0, source: try openShared(memoryFile)).withLength() }
+        let path = memoryFile.hasPrefix("file:") ? String(memoryFile.dropFirst(5)) : memoryFile
+        let (fd, length) = try openMemoryFile(path)
+        return try image(fd: fd, length: length)
+    }
+
+    /// A local file's image: raw (the fd) or packed (opened through /proc/self/fd, so a worker
+    /// serves the very file the first process opened).
+    func image(fd: Int32, length: Int) throws(CLIError) -> Image {
+        guard (try? PageSources.isPackedFile("/proc/self/fd/\(fd)")) == true else {
+            return Image(fd: fd, length: length, source: nil)
+        }
+        return Image(fd: fd, length: 0, source: try openShared("/proc/self/fd/\(fd)")).withLength()
+    }
+
+    func openShared(_ spec: String) throws(CLIError) -> any PageSource {
+        let o = try remote.options()
+        do { return try PageSources.shared(spec, options: o) } catch {
+            let reason = error.detail.isEmpty ? "\(error.errno)" : error.detail
+            throw CLIError.usage("--memory-file \(memoryFile): \(reason)")
+        }
+    }
+
+    /// A worker's image: the inherited fd, or the URL reopened (same ETag or refuse).
+    func inheritedImage(_ st: WorkerState) throws(CLIError) -> Image {
+        if st.memoryFD >= 0 { return try image(fd: st.memoryFD, length: try fileLength(st.memoryFD)) }
+        let img = try openImage()
+        if let want = st.etag, !want.isEmpty, let got = img.etag, got != want {
+            throw CLIError.failed("--memory-file \(memoryFile) changed since the VMs were restored (ETag \(got), was \(want)): "
+                                  + "serving it would mix two snapshots; restart the server after its VMs are gone")
+        }
+        return img
     }
 
     /// Option checks (not ArgumentParser's validate(): its errors are not CLIError lines).
@@ -196,7 +253,8 @@ struct ServeCommand: ParsableCommand {
         return Int(st.st_size)
     }
 
-    func runWorker(inherited: WorkerState?, memFD: Int32, memLength: Int) throws {
+    func runWorker(inherited: WorkerState?, image: Image) throws {
+        let memFD = image.fd, memLength = image.length
         let log = makeServeLogger(json: json, label: "uffdctl serve")
         if let inherited {
             for vm in inherited.vms {
@@ -216,9 +274,10 @@ struct ServeCommand: ParsableCommand {
         }
         if let workerPidFile { try? "\(getpid())\n".write(toFile: workerPidFile, atomically: true, encoding: .utf8) }
         let control = inherited?.controlFD ?? -1
-        var config = SnapshotServer.Configuration(memoryFile: memFD, memoryFileLength: memLength)
+        var config = SnapshotServer.Configuration(memoryFile: image.source == nil ? memFD : -1, memoryFileLength: memLength)
         config.serve = try serveOptions()
-        if source == "mmap" {
+        config.serve.source = image.source
+        if image.source == nil && source == "mmap" {
             do { config.serve.memoryFileMapping = try MemoryFileMapping(fd: memFD, length: memLength) } catch {
                 throw CLIError.failed("--source mmap: \(error)")
             }
@@ -315,4 +374,13 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))
     return m
+}
+
+extension ServeCommand.Image {
+    /// The source's length (the unpacked size for a packed snapshot).
+    func withLength() -> Self {
+        var c = self
+        c.length = source?.length ?? length
+        return c
+    }
 }

@@ -1,0 +1,144 @@
+import Foundation
+import TestServers
+import XCTest
+
+/// `uffdctl serve --memory-file` from remote and packed snapshots: nginx (raw and packed images
+/// behind http://), moto's S3 (s3:// with SigV4), a local packed file; real uffds handed over by
+/// `uffdctl handoff-client` processes, each of which verifies every byte it reads against the
+/// raw memory file. Servers are started by each test (TestServers); one that cannot start here
+/// skips the test with the reason.
+final class ServeRemoteTests: XCTestCase {
+    var dir: URL!
+    var memFile: String { dir.appendingPathComponent("mem").path }
+    var packedFile: String { dir.appendingPathComponent("mem.packed").path }
+    var sock: String { dir.appendingPathComponent("s.sock").path }
+    var servers: [BackgroundUffdctl] = []
+
+    override func setUpWithError() throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("serve-remote-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        // 16 MiB: random chunks (a wrong offset cannot pass), compressible halves and all-zero
+        // chunks (the packed snapshot's ZEROPAGE path), no tail.
+        try makeImage(chunks: 8, tail: 0).write(to: URL(fileURLWithPath: memFile))
+        let r = try runUffdctl(["snapshot", "pack", memFile, packedFile], timeout: 60)
+        XCTAssertEqual(r.code, 0, r.stderr)
+    }
+
+    override func tearDown() {
+        servers.forEach { $0.stop() }
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    func startServer(_ memory: String, _ extra: [String] = []) throws -> BackgroundUffdctl {
+        let s = try BackgroundUffdctl(["serve", "--socket", sock, "--memory-file", memory] + extra, dir: dir, name: "server\(servers.count)")
+        servers.append(s)
+        XCTAssertTrue(s.waitFor("listening"), "server did not start: \(s.log)")
+        return s
+    }
+
+    func client(_ extra: [String], name: String) throws -> BackgroundUffdctl {
+        try BackgroundUffdctl(["handoff-client", "--socket", sock, "--memory-file", memFile, "--timeout", "60"] + extra, dir: dir, name: name)
+    }
+
+    /// Three VMs at once from one server: chunk-aligned regions (the deferred path), a region at
+    /// an offset that is not a chunk boundary (the synchronous path through the same cache), and
+    /// kernel-mode faults; every byte verified by the clients; no fault got the fallback.
+    func serveThreeClients(from memory: String, _ extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws {
+        let server = try startServer(memory, extra)
+        let clients = try [
+            client(["--size", "8M", "--regions", "2", "--kernel-pages", "16"], name: "aligned"),
+            client(["--size", "4M", "--offset", "12M"], name: "tail"),
+            client(["--size", "1M", "--offset", "2060K"], name: "unaligned"),
+        ]
+        for c in clients {
+            XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) \(c.log) server: \(server.log)", file: file, line: line)
+            XCTAssertTrue(c.output.contains("\"ok\":true"), c.output, file: file, line: line)
+        }
+        XCTAssertTrue(server.waitFor("VM gone", count: 3), server.log, file: file, line: line)
+        XCTAssertEqual(server.log.components(separatedBy: "fallbacks=0 ").count - 1, 3, server.log, file: file, line: line)
+        XCTAssertTrue(server.log.contains("faults="), server.log, file: file, line: line)
+    }
+
+    func testServeFromNginxURLRawAndPacked() throws {
+        let nginx = try Nginx()
+        defer { nginx.stop() }
+        try nginx.put("mem", Data(contentsOf: URL(fileURLWithPath: memFile)))
+        try nginx.put("mem.packed", Data(contentsOf: URL(fileURLWithPath: packedFile)))
+        try serveThreeClients(from: nginx.url("mem"))
+        servers.forEach { $0.stop() }
+        try serveThreeClients(from: nginx.url("mem.packed"))
+    }
+
+    func testServeFromLocalPackedSnapshot() throws {
+        try serveThreeClients(from: packedFile)
+    }
+
+    func testServeFromMotoS3() throws {
+        let s3 = try MotoS3()
+        defer { s3.stop() }
+        try s3.createBucket("snaps")
+        try s3.put("snaps", "vm/mem", file: URL(fileURLWithPath: memFile))
+        try s3.put("snaps", "vm/mem.packed", file: URL(fileURLWithPath: packedFile))
+        s3.exportCredentials()   // the server inherits this process's environment
+        try serveThreeClients(from: "s3://snaps/vm/mem", ["--endpoint", s3.endpoint])
+        servers.forEach { $0.stop() }
+        try serveThreeClients(from: "s3://snaps/vm/mem.packed", ["--endpoint", s3.endpoint])
+    }
+
+    /// The image server stops while a VM is being restored: the chunks that can no longer be
+    /// fetched get the fallback (poison here: the client enabled UFFD_FEATURE_POISON and exits 4
+    /// on SIGBUS), the failure is logged, no faulting thread hangs, and the server goes on serving
+    /// another VM from the chunks it has cached.
+    func testServeImageServerStoppedMidRestore() throws {
+        let nginx = try Nginx()
+        try nginx.put("mem", Data(contentsOf: URL(fileURLWithPath: memFile)))
+        let server = try startServer(nginx.url("mem"), ["--retries", "0", "--request-timeout", "2"])
+        // 500 us per page: a 2 MiB chunk takes 256 ms to read, so the last chunks are needed
+        // well after the server is gone.
+        let victim = try client(["--size", "16M", "--touch-delay-us", "500", "--poison-feature", "--expect-sigbus-from", "0"],
+                                name: "victim")
+        XCTAssertTrue(server.waitFor("serving VM"), server.log)
+        usleep(100_000)
+        nginx.stop()
+        XCTAssertEqual(victim.wait(), 4, "the chunks that could not be fetched should get the poison fallback: \(victim.output) \(server.log)")
+        XCTAssertTrue(server.waitFor("fault not served from the memory file"), server.log)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        XCTAssertNotNil(server.log.range(of: "fallbacks=[1-9]", options: .regularExpression), server.log)
+        XCTAssertTrue(server.log.contains("127.0.0.1:\(nginx.port) refused"), "the failure should name the server: \(server.log)")
+        // Another VM goes on: its first chunk was fetched before the server went away.
+        let c = try client(["--size", "2M"], name: "cached")
+        XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) server: \(server.log)")
+        XCTAssertTrue(server.waitFor("VM gone", count: 2), server.log)
+    }
+
+    /// Every way the memory cannot be had at start-up is one line naming --memory-file and what
+    /// to do, and exit 2 (like a missing file): 404, 403, a refused connection, an unknown host,
+    /// a corrupt packed snapshot (local and behind a URL), a scheme that is not served.
+    func testServeBadRemoteMemoryAtStartupExits2() throws {
+        let nginx = try Nginx()
+        defer { nginx.stop() }
+        let packed = try Data(contentsOf: URL(fileURLWithPath: packedFile))
+        let corrupt = dir.appendingPathComponent("corrupt.packed")
+        try packed.prefix(100_000).write(to: corrupt)
+        try nginx.put("corrupt.packed", packed.prefix(100_000))
+        try nginx.put("denied/mem", Data(contentsOf: URL(fileURLWithPath: memFile)))
+        let cases: [(String, String)] = [
+            (nginx.url("missing"), "404"),
+            (nginx.url("denied/mem"), "403"),
+            ("http://127.0.0.1:\(freePort())/mem", "refused"),
+            ("http://nonexistent.invalid/mem", "resolve"),
+            (corrupt.path, "corrupt"),
+            (nginx.url("corrupt.packed"), "corrupt"),
+            ("ftp://example.com/mem", "http"),
+        ]
+        for (memory, why) in cases {
+            let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memory], timeout: 40)
+            XCTAssertEqual(r.code, 2, "\(memory): \(r.stderr)")
+            let lines = r.stderr.split(separator: "\n")
+            XCTAssertEqual(lines.count, 1, "\(memory): one line expected: \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("--memory-file \(memory)"), r.stderr)
+            XCTAssertTrue(r.stderr.contains(why), "\(memory): expected '\(why)' in: \(r.stderr)")
+            XCTAssertFalse(FileManager.default.fileExists(atPath: sock), "no socket should be left: \(memory)")
+        }
+    }
+}
