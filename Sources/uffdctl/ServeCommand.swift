@@ -18,7 +18,11 @@ struct ServeCommand: ParsableCommand {
             Firecracker's protocol (v1.1 through v1.16). Each is served in its own handler: \
             missing faults are copied from --memory-file at the region's offset (4 KiB or 2 MiB \
             hugetlbfs pages), removed ranges (balloon, UFFD_EVENT_REMOVE) read as zeros after. \
-            A bad hand-off is logged and its connection closed; the others go on. When a served \
+            A bad hand-off is logged and its connection closed; the others go on. \
+            --memory-file is a raw file, a packed snapshot (uffdctl snapshot pack), or either behind \
+            http(s):// or s3://BUCKET/KEY (--endpoint, AWS_* credentials): remote and packed memory \
+            is fetched in chunks through one cache shared by every VM, without stalling other \
+            faults; a chunk that cannot be fetched gets the fallback and is logged. When a served \
             process exits, a summary is logged (faults, bytes, time to first fault, latency).
 
             Restart without freezing VMs: the command you start is a small supervisor holding \
@@ -47,7 +51,8 @@ struct ServeCommand: ParsableCommand {
 
             Exit codes: 0 stopped by a signal, or with --once the VM was served cleanly; 1 a \
             failure (with --once: some faults got the fallback); 2 bad usage or input (memory \
-            file missing, unreadable or empty; with --once: the hand-off was refused).
+            file missing, unreadable or empty, a corrupt packed snapshot, a URL that cannot be \
+            opened; with --once: the hand-off was refused).
             """
     )
 

@@ -111,6 +111,44 @@ final class ServeRemoteTests: XCTestCase {
         XCTAssertTrue(server.waitFor("VM gone", count: 2), server.log)
     }
 
+    /// A worker killed (-9) while it serves a VM from a URL: the new worker reopens the URL
+    /// (same ETag), adopts the uffd, wakes the ranges, and the VM finishes with every byte right.
+    /// When the object was replaced meanwhile, a new worker refuses to serve it (the running VM
+    /// would get a mix of two snapshots) and says so.
+    func testServeFromURLAcrossWorkerKillReopensTheURL() throws {
+        let nginx = try Nginx()
+        defer { nginx.stop() }
+        try nginx.put("mem", Data(contentsOf: URL(fileURLWithPath: memFile)))
+        let wpid = dir.appendingPathComponent("w.pid").path
+        func worker() throws -> Int32 {
+            try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        }
+        let server = try startServer(nginx.url("mem"), ["--worker-pid-file", wpid])
+        let c = try client(["--size", "16M", "--touch-delay-us", "300"], name: "restart")
+        XCTAssertTrue(server.waitFor("serving VM"), server.log)
+        usleep(300_000)
+        kill(try worker(), SIGKILL)
+        XCTAssertTrue(server.waitFor("resumed VM after restart"), server.log)
+        XCTAssertEqual(c.wait(), 0, "client: \(c.output) server: \(server.log)")
+        XCTAssertTrue(c.output.contains("\"ok\":true"), c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        XCTAssertNil(server.log.range(of: "VM gone .*fallbacks=[1-9]", options: .regularExpression), server.log)
+
+        // The object is replaced while a VM runs: the next worker must not serve it.
+        let victim = try client(["--size", "16M", "--touch-delay-us", "300", "--timeout", "20"], name: "victim")
+        XCTAssertTrue(server.waitFor("serving VM", count: 2), server.log)
+        var other = try Data(contentsOf: URL(fileURLWithPath: memFile))
+        other[0] ^= 0xFF
+        other.append(0)   // another size: a new ETag even within the same mtime second
+        try nginx.put("mem.new", other)
+        XCTAssertEqual(rename(nginx.root.appendingPathComponent("mem.new").path, nginx.root.appendingPathComponent("mem").path), 0)
+        let w = try worker()
+        kill(w, SIGKILL)
+        XCTAssertTrue(server.waitFor("changed since the VMs were restored", timeout: 30), server.log)
+        kill(victim.process.processIdentifier, SIGKILL)
+        victim.wait()
+    }
+
     /// Every way the memory cannot be had at start-up is one line naming --memory-file and what
     /// to do, and exit 2 (like a missing file): 404, 403, a refused connection, an unknown host,
     /// a corrupt packed snapshot (local and behind a URL), a scheme that is not served.
