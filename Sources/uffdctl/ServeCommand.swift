@@ -316,7 +316,7 @@ struct ServeCommand: ParsableCommand {
                     log.error("more faults not served (counted in the summary)", metadata: ["vm": "\(p.id)"])
                 }
             case .gone(let p, let s):
-                log.info("VM gone", metadata: summaryMeta(p, s))
+                log.info("VM gone", metadata: summaryMeta(p, s).merging(imageMeta(image.source)) { $1 })
                 if control >= 0 { WorkerState.announceGone(p.id, over: control) }
             case .released(let p, let s):
                 log.info(control >= 0 ? "VM handed back to the supervisor" : "VM no longer served (server stopping)",
@@ -361,6 +361,14 @@ struct ServeCommand: ParsableCommand {
 func peerMeta(_ peer: PeerCredentials?) -> Logger.Metadata {
     guard let peer else { return [:] }
     return ["peer_pid": "\(peer.pid)", "peer_uid": "\(peer.uid)", "peer_gid": "\(peer.gid)"]
+}
+
+/// The shared image's counters so far (every VM of this worker together): how much came from
+/// the server and how much from the chunk cache.
+func imageMeta(_ source: (any PageSource)?) -> Logger.Metadata {
+    guard let c = (source as? ChunkedSource)?.counters else { return [:] }
+    return ["image_requests": "\(c.requests)", "image_bytes_fetched": "\(c.bytes)", "image_cache_hits": "\(c.hits)",
+            "image_cache_misses": "\(c.misses)", "image_retries": "\(c.retries)"]
 }
 
 func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {

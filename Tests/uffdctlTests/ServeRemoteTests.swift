@@ -69,6 +69,28 @@ final class ServeRemoteTests: XCTestCase {
         try serveThreeClients(from: nginx.url("mem.packed"))
     }
 
+    /// One chunk cache for every VM restored from the same image: a second VM reading the same
+    /// memory after the first is served without a single new request to the image server.
+    func testServeFromURLSharesOneCacheAcrossVMs() throws {
+        let nginx = try Nginx()
+        defer { nginx.stop() }
+        try nginx.put("mem", Data(contentsOf: URL(fileURLWithPath: memFile)))
+        let server = try startServer(nginx.url("mem"))
+        func requests(after gone: Int) -> Int? {
+            let lines = server.log.split(separator: "\n").filter { $0.contains("VM gone") }
+            guard lines.count >= gone, let r = lines[gone - 1].range(of: #"image_requests=(\d+)"#, options: .regularExpression) else { return nil }
+            return Int(lines[gone - 1][r].split(separator: "=")[1])
+        }
+        for (i, name) in ["first", "second"].enumerated() {
+            let c = try client(["--size", "8M", "--offset", "8M"], name: name)   // the image's end: no read-ahead in flight
+            XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) server: \(server.log)")
+            XCTAssertTrue(server.waitFor("VM gone", count: i + 1), server.log)
+        }
+        let first = try XCTUnwrap(requests(after: 1), server.log), second = try XCTUnwrap(requests(after: 2), server.log)
+        XCTAssertGreaterThan(first, 0, server.log)
+        XCTAssertEqual(first, second, "the second VM should be served from the shared cache: \(server.log)")
+    }
+
     func testServeFromLocalPackedSnapshot() throws {
         try serveThreeClients(from: packedFile)
     }
