@@ -1,5 +1,7 @@
 import Foundation
+import Synchronization
 import TestServers
+import UffdKit
 import XCTest
 
 /// `uffdctl serve --memory-file` from remote and packed snapshots: nginx (raw and packed images
@@ -89,6 +91,36 @@ final class ServeRemoteTests: XCTestCase {
         let first = try XCTUnwrap(requests(after: 1), server.log), second = try XCTUnwrap(requests(after: 2), server.log)
         XCTAssertGreaterThan(first, 0, server.log)
         XCTAssertEqual(first, second, "the second VM should be served from the shared cache: \(server.log)")
+    }
+
+    /// The library: `SnapshotServer.Configuration(source:)` with the shared source of a packed
+    /// snapshot serves a client process; its chunk-aligned region goes the deferred way (one
+    /// fault per 2 MiB chunk read, not one per page), every byte verified by the client.
+    func testLibraryServerServesFromASharedPackedSource() throws {
+        let source = try PageSources.shared(packedFile)
+        XCTAssertTrue(source is ChunkedSource)
+        XCTAssertTrue(try PageSources.shared(packedFile) as AnyObject === source as AnyObject, "one instance per image")
+        let listener = try HandoffListener(path: sock)
+        var config = SnapshotServer.Configuration(source: source)
+        config.once = true
+        let done = expectation(description: "served")
+        let outcome = Mutex<SnapshotServer.Outcome?>(nil)
+        let server = SnapshotServer(listener: listener, configuration: config)
+        Thread.detachNewThread {
+            let o = server.run()
+            outcome.withLock { $0 = o }
+            done.fulfill()
+        }
+        let c = try client(["--size", "8M", "--offset", "4M"], name: "lib")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(c.output.contains("\"ok\":true"), c.output)
+        wait(for: [done], timeout: 30)
+        listener.close()
+        let o = outcome.withLock { $0 }
+        guard case .served(let s)? = o else { return XCTFail("outcome \(String(describing: o))") }
+        XCTAssertEqual(s.bytes, 8 << 20)
+        XCTAssertTrue(s.clean, "\(s)")
+        XCTAssertLessThanOrEqual(s.faults, 64, "deferred chunks should take far fewer faults than 2048 pages: \(s)")
     }
 
     func testServeFromLocalPackedSnapshot() throws {
