@@ -123,6 +123,28 @@ final class ServeRemoteTests: XCTestCase {
         XCTAssertLessThanOrEqual(s.faults, 64, "deferred chunks should take far fewer faults than 2048 pages: \(s)")
     }
 
+    /// A hugetlb guest (2 MiB pages) from a packed snapshot behind a URL: whole chunks copied as
+    /// huge pages on the deferred path, zero chunks as copies of zeros, a REMOVE afterwards.
+    func testServeHugetlbGuestFromPackedURL() throws {
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard let free = HugePageReservation.free(), free >= 4 || huge.add(4) else {
+            throw XCTSkip("cannot reserve 4 huge pages (not root or no hugetlb)")
+        }
+        let nginx = try Nginx()
+        defer { nginx.stop() }
+        try nginx.put("mem.packed", Data(contentsOf: URL(fileURLWithPath: packedFile)))
+        let server = try startServer(nginx.url("mem.packed"))
+        // 8 MiB from 4 MiB: chunks 2..5, one of them all zeros.
+        let c = try client(["--size", "8M", "--offset", "4M", "--hugetlb", "--remove-pages", "1", "--kernel-pages", "1"], name: "huge")
+        XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) \(c.log) server: \(server.log)")
+        XCTAssertTrue(c.output.contains("\"ok\":true"), c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        XCTAssertTrue(server.log.contains("(page 2097152)"), server.log)
+        XCTAssertTrue(server.log.contains("fallbacks=0 "), server.log)
+        XCTAssertTrue(server.log.contains("removed_bytes=2097152"), server.log)
+    }
+
     func testServeFromLocalPackedSnapshot() throws {
         try serveThreeClients(from: packedFile)
     }
