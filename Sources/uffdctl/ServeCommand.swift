@@ -81,6 +81,14 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Log one JSON object per line.")
     var json = false
 
+    @Option(name: .customLong("record-working-set"),
+            help: ArgumentHelp("When a VM goes away, write the order of its first faults (memory-file offset, time) here (the last VM's wins).", valueName: "file"))
+    var recordWorkingSet: String?
+
+    @Option(name: .customLong("prefetch"),
+            help: ArgumentHelp("Install the pages of this working set (recorded from this memory file) at hand-off, on a background thread per region; faults keep priority.", valueName: "file"))
+    var prefetch: String?
+
     @Flag(help: "Serve one VM, then exit with its outcome.")
     var once = false
 
@@ -116,6 +124,13 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         try check()
+        if workerState == nil && supervisorState == nil, recordWorkingSet != nil || prefetch != nil {
+            // A recording that does not match the memory file is exit 2 here, before serving.
+            let image = try openImage()
+            var o = ServeOptions()
+            defer { if image.fd >= 0 { close(image.fd) } }
+            try workingSetOptions(&o, image: image)
+        }
         // A worker or a re-executed supervisor serves the file the first process opened (the
         // path may name a new snapshot by now); only the first process opens a local
         // --memory-file. A URL is reopened by each worker (there is no fd to inherit); the
@@ -229,6 +244,9 @@ struct ServeCommand: ParsableCommand {
         case "zero": o.fallback = .zeroFill
         default: throw .usage("--fallback '\(fallback)': use poison or zero")
         }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
+        }
         if let readahead {
             if readahead == "adaptive" {
                 o.readaheadBytes = 2 << 20
@@ -287,6 +305,8 @@ struct ServeCommand: ParsableCommand {
                 throw CLIError.failed("--source mmap: \(error)")
             }
         }
+        try workingSetOptions(&config.serve, image: image)
+        let recordPath = recordWorkingSet
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once
@@ -317,6 +337,15 @@ struct ServeCommand: ParsableCommand {
                 }
             case .gone(let p, let s):
                 log.info("VM gone", metadata: summaryMeta(p, s).merging(imageMeta(image.source)) { $1 })
+                if let recordPath, let ws = p.workingSet() {
+                    do {
+                        try ws.write(to: recordPath)
+                        log.info("working set recorded", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "pages": "\(ws.entries.count)",
+                                                                   "bytes": "\(ws.bytes)"])
+                    } catch {
+                        log.error("cannot write the working set", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "error": "\(error)"])
+                    }
+                }
                 if control >= 0 { WorkerState.announceGone(p.id, over: control) }
             case .released(let p, let s):
                 log.info(control >= 0 ? "VM handed back to the supervisor" : "VM no longer served (server stopping)",
@@ -358,6 +387,34 @@ struct ServeCommand: ParsableCommand {
     }
 }
 
+extension ServeCommand {
+    /// The memory file's identity and the checked prefetch recording, into `o`.
+    func workingSetOptions(_ o: inout ServeOptions, image: Image) throws(CLIError) {
+        let memLength = image.length
+        guard recordWorkingSet != nil || prefetch != nil else { return }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
+        }
+        let identity: WorkingSet.Identity
+        do {
+            identity = try WorkingSet.Identity(of: image.source ?? MemoryFileSource(fd: image.fd, fileOffset: 0, length: memLength))
+        } catch {
+            throw .usage("--memory-file \(memoryFile): cannot read it to identify it: \(error)")
+        }
+        o.imageIdentity = identity
+        o.recordWorkingSet = recordWorkingSet != nil
+        if let prefetch {
+            let ws = try loadWorkingSet(prefetch)
+            do {
+                try ws.check(against: identity, servedLength: memLength)
+            } catch {
+                throw .usage("--prefetch \(prefetch): \(error.detail)")
+            }
+            o.prefetch = ws
+        }
+    }
+}
+
 func peerMeta(_ peer: PeerCredentials?) -> Logger.Metadata {
     guard let peer else { return [:] }
     return ["peer_pid": "\(peer.pid)", "peer_uid": "\(peer.uid)", "peer_gid": "\(peer.gid)"]
@@ -383,6 +440,16 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["removes"] = "\(s.removeEvents)"
     m["removed_bytes"] = "\(s.removedBytes)"
     m["retries"] = "\(s.retries)"
+    if let pf = p.prefetchStats() {
+        m["prefetched_pages"] = "\(pf.prefetchedPages)"
+        m["prefetch_planned_pages"] = "\(pf.plannedPages)"
+        m["prefetch_already_present_pages"] = "\(pf.alreadyPresentPages)"
+        m["prefetch_skipped_pages"] = "\(pf.skippedPages)"
+        m["prefetch_faults_avoided"] = "\(pf.faultsAvoided ?? 0)"
+        m["prefetch_late_faults"] = "\(pf.faultsOnPrefetchedPages ?? 0)"
+        m["prefetch_ending"] = .string(pf.ending?.description ?? "running")
+        m["prefetch_last_page_ms"] = .string(pf.timeToLastPage.map { String(format: "%.1f", $0 * 1000) } ?? "-")
+    }
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))
