@@ -73,8 +73,8 @@ let package = Package(
             name: "CUffdTests",
             dependencies: ["CUffd", "CUffdTestSupport"]
         ),
-        // Loopback servers (nginx, moto S3, a misbehaving HTTP server) for the tests of remote
-        // sources, shared by UffdKitTests and uffdctlTests; no dependency on the code under test.
+        // Real servers on loopback (nginx, moto's S3, a misbehaving HTTP server) started by the
+        // remote-source tests of UffdKitTests and uffdctlTests.
         .target(
             name: "TestServers",
             path: "Tests/TestServers"

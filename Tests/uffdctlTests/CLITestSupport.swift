@@ -85,15 +85,32 @@ func flag(_ object: [String: Any]?, _ key: String) -> Bool? {
     return (v as? NSNumber)?.boolValue
 }
 
-/// Raises vm.nr_hugepages by `extra` for a test; returns what puts the old value back (call it
-/// in a defer). Skips the test when the value cannot be read or written (not root).
-func raiseHugePages(by extra: Int) throws -> () -> Void {
-    let path = "/proc/sys/vm/nr_hugepages"
-    guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
-        throw XCTSkip("cannot read \(path)")
+/// Free 2 MiB huge pages, and a reservation of more that is given back (tests that serve hugetlb
+/// guests; needs root).
+final class HugePageReservation {
+    private var saved: Int?
+
+    /// HugePages_Free from /proc/meminfo.
+    static func free() -> Int? {
+        guard let t = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return nil }
+        for l in t.split(separator: "\n") where l.hasPrefix("HugePages_Free:") {
+            return Int(l.split(separator: " ").last ?? "")
+        }
+        return nil
     }
-    do { try "\(old + extra)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
-        throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
+
+    /// Raises nr_hugepages by `extra`; true when that many are free afterwards.
+    func add(_ extra: Int) -> Bool {
+        let path = "/proc/sys/vm/nr_hugepages"
+        guard let cur = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else { return false }
+        saved = cur
+        guard (try? "\(cur + extra)".write(toFile: path, atomically: false, encoding: .utf8)) != nil else { return false }
+        return (HugePageReservation.free() ?? 0) >= extra
     }
-    return { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+
+    /// Puts nr_hugepages back (when ``add(_:)`` changed it).
+    func restore() {
+        if let saved { try? "\(saved)".write(toFile: "/proc/sys/vm/nr_hugepages", atomically: false, encoding: .utf8) }
+        saved = nil
+    }
 }

@@ -24,8 +24,9 @@ final class PolicySessionTests: XCTestCase {
     /// `zeropage --memory hugetlb` runs, copying zeros, and says so. Before: exit 3 (the range
     /// offers no UFFDIO_ZEROPAGE). Huge pages are reserved for the run and the sysctl restored.
     func testZeropageHugetlbCopiesZeros() throws {
-        let restoreHugePages = try raiseHugePages(by: 4)
-        defer { restoreHugePages() }
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard huge.add(4) else { throw XCTSkip("cannot reserve 4 huge pages (vm.nr_hugepages: not root, or taken by another process)") }
         let text = try runUffdctl(["zeropage", "--memory", "hugetlb", "--size", "4M"], timeout: 30)
         if text.code == 3, text.stderr.contains("huge pages") {
             throw XCTSkip("huge pages were taken by another process: \(text.stderr)")

@@ -128,8 +128,9 @@ final class WorkingSetCommandTests: XCTestCase {
 
     /// Prefetch on hugetlb memory: 2 MiB pages installed by the filler, every byte verified.
     func testPrefetchOnHugetlb() throws {
-        let restoreHugePages = try raiseHugePages(by: 4)
-        defer { restoreHugePages() }
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard huge.add(4) else { throw XCTSkip("cannot reserve 4 huge pages (vm.nr_hugepages: not root, or taken by another process)") }
         let rec = try runUffdctl(["copy", "--memory", "hugetlb", "--size", "8M", "--access", "random", "--record-working-set", "\(dir)/h.ws", "--quiet"])
         if rec.code == 3 || rec.stderr.contains("cannot map hugetlb") { throw XCTSkip("hugetlb not available here: \(rec.stderr)") }
         XCTAssertEqual(rec.code, 0, rec.stderr)

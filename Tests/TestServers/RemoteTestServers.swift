@@ -1,9 +1,10 @@
 import Foundation
 import XCTest
 
-/// Real servers on loopback for the tests of remote sources (UffdKitTests through the library,
-/// uffdctlTests through the CLI), each started by the test that needs it (in its own temp dir)
-/// and stopped by it. A server that cannot start skips the test with the reason.
+/// Real servers on loopback for the remote-source tests (UffdKitTests and uffdctlTests share
+/// them through this target), each started by the test that needs it
+/// (in its own temp dir) and stopped by it. A server that cannot start skips the test with the
+/// reason.
 
 /// A running child process.
 public final class ServerProcess: @unchecked Sendable {
@@ -258,7 +259,7 @@ public final class MisbehavingServer: @unchecked Sendable {
     public let port: Int
     public var base: String { "http://127.0.0.1:\(port)" }
 
-    public static let script = #"""
+    static let script = #"""
 import http.server, os, sys, time, threading
 path = sys.argv[1]
 data = open(path, 'rb').read()
