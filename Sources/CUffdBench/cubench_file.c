@@ -290,6 +290,9 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
         if (st.failed && rc == 0) rc = -EIO;
         int64_t hb = cuffd_huge_bytes((uint64_t)(uintptr_t)c.region, len);
         p->huge_bytes = hb > 0 ? (uint64_t)hb : 0;
+        p->alloc_ns = st.alloc_ns;
+        p->fill_ns = st.fill_ns;
+        p->place_ns = st.place_ns;
     }
     if (rc == 0 && atomic_load(&c.first_error)) rc = -atomic_load(&c.first_error);
 uout:

@@ -349,6 +349,24 @@ extension BenchmarkSuite {
                                           mode: mode, window: 2 << 20, cold: cold, hc: hc, fc: fc,
                                           fillers: fillers, threads: threads, random: random, flags: flags))
                 }
+                // The same through UffdKit (Swift policy in a FaultHandler), interleaved with the
+                // C row of the same path: the library's cost on top of the kernel's.
+                let kits: [(String, KitFilePath, String, String)] = [
+                    ("install-2m", .install(prefetch: 1), "file.\(short).\(state).install-2m",
+                     "UffdKit InstallPolicy (WindowInstaller, 1 prefetch thread)"),
+                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).mapcopy-2m",
+                     "UffdKit ReadaheadPolicy(2 MiB) over CopyPolicy(FileSource .mapped): one copy"),
+                ]
+                for (vname, kind, baseline, note) in kits {
+                    let name = "kit.file.\(short).\(state).\(vname)"
+                    var pl = "H\(hc) F\(fc)"
+                    if case .install(let n) = kind, n > 0 { pl += " P\((hc + 1) % ncpu)" }
+                    cases.append(BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB", baseline: baseline,
+                                           placement: pl, note: note + (cold ? ", page cache dropped" : ""),
+                                           prepare: prepare, paired: true) {
+                        runKitFileLoad(kind, path: path, bytes: bytes, cold: cold, hc: hc, fc: fc)
+                    })
+                }
             }
         }
         return cases
@@ -391,6 +409,10 @@ func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, pair
             if mode == CUBENCH_LOAD_INSTALL {
                 counters["windows"] = Double(r.ioctls)
                 counters["hugeMiB"] = Double(p.huge_bytes >> 20)
+                // Where the installing threads' time went, ns per 4 KiB page (summed over threads).
+                counters["allocNsPerPage"] = Double(p.alloc_ns) / Double(r.pages)
+                counters["fillNsPerPage"] = Double(p.fill_ns) / Double(r.pages)
+                counters["placeNsPerPage"] = Double(p.place_ns) / Double(r.pages)
             }
             return .success(BenchSample(ns: r.ns, pages: r.pages, bytes: r.bytes, counters: counters))
         }

@@ -246,4 +246,32 @@ final class InstallPolicyTests: XCTestCase {
         XCTAssertEqual(memcmp(r.pointer, expected, length), 0)
         XCTAssertEqual(failures.count, 0)
     }
+
+    /// A readahead window across a VMA boundary inside the registered range (mprotect of one
+    /// page): the kernel refuses the whole window with ENOENT and no progress; the loop resolves
+    /// the faulting page alone instead of calling it gone and waking it into the same fault
+    /// forever (which the watchdog would report).
+    func testReadaheadWindowAcrossVMABoundaryIsResolved() throws {
+        let length = 2 * MiB
+        let r = try MappedRegion(.anonymous(), length: length)
+        try r.advise(MADV_NOHUGEPAGE)
+        XCTAssertEqual(mprotect(r.pointer + 100 * basePageSize, basePageSize, PROT_READ), 0)
+        let src = PatternSource(length: length, seed: 23)
+        var o = FaultHandler.Options()
+        o.fallback = .zeroFill
+        let s = try Session(r, options: o) { _ in
+            ReadaheadPolicy(CopyPolicy(region: r, source: src), window: .fixed(pages: 64))
+        }
+        let base = r.address
+        let finished = s.run(20) { _ = touch(base, length: length, threads: 1) }
+        let failures = s.handler.failures()
+        let st = s.finish()
+        XCTAssertTrue(finished)
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: basePageSize)
+        defer { expected.deallocate() }
+        fillPattern(expected, length, seed: 23)
+        XCTAssertEqual(memcmp(r.pointer, expected, length), 0)
+        XCTAssertEqual(failures.count, 0, "\(failures)")
+        XCTAssertEqual(st.fallbacks, 0)
+    }
 }

@@ -184,6 +184,7 @@ struct cubench_load_params {
     int32_t filler_cpu;
     uint32_t install_flags;  ///< INSTALL: enum cuffd_install_flags (CUFFD_INSTALL_COPY: no MOVE)
     uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
+    uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
 };
 
 /// Creates (or truncates) `path` with `bytes` of deterministic data. 0 or -errno.

@@ -54,6 +54,9 @@ public final class WindowInstaller: @unchecked Sendable {
         public var failed: Int
         /// Bytes installed.
         public var bytes: Int
+        /// Nanoseconds the installing threads spent populating donors (zeroed huge pages),
+        /// reading the image into them, and moving/copying them into place.
+        public var allocNs: UInt64 = 0, fillNs: UInt64 = 0, placeNs: UInt64 = 0
     }
 
     /// First byte the installer serves (a multiple of ``window``).
@@ -193,7 +196,8 @@ public final class WindowInstaller: @unchecked Sendable {
         cuffd_installer_stats(raw, &s)
         return Stats(moved: Int(s.moved), copied: Int(s.copied), fallbacks: Int(s.fallbacks),
                      prefetched: Int(s.prefetched), joined: Int(s.joined), stale: Int(s.stale),
-                     failed: Int(s.failed), bytes: Int(s.bytes))
+                     failed: Int(s.failed), bytes: Int(s.bytes), allocNs: s.alloc_ns, fillNs: s.fill_ns,
+                     placeNs: s.place_ns)
     }
 
     /// Bytes of the served range backed by huge pages now (its "AnonHugePages").
