@@ -26,6 +26,10 @@ import Musl
 /// at once (that install wakes the window whatever happens); EAGAIN (an event is unread) wakes
 /// the window and the threads re-fault after the event was read; a source error or another ioctl
 /// error is thrown: the caller resolves the faulting page (the handler's fallback).
+///
+/// Lifetime: the prefetch threads use the uffd's fd number; call ``stopPrefetching()`` (or let
+/// the installer go) before ``Userfaultfd/close()``, or a reused fd number could receive their
+/// ioctls.
 public final class WindowInstaller: @unchecked Sendable {
     /// How windows are installed.
     public enum Mode: Sendable, Hashable {
@@ -69,6 +73,8 @@ public final class WindowInstaller: @unchecked Sendable {
     public let mode: Mode
     /// The image.
     public let source: any PageSource
+    /// The userfaultfd the range is registered on (kept alive).
+    public let uffd: Userfaultfd
     private let raw: OpaquePointer
     private let box: Unmanaged<FillBox>
 
@@ -105,6 +111,7 @@ public final class WindowInstaller: @unchecked Sendable {
         self.window = window
         self.mode = mode
         self.source = source
+        self.uffd = uffd
         let box = Unmanaged.passRetained(FillBox(source: source, sourceOffset: sourceOffset))
         var cfg = cuffd_installer_config()
         cfg.uffd = uffd.fd
