@@ -7,7 +7,7 @@ SWIFT ?= swift
 CONFIG_FLAGS ?=
 TEST_FLAGS ?= --disable-swift-testing
 
-.PHONY: all deps build release run test test-c bench stress sanitize sanitize-asan sanitize-tsan clean
+.PHONY: all deps build release run test test-c bench stress sanitize sanitize-asan sanitize-tsan docs clean
 
 all: build
 
@@ -72,6 +72,15 @@ sanitize-tsan: deps
 	$(SWIFT) build --build-tests --sanitize=thread --scratch-path .build-tsan
 	TSAN_OPTIONS=halt_on_error=0:suppressions=$(CURDIR)/Tests/ReliabilityTests/tsan-suppressions.txt $(SWIFT) test --skip-build $(TEST_FLAGS) --sanitize=thread \
 		--scratch-path .build-tsan --filter '$(SANITIZE_TSAN_FILTER)' --skip '$(SANITIZE_TSAN_SKIP)'
+
+# The UffdKit documentation (DocC catalog Sources/UffdKit/UffdKit.docc plus the API's doc
+# comments) as a static site in .build/docs; a broken symbol link fails the build. The articles'
+# code samples are compiled and run by UffdKitTests.DocSampleTests.
+DOCS_DIR ?= .build/docs
+docs: deps
+	$(SWIFT) package --allow-writing-to-directory $(DOCS_DIR) generate-documentation --target UffdKit \
+		--output-path $(DOCS_DIR) --warnings-as-errors --disable-indexing --transform-for-static-hosting
+	@echo "documentation: $(DOCS_DIR)/index.html (serve the folder, e.g. python3 -m http.server -d $(DOCS_DIR))"
 
 clean:
 	rm -rf .build .build-*

@@ -3,6 +3,7 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -198,8 +199,6 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     return rc;
 }
 
-enum { CUFFD_OUTCOME_RETRY = 100 };
-
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
     int64_t done = 0;
@@ -264,12 +263,60 @@ static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
         else if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) st->faults_minor++;
         else st->faults_missing++;
         break;
-    case UFFD_EVENT_FORK: st->events[0]++; break;
-    case UFFD_EVENT_REMAP: st->events[1]++; break;
-    case UFFD_EVENT_REMOVE: st->events[2]++; break;
-    case UFFD_EVENT_UNMAP: st->events[3]++; break;
-    default: st->events[4]++; break;
+    case UFFD_EVENT_FORK: st->events[CUFFD_EVENT_SLOT_FORK]++; break;
+    case UFFD_EVENT_REMAP: st->events[CUFFD_EVENT_SLOT_REMAP]++; break;
+    case UFFD_EVENT_REMOVE: st->events[CUFFD_EVENT_SLOT_REMOVE]++; break;
+    case UFFD_EVENT_UNMAP: st->events[CUFFD_EVENT_SLOT_UNMAP]++; break;
+    default: st->events[CUFFD_EVENT_SLOT_OTHER]++; break;
     }
+}
+
+// A fault kept after EAGAIN is decided again (the event read meanwhile may have changed the
+// answer). When the new decision is the one that met EAGAIN, the kernel's partial progress
+// stands: go on at start+done instead of sending the done part again (which would end in EEXIST
+// on the first page and leave the rest unfilled).
+// Returns the bytes skipped (0: performed as decided).
+static uint64_t continue_partial(struct cuffd_resolution *r, const struct cuffd_resolution *prev) {
+    uint64_t done = prev->done > 0 ? (uint64_t)prev->done : 0;
+    if (!done || done >= prev->len || r->op != prev->op || r->dst != prev->dst || r->len != prev->len ||
+        r->src != prev->src || r->mode != prev->mode)
+        return 0;
+    r->dst += done;
+    r->len -= done;
+    if (r->op == CUFFD_OP_COPY || r->op == CUFFD_OP_MOVE) r->src += done;
+    return done;
+}
+
+// The decision a continued resolution came from, with all progress so far as `done`: what the
+// next round's decision is compared with.
+static struct cuffd_resolution as_decided(const struct cuffd_resolution *r, uint64_t skipped) {
+    struct cuffd_resolution d = *r;
+    d.dst -= skipped;
+    d.len += skipped;
+    if (d.op == CUFFD_OP_COPY || d.op == CUFFD_OP_MOVE) d.src -= skipped;
+    d.done = (int64_t)skipped + (r->done > 0 ? r->done : 0);
+    return d;
+}
+
+// How long poll() may sleep: until the earliest deadline of the deferred fetches, if any.
+static int poll_timeout(const struct cuffd_loop_config *cfg) {
+    uint64_t dl = cuffd_deferred_next_deadline(cfg->deferred);
+    if (dl == UINT64_MAX) return -1;
+    uint64_t now = cuffd_now_ns();
+    if (dl <= now) return 0;
+    uint64_t ms = (dl - now + 999999) / 1000000;
+    return ms > INT_MAX ? INT_MAX : (int)ms;
+}
+
+// Fetches past their deadline get the fallback; the owner hears of them through `complete`.
+static void expire_deferred(const struct cuffd_loop_config *cfg) {
+    struct uffd_msg m[8];
+    struct cuffd_resolution r[8];
+    size_t k;
+    do {
+        k = cuffd_deferred_expire(cfg->deferred, cuffd_now_ns(), m, r, 8);
+        if (k && cfg->complete) cfg->complete(cfg->ctx, m, r, k);
+    } while (k == 8);
 }
 
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
@@ -281,6 +328,8 @@ static void count_msg(struct cuffd_loop_stats *st, const struct uffd_msg *m) {
 int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats *st) {
     struct uffd_msg msgs[LOOP_CAP];
     struct cuffd_resolution res[LOOP_CAP];
+    struct cuffd_resolution kept_res[CUFFD_MAX_BATCH]; // what the kept faults met EAGAIN with
+    uint64_t skipped[CUFFD_MAX_BATCH];                 // progress carried into this round's kept faults
     uint8_t retry[LOOP_CAP] = {0};
     size_t batch = cfg->batch ? cfg->batch : 1;
     if (batch > CUFFD_MAX_BATCH) batch = CUFFD_MAX_BATCH;
@@ -305,7 +354,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                     if (poll(&sp, 1, 0) > 0 && (sp.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) stopping = true;
                 }
             } else {
-                int rc = poll(pfd, npfd, -1);
+                int rc = poll(pfd, npfd, cfg->deferred ? poll_timeout(cfg) : -1);
                 if (rc < 0) {
                     if (errno == EINTR) continue;
                     return -errno;
@@ -316,6 +365,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 if ((pfd[0].revents & POLLHUP) && !(pfd[0].revents & POLLIN)) return 0;
             }
         }
+        if (cfg->deferred) expire_deferred(cfg);
         size_t room = LOOP_CAP - pending;
         if (room > batch) room = batch;
         ssize_t n = room ? cuffd_read_msgs(cfg->uffd, msgs + pending, room) : 0;
@@ -337,6 +387,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         for (size_t i = pending; i < total; i++) count_msg(st, &msgs[i]);
         st->reads++;
         cfg->decide(cfg->ctx, msgs, res, total);
+        for (size_t i = 0; i < pending; i++) skipped[i] = continue_partial(&res[i], &kept_res[i]);
 
         size_t kept = 0;
         for (size_t i = 0; i < total; i++) {
@@ -347,12 +398,21 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 continue;
             }
             if (r->op < CUFFD_OP_COUNT) st->ops[r->op]++;
+            if (r->op == CUFFD_OP_DEFER) {
+                // The decider claimed the range in the in-flight table: its finisher (or the
+                // deadline, or a cancel) wakes this thread.
+                r->outcome = CUFFD_OUTCOME_DEFERRED;
+                r->end_ns = now;
+                continue;
+            }
             int outcome = cuffd_resolve_one(cfg->uffd, &msgs[i], r, cfg->fallback, cfg->features);
             r->end_ns = cuffd_now_ns();
             if (outcome == CUFFD_OUTCOME_RETRY) {
                 // The pending event (REMOVE, UNMAP, REMAP, FORK) must be read first; keep the
                 // fault for the next round. Overflow: wake it, it re-faults.
                 st->retries++;
+                // The bytes done before the EAGAIN are in place: count them now.
+                st->bytes += (uint64_t)(r->done > 0 ? r->done : 0);
                 r->outcome = CUFFD_OUTCOME_NONE;
                 r->error = EAGAIN;
                 if (!last_round && kept < CUFFD_MAX_BATCH) {
@@ -381,6 +441,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 if (!retry[i]) continue;
                 retry[i] = 0;
                 if (j != i) msgs[j] = msgs[i];
+                kept_res[j] = as_decided(&res[i], i < pending ? skipped[i] : 0);
                 j++;
             }
         }

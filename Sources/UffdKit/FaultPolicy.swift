@@ -26,6 +26,9 @@ public struct Resolution: Sendable, Hashable {
         case poison
         /// The policy could not resolve: the handler's fallback applies.
         case fail
+        /// Not yet: the policy claimed the range with ``FaultContext/deferFill(_:length:pageSize:)``
+        /// and its bytes are on their way (`CUFFD_OP_DEFER`).
+        case deferred
 
         /// The operation's name.
         public var description: String {
@@ -39,6 +42,7 @@ public struct Resolution: Sendable, Hashable {
             case .wake: "wake"
             case .poison: "poison"
             case .fail: "fail"
+            case .deferred: "deferred"
             }
         }
     }
@@ -112,6 +116,9 @@ public struct Resolution: Sendable, Hashable {
 
     /// Let the handler's fallback resolve the fault.
     public static let fail = Resolution(.fail)
+
+    /// Not yet: the fault waits for the fetch claimed by ``FaultContext/deferFill(_:length:pageSize:)``.
+    public static let deferred = Resolution(.deferred)
 }
 
 /// What a policy sees besides the fault: the reader thread it runs on and its scratch memory.
@@ -132,6 +139,11 @@ public struct FaultContext: @unchecked Sendable {
     @usableFromInline let scratchBase: UnsafeMutableRawPointer?
     /// Bytes of scratch per batch slot (the largest ``FaultPolicy/scratchBytes`` asked for).
     public let scratchSlotSize: Int
+    /// The handler run's table of deferred fetches (nil outside a handler). Unowned: the
+    /// reader that made this context keeps the table alive while it decides.
+    unowned(unsafe) var deferredTable: DeferredTable? = nil
+    /// The message being decided (set per fault by the reader; what ``deferFill(_:length:pageSize:)`` claims for).
+    var message: UnsafePointer<uffd_msg>? = nil
 
     /// Scratch memory private to this fault: valid until the batch's resolutions were performed.
     /// Its size is ``scratchSlotSize`` (the policy's ``FaultPolicy/scratchBytes``), page-aligned.

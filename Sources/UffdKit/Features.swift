@@ -8,39 +8,39 @@ public struct Features: OptionSet, Sendable, Hashable, CustomStringConvertible {
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     /// Write-protect faults are reported (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`).
-    public static let pagefaultFlagWP = Features(rawValue: 1 << 0)
+    public static let pagefaultFlagWP = Features(rawValue: UInt64(UFFD_FEATURE_PAGEFAULT_FLAG_WP))
     /// fork() hands the child's userfaultfd to the handler (`EVENT_FORK`).
-    public static let eventFork = Features(rawValue: 1 << 1)
+    public static let eventFork = Features(rawValue: UInt64(UFFD_FEATURE_EVENT_FORK))
     /// mremap() of registered memory is reported (`EVENT_REMAP`).
-    public static let eventRemap = Features(rawValue: 1 << 2)
+    public static let eventRemap = Features(rawValue: UInt64(UFFD_FEATURE_EVENT_REMAP))
     /// MADV_DONTNEED/MADV_REMOVE of registered memory is reported (`EVENT_REMOVE`).
-    public static let eventRemove = Features(rawValue: 1 << 3)
+    public static let eventRemove = Features(rawValue: UInt64(UFFD_FEATURE_EVENT_REMOVE))
     /// MISSING faults on hugetlbfs (`MISSING_HUGETLBFS`).
-    public static let missingHugetlbfs = Features(rawValue: 1 << 4)
+    public static let missingHugetlbfs = Features(rawValue: UInt64(UFFD_FEATURE_MISSING_HUGETLBFS))
     /// MISSING faults on shmem (`MISSING_SHMEM`).
-    public static let missingShmem = Features(rawValue: 1 << 5)
+    public static let missingShmem = Features(rawValue: UInt64(UFFD_FEATURE_MISSING_SHMEM))
     /// munmap() of registered memory is reported (`EVENT_UNMAP`).
-    public static let eventUnmap = Features(rawValue: 1 << 6)
+    public static let eventUnmap = Features(rawValue: UInt64(UFFD_FEATURE_EVENT_UNMAP))
     /// Faults raise SIGBUS instead of being queued (`SIGBUS`).
-    public static let sigbus = Features(rawValue: 1 << 7)
+    public static let sigbus = Features(rawValue: UInt64(UFFD_FEATURE_SIGBUS))
     /// Faults carry the faulting thread's id (`THREAD_ID`).
-    public static let threadID = Features(rawValue: 1 << 8)
+    public static let threadID = Features(rawValue: UInt64(UFFD_FEATURE_THREAD_ID))
     /// MINOR faults on hugetlbfs (`MINOR_HUGETLBFS`).
-    public static let minorHugetlbfs = Features(rawValue: 1 << 9)
+    public static let minorHugetlbfs = Features(rawValue: UInt64(UFFD_FEATURE_MINOR_HUGETLBFS))
     /// MINOR faults on shmem (`MINOR_SHMEM`).
-    public static let minorShmem = Features(rawValue: 1 << 10)
+    public static let minorShmem = Features(rawValue: UInt64(UFFD_FEATURE_MINOR_SHMEM))
     /// Fault addresses are exact, not page-aligned (`EXACT_ADDRESS`).
-    public static let exactAddress = Features(rawValue: 1 << 11)
+    public static let exactAddress = Features(rawValue: UInt64(UFFD_FEATURE_EXACT_ADDRESS))
     /// Write-protect on hugetlbfs and shmem (`WP_HUGETLBFS_SHMEM`).
-    public static let wpHugetlbfsShmem = Features(rawValue: 1 << 12)
+    public static let wpHugetlbfsShmem = Features(rawValue: UInt64(UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
     /// Write-protect also applies to unpopulated pages (`WP_UNPOPULATED`).
-    public static let wpUnpopulated = Features(rawValue: 1 << 13)
+    public static let wpUnpopulated = Features(rawValue: UInt64(UFFD_FEATURE_WP_UNPOPULATED))
     /// UFFDIO_POISON (`POISON`).
-    public static let poison = Features(rawValue: 1 << 14)
+    public static let poison = Features(rawValue: UInt64(UFFD_FEATURE_POISON))
     /// Write-protect faults are resolved by the kernel; read dirty pages with PAGEMAP_SCAN (`WP_ASYNC`).
-    public static let wpAsync = Features(rawValue: 1 << 15)
+    public static let wpAsync = Features(rawValue: UInt64(UFFD_FEATURE_WP_ASYNC))
     /// UFFDIO_MOVE (`MOVE`).
-    public static let move = Features(rawValue: 1 << 16)
+    public static let move = Features(rawValue: UInt64(UFFD_FEATURE_MOVE))
 
     /// Every event feature (fork, remap, remove, unmap).
     public static let allEvents: Features = [.eventFork, .eventRemap, .eventRemove, .eventUnmap]
@@ -66,11 +66,11 @@ public struct RegisterMode: OptionSet, Sendable, Hashable, CustomStringConvertib
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     /// Faults on pages that are not populated.
-    public static let missing = RegisterMode(rawValue: 1 << 0)
+    public static let missing = RegisterMode(rawValue: UInt64(UFFDIO_REGISTER_MODE_MISSING))
     /// Write faults on write-protected pages.
-    public static let writeProtect = RegisterMode(rawValue: 1 << 1)
+    public static let writeProtect = RegisterMode(rawValue: UInt64(UFFDIO_REGISTER_MODE_WP))
     /// Faults on pages present in the page cache but not mapped (shmem/hugetlb).
-    public static let minor = RegisterMode(rawValue: 1 << 2)
+    public static let minor = RegisterMode(rawValue: UInt64(UFFDIO_REGISTER_MODE_MINOR))
 
     /// `missing`, `writeProtect`, `minor` joined by `|`.
     public var description: String {
@@ -78,7 +78,7 @@ public struct RegisterMode: OptionSet, Sendable, Hashable, CustomStringConvertib
         if contains(.missing) { parts.append("missing") }
         if contains(.writeProtect) { parts.append("writeProtect") }
         if contains(.minor) { parts.append("minor") }
-        let rest = rawValue & ~0x7
+        let rest = rawValue & ~RegisterMode([.missing, .writeProtect, .minor]).rawValue
         if rest != 0 { parts.append("0x" + String(rest, radix: 16)) }
         return parts.isEmpty ? "[]" : parts.joined(separator: "|")
     }
@@ -92,25 +92,25 @@ public struct Ioctls: OptionSet, Sendable, Hashable, CustomStringConvertible {
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     /// UFFDIO_REGISTER.
-    public static let register = Ioctls(rawValue: 1 << 0x00)
+    public static let register = Ioctls(rawValue: 1 << UInt64(_UFFDIO_REGISTER))
     /// UFFDIO_UNREGISTER.
-    public static let unregister = Ioctls(rawValue: 1 << 0x01)
+    public static let unregister = Ioctls(rawValue: 1 << UInt64(_UFFDIO_UNREGISTER))
     /// UFFDIO_WAKE.
-    public static let wake = Ioctls(rawValue: 1 << 0x02)
+    public static let wake = Ioctls(rawValue: 1 << UInt64(_UFFDIO_WAKE))
     /// UFFDIO_COPY.
-    public static let copy = Ioctls(rawValue: 1 << 0x03)
+    public static let copy = Ioctls(rawValue: 1 << UInt64(_UFFDIO_COPY))
     /// UFFDIO_ZEROPAGE.
-    public static let zeropage = Ioctls(rawValue: 1 << 0x04)
+    public static let zeropage = Ioctls(rawValue: 1 << UInt64(_UFFDIO_ZEROPAGE))
     /// UFFDIO_MOVE.
-    public static let move = Ioctls(rawValue: 1 << 0x05)
+    public static let move = Ioctls(rawValue: 1 << UInt64(_UFFDIO_MOVE))
     /// UFFDIO_WRITEPROTECT.
-    public static let writeProtect = Ioctls(rawValue: 1 << 0x06)
+    public static let writeProtect = Ioctls(rawValue: 1 << UInt64(_UFFDIO_WRITEPROTECT))
     /// UFFDIO_CONTINUE.
-    public static let `continue` = Ioctls(rawValue: 1 << 0x07)
+    public static let `continue` = Ioctls(rawValue: 1 << UInt64(_UFFDIO_CONTINUE))
     /// UFFDIO_POISON.
-    public static let poison = Ioctls(rawValue: 1 << 0x08)
+    public static let poison = Ioctls(rawValue: 1 << UInt64(_UFFDIO_POISON))
     /// UFFDIO_API.
-    public static let api = Ioctls(rawValue: 1 << 0x3F)
+    public static let api = Ioctls(rawValue: 1 << UInt64(_UFFDIO_API))
 
     /// The ioctl names of the set bits, e.g. `[COPY, ZEROPAGE, WAKE]`.
     public var names: [String] {

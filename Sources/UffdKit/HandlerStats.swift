@@ -39,8 +39,26 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
     public var failures: UInt64 = 0
     /// Faults resolved while stopping.
     public var stopDrained: UInt64 = 0
+    /// Deferred fetches begun (ranges; ``FaultContext/deferFill(_:length:pageSize:)`` returning `.fetch`).
+    public var deferredFetches: UInt64 = 0
+    /// Faults that joined a fetch already in flight (single flight).
+    public var deferredJoined: UInt64 = 0
+    /// Deferred fetches delivered and copied in (their bytes count in ``bytes``; EEXIST, gone,
+    /// fallback and failure outcomes count in ``existed``, ``gone``, ``fallbacks``, ``failures``).
+    public var deferredResolved: UInt64 = 0
+    /// Deferred fetches that missed their deadline (the fallback applied).
+    public var deferredExpired: UInt64 = 0
+    /// Deferred fetches still in flight when the handler stopped (their ranges were woken).
+    public var deferredCancelled: UInt64 = 0
+    /// Deliveries refused: after the deadline, after a stop, or a second one.
+    public var deferredLate: UInt64 = 0
+    /// Deferrals refused because ``FaultHandler/Options/maxDeferredFetches`` were in flight.
+    public var deferredFull: UInt64 = 0
+    /// Deferred fetches in flight when the stats were taken.
+    public var deferredInFlight: UInt64 = 0
     /// Nanoseconds from reading a fault's batch to the end of its resolution, one sample per
-    /// resolution.
+    /// resolution; for a deferred fetch, from claiming its range to finishing it (one sample
+    /// per fetch, however many faults joined it).
     public var latency: Histogram<UInt64> = HandlerStats.makeHistogram()
 
     /// Creates empty stats.
@@ -62,11 +80,14 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         missingFaults += s.faults_missing
         writeProtectFaults += s.faults_wp
         minorFaults += s.faults_minor
-        forkEvents += s.events.0
-        remapEvents += s.events.1
-        removeEvents += s.events.2
-        unmapEvents += s.events.3
-        otherEvents += s.events.4
+        withUnsafeBytes(of: s.events) { raw in
+            let ev = raw.bindMemory(to: UInt64.self)
+            forkEvents += ev[Int(CUFFD_EVENT_SLOT_FORK.rawValue)]
+            remapEvents += ev[Int(CUFFD_EVENT_SLOT_REMAP.rawValue)]
+            removeEvents += ev[Int(CUFFD_EVENT_SLOT_REMOVE.rawValue)]
+            unmapEvents += ev[Int(CUFFD_EVENT_SLOT_UNMAP.rawValue)]
+            otherEvents += ev[Int(CUFFD_EVENT_SLOT_OTHER.rawValue)]
+        }
         withUnsafeBytes(of: s.ops) { raw in
             let ops = raw.bindMemory(to: UInt64.self)
             for (i, c) in ops.enumerated() where c != 0 {
@@ -82,6 +103,23 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         stopDrained += s.stop_drained
     }
 
+    mutating func add(_ d: cuffd_deferred_stats) {
+        deferredFetches += d.fetches
+        deferredJoined += d.joined
+        deferredResolved += d.resolved
+        bytes += d.bytes
+        existed += d.existed
+        gone += d.gone
+        retries += d.retries
+        fallbacks += d.fallbacks
+        failures += d.failures
+        deferredExpired += d.expired
+        deferredCancelled += d.cancelled
+        deferredLate += d.late
+        deferredFull += d.full
+        deferredInFlight += d.in_flight
+    }
+
     /// Adds another handler's stats (e.g. a forked child's).
     public mutating func add(_ o: HandlerStats) {
         reads += o.reads; messages += o.messages
@@ -91,6 +129,10 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         for (k, v) in o.resolutions { resolutions[k, default: 0] += v }
         bytes += o.bytes; existed += o.existed; gone += o.gone; retries += o.retries
         fallbacks += o.fallbacks; failures += o.failures; stopDrained += o.stopDrained
+        deferredFetches += o.deferredFetches; deferredJoined += o.deferredJoined
+        deferredResolved += o.deferredResolved; deferredExpired += o.deferredExpired
+        deferredCancelled += o.deferredCancelled; deferredLate += o.deferredLate
+        deferredFull += o.deferredFull; deferredInFlight += o.deferredInFlight
         latency.add(o.latency)
     }
 
@@ -101,6 +143,10 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         s += " events fork=\(forkEvents) remap=\(remapEvents) remove=\(removeEvents) unmap=\(unmapEvents)"
         s += " ops[\(ops.joined(separator: " "))] bytes=\(bytes) existed=\(existed) gone=\(gone)"
         s += " retries=\(retries) fallbacks=\(fallbacks) failures=\(failures)"
+        if deferredFetches > 0 {
+            s += " deferred fetches=\(deferredFetches) joined=\(deferredJoined) resolved=\(deferredResolved)"
+            s += " expired=\(deferredExpired) cancelled=\(deferredCancelled) late=\(deferredLate)"
+        }
         if latency.totalCount > 0 {
             s += " latency p50=\(latency.valueAtPercentile(50))ns p99=\(latency.valueAtPercentile(99))ns"
         }

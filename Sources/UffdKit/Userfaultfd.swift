@@ -11,7 +11,8 @@ import Musl
 /// An open userfaultfd after the UFFDIO_API handshake. Owns the fd and closes it on deinit
 /// (closing wakes every blocked thread; their faults then resolve as if never registered).
 ///
-/// Addresses are `UInt` (what the kernel sees); overloads take `UnsafeRawPointer` + count.
+/// Every verb has one spelling: an address (`UInt`, what the kernel sees) and a `length`;
+/// for a pointer write `UInt(bitPattern: p)`, for a whole region pass the ``MappedRegion``.
 /// Every resolve operation returns the bytes done or throws ``UffdError`` with
 /// `bytesDone` set to the partial progress.
 public final class Userfaultfd: Sendable {
@@ -76,11 +77,23 @@ public final class Userfaultfd: Sendable {
         self.openedThroughDevice = path == Int32(CUFFD_OPEN_DEVICE.rawValue)
     }
 
-    /// Adopts an fd that already did the API handshake (e.g. the child's fd from a fork event).
-    init(adopting fd: Int32, features: Features, userModeOnly: Bool) {
+    /// Takes ownership of a userfaultfd that already had its UFFDIO_API handshake: one received
+    /// from another process over a UNIX socket (SCM_RIGHTS), or a forked child's fd.
+    /// `features` are the ones the handshake enabled (what the sender negotiated): the kernel
+    /// has no call that reports them again. The fd is closed on deinit like any other.
+    /// ``ioctls`` is the fd-level set every handshake reports (API, REGISTER, UNREGISTER).
+    /// Assumes the fd handles kernel-mode faults too (the kernel cannot be asked); use
+    /// ``init(adopting:features:userModeOnly:)`` when the sender says otherwise.
+    public convenience init(adopting fd: Int32, features: Features) {
+        self.init(adopting: fd, features: features, userModeOnly: false)
+    }
+
+    /// Takes ownership of a userfaultfd that already had its UFFDIO_API handshake, with what
+    /// its opener knows: the enabled `features` and whether it was opened UFFD_USER_MODE_ONLY.
+    public init(adopting fd: Int32, features: Features, userModeOnly: Bool) {
         self._fd = Atomic(fd)
         self.features = features
-        self.ioctls = []
+        self.ioctls = [.api, .register, .unregister]
         self.userModeOnly = userModeOnly
         self.openedThroughDevice = false
     }
@@ -117,16 +130,15 @@ public final class Userfaultfd: Sendable {
         return Ioctls(rawValue: mask)
     }
 
-    /// Registers `count` bytes at `pointer` for `modes`; returns the range's ioctls.
-    @discardableResult
-    public func register(_ pointer: UnsafeRawPointer, count: Int, modes: RegisterMode) throws(UffdError) -> Ioctls {
-        try register(UInt(bitPattern: pointer), length: count, modes: modes)
-    }
-
     /// Registers a whole mapped region for `modes`; returns the range's ioctls.
     @discardableResult
     public func register(_ region: MappedRegion, modes: RegisterMode) throws(UffdError) -> Ioctls {
         try register(region.address, length: region.length, modes: modes)
+    }
+
+    /// Unregisters a whole mapped region.
+    public func unregister(_ region: MappedRegion) throws(UffdError) {
+        try unregister(region.address, length: region.length)
     }
 
     /// Unregisters `[start, start+length)`.
@@ -152,14 +164,6 @@ public final class Userfaultfd: Sendable {
         if writeProtect { mode |= UInt64(UFFDIO_COPY_MODE_WP) }
         let rc = cuffd_copy(fd, UInt64(destination), UInt64(source), UInt64(length), mode, &d)
         return try done(.copy, rc, d, destination, length)
-    }
-
-    /// UFFDIO_COPY from a buffer.
-    @discardableResult
-    public func copy(to destination: UnsafeRawPointer, from source: UnsafeRawPointer, count: Int,
-                     dontWake: Bool = false, writeProtect: Bool = false) throws(UffdError) -> Int {
-        try copy(to: UInt(bitPattern: destination), from: UInt(bitPattern: source), length: count,
-                 dontWake: dontWake, writeProtect: writeProtect)
     }
 
     /// UFFDIO_ZEROPAGE: maps zero pages on `[start, start+length)`.
@@ -217,55 +221,6 @@ public final class Userfaultfd: Sendable {
     public func wake(_ start: UInt, length: Int) throws(UffdError) {
         let rc = cuffd_wake(fd, UInt64(start), UInt64(length))
         guard rc == 0 else { throw UffdError(.wake, rc: rc, detail: "\(hex(start))+\(length)") }
-    }
-
-    // MARK: Pointer forms
-
-    /// UFFDIO_ZEROPAGE on `count` bytes at `pointer`.
-    @discardableResult
-    public func zeropage(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) -> Int {
-        try zeropage(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
-    }
-
-    /// UFFDIO_MOVE of `count` bytes from `source` to `destination`.
-    @discardableResult
-    public func move(to destination: UnsafeRawPointer, from source: UnsafeRawPointer, count: Int,
-                     dontWake: Bool = false, allowSourceHoles: Bool = false) throws(UffdError) -> Int {
-        try move(to: UInt(bitPattern: destination), from: UInt(bitPattern: source), length: count,
-                 dontWake: dontWake, allowSourceHoles: allowSourceHoles)
-    }
-
-    /// UFFDIO_CONTINUE on `count` bytes at `pointer`.
-    @discardableResult
-    public func `continue`(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false,
-                           writeProtect: Bool = false) throws(UffdError) -> Int {
-        try self.continue(UInt(bitPattern: pointer), length: count, dontWake: dontWake, writeProtect: writeProtect)
-    }
-
-    /// UFFDIO_POISON on `count` bytes at `pointer`.
-    @discardableResult
-    public func poison(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) -> Int {
-        try poison(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
-    }
-
-    /// UFFDIO_WRITEPROTECT set on `count` bytes at `pointer`.
-    public func writeProtect(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
-        try writeProtect(UInt(bitPattern: pointer), length: count)
-    }
-
-    /// UFFDIO_WRITEPROTECT clear on `count` bytes at `pointer`.
-    public func unprotect(_ pointer: UnsafeRawPointer, count: Int, dontWake: Bool = false) throws(UffdError) {
-        try unprotect(UInt(bitPattern: pointer), length: count, dontWake: dontWake)
-    }
-
-    /// UFFDIO_WAKE on `count` bytes at `pointer`.
-    public func wake(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
-        try wake(UInt(bitPattern: pointer), length: count)
-    }
-
-    /// UFFDIO_UNREGISTER of `count` bytes at `pointer`.
-    public func unregister(_ pointer: UnsafeRawPointer, count: Int) throws(UffdError) {
-        try unregister(UInt(bitPattern: pointer), length: count)
     }
 
     // MARK: Messages

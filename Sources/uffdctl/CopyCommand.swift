@@ -53,10 +53,6 @@ struct CopyCommand: ParsableCommand {
         try session.checkHugePages(size)
         let window = try readaheadWindow(readahead, pageSize: pageSize)
 
-        let region = try SessionSteps.map(memory, length: size)
-        let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory))
-        try SessionSteps.register(uffd, region, modes: .missing, needed: .copy, memory: memory)
-
         let pageSource: any PageSource
         let expected: ExpectedContent
         switch parsed {
@@ -74,40 +70,35 @@ struct CopyCommand: ParsableCommand {
             }
             expected = .file(fd: fileFD, length: fileLength)
         }
-        let inner = CopyPolicy(region: region, source: pageSource)
-        var policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
-        if let failPages {
-            let pages = try failPages.split(separator: ",").map { t throws(CLIError) -> Int in
+        let failing = try failPages.map { list throws(CLIError) in
+            try list.split(separator: ",").map { t throws(CLIError) -> Int in
                 guard let n = Int(t), n >= 0, n < size / pageSize else { throw .usage("--fail-pages: bad page index '\(t)'") }
                 return n
             }
-            policy = FailingPolicy(failing: Set(pages.map { region.address + UInt($0 * pageSize) }), pageSize: pageSize, otherwise: policy)
         }
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
-        defer { handler.stop() }
 
-        let actions = uniformActions(pages: size / basePageSize, write: session.write)
-        let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions, pin: session.pin)
-        let outcome = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "copy"))
-        let verification = try verifyRegion(base: region.address, length: size, expected: expected, actions: actions)
-        handler.stop()
-
-        var report = SessionReport(operation: "copy", memory: memory, size: size, pageSize: pageSize,
-                                   threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: handler.stats(),
-                                   verification: verification, expectedName: expected.name)
-        report.firstFailure = handler.failures().first?.description
-        report.extra["source"] = source
-        report.extra["readahead"] = readaheadName(window, pageSize: pageSize)
-        var line = "source       \(source), readahead \(readaheadName(window, pageSize: pageSize))"
-        if case .file = parsed {
-            report.extra["file_bytes"] = fileLength
-            line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+        var plan = SessionPlan("copy", options: session, memory: memory, size: size, handling: .handler(
+            features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: .copy,
+            policy: { s in
+                let inner = CopyPolicy(region: s.region, source: pageSource)
+                let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+                guard let failing else { return policy }
+                return FailingPolicy(failing: Set(failing.map { s.region.address + UInt($0 * pageSize) }),
+                                     pageSize: pageSize, otherwise: policy)
+            }), expected: expected)
+        let source = self.source
+        plan.finish = { _, notes in
+            let ra = readaheadName(window, pageSize: pageSize)
+            notes.details["source"] = .string(source)
+            notes.details["readahead"] = .string(ra)
+            var line = "source       \(source), readahead \(ra)"
+            if case .file = parsed {
+                notes.details["file_bytes"] = .int(fileLength)
+                line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+            }
+            notes.lines.append(line)
         }
-        report.lines.append(line)
-        try report.emit(json: session.json)
+        try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 }
 

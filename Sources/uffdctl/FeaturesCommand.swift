@@ -1,6 +1,6 @@
 import ArgumentParser
-import CUffd
 import Foundation
+import UffdKit
 
 /// `uffdctl features`: what this kernel offers and who may use it here.
 struct FeaturesCommand: ParsableCommand {
@@ -8,8 +8,8 @@ struct FeaturesCommand: ParsableCommand {
         commandName: "features",
         abstract: "Kernel release, UFFD API, every feature bit and ioctl, and who may use userfaultfd here.",
         discussion: """
-            Probes the kernel with UFFDIO_API on a throwaway fd, registers a small region to list \
-            the per-range ioctls, and reads the settings that decide access: \
+            Probes the kernel with UFFDIO_API on a throwaway fd, registers a small region of each \
+            memory type to list the per-range ioctls, and reads the settings that decide access: \
             vm.unprivileged_userfaultfd, /dev/userfaultfd, THP and huge page state. Ends with \
             verdicts and, where something is not allowed, the exact fix. Exits 3 when this user \
             cannot open a userfaultfd at all.
@@ -74,7 +74,12 @@ struct FeatureReport: Codable {
     var features: [Feature]
     var unknownFeatureBits: [Int]
     var ioctls: [String]
+    /// Per memory type: the ioctls of a range registered for every mode that memory takes.
     var rangeIoctls: [String: [String]]
+    /// Per memory type: the modes of that probe registration.
+    var rangeModes: [String: String]
+    /// Per memory type whose probe failed: why (e.g. hugetlb with no free huge pages).
+    var rangeProbeErrors: [String: String]
     var environment: Environment
     var verdicts: [String]
 
@@ -83,24 +88,42 @@ struct FeatureReport: Codable {
         uname(&uts)
         let release = withUnsafeBytes(of: &uts.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
 
-        var available: UInt64 = 0
-        var ioctlMask: UInt64 = 0
-        let rc = cuffd_probe(&available, &ioctlMask)
-        var features: [Feature] = []
-        for bit in 0..<64 {
-            guard let name = cuffd_feature_name(UInt32(bit)) else { continue }
-            features.append(Feature(name: String(cString: name), bit: bit, supported: rc == 0 && available & (1 << UInt64(bit)) != 0))
+        let probe: FeatureProbe?
+        var probeError: String?
+        do {
+            probe = try FeatureProbe()
+        } catch {
+            probe = nil
+            probeError = "UFFDIO_API probe failed: \(errnoName(error.errno.rawValue))"
         }
-        let unknown = (0..<64).filter { cuffd_feature_name(UInt32($0)) == nil && available & (1 << UInt64($0)) != 0 }
+        let offered = probe?.features ?? []
+        let features = Features.known.bits.map { bit in
+            let f = Features(rawValue: 1 << UInt64(bit))
+            return Feature(name: f.names.first ?? "bit \(bit)", bit: bit, supported: offered.contains(f))
+        }
+        var ranges: [String: [String]] = [:], modes: [String: String] = [:], errors: [String: String] = [:]
+        if let probe {
+            for memory in MemoryType.allCases {
+                let m = FeatureProbe.modes(for: memory.kind)
+                do {
+                    ranges[memory.rawValue] = try probe.rangeIoctls(memory.kind, modes: m).names
+                    modes[memory.rawValue] = m.description
+                } catch {
+                    errors[memory.rawValue] = "\(error)"
+                }
+            }
+        }
         let env = Environment.gather()
         var report = FeatureReport(
             kernel: release,
-            api: rc == 0 ? 0xAA : 0,
-            probeError: rc == 0 ? nil : "UFFDIO_API probe failed: \(errnoName(-rc))",
+            api: probe == nil ? 0 : FeatureProbe.apiVersion,
+            probeError: probeError,
             features: features,
-            unknownFeatureBits: unknown,
-            ioctls: ioctlNames(ioctlMask),
-            rangeIoctls: rc == 0 ? rangeIoctlTable() : [:],
+            unknownFeatureBits: offered.subtracting(.known).bits,
+            ioctls: probe?.ioctls.names ?? [],
+            rangeIoctls: ranges,
+            rangeModes: modes,
+            rangeProbeErrors: errors,
             environment: env,
             verdicts: []
         )
@@ -127,9 +150,13 @@ struct FeatureReport: Codable {
             out += "  unknown bits offered by this kernel: \(unknownFeatureBits.map(String.init).joined(separator: ", "))\n"
         }
         out += "\nioctls (fd)       \(ioctls.joined(separator: " "))\n"
-        for key in rangeIoctls.keys.sorted() {
-            out += "ioctls (\(key))".padding(toLength: 18, withPad: " ", startingAt: 0)
-            out += (rangeIoctls[key] ?? []).joined(separator: " ") + "\n"
+        for memory in MemoryType.allCases.map(\.rawValue) {
+            out += "ioctls (\(memory))".padding(toLength: 24, withPad: " ", startingAt: 0)
+            if let names = rangeIoctls[memory] {
+                out += names.joined(separator: " ") + "  (range registered \(rangeModes[memory] ?? "?"))\n"
+            } else {
+                out += "not probed: \(rangeProbeErrors[memory] ?? "no userfaultfd")\n"
+            }
         }
         let e = environment
         out += "\nenvironment\n"
@@ -204,24 +231,24 @@ extension FeatureReport.Environment {
             uid: uid,
             unprivilegedUserfaultfd: unpriv,
             device: device,
-            userModeFaults: tryOpen(flags: Int32(CUFFD_OPEN_USER_MODE_ONLY.rawValue), fix: fixUser),
-            kernelFaults: tryOpen(flags: 0, fix: fixKernel),
+            userModeFaults: tryOpen([], fix: fixUser),
+            kernelFaults: tryOpen(.kernelFaults, fix: fixKernel),
             thp: bracketed(readFile("/sys/kernel/mm/transparent_hugepage/enabled")),
             shmemThp: bracketed(readFile("/sys/kernel/mm/transparent_hugepage/shmem_enabled")),
-            hugePageSizeKiB: cuffd_hugepage_size() / 1024,
+            hugePageSizeKiB: UInt64(UffdKit.hugePageSize ?? 0) / 1024,
             hugePagesTotal: meminfo("HugePages_Total"),
             hugePagesFree: meminfo("HugePages_Free")
         )
     }
 
-    private static func tryOpen(flags: Int32, fix: String) -> FeatureReport.Access {
-        var path: Int32 = 0
-        let fd = cuffd_open(flags, &path, nil)
-        if fd >= 0 {
-            close(fd)
-            return .init(allowed: true, detail: path == Int32(CUFFD_OPEN_DEVICE.rawValue) ? "/dev/userfaultfd" : "syscall", fix: nil)
+    /// Opens (and closes) a userfaultfd with `options`: who may, and through which path.
+    private static func tryOpen(_ options: Userfaultfd.Options, fix: String) -> FeatureReport.Access {
+        do {
+            let uffd = try Userfaultfd(features: [], options: options)
+            return .init(allowed: true, detail: uffd.openedThroughDevice ? "/dev/userfaultfd" : "syscall", fix: nil)
+        } catch {
+            return .init(allowed: false, detail: "refused: \(errnoName(error.errno.rawValue))", fix: fix)
         }
-        return .init(allowed: false, detail: "refused: \(errnoName(-fd))", fix: fix)
     }
 }
 
@@ -263,39 +290,4 @@ private func userName(_ uid: uid_t) -> String {
 private func groupName(_ gid: gid_t) -> String {
     guard let gr = getgrgid(gid) else { return String(gid) }
     return String(cString: gr.pointee.gr_name)
-}
-
-/// Names of the ioctls set in a mask.
-func ioctlNames(_ mask: UInt64) -> [String] {
-    (0..<64).compactMap { bit in
-        guard mask & (1 << UInt64(bit)) != 0 else { return nil }
-        return cuffd_ioctl_name(UInt32(bit)).map { String(cString: $0) } ?? "bit\(bit)"
-    }
-}
-
-/// The ioctls the kernel offers on a registered range, per memory type and mode.
-private func rangeIoctlTable() -> [String: [String]] {
-    var table: [String: [String]] = [:]
-    let modes: UInt64 = 1 | 2 // MISSING | WP
-    var probeFeatures: UInt64 = 0
-    _ = cuffd_probe(&probeFeatures, nil)
-    for (name, kind, extra) in [("anon", CUFFD_MEM_ANON, UInt64(0)), ("shmem", CUFFD_MEM_SHMEM, UInt64(4))] {
-        var path: Int32 = 0
-        let fd = cuffd_open(Int32(CUFFD_OPEN_USER_MODE_ONLY.rawValue | CUFFD_OPEN_ALLOW_KERNEL_FAULTS.rawValue), &path, nil)
-        guard fd >= 0 else { continue }
-        defer { close(fd) }
-        // No event features: with EVENT_UNMAP the munmap below would wait for a reader.
-        let noEvents = ~UInt64(UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE
-            | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_SIGBUS | UFFD_FEATURE_WP_ASYNC)
-        guard cuffd_api(fd, probeFeatures & UInt64(CUFFD_KNOWN_FEATURES) & noEvents, nil, nil) == 0 else { continue }
-        var region = cuffd_region()
-        guard cuffd_region_map(Int32(kind.rawValue), 2 * cuffd_page_size(), false, &region) == 0 else { continue }
-        defer { cuffd_region_unmap(&region) }
-        var mask: UInt64 = 0
-        let m = modes | extra
-        if cuffd_register(fd, UInt64(UInt(bitPattern: region.addr)), region.len, m, &mask) == 0 {
-            table[name] = ioctlNames(mask)
-        }
-    }
-    return table
 }

@@ -44,70 +44,52 @@ struct MoveCommand: ParsableCommand {
         }
         fillPattern(donor.pointer, offset: 0, count: size)
 
-        let region = try SessionSteps.map(.anon, length: size, thpAligned: huge)
-        if huge { try? region.advise(MADV_HUGEPAGE) }
-        let uffd = try SessionSteps.open(features: .move)
-        try SessionSteps.register(uffd, region, modes: .missing, needed: .move, memory: .anon)
-        let policy: MovePolicy
-        do {
-            policy = try MovePolicy(region: region, donor: donor, granule: granule)
-        } catch {
-            throw cliError(error, what: "creating the move policy")
+        var moved: MovePolicy?
+        var plan = SessionPlan("move", options: session, memory: .anon, size: size, handling: .handler(
+            features: .move, modes: .missing, needed: .move,
+            policy: { s in
+                do throws(UffdError) {
+                    moved = try MovePolicy(region: s.region, donor: donor, granule: granule)
+                    return moved!
+                } catch {
+                    throw cliError(error, what: "creating the move policy")
+                }
+            }), expected: .pattern(seed: 0x5EED), expectedName: "the pattern moved from the donor")
+        plan.pageSize = granule
+        plan.thpAligned = huge
+        plan.prepare = { region in if huge { try? region.advise(MADV_HUGEPAGE) } }
+        plan.finish = { s, notes in
+            let movedGranules = moved?.movedGranules ?? 0
+            notes.details["granule"] = .int(granule)
+            notes.details["moved_granules"] = .int(movedGranules)
+            notes.lines.append("donor        \(movedGranules) of \(size / granule) granules of \(formatBytes(granule)) moved")
+            guard compareCopy else { return }
+            let copy = try SessionRunner.run(Self.copyPlan(size: size, granule: granule, huge: huge, options: session), options: session)
+            let ratio = s.seconds > 0 ? copy.seconds / s.seconds : 0
+            notes.details["compare_copy"] = .object([
+                "seconds": .double(copy.seconds),
+                "gbps": .double(copy.gbps),
+                "faults": .int(Int(copy.faults)),
+                "verified": .bool(copy.verified),
+                "copy_over_move": .double(ratio),
+            ])
+            notes.lines.append(String(format: "compare      COPY %.3f s (%.3f GB/s, %llu faults) vs MOVE %.3f s: MOVE is %.2fx the speed of COPY",
+                                      copy.seconds, copy.gbps, copy.faults, s.seconds, ratio))
+            notes.checks.append(.init(key: "copy_verified", text: "the COPY comparison run verified", ok: copy.verified))
         }
-        let moveRun = try runFill(region: region, uffd: uffd, policy: policy, label: "move")
-
-        var report = SessionReport(operation: "move", memory: .anon, size: size, pageSize: granule,
-                                   threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, pin: session.pin, seconds: moveRun.seconds, stats: moveRun.stats,
-                                   verification: moveRun.verification, expectedName: "the pattern moved from the donor")
-        report.firstFailure = moveRun.firstFailure
-        report.extra["granule"] = granule
-        report.extra["moved_granules"] = policy.movedGranules
-        report.lines.append("donor        \(policy.movedGranules) of \(size / granule) granules of \(formatBytes(granule)) moved")
-
-        if compareCopy {
-            let copyRegion = try SessionSteps.map(.anon, length: size, thpAligned: huge)
-            if huge { try? copyRegion.advise(MADV_HUGEPAGE) }
-            let copyFD = try SessionSteps.open(features: [])
-            try SessionSteps.register(copyFD, copyRegion, modes: .missing, needed: .copy, memory: .anon)
-            let image = MemorySource(length: size) { fillPattern($0.baseAddress!, offset: 0, count: size) }
-            let copyPolicy = CopyPolicy(start: copyRegion.address, length: size, source: image, pageSize: granule)
-            let copyRun = try runFill(region: copyRegion, uffd: copyFD, policy: copyPolicy, label: "copy")
-            let ratio = moveRun.seconds > 0 ? copyRun.seconds / moveRun.seconds : 0
-            report.extra["compare_copy"] = [
-                "seconds": copyRun.seconds,
-                "gbps": copyRun.seconds > 0 ? Double(size) / copyRun.seconds / 1e9 : 0,
-                "faults": copyRun.stats.faults,
-                "verified": copyRun.verification.ok,
-                "copy_over_move": ratio,
-            ] as [String: Any]
-            report.lines.append(String(format: "compare      COPY %.3f s (%.3f GB/s, %llu faults) vs MOVE %.3f s: MOVE is %.2fx the speed of COPY",
-                                       copyRun.seconds, Double(size) / copyRun.seconds / 1e9, copyRun.stats.faults,
-                                       moveRun.seconds, ratio))
-            report.checks.append(("copy_verified", "the COPY comparison run verified", copyRun.verification.ok))
-        }
-        try report.emit(json: session.json)
+        try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 
-    struct FillRun {
-        var seconds: Double
-        var stats: HandlerStats
-        var verification: Verification
-        var firstFailure: String?
-    }
-
-    /// Starts a handler with `policy`, runs the workload, verifies against the pattern, stops.
-    private func runFill(region: MappedRegion, uffd: Userfaultfd, policy: any FaultPolicy, label: String) throws -> FillRun {
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
-        defer { handler.stop() }
-        let actions = uniformActions(pages: region.length / basePageSize, write: session.write)
-        let workload = Workload(base: region.address, length: region.length, threads: session.threads,
-                                order: session.access, actions: actions, pin: session.pin)
-        let outcome = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: label))
-        let v = try verifyRegion(base: region.address, length: region.length, expected: .pattern(seed: 0x5EED), actions: actions)
-        handler.stop()
-        return FillRun(seconds: outcome.seconds, stats: handler.stats(), verification: v,
-                       firstFailure: handler.failures().first?.description)
+    /// The same workload filled with UFFDIO_COPY of `granule`-sized pieces from a populated buffer.
+    private static func copyPlan(size: Int, granule: Int, huge: Bool, options: SessionOptions) -> SessionPlan {
+        let image = MemorySource(length: size) { fillPattern($0.baseAddress!, offset: 0, count: size) }
+        var plan = SessionPlan("copy", options: options, memory: .anon, size: size, handling: .handler(
+            features: [], modes: .missing, needed: .copy,
+            policy: { CopyPolicy(start: $0.region.address, length: size, source: image, pageSize: granule) }),
+            expected: .pattern(seed: 0x5EED))
+        plan.pageSize = granule
+        plan.thpAligned = huge
+        plan.prepare = { region in if huge { try? region.advise(MADV_HUGEPAGE) } }
+        return plan
     }
 }

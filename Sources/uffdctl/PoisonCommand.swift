@@ -34,53 +34,61 @@ struct PoisonCommand: ParsableCommand {
         let chosen = try poisonedPages(count: count)
         guard chosen.count < count else { throw CLIError.usage("--pages poisons every page: leave at least one page to work") }
 
-        let region = try SessionSteps.map(memory, length: size)
-        let uffd = try SessionSteps.open(features: SessionSteps.memoryFeatures(memory).union([.poison, .eventFork]))
-        try SessionSteps.register(uffd, region, modes: .missing, needed: [.poison, .copy], memory: memory)
-        let policy = PoisonPolicy(pages: chosen.map { region.address + UInt($0 * pageSize) }, pageSize: pageSize,
-                                  otherwise: CopyPolicy(region: region, source: PatternSource(length: size)))
-        let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
-        defer { handler.stop() }
-
         let perPage = pageSize / basePageSize
         let poisonedSet = Set(chosen)
-        let actions = (0..<size / basePageSize).map { poisonedSet.contains($0 / perPage) ? PageAction.skip : (session.write ? .write : .read) }
-        let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                order: session.access, actions: actions, pin: session.pin)
-        let outcome = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: workload.pages, label: "poison"))
-
-        // A good page for the children to read first (the first page not poisoned).
-        let good = (0..<count).first { !poisonedSet.contains($0) }!
-        let goodWord = session.write ? Workload.marker(good * perPage) : PatternSource.word(at: good * pageSize, seed: 0x5EED)
-        var outcomes: [[String: Any]] = []
-        var sigbus = 0
-        for page in chosen {
-            let result = try touchInChild(good: region.address + UInt(good * pageSize), goodWord: goodWord,
-                                          poisoned: region.address + UInt(page * pageSize))
-            if result == "SIGBUS" { sigbus += 1 }
-            outcomes.append(["page": page, "child": result])
-        }
-        let verification = try verifyRegion(base: region.address, length: size, expected: .pattern(seed: 0x5EED), actions: actions)
+        var plan = SessionPlan("poison", options: session, memory: memory, size: size, handling: .handler(
+            features: SessionSteps.memoryFeatures(memory).union([.poison, .eventFork]), modes: .missing,
+            needed: [.poison, .copy],
+            policy: { s in
+                PoisonPolicy(pages: chosen.map { s.region.address + UInt($0 * pageSize) }, pageSize: pageSize,
+                             otherwise: CopyPolicy(region: s.region, source: PatternSource(length: size)))
+            }), expected: .pattern(seed: 0x5EED))
+        plan.actions = (0..<size / basePageSize).map { poisonedSet.contains($0 / perPage) ? .skip : (session.write ? .write : .read) }
         // FaultHandler.stop() forgets the stats of the handlers it ran for forked children, so
         // read them while they run (every child has exited; their resolutions are published).
-        let stats = handler.stats()
-        handler.stop()
-
-        var report = SessionReport(operation: "poison", memory: memory, size: size, pageSize: pageSize,
-                                   threads: session.threads, access: session.access, write: session.write,
-                                   readers: session.readers, pin: session.pin, seconds: outcome.seconds, stats: stats,
-                                   verification: verification, expectedName: "the pattern")
-        report.firstFailure = handler.failures().first?.description
-        report.extra["poisoned_pages"] = chosen
-        report.extra["children"] = outcomes
-        report.extra["sigbus_children"] = sigbus
-        report.checks.append(("sigbus_in_children", "every poisoned page raised SIGBUS in its child", sigbus == chosen.count))
-        report.lines.append("poisoned     pages \(chosen.map(String.init).joined(separator: ", ")) of \(count)")
-        for o in outcomes {
-            report.lines.append("child        touched page \(o["page"]!): \(o["child"]!)")
+        plan.statsWhileRunning = true
+        plan.finish = { s, notes in
+            // A good page for the children to read first (the first page not poisoned).
+            let good = (0..<count).first { !poisonedSet.contains($0) }!
+            let goodWord = session.write ? Workload.marker(good * perPage) : PatternSource.word(at: good * pageSize, seed: 0x5EED)
+            var sigbus = 0
+            var children: [JSONValue] = []
+            for (forked, page) in chosen.enumerated() {
+                try awaitForkEvents(forked, handler: s.handler!)
+                let result = try touchInChild(good: s.region.address + UInt(good * pageSize), goodWord: goodWord,
+                                              poisoned: s.region.address + UInt(page * pageSize))
+                if result == "SIGBUS" { sigbus += 1 }
+                children.append(.object(["page": .int(page), "child": .string(result)]))
+                notes.lines.append("child        touched page \(page): \(result)")
+            }
+            // A child dies as soon as its POISON ioctl returns, before its handler publishes the
+            // batch's counters: give the handlers a moment so the report counts every child.
+            let published = Date().addingTimeInterval(5)
+            while (s.handler!.stats().resolutions[.poison] ?? 0) < UInt64(sigbus) && Date() < published { usleep(1000) }
+            notes.lines.insert("poisoned     pages \(chosen.map(String.init).joined(separator: ", ")) of \(count)", at: 0)
+            notes.details["poisoned_pages"] = .array(chosen.map { .int($0) })
+            notes.details["children"] = .array(children)
+            notes.details["sigbus_children"] = .int(sigbus)
+            notes.checks.append(.init(key: "sigbus_in_children", text: "every poisoned page raised SIGBUS in its child",
+                                      ok: sigbus == chosen.count))
         }
-        try report.emit(json: session.json)
+        try SessionRunner.run(plan, options: session).emit(json: session.json)
+    }
+
+    /// Waits until the handler has dealt with the fork events of the children forked so far.
+    /// fork() holds the C library's malloc locks while the kernel waits for a reader to read
+    /// its fork event; a reader still setting up the previous child's handler (which
+    /// allocates) would wait for those locks: both would wait forever. The child's handler
+    /// serves it (and the child dies of SIGBUS) before that set-up is over, so the next fork
+    /// can come that fast.
+    private func awaitForkEvents(_ forked: Int, handler: FaultHandler) throws(CLIError) {
+        let deadline = Date().addingTimeInterval(min(session.timeout, 30))
+        while handler.stats().forkEvents < UInt64(forked) {
+            guard Date() < deadline else {
+                throw .failed("poison: the handler did not take the fork event of child \(forked) within \(Int(min(session.timeout, 30))) s")
+            }
+            usleep(1000)
+        }
     }
 
     private func poisonedPages(count: Int) throws(CLIError) -> [Int] {

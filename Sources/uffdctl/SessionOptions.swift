@@ -3,7 +3,7 @@ import Foundation
 import UffdKit
 
 /// The memory a session registers.
-enum MemoryType: String, ExpressibleByArgument, CaseIterable, Sendable {
+enum MemoryType: String, ExpressibleByArgument, CaseIterable, Sendable, Codable {
     case anon
     case shmem
     case shmemPrivate = "shmem-private"
@@ -23,7 +23,7 @@ enum MemoryType: String, ExpressibleByArgument, CaseIterable, Sendable {
 }
 
 /// The order in which workers touch their pages.
-enum AccessOrder: String, ExpressibleByArgument, CaseIterable, Sendable {
+enum AccessOrder: String, ExpressibleByArgument, CaseIterable, Sendable, Codable {
     case seq
     case random
 }

@@ -48,99 +48,77 @@ struct WriteProtectCommand: ParsableCommand {
         }
         defer { if snapshotFD >= 0 { close(snapshotFD) } }
 
-        let region = try SessionSteps.map(memory, length: size)
-        fillPattern(region.pointer, offset: 0, count: size)
         let pages = size / basePageSize
-        let actions = (0..<pages).map { $0 % every == 0 ? PageAction.write : .read }
         let expectedDirty = Set((0..<pages).filter { $0 % every == 0 }.map { $0 * basePageSize / pageSize })
+        let saved = snapshot == nil || async ? nil : UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
+        defer { saved?.deallocate() }
 
-        let seconds: Double
-        let stats: HandlerStats?
-        let dirty: Set<Int>
-        var snapshotOK: Bool?
-        var savedPages = 0
-        var firstFailure: String?
-        if async {
-            let tracker: AsyncWriteTracker
-            do {
-                tracker = try AsyncWriteTracker(region: region)
-            } catch {
-                throw cliError(error, memory: memory, what: "WP_ASYNC tracking")
-            }
-            let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                    order: session.access, actions: actions, pin: session.pin)
-            seconds = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: pages, label: "writeprotect")).seconds
-            let ranges: [Range<UInt>]
-            do {
-                ranges = try tracker.collect(reprotect: false)
-            } catch {
-                throw cliError(error, memory: memory, what: "PAGEMAP_SCAN")
-            }
-            var set = Set<Int>()
-            for r in ranges {
-                var a = r.lowerBound
-                while a < r.upperBound {
-                    set.insert(Int(a - region.address) / pageSize)
-                    a += UInt(pageSize)
+        var tracker: WriteTrackerPolicy?
+        var asyncTracker: AsyncWriteTracker?
+        var writer: SnapshotWriter?
+        var features: Features = [.pagefaultFlagWP]
+        if memory != .anon { features.insert(.wpHugetlbfsShmem) }
+        var plan = SessionPlan("writeprotect", options: session, memory: memory, size: size,
+                               handling: async ? .kernel : .handler(
+                                   features: features, modes: .writeProtect, needed: .writeProtect,
+                                   policy: { s in
+                                       tracker = WriteTrackerPolicy(region: s.region, snapshot: saved)
+                                       return tracker!
+                                   }),
+                               expected: .pattern(seed: 0x5EED), expectedName: "the pattern and the writers' markers")
+        plan.write = true
+        plan.actions = (0..<pages).map { $0 % every == 0 ? .write : .read }
+        plan.prepare = { fillPattern($0.pointer, offset: 0, count: size) }
+        plan.armed = { s in
+            do throws(UffdError) {
+                if let uffd = s.uffd {
+                    try tracker!.arm(uffd)
+                } else {
+                    asyncTracker = try AsyncWriteTracker(region: s.region)
                 }
-            }
-            dirty = set
-            stats = nil
-        } else {
-            var features: Features = [.pagefaultFlagWP]
-            if memory != .anon { features.insert(.wpHugetlbfsShmem) }
-            let uffd = try SessionSteps.open(features: features)
-            try SessionSteps.register(uffd, region, modes: .writeProtect, needed: .writeProtect, memory: memory)
-            let saved = snapshot == nil ? nil : UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
-            defer { saved?.deallocate() }
-            let policy = WriteTrackerPolicy(region: region, snapshot: saved)
-            let handler = try SessionSteps.startHandler(uffd, policy: policy, readers: session.readers, pin: session.pin)
-            defer { handler.stop() }
-            do {
-                try policy.arm(uffd)
             } catch {
-                throw cliError(error, memory: memory, what: "write-protecting the region")
-            }
-            var companions: [@Sendable () -> Void] = []
-            let writer = snapshotFD >= 0 ? SnapshotWriter(fd: snapshotFD, region: region, policy: policy) : nil
-            if let writer { companions.append { writer.write() } }
-            let workload = Workload(base: region.address, length: size, threads: session.threads,
-                                    order: session.access, actions: actions, companions: companions, pin: session.pin)
-            seconds = try workload.run(timeout: session.timeout,
-                                       progress: ProgressBar(quiet: session.quiet, total: pages, label: "writeprotect")).seconds
-            handler.stop()
-            stats = handler.stats()
-            firstFailure = handler.failures().first?.description
-            dirty = Set(policy.dirtyPages())
-            if let writer {
-                if let e = writer.error { throw CLIError.failed("writing the snapshot: \(e)") }
-                snapshotOK = try fileMatchesPattern(fd: snapshotFD, length: size)
-                savedPages = writer.savedPages
+                throw cliError(error, memory: memory, what: async ? "WP_ASYNC tracking" : "write-protecting the region")
             }
         }
-        let verification = try verifyRegion(base: region.address, length: size, expected: .pattern(seed: 0x5EED), actions: actions)
-
-        var report = SessionReport(operation: "writeprotect", memory: memory, size: size, pageSize: pageSize,
-                                   threads: session.threads, access: session.access, write: true,
-                                   readers: async ? 0 : session.readers, pin: session.pin, seconds: seconds, stats: stats,
-                                   verification: verification, expectedName: "the pattern and the writers' markers")
-        report.firstFailure = firstFailure
-        report.extra["tracking"] = async ? "async (WP_ASYNC + PAGEMAP_SCAN)" : "sync (write-protect faults)"
-        report.extra["dirty_pages"] = dirty.count
-        report.extra["expected_dirty_pages"] = expectedDirty.count
-        report.extra["every"] = every
-        report.checks.append(("dirty_exact", "the dirty pages are exactly the pages written", dirty == expectedDirty))
-        report.lines.append("tracking     \(async ? "WP_ASYNC, dirty pages read with PAGEMAP_SCAN (no handler faults)" : "write-protect faults, page logged then unprotected")")
-        report.lines.append("dirty        \(dirty.count) of \(size / pageSize) pages (expected \(expectedDirty.count): \(dirty == expectedDirty ? "exact" : "MISMATCH"))")
-        if let snapshot, let snapshotOK {
-            report.extra["snapshot"] = snapshot
-            report.extra["snapshot_verified"] = snapshotOK
-            report.extra["snapshot_pages_from_copy_before_write"] = savedPages
-            report.checks.append(("snapshot_consistent", "the snapshot holds the region as it was when protected", snapshotOK))
-            report.lines.append("snapshot     \(snapshot): \(formatBytes(size)) written while the writers ran; \(snapshotOK ? "every byte matches the region as protected" : "DIFFERS from the region as protected"); \(savedPages) pages came from copy-before-write")
+        plan.companions = { s in
+            guard snapshotFD >= 0, let tracker else { return [] }
+            let w = SnapshotWriter(fd: snapshotFD, region: s.region, policy: tracker)
+            writer = w
+            return [{ w.write() }]
         }
-        try report.emit(json: session.json)
+        plan.finish = { s, notes in
+            let dirty: Set<Int>
+            if let asyncTracker {
+                let ranges: [Range<UInt>]
+                do throws(UffdError) {
+                    ranges = try asyncTracker.collect(reprotect: false)
+                } catch {
+                    throw cliError(error, memory: memory, what: "PAGEMAP_SCAN")
+                }
+                dirty = Set(ranges.flatMap { r in
+                    stride(from: r.lowerBound, to: r.upperBound, by: pageSize).map { Int($0 - s.region.address) / pageSize }
+                })
+            } else {
+                dirty = Set(tracker!.dirtyPages())
+            }
+            notes.details["tracking"] = async ? "async (WP_ASYNC + PAGEMAP_SCAN)" : "sync (write-protect faults)"
+            notes.details["dirty_pages"] = .int(dirty.count)
+            notes.details["expected_dirty_pages"] = .int(expectedDirty.count)
+            notes.details["every"] = .int(every)
+            notes.checks.append(.init(key: "dirty_exact", text: "the dirty pages are exactly the pages written",
+                                      ok: dirty == expectedDirty))
+            notes.lines.append("tracking     \(async ? "WP_ASYNC, dirty pages read with PAGEMAP_SCAN (no handler faults)" : "write-protect faults, page logged then unprotected")")
+            notes.lines.append("dirty        \(dirty.count) of \(size / pageSize) pages (expected \(expectedDirty.count): \(dirty == expectedDirty ? "exact" : "MISMATCH"))")
+            guard let snapshot, let writer else { return }
+            if let e = writer.error { throw CLIError.failed("writing the snapshot: \(e)") }
+            let ok = try fileMatchesPattern(fd: snapshotFD, length: size)
+            notes.details["snapshot"] = .string(snapshot)
+            notes.details["snapshot_verified"] = .bool(ok)
+            notes.details["snapshot_pages_from_copy_before_write"] = .int(writer.savedPages)
+            notes.checks.append(.init(key: "snapshot_consistent", text: "the snapshot holds the region as it was when protected", ok: ok))
+            notes.lines.append("snapshot     \(snapshot): \(formatBytes(size)) written while the writers ran; \(ok ? "every byte matches the region as protected" : "DIFFERS from the region as protected"); \(writer.savedPages) pages came from copy-before-write")
+        }
+        try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 }
 

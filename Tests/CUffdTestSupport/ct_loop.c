@@ -354,8 +354,8 @@ int cuffd_test_loop_eagain_retry(int kind, char *msg, size_t msglen) {
     const struct cuffd_loop_stats *s = &l.st;
     CT_CHECK(s->retries >= 1, "no EAGAIN retry counted: the race was not exercised (reads %llu)",
              (unsigned long long)s->reads);
-    CT_CHECK(s->events[2] == 1 && s->faults_missing == 1, "stats: %llu REMOVE events, %llu faults",
-             (unsigned long long)s->events[2], (unsigned long long)s->faults_missing);
+    CT_CHECK(s->events[CUFFD_EVENT_SLOT_REMOVE] == 1 && s->faults_missing == 1, "stats: %llu REMOVE events, %llu faults",
+             (unsigned long long)s->events[CUFFD_EVENT_SLOT_REMOVE], (unsigned long long)s->faults_missing);
     CT_CHECK(s->ops[CUFFD_OP_COPY] == 1 + s->retries && s->bytes == f.ps && s->fallbacks == 0 && s->failures == 0,
              "stats: COPY ops %llu retries %llu bytes %llu fallbacks %llu failures %llu",
              (unsigned long long)s->ops[CUFFD_OP_COPY], (unsigned long long)s->retries,
@@ -365,6 +365,131 @@ out:
     if (l.running) lthread_stop(&l, stop);
     if (dstarted) ct_join(d.th, 1000);
     if (stop >= 0) close(stop);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+// A decider that answers every fault with one COPY of two pages, [dst, dst+2ps) from src, and
+// records what the loop made of each attempt.
+struct pctx {
+    uint64_t dst, src, ps;
+    int attempts;
+    struct cuffd_resolution last; // the latest performed attempt
+};
+
+static void partial_decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution *res, size_t n) {
+    struct pctx *x = c;
+    for (size_t i = 0; i < n; i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+        res[i].op = CUFFD_OP_COPY;
+        res[i].dst = x->dst;
+        res[i].len = 2 * x->ps;
+        res[i].src = x->src;
+    }
+}
+
+static void partial_complete(void *c, const struct uffd_msg *msgs, const struct cuffd_resolution *res, size_t n) {
+    struct pctx *x = c;
+    for (size_t i = 0; i < n; i++) {
+        // A kept fault (EAGAIN) shows up with outcome NONE; only finished attempts count.
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT || res[i].outcome == CUFFD_OUTCOME_NONE) continue;
+        x->attempts++;
+        x->last = res[i];
+    }
+}
+
+// EAGAIN after partial progress, made by the kernel: a two-page COPY whose second source page is
+// registered with a second uffd. The kernel copies page 0, drops mmap_lock to fault the source in
+// (blocking on uffd2), and meanwhile a MADV_DONTNEED queues a REMOVE (mmap_changing). When uffd2
+// is resolved the COPY returns copy=ps with EAGAIN. The loop must count those bytes, read the
+// event and go on at dst+ps; starting again at dst meets EEXIST on page 0 and never fills page 1.
+int cuffd_test_loop_eagain_partial(int kind, char *msg, size_t msglen) {
+    int rc;
+    struct ct_fix f;
+    struct pctx x = {0};
+    struct lthread l = {0};
+    struct dontneed d = {0};
+    bool dstarted = false;
+    int stop = -1, uffd2 = -1;
+    char *srcmap = MAP_FAILED;
+    rc = ct_fix_init(&f, kind, 4, UFFD_FEATURE_EVENT_REMOVE, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int64_t done;
+    int e = cuffd_register(f.uffd, U(f.base), 4 * f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f.uffd, U(f.base + 3 * f.ps), U(f.src + 3 * f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 3: %s", ct_err(e));
+    // The source: page 0 present, page 1 missing under uffd2, which must take the kernel's own
+    // fault (copy_from_user in UFFDIO_COPY), so it is opened without USER_MODE_ONLY.
+    srcmap = mmap(NULL, 2 * f.ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CT_CHECK(srcmap != MAP_FAILED, "mmap: %s", ct_err(errno));
+    memcpy(srcmap, f.src, f.ps);
+    uffd2 = cuffd_open(CUFFD_OPEN_NONBLOCK, NULL, NULL);
+    if (uffd2 == -EPERM || uffd2 == -EACCES) CT_SKIP("a uffd for kernel faults needs privileges: %s", ct_err(uffd2));
+    CT_CHECK(uffd2 >= 0, "open uffd2: %s", ct_err(uffd2));
+    uint64_t g, io;
+    e = cuffd_api(uffd2, 0, &g, &io);
+    CT_CHECK(e == 0, "UFFDIO_API on uffd2: %s", ct_err(e));
+    e = cuffd_register(uffd2, U(srcmap + f.ps), f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register source page 1: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    x = (struct pctx){.dst = U(f.base), .src = U(srcmap), .ps = f.ps};
+    memset(&l, 0, sizeof l);
+    l.cfg = (struct cuffd_loop_config){
+        .uffd = f.uffd, .stop_fd = stop, .batch = 1, .fallback = CUFFD_FALLBACK_ZEROPAGE,
+        .features = f.features, .decide = partial_decide, .complete = partial_complete, .ctx = &x,
+    };
+    e = pthread_create(&l.th, NULL, lthread_main, &l);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    l.running = true;
+    struct ct_toucher t = {.addr = f.base, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    // The loop's COPY is now blocked in the kernel on source page 1.
+    struct uffd_msg m;
+    e = ct_read_msg(uffd2, &m, CT_WAIT_MS);
+    CT_CHECK(e == 1, "the COPY never faulted on its source page (%s)", e == 0 ? "timeout" : ct_err(e));
+    CT_CHECK(m.event == UFFD_EVENT_PAGEFAULT && (m.arg.pagefault.address & ~(f.ps - 1)) == U(srcmap + f.ps),
+             "uffd2 message: event %u at %llx", m.event, (unsigned long long)m.arg.pagefault.address);
+    d = (struct dontneed){.addr = f.base + 3 * f.ps, .len = f.ps};
+    e = pthread_create(&d.th, NULL, dontneed_main, &d);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    dstarted = true;
+    while (!atomic_load(&d.started)) usleep(1000);
+    pid_t tid = d.tid;
+    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "MADV_DONTNEED did not block on its REMOVE event");
+    // Release the source page: the kernel's COPY goes on, finds mmap_changing and stops with
+    // one page done.
+    e = cuffd_copy(uffd2, U(srcmap + f.ps), U(f.src + f.ps), f.ps, 0, &done);
+    CT_CHECK(e == 0, "resolve source page 1: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "the faulting thread is still blocked");
+    CT_CHECK(ct_join(d.th, CT_WAIT_MS) == 0, "MADV_DONTNEED still blocked");
+    dstarted = false;
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    // The retry may meet EAGAIN again until the madvise thread has run after its event was read.
+    CT_CHECK(s->retries >= 1, "retries %llu: the partial EAGAIN was not exercised",
+             (unsigned long long)s->retries);
+    CT_CHECK(x.attempts == 1 && x.last.outcome == CUFFD_OUTCOME_RESOLVED,
+             "the retry ended as outcome %u error %s (attempts seen %d): it did not continue after the done page",
+             x.last.outcome, ct_err(x.last.error), x.attempts);
+    CT_CHECK(x.last.dst == U(f.base + f.ps) && x.last.len == f.ps && x.last.src == U(srcmap + f.ps),
+             "the retry went to %llx+%llu from %llx, not to the page after the done one",
+             (unsigned long long)x.last.dst, (unsigned long long)x.last.len, (unsigned long long)x.last.src);
+    CT_CHECK(s->bytes == 2 * f.ps && s->existed == 0,
+             "stats: bytes %llu (want %llu: the first attempt's page counts too), existed %llu",
+             (unsigned long long)s->bytes, (unsigned long long)(2 * f.ps), (unsigned long long)s->existed);
+    CT_CHECK(ct_present(f.base + f.ps) == 1, "page 1 was never filled");
+    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "page 0 wrong");
+    CT_CHECK(ct_check_pattern(f.base + f.ps, f.ps, 1) < 0, "page 1 wrong");
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (dstarted) ct_join(d.th, 1000);
+    if (stop >= 0) close(stop);
+    if (uffd2 >= 0) close(uffd2);
+    if (srcmap != MAP_FAILED && !atomic_load(&ct_abandoned)) munmap(srcmap, 2 * f.ps);
     ct_fix_fini(&f);
     return rc;
 }

@@ -27,6 +27,16 @@ final class FaultLoopTests: HugetlbReservingTestCase {
     /// A REMOVE queued behind a fault: the COPY gets EAGAIN, the loop reads the event and retries.
     func testLoopEAGAINRetryKeepsFault_anon() throws { try runCTest(cuffd_test_loop_eagain_retry, .anon) }
 
+    /// EAGAIN after partial progress (a COPY whose source faults while a REMOVE is queued): the
+    /// retry continues at start+done and the first attempt's bytes are counted.
+    func testLoopEAGAINAfterPartialProgressContinues_anon() throws { try runCTest(cuffd_test_loop_eagain_partial, .anon) }
+
+    /// OP_DEFER: two faults on a range in flight wait for one fetch finished from another
+    /// thread; a fetch past its deadline gets the fallback (ETIMEDOUT to `complete`); late and
+    /// second finishes are refused; cancel wakes what is in flight and refuses new claims.
+    func testDeferredResolution_anon() throws { try runCTest(cuffd_test_deferred_loop, .anon) }
+    func testDeferredResolution_shmem() throws { try runCTest(cuffd_test_deferred_loop, .shmem) }
+
     /// Two threads fault on one page: one COPY resolves, the other gets EEXIST, is woken and counted.
     func testLoopEEXISTWakesSecondFaulter_anon() throws { try runCTest(cuffd_test_loop_eexist_wakes, .anon) }
 

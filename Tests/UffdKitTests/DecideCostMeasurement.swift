@@ -10,7 +10,7 @@ import XCTest
 final class DecideCostMeasurement: XCTestCase {
     func measure(_ name: String, _ policy: any FaultPolicy, base: UInt) -> (Double, Double) {
         let sink = HandlerSink(options: .init())
-        let r = Reader(index: 0, fd: -1, stopFD: -1, features: [], userModeOnly: true, policy: policy, batch: 64,
+        let r = Reader(index: 0, files: nil, ready: nil, deferred: nil, features: [], userModeOnly: true, policy: policy, batch: 64,
                        slot: (policy.scratchBytes + 4095) / 4096 * 4096, cpu: nil, options: .init(), sink: sink)!
         let n = 64
         var msgs = [uffd_msg](repeating: uffd_msg(), count: n)

@@ -56,10 +56,10 @@ final class UserfaultfdTests: XCTestCase {
         try u.register(r, modes: .missing)
         var src = [UInt8](repeating: 0xAB, count: ps)
         // COPY populates; a second COPY on the same page is EEXIST with 0 bytes done.
-        let n = try src.withUnsafeBytes { try u.copy(to: r.pointer, from: $0.baseAddress!, count: ps) }
+        let n = try src.withUnsafeBytes { try u.copy(to: r.address, from: UInt(bitPattern: $0.baseAddress!), length: ps) }
         XCTAssertEqual(n, ps)
         XCTAssertEqual(r.pointer.load(as: UInt8.self), 0xAB)
-        XCTAssertThrowsError(try src.withUnsafeBytes { try u.copy(to: r.pointer, from: $0.baseAddress!, count: ps) }) { e in
+        XCTAssertThrowsError(try src.withUnsafeBytes { try u.copy(to: r.address, from: UInt(bitPattern: $0.baseAddress!), length: ps) }) { e in
             let e = e as! UffdError
             XCTAssertEqual(e.errno, .fileExists)
             XCTAssertEqual(e.bytesDone, 0)
@@ -67,9 +67,9 @@ final class UserfaultfdTests: XCTestCase {
         }
         // Partial progress: COPY over pages 1..3 where page 2 exists stops after page 1.
         src[0] = 1
-        _ = try src.withUnsafeBytes { try u.copy(to: r.pointer + 2 * ps, from: $0.baseAddress!, count: ps) }
+        _ = try src.withUnsafeBytes { try u.copy(to: r.address + UInt(2 * ps), from: UInt(bitPattern: $0.baseAddress!), length: ps) }
         let big = [UInt8](repeating: 7, count: 3 * ps)
-        XCTAssertThrowsError(try big.withUnsafeBytes { try u.copy(to: r.pointer + ps, from: $0.baseAddress!, count: 3 * ps) }) { e in
+        XCTAssertThrowsError(try big.withUnsafeBytes { try u.copy(to: r.address + UInt(ps), from: UInt(bitPattern: $0.baseAddress!), length: 3 * ps) }) { e in
             XCTAssertEqual((e as! UffdError).bytesDone, ps)
         }
         XCTAssertEqual(try u.zeropage(r.address + 4 * UInt(ps), length: ps), ps)
@@ -100,7 +100,13 @@ final class UserfaultfdTests: XCTestCase {
         try u.register(r, modes: .writeProtect)
         try u.writeProtect(r.address, length: r.length)
         try u.unprotect(r.address, length: r.length)
-        memset(r.pointer, 2, r.length) // would block forever if still protected
+        // Still protected, the write would block: the watchdog closes the fd (which releases
+        // the writer) and fails the test instead of hanging the suite.
+        let p = UInt(bitPattern: r.pointer), len = r.length
+        let ok = withWatchdog(20, onTimeout: { u.close() }) {
+            memset(UnsafeMutableRawPointer(bitPattern: p)!, 2, len)
+        }
+        XCTAssertTrue(ok, "the write after unprotect blocked")
         XCTAssertEqual(r.pointer.load(as: UInt8.self), 2)
     }
 

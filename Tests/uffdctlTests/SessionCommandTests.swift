@@ -168,6 +168,19 @@ final class SessionCommandTests: XCTestCase {
         XCTAssertTrue(text.stdout.contains("child        touched page 512: SIGBUS"), text.stdout)
     }
 
+    /// Forks in quick succession: the next fork must not come while the handler's reader is
+    /// still setting up the previous child's handler (fork holds malloc's locks while the kernel
+    /// waits for that reader: both hung, about one run in three with 13 children, before).
+    func testPoisonManyChildrenNeverHangs() throws {
+        let pages = [0, 7, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1023]
+        for _ in 0..<4 {
+            let r = try runUffdctl(["poison", "--size", "4M", "--pages", pages.map(String.init).joined(separator: ","),
+                                    "--json", "--quiet"], timeout: 30)
+            XCTAssertEqual(r.code, 0, r.stderr)
+            XCTAssertEqual(number(r.json, "sigbus_children"), Double(pages.count))
+        }
+    }
+
     func testBenchUffdKitRowsJSON() throws {
         let r = try runUffdctl(["bench", "--filter", "uffdkit", "--pages", "256", "--json", "--quiet"], timeout: 120)
         XCTAssertEqual(r.code, 0, r.stderr)
@@ -198,6 +211,46 @@ final class SessionCommandTests: XCTestCase {
         XCTAssertTrue(features.allSatisfy { $0["supported"] != nil })
         XCTAssertFalse((j?["ioctls"] as? [String] ?? []).isEmpty)
         XCTAssertNotNil(j?["environment"] as? [String: Any])
+    }
+
+    /// `features` asks UffdKit for the ioctls of a probe registration of every memory type:
+    /// anon offers no CONTINUE (no page cache), shmem does; hugetlb is listed or says why not.
+    func testFeaturesRangeIoctlsPerMemoryType() throws {
+        let r = try runUffdctl(["features", "--json"])
+        XCTAssertEqual(r.code, 0, r.stderr)
+        let ranges = r.json?["range_ioctls"] as? [String: [String]] ?? [:]
+        let modes = r.json?["range_modes"] as? [String: String] ?? [:]
+        let errors = r.json?["range_probe_errors"] as? [String: String] ?? [:]
+        XCTAssertTrue(ranges["anon"]?.contains("COPY") == true, "\(ranges)")
+        XCTAssertFalse(ranges["anon"]?.contains("CONTINUE") ?? true, "\(ranges)")
+        XCTAssertEqual(modes["anon"], "missing|writeProtect")
+        for memory in ["shmem", "shmem-private"] {
+            XCTAssertTrue(ranges[memory]?.contains("CONTINUE") == true, "\(memory): \(ranges)")
+            XCTAssertEqual(modes[memory], "missing|writeProtect|minor")
+        }
+        XCTAssertTrue(ranges["hugetlb"] != nil || errors["hugetlb"] != nil, "hugetlb neither probed nor explained")
+        let text = try runUffdctl(["features"])
+        XCTAssertTrue(text.stdout.contains("ioctls (shmem)"), text.stdout)
+    }
+
+    /// Every session prints one report shape: the same common fields (from SessionReport's
+    /// Codable summary), whichever subcommand fed the session runner.
+    func testEverySessionReportsTheCommonFields() throws {
+        let common = ["operation", "memory", "size", "page_size", "threads", "access", "write", "readers",
+                      "pinned_cpu", "faults", "faults_by_kind", "resolutions", "bytes", "resolved_bytes", "existed",
+                      "fallbacks", "failures", "verified", "verified_bytes", "mismatched_pages", "skipped_pages",
+                      "expected", "seconds", "gbps", "us_per_fault", "fault_latency_us"]
+        let runs: [[String]] = [["copy"], ["zeropage"], ["move"], ["continue"], ["writeprotect"],
+                                ["writeprotect", "--async"], ["poison"]]
+        for args in runs {
+            let r = try runUffdctl(args + ["--size", "1M", "--json", "--quiet"])
+            XCTAssertEqual(r.code, 0, "\(args): \(r.stderr)")
+            let keys = Set(r.json?.keys.map { $0 } ?? [])
+            XCTAssertEqual(Set(common).subtracting(keys), [], "\(args) lacks common fields")
+            XCTAssertEqual(r.json?["operation"] as? String, args[0])
+            XCTAssertTrue(r.json?["pinned_cpu"] is NSNull, "\(args): unpinned is null")
+            XCTAssertEqual(flag(r.json, "verified"), true, "\(args)")
+        }
     }
 
     /// A fault the policy cannot resolve gets the fallback (a zero page), the worker goes on,

@@ -131,6 +131,10 @@ enum cuffd_op {
     CUFFD_OP_WAKE,           ///< UFFDIO_WAKE only
     CUFFD_OP_POISON,         ///< UFFDIO_POISON: the faulting thread gets SIGBUS
     CUFFD_OP_FAIL,           ///< the decider could not resolve: apply the loop's fallback
+    /// Not yet: the bytes are being fetched. The decider claimed the range with
+    /// cuffd_deferred_begin (new fetch or joined one in flight); the loop performs nothing and
+    /// the thread stays blocked until cuffd_deferred_complete/_fail, the deadline, or cancel.
+    CUFFD_OP_DEFER,
     CUFFD_OP_COUNT
 };
 
@@ -171,6 +175,10 @@ enum cuffd_outcome {
     CUFFD_OUTCOME_GONE,           ///< ENOENT/ESRCH: range or process gone; woken
     CUFFD_OUTCOME_FALLBACK,       ///< failed; the fallback resolved it (error says why)
     CUFFD_OUTCOME_FAILED,         ///< failed and the fallback failed too (error says why)
+    CUFFD_OUTCOME_DEFERRED,       ///< OP_DEFER: left waiting for its fetch (see cuffd_deferred_*)
+    /// cuffd_resolve_one only (never in a batch): EAGAIN with no progress; drain events, then
+    /// go on from dst + done.
+    CUFFD_OUTCOME_RETRY = 100,
 };
 
 /// Decides resolutions for a batch: msgs[i] -> res[i]. Called once per read(), on the loop's
@@ -182,6 +190,16 @@ typedef void (*cuffd_decide_fn)(void *ctx, const struct uffd_msg *msgs,
 typedef void (*cuffd_complete_fn)(void *ctx, const struct uffd_msg *msgs,
                                   const struct cuffd_resolution *res, size_t n);
 
+/// Where each event kind is counted in cuffd_loop_stats.events.
+enum cuffd_event_slot {
+    CUFFD_EVENT_SLOT_FORK = 0,
+    CUFFD_EVENT_SLOT_REMAP,
+    CUFFD_EVENT_SLOT_REMOVE,
+    CUFFD_EVENT_SLOT_UNMAP,
+    CUFFD_EVENT_SLOT_OTHER,
+    CUFFD_EVENT_SLOTS
+};
+
 /// Counters of one loop; each thread running a loop passes its own (no sharing, no locks).
 struct cuffd_loop_stats {
     uint64_t reads;            ///< read() calls that returned messages
@@ -189,7 +207,7 @@ struct cuffd_loop_stats {
     uint64_t faults_missing;
     uint64_t faults_wp;
     uint64_t faults_minor;
-    uint64_t events[5];        ///< FORK, REMAP, REMOVE, UNMAP, other
+    uint64_t events[CUFFD_EVENT_SLOTS]; ///< by enum cuffd_event_slot
     uint64_t ops[CUFFD_OP_COUNT];
     uint64_t bytes;            ///< bytes resolved
     uint64_t existed;          ///< EEXIST outcomes
@@ -199,6 +217,8 @@ struct cuffd_loop_stats {
     uint64_t failures;
     uint64_t stop_drained;     ///< faults resolved while stopping
 };
+
+struct cuffd_deferred; // below: the in-flight table of deferred resolutions
 
 /// The loop's configuration.
 struct cuffd_loop_config {
@@ -212,6 +232,10 @@ struct cuffd_loop_config {
     cuffd_decide_fn decide;
     cuffd_complete_fn complete; ///< may be NULL
     void *ctx;
+    /// The in-flight table OP_DEFER answers use (NULL: none). The loop wakes for its deadlines
+    /// and applies the fallback to fetches that missed them, passing them to `complete` in
+    /// batches of their own (each fetch's first fault; op DEFER, error ETIMEDOUT).
+    struct cuffd_deferred *deferred;
 };
 
 #define CUFFD_MAX_BATCH 64
@@ -222,16 +246,109 @@ struct cuffd_loop_config {
 /// On stop, everything already queued is still read and resolved through `decide` (with the
 /// fallback on failure) before the function returns, so no thread that faulted before the
 /// stop is left blocked. Faults that arrive later stay queued on the fd until a loop runs
-/// again or the fd is closed (closing wakes them and they fault normally).
+/// again or the fd is closed (closing wakes them and they fault normally). Faults answered
+/// with OP_DEFER are not waited for: the owner cancels (cuffd_deferred_cancel) or finishes them.
+/// A fault kept after EAGAIN is decided again; if the decider answers the same resolution, it
+/// goes on from where the kernel stopped (the done bytes are counted once).
 /// Returns 0; -EINVAL when the uffd never had its UFFDIO_API handshake; -EBADF when it is not
 /// an open fd; -errno when poll/read failed for another reason.
 int cuffd_loop_run(const struct cuffd_loop_config *config, struct cuffd_loop_stats *stats);
 
 /// Performs one resolution with the loop's semantics (EEXIST -> wake, partial -> continue,
 /// failure -> fallback). `msg` is the fault it answers (for the fallback), may be NULL.
-/// Returns the outcome; fills res->done / res->error.
+/// Returns the outcome, CUFFD_OUTCOME_RETRY for EAGAIN with no progress (nothing was woken:
+/// drain events, then go on from dst + done); fills res->done / res->error.
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features);
+
+// MARK: - Deferred resolution ---------------------------------------------------------------
+//
+// A decider may answer a fault "not yet" (CUFFD_OP_DEFER) while the bytes of its range are
+// fetched elsewhere (network, disk, decompression). The table below keeps one entry per range
+// in flight (single flight: a fault inside a range in flight joins it and waits with it) and is
+// finished from any thread:
+//
+//   decider (loop thread)        cuffd_deferred_begin(...) == 1 -> start a fetch with `token`
+//                                                          == 0 -> joined: nothing to start
+//                                res.op = CUFFD_OP_DEFER
+//   fetcher (any thread, once)   cuffd_deferred_complete(token, bytes) or _fail(token, errno)
+//   loop (deadline)              cuffd_deferred_expire: fallback, error ETIMEDOUT
+//   owner (stop)                 cuffd_deferred_cancel: wake every range in flight
+//
+// Finishing performs UFFDIO_COPY of the whole range with the loop's outcome model: EEXIST ->
+// that page is kept, the rest copied, the outcome counted as EXISTED; EAGAIN (no progress) -> waits for a reader to drain the event
+// and goes on from start+done, up to the deadline; any failure (and _fail) -> the fallback on
+// the range. Every thread waiting in the range is woken by that one COPY (or fallback): joiners
+// cost nothing. A token finishes at most once; a late or second finish returns -ETIMEDOUT
+// (expired), -ECANCELED (cancelled) or -ESTALE and changes nothing. The table takes its own
+// mutex around begin and the bookkeeping of finish, never around a resolving ioctl; the loop's
+// synchronous path never touches it.
+
+/// The in-flight table (opaque).
+struct cuffd_deferred;
+
+/// Counters of a table (faults and ranges), a snapshot.
+struct cuffd_deferred_stats {
+    uint64_t fetches;     ///< ranges begun (1 from cuffd_deferred_begin)
+    uint64_t joined;      ///< faults that joined a range in flight
+    uint64_t resolved;    ///< ranges filled by complete
+    uint64_t bytes;       ///< bytes filled by complete
+    uint64_t existed;     ///< completes that met EEXIST (someone filled part of it): woken
+    uint64_t gone;        ///< completes that met ENOENT/ESRCH: woken
+    uint64_t retries;     ///< finishes that met EAGAIN (no progress) and waited for the event to be read
+    uint64_t fallbacks;   ///< failed/expired ranges resolved by the fallback
+    uint64_t failures;    ///< ... where the fallback failed too (woken to re-fault)
+    uint64_t expired;     ///< ranges that missed their deadline
+    uint64_t cancelled;   ///< ranges woken by cuffd_deferred_cancel
+    uint64_t late;        ///< finishes refused (expired, cancelled, twice)
+    uint64_t full;        ///< begins refused with -ENOSPC
+    uint64_t in_flight;   ///< ranges in flight now
+};
+
+/// Makes a table for up to `capacity` ranges in flight on `uffd` (the table keeps its own dup
+/// of it, closed by cuffd_deferred_cancel or _destroy). `fallback`/`features` as in the loop.
+/// Returns 0 and the table in *out, or -errno.
+int cuffd_deferred_create(int uffd, uint32_t capacity, int fallback, uint64_t features,
+                          struct cuffd_deferred **out);
+
+/// Cancels what is in flight (as cuffd_deferred_cancel) and frees the table.
+void cuffd_deferred_destroy(struct cuffd_deferred *d);
+
+/// Claims `[dst, dst+len)` (aligned to `page_size`, the memory's page size, 0: the base page;
+/// containing the fault of `msg`) for a fetch due by `deadline_ns` (CLOCK_MONOTONIC). Returns 1: new, the caller must finish `*token` exactly
+/// once; 0: the fault's page is inside a range in flight, joined it (`*token` is that range's);
+/// -ENOSPC: `capacity` ranges in flight; -ESHUTDOWN: cancelled; -EINVAL: bad range.
+int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, uint64_t dst,
+                         uint64_t len, uint64_t page_size, uint64_t deadline_ns, uint64_t *token);
+
+/// The bytes of `token`'s range are at `src` (len bytes): UFFDIO_COPY them and wake every
+/// waiter. Returns the outcome (enum cuffd_outcome) or -ETIMEDOUT/-ECANCELED/-ESTALE (nothing
+/// done); `res` (may be NULL) receives the resolution as performed, with the fetch's first fault
+/// in `msg` (may be NULL) for reporting.
+int cuffd_deferred_complete(struct cuffd_deferred *d, uint64_t token, uint64_t src,
+                            struct uffd_msg *msg, struct cuffd_resolution *res);
+
+/// The fetch of `token` failed with `error` (an errno): the fallback unblocks its range.
+/// Returns and fills as cuffd_deferred_complete (res->error = error).
+int cuffd_deferred_fail(struct cuffd_deferred *d, uint64_t token, int error,
+                        struct uffd_msg *msg, struct cuffd_resolution *res);
+
+/// Applies the fallback to ranges whose deadline is <= now_ns, at most `n` of them, filling
+/// msgs/res (error ETIMEDOUT). Returns how many expired.
+size_t cuffd_deferred_expire(struct cuffd_deferred *d, uint64_t now_ns, struct uffd_msg *msgs,
+                             struct cuffd_resolution *res, size_t n);
+
+/// The earliest deadline in flight (CLOCK_MONOTONIC ns), UINT64_MAX when none.
+uint64_t cuffd_deferred_next_deadline(struct cuffd_deferred *d);
+
+/// For stop: refuses new begins, waits for finishes in progress, wakes every range still in
+/// flight (its threads re-fault: their faults queue for the next loop, or fault normally once
+/// the uffd is closed), refuses their late finishes (-ECANCELED) and closes the table's fd.
+/// Returns the number of ranges cancelled. Idempotent.
+size_t cuffd_deferred_cancel(struct cuffd_deferred *d);
+
+/// A snapshot of the counters.
+void cuffd_deferred_get_stats(struct cuffd_deferred *d, struct cuffd_deferred_stats *out);
 
 // MARK: - Dirty tracking (WP_ASYNC + PAGEMAP_SCAN) ------------------------------------------
 

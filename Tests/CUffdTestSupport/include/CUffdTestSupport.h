@@ -94,6 +94,10 @@ int cuffd_test_loop_fallback_poison(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_fallback_zeropage(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_stop_drains(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eagain_retry(int mem_kind, char *msg, size_t msglen);
+/// EAGAIN after partial progress: the retry continues at start+done and the first bytes count.
+int cuffd_test_loop_eagain_partial(int mem_kind, char *msg, size_t msglen);
+/// Deferred resolution: OP_DEFER, single flight, finishing from another thread, deadline, late finishes, cancel.
+int cuffd_test_deferred_loop(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_eexist_wakes(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_stop_under_load(int mem_kind, char *msg, size_t msglen);
 int cuffd_test_loop_two_loops(int mem_kind, char *msg, size_t msglen);

@@ -1,0 +1,223 @@
+import CUffd
+import Histogram
+import Synchronization
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The thread entry: takes over the retain done by `start()`.
+func readerMain(_ arg: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let r = Unmanaged<Reader>.fromOpaque(arg!).takeRetainedValue()
+    r.run()
+    return nil
+}
+
+// Capture-free C callbacks: `ctx` is the reader, unretained (its thread owns a reference).
+let decideTrampoline: cuffd_decide_fn = { ctx, msgs, res, n in
+    Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.decide(msgs!, res!, Int(n)) }
+}
+
+let completeTrampoline: cuffd_complete_fn = { ctx, msgs, res, n in
+    Unmanaged<Reader>.fromOpaque(ctx!)._withUnsafeGuaranteedRef { $0.complete(msgs!, res!, Int(n)) }
+}
+
+/// One reader thread's state. Everything mutable is touched only by that thread, except
+/// `published`, which `stats()` reads under its lock.
+final class Reader: @unchecked Sendable {
+    struct Published {
+        var loop = cuffd_loop_stats()
+        var latency = HandlerStats.makeHistogram()
+    }
+
+    let index: Int
+    /// The run's descriptors (nil only when a test drives `decide` without a loop).
+    let files: ReaderFiles?
+    /// Signalled once this thread is past its start-up.
+    let ready: ReadySignal?
+    /// The run's table of deferred resolutions (nil: `deferFill` is refused).
+    let deferred: DeferredTable?
+    let features: Features
+    /// The fd's UFFD_USER_MODE_ONLY (a forked child's fd inherits it).
+    let userModeOnly: Bool
+    let policy: any FaultPolicy
+    let batch: Int
+    let cpu: Int?
+    let fallback: Int32
+    let spinPolls: UInt32
+    let name: String
+    let sink: HandlerSink
+    let startHook: (@Sendable () -> Void)?
+    let pageMask: UInt
+    let basePage: Int
+    let exact: Bool
+    let threadIDs: Bool
+    let context: FaultContext
+    let scratch: UnsafeMutableRawPointer?
+    let scratchLength: Int
+    let loopStats: UnsafeMutablePointer<cuffd_loop_stats>
+    let published = Mutex(Published())
+    /// Errors thrown by the policy in the current batch (index in the batch, error).
+    var pendingErrors: [(Int, any Error)] = []
+
+    init?(index: Int, files: ReaderFiles?, ready: ReadySignal?, deferred: DeferredTable?, features: Features,
+          userModeOnly: Bool, policy: any FaultPolicy, batch: Int, slot: Int, cpu: Int?,
+          options: FaultHandler.Options, sink: HandlerSink) {
+        self.index = index
+        self.files = files
+        self.ready = ready
+        self.deferred = deferred
+        self.features = features
+        self.userModeOnly = userModeOnly
+        self.policy = policy
+        self.batch = batch
+        self.cpu = cpu
+        self.fallback = options.fallback.rawValue
+        self.spinPolls = options.spinPolls
+        self.name = "\(options.threadName)-\(index)"
+        self.sink = sink
+        self.startHook = options.readerStartHook
+        self.basePage = basePageSize
+        self.pageMask = ~(UInt(basePage) - 1)
+        self.exact = features.contains(.exactAddress)
+        self.threadIDs = features.contains(.threadID)
+        // Room for one full read plus the loop's deferred retries.
+        let slots = 2 * Int(CUFFD_MAX_BATCH)
+        if slot > 0 {
+            let len = slot * slots
+            let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            guard let p, p != MAP_FAILED else { return nil }
+            scratch = p
+            scratchLength = len
+        } else {
+            scratch = nil
+            scratchLength = 0
+        }
+        var ctx = FaultContext(fd: files?.uffd ?? -1, features: features, reader: index, scratchBase: scratch, slotSize: slot)
+        ctx.deferredTable = deferred
+        context = ctx
+        loopStats = .allocate(capacity: 1)
+        loopStats.initialize(to: cuffd_loop_stats())
+        pendingErrors.reserveCapacity(Int(CUFFD_MAX_BATCH) * 2)
+    }
+
+    deinit {
+        if let scratch { munmap(scratch, scratchLength) }
+        loopStats.deallocate()
+    }
+
+    func run() {
+        if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
+        _ = cuffd_set_thread_name(name)
+        startHook?()
+        guard let files else { return }
+        var cfg = cuffd_loop_config()
+        cfg.uffd = files.uffd
+        cfg.stop_fd = files.stop
+        cfg.batch = UInt32(batch)
+        cfg.fallback = fallback
+        cfg.features = features.rawValue
+        cfg.spin_polls = spinPolls
+        cfg.decide = decideTrampoline
+        cfg.complete = completeTrampoline
+        cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
+        cfg.deferred = deferred?.raw
+        // Tell start() this thread is past its start-up (which may allocate; see start()).
+        ready?.signal()
+        let rc = cuffd_loop_run(&cfg, loopStats)
+        if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
+        published.withLock { $0.loop = loopStats.pointee }
+        // The files close when the last reader of the run (and the handler) let go of them.
+    }
+
+    /// Fills `res[i]` for each fault of the batch; events go to the policy in order.
+    @inline(__always)
+    func decide(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafeMutablePointer<cuffd_resolution>, _ n: Int) {
+        var ctx = context
+        for i in 0..<n {
+            if msgs[i].event == UInt8(UFFD_EVENT_PAGEFAULT) {
+                let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+                ctx.batchIndex = i
+                // Where a deferred resolution plugs in: `deferFill` claims the fault's range
+                // in the run's table from this message.
+                ctx.message = msgs + i
+                do {
+                    let r = try policy.resolve(fault, context: ctx)
+                    res[i].op = r.operation.rawValue
+                    if r.length == 0 {
+                        res[i].dst = UInt64(fault.address)
+                        res[i].len = UInt64(basePage)
+                    } else {
+                        res[i].dst = UInt64(r.start)
+                        res[i].len = UInt64(r.length)
+                    }
+                    res[i].src = UInt64(r.source)
+                    res[i].mode = r.mode
+                } catch {
+                    res[i].op = Resolution.Operation.fail.rawValue
+                    pendingErrors.append((i, error))
+                }
+            } else {
+                deliver(msgs[i], ctx)
+            }
+        }
+    }
+
+    /// Events are rare: decoding one may allocate (a fork's child fd becomes a `Userfaultfd`).
+    @inline(never)
+    func deliver(_ m: uffd_msg, _ ctx: FaultContext) {
+        let event = Event(m, features: features, userModeOnly: userModeOnly)
+        policy.handle(event: event, context: ctx)
+        if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// Publishes counters and latencies of the batch; reports failures. Also called by the
+    /// loop with deferred fetches that missed their deadline (op DEFER, error ETIMEDOUT).
+    @inline(__always)
+    func complete(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
+        var failed = false
+        published.withLock { p in
+            p.loop = loopStats.pointee
+            for i in 0..<n where res[i].op != 0 && res[i].outcome != 0 {
+                let o = res[i].outcome
+                // A deferred fault waits on: its latency is not this batch's.
+                if o == UInt32(CUFFD_OUTCOME_DEFERRED.rawValue) { continue }
+                _ = p.latency.record(res[i].end_ns &- res[i].start_ns)
+                if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) { failed = true }
+            }
+        }
+        // A policy error always ends as FALLBACK or FAILED (op .fail makes the loop apply the
+        // fallback), so `failed` covers pendingErrors too; reading pendingErrors here (a class
+        // var) would cost a dynamic exclusivity check per batch.
+        if failed { reportFailures(msgs, res, n) }
+    }
+
+    @inline(never)
+    func reportFailures(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
+        for i in 0..<n {
+            let o = res[i].outcome
+            guard o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
+            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
+            // The policy undoes what it marked when it decided (e.g. a granule "moving").
+            let r = res[i]
+            let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+            let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
+                                        length: Int(r.len), source: UInt(r.src), mode: r.mode)
+            var ctx = context
+            ctx.batchIndex = i
+            policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
+            sink.report(msgs[i], r, features: features, policyError: policyError)
+        }
+        pendingErrors.removeAll(keepingCapacity: true)
+    }
+
+    func merge(into s: inout HandlerStats) {
+        published.withLock { p in
+            s.add(p.loop)
+            s.latency.add(p.latency)
+        }
+    }
+}

@@ -1,0 +1,136 @@
+import Foundation
+import UffdKit
+
+/// What one session subcommand contributes; ``SessionRunner`` does the rest (map, register,
+/// start the handler, run the workload, verify, stop, report). A new subcommand or option
+/// fills in a plan; the steps it shares with the others are not repeated.
+struct SessionPlan {
+    /// How the session's faults are resolved.
+    enum Handling {
+        /// A userfaultfd with `features`; the region registered for `modes` (the range must
+        /// offer `needed`); a ``FaultHandler`` running the policy the factory makes.
+        case handler(features: Features, modes: RegisterMode, needed: Ioctls,
+                     policy: (SessionContext) throws -> any FaultPolicy)
+        /// No userfaultfd handler: the kernel resolves the faults itself (e.g. WP_ASYNC).
+        case kernel
+    }
+
+    /// The report's `operation` and the progress bar's label.
+    var operation: String
+    var memory: MemoryType
+    /// Region bytes (already validated against the options).
+    var size: Int
+    /// The page size the report names (the memory's, or e.g. MOVE's granule).
+    var pageSize: Int
+    /// Anonymous memory aligned to 2 MiB so THP can back it.
+    var thpAligned = false
+    var handling: Handling
+    /// What the workers do to each base page.
+    var actions: [PageAction]
+    /// What the region must hold afterwards (before the writers' markers).
+    var expected: ExpectedContent
+    /// How the report names `expected` ("the pattern").
+    var expectedName: String
+    /// Whether the report calls the workload a write (defaults to --write).
+    var write: Bool
+    /// Read the handler's stats before stopping it (the handlers of forked children are
+    /// forgotten by stop()).
+    var statsWhileRunning = false
+
+    /// Before registration: fill the memory or the page cache, madvise.
+    var prepare: (MappedRegion) throws -> Void = { _ in }
+    /// After the handler started, before the workload (e.g. write-protect the region).
+    var armed: (SessionContext) throws -> Void = { _ in }
+    /// Jobs that run beside the workers (e.g. a snapshot writer).
+    var companions: (SessionContext) -> [@Sendable () -> Void] = { _ in [] }
+    /// After the workload and the verification, while the handler still runs: the
+    /// operation-specific checks, JSON details and summary lines.
+    var finish: (SessionContext, inout SessionNotes) throws -> Void = { _, _ in }
+
+    /// A plan with the session's defaults: `size` bytes of `memory`, each page read (or written
+    /// with --write), the memory's page size.
+    init(_ operation: String, options: SessionOptions, memory: MemoryType, size: Int,
+         handling: Handling, expected: ExpectedContent, expectedName: String? = nil) {
+        self.operation = operation
+        self.memory = memory
+        self.size = size
+        self.pageSize = memory.pageSize
+        self.handling = handling
+        self.actions = uniformActions(pages: size / basePageSize, write: options.write)
+        self.expected = expected
+        self.expectedName = expectedName ?? expected.name
+        self.write = options.write
+    }
+}
+
+/// What the plan's hooks see of a running session.
+struct SessionContext {
+    let region: MappedRegion
+    /// nil for ``SessionPlan/Handling/kernel``.
+    let uffd: Userfaultfd?
+    /// nil before the handler started and for ``SessionPlan/Handling/kernel``.
+    let handler: FaultHandler?
+    /// Set once the workload ran.
+    var seconds = 0.0
+    var verification = Verification()
+}
+
+/// The operation-specific part of a report.
+struct SessionNotes {
+    /// A condition that must hold for success.
+    struct Check {
+        /// Its key under `checks` in the JSON.
+        var key: String
+        /// What it says, in the summary.
+        var text: String
+        var ok: Bool
+    }
+    /// JSON fields beside the common ones.
+    var details: [String: JSONValue] = [:]
+    /// Summary lines after the common ones.
+    var lines: [String] = []
+    var checks: [Check] = []
+}
+
+/// Runs a ``SessionPlan`` with the CLI's options and error mapping.
+enum SessionRunner {
+    static func run(_ plan: SessionPlan, options: SessionOptions) throws -> SessionReport {
+        let region = try SessionSteps.map(plan.memory, length: plan.size, thpAligned: plan.thpAligned)
+        try plan.prepare(region)
+        var uffd: Userfaultfd?
+        var handler: FaultHandler?
+        if case .handler(let features, let modes, let needed, let makePolicy) = plan.handling {
+            let fd = try SessionSteps.open(features: features)
+            try SessionSteps.register(fd, region, modes: modes, needed: needed, memory: plan.memory)
+            let policy = try makePolicy(SessionContext(region: region, uffd: fd, handler: nil))
+            handler = try SessionSteps.startHandler(fd, policy: policy, readers: options.readers, pin: options.pin)
+            uffd = fd
+        }
+        defer { handler?.stop() }
+        var context = SessionContext(region: region, uffd: uffd, handler: handler)
+        try plan.armed(context)
+
+        let workload = Workload(base: region.address, length: plan.size, threads: options.threads,
+                                order: options.access, actions: plan.actions,
+                                companions: plan.companions(context), pin: options.pin)
+        context.seconds = try workload.run(timeout: options.timeout,
+                                           progress: ProgressBar(quiet: options.quiet, total: workload.pages,
+                                                                 label: plan.operation)).seconds
+        context.verification = try verifyRegion(base: region.address, length: plan.size,
+                                                expected: plan.expected, actions: plan.actions)
+        var notes = SessionNotes()
+        try plan.finish(context, &notes)
+        var stats = plan.statsWhileRunning ? handler?.stats() : nil
+        handler?.stop()
+        if !plan.statsWhileRunning { stats = handler?.stats() }
+
+        return SessionReport(
+            summary: SessionSummary(
+                operation: plan.operation, memory: plan.memory, size: plan.size, pageSize: plan.pageSize,
+                threads: options.threads, access: options.access, write: plan.write,
+                readers: handler == nil ? 0 : options.readers, pin: options.pin, seconds: context.seconds,
+                stats: stats, verification: context.verification, expected: plan.expectedName,
+                firstFailure: handler?.failures().first?.description, checks: notes.checks),
+            details: notes.details, notes: notes)
+    }
+}
