@@ -39,9 +39,16 @@ public final class InstallPolicy: FaultPolicy, @unchecked Sendable {
     public let fastPathUnavailable: String?
     private let fastPath: Atomic<Bool>
 
-    /// Serves `region` (registered MISSING on `uffd`) from `source`.
+    /// Serves `region` (registered MISSING on `uffd`) from `source`; memory other than
+    /// anonymous is served by COPY only.
     /// - Parameters:
+    ///   - region: the memory served.
+    ///   - uffd: the userfaultfd it is registered on (MISSING).
+    ///   - source: the image (offset 0 at the region's start).
+    ///   - mode: MOVE, COPY from the donor, or `.automatic` (MOVE where THP can back the region).
+    ///   - window: bytes per window (a power of two; 2 MiB, the PMD size, moves huge pages whole).
     ///   - prefetchThreads: installer threads ahead of sequential streams (0...4).
+    ///   - ahead: windows a stream is prefetched ahead.
     ///   - prefetchCPUs: their CPUs (pin them beside the faulting threads' CPUs).
     public convenience init(region: MappedRegion, uffd: Userfaultfd, source: any PageSource, mode: Mode = .automatic,
                             window: Int = 2 << 20, prefetchThreads: Int = 1, ahead: Int = 8,
@@ -53,7 +60,9 @@ public final class InstallPolicy: FaultPolicy, @unchecked Sendable {
                   ahead: ahead, prefetchCPUs: prefetchCPUs, hugetlb: region.kind == .hugetlb)
     }
 
-    /// Serves `range` (registered MISSING on `uffd`, anonymous memory for MOVE) from `source`.
+    /// Serves `range` (registered MISSING on `uffd`, anonymous memory for MOVE) from `source`;
+    /// `hugetlb` memory is served by the copy path only. The other parameters are those of
+    /// ``init(region:uffd:source:mode:window:prefetchThreads:ahead:prefetchCPUs:)``.
     public init(range: ServedRange, uffd: Userfaultfd, source: any PageSource, mode: Mode = .automatic,
                 window: Int = 2 << 20, prefetchThreads: Int = 1, ahead: Int = 8, prefetchCPUs: [Int32] = [],
                 hugetlb: Bool = false) {

@@ -92,8 +92,15 @@ public final class WindowInstaller: @unchecked Sendable {
     /// Serves `[start, start+length)` (registered MISSING on `uffd`, in this process) from
     /// `source` bytes `sourceOffset...`.
     /// - Parameters:
+    ///   - uffd: the userfaultfd the range is registered on (MISSING).
+    ///   - start: the first byte served, a multiple of `window`.
+    ///   - length: bytes served, a multiple of the base page (the last window may be partial:
+    ///     it is copied, not moved).
+    ///   - source: the image; a ``FileSource`` is read with pread straight into the donor.
+    ///   - sourceOffset: the image offset of `start`.
+    ///   - mode: `.move` (THP donor moved whole) or `.copy` (copied from the donor).
     ///   - window: bytes per window, a power of two (default 2 MiB, the PMD size: MOVE moves a
-    ///     huge page whole); `start` must be a multiple of it.
+    ///     huge page whole).
     ///   - prefetchThreads: threads (dedicated pthreads) installing windows ahead of a
     ///     sequential stream, 0...4.
     ///   - ahead: windows a stream is prefetched ahead.
