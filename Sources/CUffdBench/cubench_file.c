@@ -179,6 +179,9 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
     if (nthreads > MAX_READERS) return -EINVAL;
     int ncpu = cubench_ncpus();
     bool install = p->mode == CUBENCH_LOAD_INSTALL;
+    // The installer moves into THP-eligible memory; in COPY mode it stands for a destination THP
+    // cannot back (what InstallPolicy copies into), so that one is MADV_NOHUGEPAGE.
+    bool thp_dst = install && !(p->install_flags & CUFFD_INSTALL_COPY);
     struct lctx c = {.uffd = -1, .stopfd = -1, .fd = fd, .mode = p->mode, .len = len, .window = window,
                      .cpu = p->handler_cpu};
     struct fillctx fc = {.fd = fd, .size = fsize};
@@ -189,13 +192,13 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
     uint32_t started = 0;
     bool hstarted = false;
     int rc = 0;
-    // INSTALL: a THP-eligible destination (huge pages end up backing it); the copying modes copy
-    // into 4 KiB pages (COPY into a THP-eligible range is slower: BENCHMARKS.md).
+    // INSTALL (MOVE): a THP-eligible destination (huge pages end up backing it); the copying
+    // modes copy into 4 KiB pages (COPY into a THP-eligible range is slower: BENCHMARKS.md).
     c.region = install ? cuffd_map_anon_aligned(len, 2u << 20)
                        : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (c.region == MAP_FAILED) c.region = NULL;
     if (!c.region) return -ENOMEM;
-    madvise(c.region, len, install ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    madvise(c.region, len, thp_dst ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     if (p->mode == CUBENCH_LOAD_UFFD) {
         c.buf = cuffd_map_anon_aligned(window, CUBENCH_PAGE);
         if (!c.buf) {
