@@ -258,7 +258,7 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
         if ((rc = -pthread_create(&t[i], NULL, reader_main, &r[i])) < 0) break;
         started++;
     }
-    struct timespec dl = cubench_deadline(timeout);
+    struct timespec dl = cuffd_deadline_after_ms(timeout);
     bool timed_out = false;
     for (uint32_t i = 0; i < started; i++) {
         if (!timed_out && cubench_join_until(t[i], &dl) != 0) {
