@@ -274,4 +274,78 @@ final class InstallPolicyTests: XCTestCase {
         XCTAssertEqual(failures.count, 0, "\(failures)")
         XCTAssertEqual(st.fallbacks, 0)
     }
+
+    /// A move refused with EBUSY (the donor's huge page is shared with a forked child, so it is
+    /// not exclusive to this process): that window is copied from the donor instead, every byte
+    /// right, and the other windows still move.
+    func testFailedMoveFallsBackToCopyPerWindow_EBUSY() throws {
+        let length = 6 * MiB
+        let r = try region(length)
+        try thpOrSkip(r)
+        let src = ForkingSource(length: length, forkAt: window, seed: 24)
+        defer { src.release() }
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: basePageSize)
+        defer { expected.deallocate() }
+        fillPattern(expected, length, seed: 24)
+        let (p, _, huge, _) = try load(r, expected: expected) { u in
+            InstallPolicy(region: r, uffd: u, source: src, mode: .move, prefetchThreads: 0)
+        }
+        XCTAssertTrue(src.forked, "the source forked a child sharing the donor of window 1")
+        XCTAssertEqual(p.stats.moved, 2, "\(p.stats)")
+        XCTAssertEqual(p.stats.fallbacks, 1, "\(p.stats)")
+        XCTAssertEqual(p.stats.copied, 1, "\(p.stats)")
+        XCTAssertEqual(huge, 2 * window, "the two moved windows are huge pages, the copied one is not")
+    }
+}
+
+/// The pattern image; when filling the window at `forkAt` it makes the donor forkable and forks
+/// a child that holds the donor's pages (copy-on-write) until ``release()``: UFFDIO_MOVE of that
+/// donor then fails with EBUSY.
+final class ForkingSource: PageSource, @unchecked Sendable {
+    let length: Int
+    let forkAt: Int
+    let seed: UInt64
+    private(set) var forked = false
+    private var child: pid_t = -1
+    private var pipeFds: [Int32] = [-1, -1]
+
+    init(length: Int, forkAt: Int, seed: UInt64) {
+        self.length = length
+        self.forkAt = forkAt
+        self.seed = seed
+    }
+
+    func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        let p = try PatternSource(length: length, seed: seed).bytes(at: offset, count: count, scratch: scratch)
+        if offset == forkAt && !forked, let scratch {
+            forked = true
+            _ = madvise(scratch, count, MADV_DOFORK)
+            _ = pipe(&pipeFds)
+            let (rd, wr) = (pipeFds[0], pipeFds[1])
+            let pid = fork()
+            if pid == 0 {
+                // The child keeps the donor's pages until the parent closes the pipe (its own
+                // copy of the write end closed first, or the read never sees the end). A
+                // watchdog of its own: it never outlives the test by more than 30 s.
+                close(wr)
+                alarm(30)
+                var b: UInt8 = 0
+                _ = read(rd, &b, 1)
+                _exit(0)
+            }
+            child = pid
+            _ = madvise(scratch, count, MADV_DONTFORK)
+        }
+        return p
+    }
+
+    /// Lets the child exit and reaps it.
+    func release() {
+        guard child > 0 else { return }
+        close(pipeFds[0])
+        close(pipeFds[1])
+        var status: Int32 = 0
+        _ = waitpid(child, &status, 0)
+        child = -1
+    }
 }
