@@ -67,8 +67,19 @@ struct ServeCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("spin-polls"), help: ArgumentHelp("Busy-poll: non-blocking reads before each poll() (lower fault latency when the readers have a CPU of their own; 0 sleeps in poll).", valueName: "n"))
+    var spinPolls: UInt32 = 0
+
     @Flag(help: "Log one JSON object per line.")
     var json = false
+
+    @Option(name: .customLong("record-working-set"),
+            help: ArgumentHelp("When a VM goes away, write the order of its first faults (memory-file offset, time) here (the last VM's wins).", valueName: "file"))
+    var recordWorkingSet: String?
+
+    @Option(name: .customLong("prefetch"),
+            help: ArgumentHelp("Install the pages of this working set (recorded from this memory file) at hand-off, on a background thread per region; faults keep priority.", valueName: "file"))
+    var prefetch: String?
 
     @Flag(help: "Serve one VM, then exit with its outcome.")
     var once = false
@@ -84,6 +95,9 @@ struct ServeCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
+
+    @Option(help: ArgumentHelp("How pages are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies).", valueName: "mmap|pread"))
+    var source: String = "mmap"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
@@ -102,6 +116,13 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         try check()
+        if workerState == nil && supervisorState == nil, recordWorkingSet != nil || prefetch != nil {
+            // A recording that does not match the memory file is exit 2 here, before serving.
+            let (fd, length) = try openMemoryFile(memoryFile)
+            var o = ServeOptions()
+            defer { close(fd) }
+            try workingSetOptions(&o, memFD: fd, memLength: length)
+        }
         // A worker or a re-executed supervisor serves the file the first process opened (the
         // path may name a new snapshot by now); only the first process opens --memory-file.
         if let workerState {
@@ -126,6 +147,7 @@ struct ServeCommand: ParsableCommand {
         _ = try cpus()
         _ = try mode()
         _ = try serveOptions()
+        guard source == "mmap" || source == "pread" else { throw .usage("--source '\(source)': use mmap or pread") }
         guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
@@ -154,10 +176,14 @@ struct ServeCommand: ParsableCommand {
         var o = ServeOptions()
         o.readers = readers
         o.cpus = try cpus()
+        o.spinPolls = spinPolls
         switch fallback {
         case "poison": o.fallback = .poison
         case "zero": o.fallback = .zeroFill
         default: throw .usage("--fallback '\(fallback)': use poison or zero")
+        }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
         }
         if let readahead {
             if readahead == "adaptive" {
@@ -210,6 +236,13 @@ struct ServeCommand: ParsableCommand {
         let control = inherited?.controlFD ?? -1
         var config = SnapshotServer.Configuration(memoryFile: memFD, memoryFileLength: memLength)
         config.serve = try serveOptions()
+        if source == "mmap" {
+            do { config.serve.memoryFileMapping = try MemoryFileMapping(fd: memFD, length: memLength) } catch {
+                throw CLIError.failed("--source mmap: \(error)")
+            }
+        }
+        try workingSetOptions(&config.serve, memFD: memFD, memLength: memLength)
+        let recordPath = recordWorkingSet
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once
@@ -240,6 +273,15 @@ struct ServeCommand: ParsableCommand {
                 }
             case .gone(let p, let s):
                 log.info("VM gone", metadata: summaryMeta(p, s))
+                if let recordPath, let ws = p.workingSet() {
+                    do {
+                        try ws.write(to: recordPath)
+                        log.info("working set recorded", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "pages": "\(ws.entries.count)",
+                                                                   "bytes": "\(ws.bytes)"])
+                    } catch {
+                        log.error("cannot write the working set", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "error": "\(error)"])
+                    }
+                }
                 if control >= 0 { WorkerState.announceGone(p.id, over: control) }
             case .released(let p, let s):
                 log.info(control >= 0 ? "VM handed back to the supervisor" : "VM no longer served (server stopping)",
@@ -281,6 +323,33 @@ struct ServeCommand: ParsableCommand {
     }
 }
 
+extension ServeCommand {
+    /// The memory file's identity and the checked prefetch recording, into `o`.
+    func workingSetOptions(_ o: inout ServeOptions, memFD: Int32, memLength: Int) throws(CLIError) {
+        guard recordWorkingSet != nil || prefetch != nil else { return }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
+        }
+        let identity: WorkingSet.Identity
+        do {
+            identity = try WorkingSet.Identity(of: MemoryFileSource(fd: memFD, fileOffset: 0, length: memLength))
+        } catch {
+            throw .usage("--memory-file \(memoryFile): cannot read it to identify it: \(error)")
+        }
+        o.imageIdentity = identity
+        o.recordWorkingSet = recordWorkingSet != nil
+        if let prefetch {
+            let ws = try loadWorkingSet(prefetch)
+            do {
+                try ws.check(against: identity, servedLength: memLength)
+            } catch {
+                throw .usage("--prefetch \(prefetch): \(error.detail)")
+            }
+            o.prefetch = ws
+        }
+    }
+}
+
 func peerMeta(_ peer: PeerCredentials?) -> Logger.Metadata {
     guard let peer else { return [:] }
     return ["peer_pid": "\(peer.pid)", "peer_uid": "\(peer.uid)", "peer_gid": "\(peer.gid)"]
@@ -298,6 +367,16 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["removes"] = "\(s.removeEvents)"
     m["removed_bytes"] = "\(s.removedBytes)"
     m["retries"] = "\(s.retries)"
+    if let pf = p.prefetchStats() {
+        m["prefetched_pages"] = "\(pf.prefetchedPages)"
+        m["prefetch_planned_pages"] = "\(pf.plannedPages)"
+        m["prefetch_already_present_pages"] = "\(pf.alreadyPresentPages)"
+        m["prefetch_skipped_pages"] = "\(pf.skippedPages)"
+        m["prefetch_faults_avoided"] = "\(pf.faultsAvoided ?? 0)"
+        m["prefetch_late_faults"] = "\(pf.faultsOnPrefetchedPages ?? 0)"
+        m["prefetch_ending"] = .string(pf.ending?.description ?? "running")
+        m["prefetch_last_page_ms"] = .string(pf.timeToLastPage.map { String(format: "%.1f", $0 * 1000) } ?? "-")
+    }
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))

@@ -184,6 +184,22 @@ final class FirecrackerTests: XCTestCase {
         XCTAssertEqual(number(o.json, "serve_exit"), 0)
     }
 
+    /// Issue 12: one restore recorded (`serve --record-working-set`), a second restore of the same
+    /// snapshot served with `--prefetch` of that recording: both guests verify every page; the
+    /// filler installed every recorded page (none skipped) and left at most half to faults.
+    func testServePrefetchesARecordedWorkingSet() throws {
+        let o = try run("prefetch")
+        assertVerified(o, vms: 2, pages: 8192)
+        let recorded = number(o.json, "recorded_pages") ?? 0
+        XCTAssertGreaterThanOrEqual(recorded, 8192, "\(o.json)")
+        let p = o.json["prefetch"] as? [String: Any]
+        func n(_ k: String) -> Double? { (p?[k] as? String).flatMap(Double.init) ?? number(p, k) }
+        XCTAssertEqual(n("prefetch_planned_pages"), recorded, "\(o.json)")
+        XCTAssertEqual((n("prefetched_pages") ?? 0) + (n("prefetch_already_present_pages") ?? 0), recorded, "\(o.json)")
+        XCTAssertEqual(n("prefetch_skipped_pages"), 0, "\(o.json)")
+        XCTAssertLessThanOrEqual(n("faults") ?? .infinity, 4096, "\(o.json)")
+    }
+
     /// Restores that arrive while the server restarts: one hand-off right after SIGHUP, one right
     /// after `kill -9` of the worker; each waits in the inherited socket's backlog for the next
     /// worker, and both guests verify 32 MiB.
