@@ -130,7 +130,9 @@ static int install_claimed(struct cuffd_installer *in, uint64_t w) {
             uint64_t done = 0;
             rc = rc == -EAGAIN ? -EAGAIN : copy_rest(in, dst, donor, moved, len, &done);
             if (rc == 0) add(&in->copied, 1);
-            dirty = true;
+            // A move that failed leaves pages in the donor: drop them, so the next fill gets a
+            // whole huge page to move. In COPY mode the donor is a reused buffer, kept (hot).
+            dirty = !(c->flags & CUFFD_INSTALL_COPY);
         }
     }
     add(&in->place_ns, cuffd_now_ns() - t2);
