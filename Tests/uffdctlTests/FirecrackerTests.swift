@@ -141,6 +141,21 @@ final class FirecrackerTests: XCTestCase {
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
     }
 
+    /// The memory file behind an http:// URL (nginx started by the rig): `serve --memory-file
+    /// http://…` restores the guest from 2 MiB chunks fetched on the deferred path; 32 MiB verified.
+    func testServeRestoresFromHTTPURL() throws {
+        let o = try run("http4k")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
+    /// The same from a packed snapshot (zstd chunks, zero chunks not stored) behind the URL.
+    func testServeRestoresFromPackedSnapshotURL() throws {
+        let o = try run("httppacked")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
     /// A hugetlbfs-backed guest (`huge_pages: "2M"`): Firecracker hands over 2 MiB regions; the rig
     /// reserves huge pages and puts nr_hugepages back.
     func testServeRestores2MiBHugePageGuest() throws {
