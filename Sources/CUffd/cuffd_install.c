@@ -33,8 +33,9 @@ struct cuffd_installer {
     pthread_cond_t cv;
     uint64_t queue[QUEUE_CAP];
     uint32_t qhead, qlen;
-    bool stopping;
-    uint32_t nthreads;
+    bool stopping;         // under mu: no more prefetching (fillers exit, nothing is queued)
+    bool reaped;           // the fillers were joined (only the owner's stop/destroy touch it)
+    uint32_t nthreads;     // fillers started; fixed once create returns (read by handler threads)
     pthread_t threads[MAX_FILLERS];
 };
 
@@ -158,6 +159,7 @@ static void request_prefetch(struct cuffd_installer *in, uint64_t w) {
     if (last >= in->nwin) last = in->nwin - 1;
     bool any = false;
     pthread_mutex_lock(&in->mu);
+    if (in->stopping) last = w; // stopped: queue nothing
     for (uint64_t v = w + 1; v <= last && in->qlen < QUEUE_CAP; v++) {
         if (atomic_load_explicit(&in->state[v], memory_order_relaxed) != W_EMPTY) continue;
         in->queue[(in->qhead + in->qlen++) % QUEUE_CAP] = v;
@@ -181,7 +183,7 @@ int cuffd_installer_prefetch(struct cuffd_installer *in, uint64_t index) {
 // Takes one queued window, if any, and installs it. 1 when there was one.
 static int help_one(struct cuffd_installer *in) {
     pthread_mutex_lock(&in->mu);
-    if (in->qlen == 0) {
+    if (in->stopping || in->qlen == 0) {
         pthread_mutex_unlock(&in->mu);
         return 0;
     }
@@ -275,8 +277,12 @@ void cuffd_installer_stop(struct cuffd_installer *in) {
     in->stopping = true;
     pthread_mutex_unlock(&in->mu);
     pthread_cond_broadcast(&in->cv);
+    // nthreads stays as it is: handler threads still installing read it (TSan found the old
+    // `nthreads = 0` here racing request_prefetch); `stopping`, read under mu, is what ends
+    // prefetching for them.
+    if (in->reaped) return;
     for (uint32_t i = 0; i < in->nthreads; i++) pthread_join(in->threads[i], NULL);
-    in->nthreads = 0;
+    in->reaped = true;
 }
 
 void cuffd_installer_stats(const struct cuffd_installer *in, struct cuffd_installer_stats *o) {
