@@ -77,11 +77,20 @@ stress: deps
 # case in a forked child) and the reliability tests (which re-execute the sanitized binary per
 # case). TSan: the Swift handler tests. detect_leaks=0: XCTest's own objects trip the leak checker.
 SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests
+# TSan: the Swift handler tests, the reliability suites above, and uffdctlTests.ServeTests (the
+# in-process SnapshotServer, and `uffdctl serve` children built with TSan, whose races make them
+# exit 66: seen where a test checks the child's exit status).
 # Not under TSan: the EVENT_FORK cases (TSan's fork() interceptor holds TSan's locks while the
 # kernel waits for a reader to read the fork event; the reader needs those locks: deadlock).
-# Also skipped: UffdKitTests' EVENT_FORK cases (the same TSan fork deadlock; they are not isolated).
-SANITIZE_TSAN_SKIP ?= HandlerTests/testForkEvent
-SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests\.(StressTests|PolicyFailureTests|RegionChangeTests|MoveTests)|ReliabilityTests\.LifecycleTests/test(Stop|Close)
+# It is intermittent (about 1 run in 4 of the fork cases here: LifecycleTests'
+# testForkWithEventForkReleasedChildSeesZeros hit its 30 s watchdog), so every EVENT_FORK case
+# is out: LifecycleTests' fork cases by the filter; by --skip HandlerTests' testForkEvent* and
+# testForkedChildFdKeepsTheParentsUserModeOnlySetting and PrefetchTests'
+# testServedProcessExitingMidway (UffdKitTests is not isolated: a deadlock would hang the run),
+# and MoveTests' testForkedChildNeverBlocksAGranuleForTheParentOrItself (isolated: it would fail
+# by its watchdog). They all run under `make test`, the ReliabilityTests ones also under ASan.
+SANITIZE_TSAN_SKIP ?= HandlerTests/testFork|PrefetchTests/testServedProcessExitingMidway|MoveTests/testForkedChild
+SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests\.(StressTests|PolicyFailureTests|RegionChangeTests|MoveTests)|ReliabilityTests\.LifecycleTests/test(Stop|Close)|uffdctlTests\.ServeTests
 UBSAN_FLAGS := -Xcc -fsanitize=undefined -Xcc -fno-sanitize=function
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
