@@ -76,7 +76,9 @@ stress: deps
 # Sanitizers, each in its own build folder. ASan+UBSan: the C core's tests (CUffdTests, every
 # case in a forked child) and the reliability tests (which re-execute the sanitized binary per
 # case). TSan: the Swift handler tests. detect_leaks=0: XCTest's own objects trip the leak checker.
-SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests
+# Also the UffdKitTests classes that drive C beyond CUffd's tests: CUffdNet (curl fetches, packed
+# frames, truncated and corrupt responses) and the window installer and prefetcher (~25 s).
+SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests|UffdKitTests\.(RemoteSourceTests|RemoteDeferredTests|InstallPolicyTests|PrefetchTests|DeferredResolutionTests)
 # TSan: the Swift handler tests, the reliability suites above, and uffdctlTests.ServeTests (the
 # in-process SnapshotServer, and `uffdctl serve` children built with TSan, whose races make them
 # exit 66: seen where a test checks the child's exit status).
