@@ -62,11 +62,16 @@ final class Reader: @unchecked Sendable {
     let published = Mutex(Published())
     /// Errors thrown by the policy in the current batch (index in the batch, error).
     var pendingErrors: [(Int, any Error)] = []
+    /// Where fork events and failure reports go (nil: this reader does that work itself).
+    let service: HandlerService?
+    /// Policy errors on their way to the service.
+    let errorSlots = Mutex(ErrorSlots())
 
     init?(index: Int, files: ReaderFiles?, ready: ReadySignal?, deferred: DeferredTable?, features: Features,
           userModeOnly: Bool, policy: any FaultPolicy, batch: Int, slot: Int, cpu: Int?,
-          options: FaultHandler.Options, sink: HandlerSink) {
+          options: FaultHandler.Options, sink: HandlerSink, service: HandlerService? = nil) {
         self.index = index
+        self.service = service
         self.files = files
         self.ready = ready
         self.deferred = deferred
@@ -112,6 +117,7 @@ final class Reader: @unchecked Sendable {
     func run() {
         if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
         _ = cuffd_set_thread_name(name)
+        service?.markNoWait()
         startHook?()
         guard let files else { return }
         var cfg = cuffd_loop_config()
@@ -166,12 +172,36 @@ final class Reader: @unchecked Sendable {
         }
     }
 
-    /// Events are rare: decoding one may allocate (a fork's child fd becomes a `Userfaultfd`).
+    /// Events other than fork go to the policy here, in order with the faults. A fork event
+    /// goes to the service thread: decoding it allocates (the child fd becomes a `Userfaultfd`,
+    /// its handler threads), and the next fork may hold the malloc locks while it waits for
+    /// this reader to read its event (see ``HandlerService``).
     @inline(never)
     func deliver(_ m: uffd_msg, _ ctx: FaultContext) {
+        if m.event == UInt8(UFFD_EVENT_FORK), let service {
+            var r = HandlerService.Record()
+            r.kind = HandlerService.Record.Kind.fork.rawValue
+            r.msg = m
+            r.target = Unmanaged.passRetained(self).toOpaque()
+            if service.post(&r) { return }
+            Unmanaged<Reader>.fromOpaque(r.target!).release()
+        }
         let event = Event(m, features: features, userModeOnly: userModeOnly)
         policy.handle(event: event, context: ctx)
         if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// On the service thread: a fork event this reader read.
+    func deliverFork(_ m: uffd_msg) {
+        let event = Event(m, features: features, userModeOnly: userModeOnly)
+        policy.handle(event: event, context: context)
+        if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// On the service thread: a failure this reader resolved with the fallback (or could not).
+    func reportFailure(_ m: uffd_msg, _ r: cuffd_resolution, slot: Int32) {
+        let error = slot >= 0 ? errorSlots.withLock { $0.take(slot) } : nil
+        sink.report(m, r, features: features, policyError: error)
     }
 
     /// Publishes counters and latencies of the batch; reports failures. Also called by the
@@ -209,6 +239,22 @@ final class Reader: @unchecked Sendable {
             var ctx = context
             ctx.batchIndex = i
             policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
+            // The report allocates (the log, the callback): the service thread makes it.
+            if let service {
+                var rec = HandlerService.Record()
+                rec.kind = HandlerService.Record.Kind.failure.rawValue
+                rec.msg = msgs[i]
+                rec.res = r
+                if let policyError { rec.slot = errorSlots.withLock { $0.put(policyError) } }
+                rec.target = Unmanaged.passRetained(self).toOpaque()
+                if service.post(&rec) { continue }
+                // The service is far behind: reporting here could deadlock with a fork (see
+                // HandlerService); count it, the handler says how many at stop().
+                Unmanaged<Reader>.fromOpaque(rec.target!).release()
+                if rec.slot >= 0 { _ = errorSlots.withLock { $0.take(rec.slot) } }
+                sink.droppedReports.add(1, ordering: .relaxed)
+                continue
+            }
             sink.report(msgs[i], r, features: features, policyError: policyError)
         }
         pendingErrors.removeAll(keepingCapacity: true)

@@ -117,6 +117,11 @@ ssize_t cuffd_read_msgs(int fd, struct uffd_msg *msgs, size_t max);
 /// Waits until the fd is readable or `timeout_ms` passes (-1: forever). 1 readable, 0 timeout.
 int cuffd_wait_readable(int fd, int timeout_ms);
 
+/// Makes the pipe a handler's readers hand work to a service thread through: close-on-exec,
+/// the write end non-blocking (a reader never waits), room for at least `bytes` if the system
+/// allows (else the default). Returns its capacity in bytes, with `fds` set, or -errno.
+int cuffd_service_pipe(int fds[2], size_t bytes);
+
 // MARK: - Fault loop ------------------------------------------------------------------------
 
 /// What the fault loop does for one message.
