@@ -276,6 +276,8 @@ public final class FaultHandler: Sendable {
         return sink.failureLog()
     }
 
-    /// Errors that ended a reader's loop early (poll/read failures), if any.
+    /// Errors that ended a reader's loop early (poll/read failures), a child handler that could
+    /// not start, and (ENOBUFS, at ``stop()``) how many failure reports were dropped because
+    /// the service thread fell behind.
     public func loopErrors() -> [UffdError] { sink.loopErrorLog() }
 }
