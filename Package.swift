@@ -12,6 +12,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         // `make docs`: the DocC catalog in Sources/UffdKit/UffdKit.docc (build-time plugin only).
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
@@ -49,6 +50,7 @@ let package = Package(
                 "UffdBench",
                 "CUffd",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // C-level tests of the core, written in C and called from XCTest.
@@ -64,7 +66,7 @@ let package = Package(
         ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd"]
+            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(
@@ -75,7 +77,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl"]
+            dependencies: ["uffdctl", "UffdKit"]
         ),
     ]
 )

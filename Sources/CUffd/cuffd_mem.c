@@ -1,4 +1,5 @@
-// Memory the tests and tools register: anon, shmem (two views), shmem-private, hugetlb.
+// Memory the tests and tools register: anon, shmem (two views), shmem-private, hugetlb (two
+// views), hugetlb-private.
 #include "CUffd.h"
 
 #include <errno.h>
@@ -71,7 +72,8 @@ int cuffd_region_map(int kind, uint64_t len, bool thp_align, struct cuffd_region
         return 0;
     }
     unsigned mflags = MFD_CLOEXEC;
-    if (kind == CUFFD_MEM_HUGETLB) {
+    if (kind < CUFFD_MEM_ANON || kind > CUFFD_MEM_HUGETLB_PRIVATE) return -EINVAL;
+    if (cuffd_mem_is_hugetlb(kind)) {
         mflags |= MFD_HUGETLB;
         out->page_size = cuffd_hugepage_size();
         if (!out->page_size || len % out->page_size) return -EINVAL;
@@ -83,7 +85,8 @@ int cuffd_region_map(int kind, uint64_t len, bool thp_align, struct cuffd_region
         close(fd);
         return e;
     }
-    int share = kind == CUFFD_MEM_SHMEM_PRIVATE ? MAP_PRIVATE : MAP_SHARED;
+    // The private kinds: copy-on-write over the file; the alias stays shared (it fills the file).
+    int share = kind == CUFFD_MEM_SHMEM_PRIVATE || kind == CUFFD_MEM_HUGETLB_PRIVATE ? MAP_PRIVATE : MAP_SHARED;
     void *a = mmap(NULL, len, PROT_READ | PROT_WRITE, share, fd, 0);
     if (a == MAP_FAILED) {
         int e = -errno;

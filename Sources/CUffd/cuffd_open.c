@@ -7,19 +7,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-const unsigned long cuffd_ioctl_api = UFFDIO_API;
-const unsigned long cuffd_ioctl_register = UFFDIO_REGISTER;
-const unsigned long cuffd_ioctl_unregister = UFFDIO_UNREGISTER;
-const unsigned long cuffd_ioctl_wake = UFFDIO_WAKE;
-const unsigned long cuffd_ioctl_copy = UFFDIO_COPY;
-const unsigned long cuffd_ioctl_zeropage = UFFDIO_ZEROPAGE;
-const unsigned long cuffd_ioctl_move = UFFDIO_MOVE;
-const unsigned long cuffd_ioctl_writeprotect = UFFDIO_WRITEPROTECT;
-const unsigned long cuffd_ioctl_continue = UFFDIO_CONTINUE;
-const unsigned long cuffd_ioctl_poison = UFFDIO_POISON;
-const unsigned long cuffd_ioctl_new = USERFAULTFD_IOC_NEW;
-const unsigned long cuffd_ioctl_pagemap_scan = PAGEMAP_SCAN;
-
 static int open_syscall(int oflags) {
 #ifdef __NR_userfaultfd
     long fd = syscall(__NR_userfaultfd, oflags);

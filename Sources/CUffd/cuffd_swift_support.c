@@ -38,132 +38,124 @@ int cuffd_set_thread_name(const char *name) {
     return rc ? -rc : 0;
 }
 
-// SIGBUS probing: a per-thread jump buffer armed only inside cuffd_read_catching_sigbus.
-// volatile: the store before the probed read must not be elided or sunk past it (with -O the
-// store/NULL pair around the read was a dead store, so SIGBUS found no jump buffer).
-static __thread sigjmp_buf *volatile sigbus_jmp;
-static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+// MARK: - The SIGBUS/SIGSEGV catcher
+// A per-thread jump buffer, armed only around one deliberate access. volatile: the store before
+// the access must not be elided or sunk past it (with -O the store/NULL pair around the read
+// was a dead store, so SIGBUS found no jump buffer).
+static __thread sigjmp_buf *volatile catch_jmp;
+static __thread volatile int catch_segv;
+static __thread void *volatile catch_addr;
 
-static void sigbus_handler(int sig, siginfo_t *info, void *uctx) {
-    (void)info;
-    (void)uctx;
-    if (sigbus_jmp) siglongjmp(*sigbus_jmp, 1);
-    // Not ours: die the way the signal would have killed us.
+// What was installed before us, called for signals we do not catch.
+static struct sigaction prev_bus, prev_segv;
+static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_fault_signal(int sig, siginfo_t *si, void *uc);
+
+static void chain(int sig, siginfo_t *si, void *uc) {
+    const struct sigaction *p = sig == SIGBUS ? &prev_bus : &prev_segv;
+    if ((p->sa_flags & SA_SIGINFO) && p->sa_sigaction && p->sa_sigaction != on_fault_signal) {
+        p->sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (!(p->sa_flags & SA_SIGINFO) && p->sa_handler != SIG_DFL && p->sa_handler != SIG_IGN) {
+        p->sa_handler(sig);
+        return;
+    }
+    // Default (SIG_IGN cannot stop a fault from recurring): die the way the signal would have
+    // killed us. SA_NODEFER lets the raise land at once.
     signal(sig, SIG_DFL);
     raise(sig);
 }
 
-static void install_sigbus(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = sigbus_handler;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, NULL);
+static void on_fault_signal(int sig, siginfo_t *si, void *uc) {
+    sigjmp_buf *j = catch_jmp;
+    if (j && (sig == SIGBUS || catch_segv)) {
+        catch_jmp = NULL;
+        catch_addr = si ? si->si_addr : NULL;
+        siglongjmp(*j, sig);
+    }
+    chain(sig, si, uc);
 }
 
-int cuffd_read_catching_sigbus(const volatile uint8_t *addr, uint8_t *value) {
-    pthread_once(&sigbus_once, install_sigbus);
+// Checked on every use, not once: a forked test process may have reset the signal to its
+// default (and pthread_once state is inherited across fork).
+static void ensure_installed(int sig, struct sigaction *prev) {
+    struct sigaction cur;
+    if (sigaction(sig, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+        cur.sa_sigaction == on_fault_signal)
+        return;
+    pthread_mutex_lock(&install_lock);
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault_signal;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, &old) == 0 &&
+        !((old.sa_flags & SA_SIGINFO) && old.sa_sigaction == on_fault_signal))
+        *prev = old;
+    pthread_mutex_unlock(&install_lock);
+}
+
+int cuffd_access_catching(volatile void *addr, int op, uint64_t operand, bool catch_segv_too,
+                          uint64_t *value, void **fault_addr) {
+    ensure_installed(SIGBUS, &prev_bus);
+    if (catch_segv_too) ensure_installed(SIGSEGV, &prev_segv);
     sigjmp_buf jb;
-    if (sigsetjmp(jb, 1)) {
-        sigbus_jmp = NULL;
-        return 1;
+    int sig = sigsetjmp(jb, 1);
+    if (sig) {
+        catch_jmp = NULL;
+        catch_segv = 0;
+        if (fault_addr) *fault_addr = catch_addr;
+        return sig;
     }
-    sigbus_jmp = &jb;
+    catch_segv = catch_segv_too;
+    catch_jmp = &jb;
     __asm__ volatile("" ::: "memory");
-    uint8_t v = *addr;
+    uint64_t v = 0;
+    switch (op) {
+    case CUFFD_ACCESS_READ8: v = *(volatile uint8_t *)addr; break;
+    case CUFFD_ACCESS_WRITE8: *(volatile uint8_t *)addr = (uint8_t)operand; v = (uint8_t)operand; break;
+    case CUFFD_ACCESS_READ64: v = *(volatile uint64_t *)addr; break;
+    case CUFFD_ACCESS_ADD64:
+        v = *(volatile uint64_t *)addr + operand;
+        *(volatile uint64_t *)addr = v;
+        break;
+    default:
+        catch_jmp = NULL;
+        return -EINVAL;
+    }
     __asm__ volatile("" ::: "memory");
-    sigbus_jmp = NULL;
+    catch_jmp = NULL;
+    catch_segv = 0;
     if (value) *value = v;
     return 0;
 }
 
-static void kill_and_reap(pid_t pid) {
-    kill(pid, SIGKILL);
-    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
-    }
+int cuffd_read_catching_sigbus(const volatile uint8_t *addr, uint8_t *value) {
+    uint64_t v = 0;
+    int sig = cuffd_access_catching((volatile void *)addr, CUFFD_ACCESS_READ8, 0, false, &v, NULL);
+    if (sig) return 1;
+    if (value) *value = (uint8_t)v;
+    return 0;
 }
 
-int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int timeout_ms,
-                       uint64_t *sum) {
-    int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0) return -errno;
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = -errno;
-        close(p[0]);
-        close(p[1]);
-        return e;
+// MARK: - Bounded waits
+
+struct timespec cuffd_deadline_after_ms(uint32_t ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
     }
-    if (pid == 0) {
-        // Async-signal-safe only: the parent is multi-threaded.
-        const volatile uint8_t *b = addr;
-        uint64_t s = 0;
-        if (!stride) stride = 1;
-        for (uint64_t off = 0; off < len; off += stride) s += b[off];
-        ssize_t w = write(p[1], &s, sizeof s);
-        _exit(w == (ssize_t)sizeof s ? 0 : 1);
-    }
-    close(p[1]);
-    struct pollfd pfd = {.fd = p[0], .events = POLLIN};
-    int rc = 0;
-    for (;;) {
-        int n = poll(&pfd, 1, timeout_ms);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-            rc = n == 0 ? -ETIMEDOUT : -errno;
-            break;
-        }
-        uint64_t s = 0;
-        if (read(p[0], &s, sizeof s) != (ssize_t)sizeof s) {
-            rc = -EIO;
-            break;
-        }
-        if (sum) *sum = s;
-        break;
-    }
-    close(p[0]);
-    if (rc) {
-        kill_and_reap(pid);
-    } else {
-        int st = 0;
-        while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-        }
-        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) rc = -ECHILD;
-    }
-    return rc;
+    return ts;
 }
 
-int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms) {
-    pid_t pid = fork();
-    if (pid < 0) return -errno;
-    if (pid == 0) {
-        int fd = cuffd_open(CUFFD_OPEN_USER_MODE_ONLY | CUFFD_OPEN_ALLOW_KERNEL_FAULTS, NULL, NULL);
-        if (fd < 0) _exit(101);
-        if (cuffd_api(fd, 0, NULL, NULL) < 0) _exit(102);
-        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) _exit(103);
-        if (cuffd_register(fd, (uint64_t)(uintptr_t)m, len, UFFDIO_REGISTER_MODE_MISSING, NULL) < 0)
-            _exit(104);
-        volatile uint8_t *b = m;
-        uint8_t v = b[0]; // blocks: nobody reads the fd
-        _exit(v == 0 ? 0 : 1);
-    }
-    struct timespec step = {.tv_sec = 0, .tv_nsec = 10 * 1000 * 1000};
-    for (int waited = 0; waited < timeout_ms; waited += 10) {
-        int st = 0;
-        pid_t r = waitpid(pid, &st, WNOHANG);
-        if (r == pid) {
-            if (WIFEXITED(st) && WEXITSTATUS(st) > 100) return -WEXITSTATUS(st);
-            return 0;
-        }
-        nanosleep(&step, NULL);
-    }
-    kill_and_reap(pid);
-    return 1;
-}
-
-int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr) {
-    void *p = mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr);
-    return p == MAP_FAILED ? -errno : 0;
+int cuffd_join_within(pthread_t thread, uint32_t ms) {
+    struct timespec dl = cuffd_deadline_after_ms(ms);
+    int e = pthread_timedjoin_np(thread, NULL, &dl);
+    return e ? -e : 0;
 }

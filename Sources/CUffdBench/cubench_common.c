@@ -36,18 +36,6 @@ void cubench_unpin_caller(int cpu, const cpu_set_t *saved) {
     pthread_setaffinity_np(pthread_self(), sizeof *saved, saved);
 }
 
-struct timespec cubench_deadline(uint32_t ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    return ts;
-}
-
 int cubench_join_until(pthread_t t, const struct timespec *deadline) {
     int rc = pthread_timedjoin_np(t, NULL, deadline);
     return rc == 0 ? 0 : -rc;
@@ -163,7 +151,7 @@ int cubench_run_touchers(char *base, uint64_t len, uint64_t granule, const struc
         return err;
     }
     gate_open(&gate, 1);
-    struct timespec dl = cubench_deadline(timeout_ms ? timeout_ms : CUBENCH_DEFAULT_TIMEOUT_MS);
+    struct timespec dl = cuffd_deadline_after_ms(timeout_ms ? timeout_ms : CUBENCH_DEFAULT_TIMEOUT_MS);
     uint32_t joined = 0;
     for (; joined < n; joined++) {
         if (cubench_join_until(t[joined].tid, &dl) != 0) break;

@@ -210,7 +210,7 @@ int cubench_file_load(const struct cubench_load_params *p, struct cubench_result
         hstarted = true;
         struct reader r = {.base = c.region, .len = len, .cpu = p->fault_cpu};
         if ((rc = -pthread_create(&t, NULL, reader_main, &r)) < 0) goto uout;
-        struct timespec dl = cubench_deadline(timeout);
+        struct timespec dl = cuffd_deadline_after_ms(timeout);
         if (cubench_join_until(t, &dl) != 0) {
             // Watchdog: stop the handler, unregister (wakes the reader), then join.
             cubench_signal(c.stopfd);

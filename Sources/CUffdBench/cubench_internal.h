@@ -27,8 +27,7 @@ void cubench_unpin_caller(int cpu, const cpu_set_t *saved);
 /// Joins `t` until the absolute CLOCK_REALTIME deadline; 0 or -ETIMEDOUT.
 int cubench_join_until(pthread_t t, const struct timespec *deadline);
 
-/// An absolute CLOCK_REALTIME deadline `ms` from now.
-struct timespec cubench_deadline(uint32_t ms);
+// Deadlines: cuffd_deadline_after_ms (one helper for the core's tests and the benchmarks).
 
 /// Opens a non-blocking uffd and enables `wanted` features (all must be offered).
 /// Returns the fd or -errno (-EOPNOTSUPP when a wanted feature is missing).

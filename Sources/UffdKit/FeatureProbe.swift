@@ -32,7 +32,7 @@ public struct FeatureProbe: Sendable {
     public static func modes(for kind: MappedRegion.Kind) -> RegisterMode {
         switch kind {
         case .anonymous: [.missing, .writeProtect]
-        case .shmem, .shmemPrivate, .hugetlb: [.missing, .writeProtect, .minor]
+        case .shmem, .shmemPrivate, .hugetlb, .hugetlbPrivate: [.missing, .writeProtect, .minor]
         }
     }
 
@@ -49,7 +49,7 @@ public struct FeatureProbe: Sendable {
     ///   huge pages: ENOMEM), `.register` when the kernel refuses the modes for that memory
     ///   (EINVAL), `.open`/`.api` as ``init()``.
     public func rangeIoctls(_ kind: MappedRegion.Kind, modes: RegisterMode? = nil) throws(UffdError) -> Ioctls {
-        let length = kind == .hugetlb ? (hugePageSize ?? 2 << 20) : basePageSize
+        let length = kind.isHugetlb ? (hugePageSize ?? 2 << 20) : basePageSize
         let region = try MappedRegion(kind, length: length)
         let uffd = try Userfaultfd(features: rangeFeatures)
         defer { withExtendedLifetime(region) { uffd.close() } }

@@ -7,8 +7,8 @@ import Glibc
 import Musl
 #endif
 
-/// Memory to register: anonymous, memfd shmem (with an alias view), shmem mapped private, or
-/// hugetlb. Unmapped (and the memfd closed) on deinit.
+/// Memory to register: anonymous, memfd shmem (with an alias view), shmem mapped private,
+/// hugetlb, or hugetlb mapped private. Unmapped (and the memfd closed) on deinit.
 ///
 /// Marked `@unchecked Sendable`: it only holds addresses; what the memory holds is the
 /// caller's business, as with any raw buffer.
@@ -24,6 +24,15 @@ public final class MappedRegion: @unchecked Sendable {
         /// A hugetlb memfd mapped shared, plus an alias; the length must be a multiple of
         /// the huge page size and huge pages must be reserved (`vm.nr_hugepages`).
         case hugetlb
+        /// A hugetlb memfd mapped private (copy-on-write over the file); ``alias`` is shared.
+        /// Huge pages as for ``hugetlb``; the private view reserves its own at map time.
+        case hugetlbPrivate
+
+        /// Whether the memory is backed by huge pages (``hugetlb``, ``hugetlbPrivate``).
+        public var isHugetlb: Bool { self == .hugetlb || self == .hugetlbPrivate }
+        /// Whether it is a file mapped private (``shmemPrivate``, ``hugetlbPrivate``): writes
+        /// through the view never reach the file.
+        public var isPrivateFile: Bool { self == .shmemPrivate || self == .hugetlbPrivate }
     }
 
     /// The kind of memory.
@@ -54,6 +63,7 @@ public final class MappedRegion: @unchecked Sendable {
         case .shmem: ckind = Int32(CUFFD_MEM_SHMEM.rawValue)
         case .shmemPrivate: ckind = Int32(CUFFD_MEM_SHMEM_PRIVATE.rawValue)
         case .hugetlb: ckind = Int32(CUFFD_MEM_HUGETLB.rawValue)
+        case .hugetlbPrivate: ckind = Int32(CUFFD_MEM_HUGETLB_PRIVATE.rawValue)
         }
         guard length > 0 else { throw UffdError(.argument, .invalidArgument, detail: "length 0") }
         let rc = cuffd_region_map(ckind, UInt64(length), thp, &r)

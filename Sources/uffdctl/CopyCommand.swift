@@ -25,6 +25,10 @@ struct CopyCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     @Option(name: .customLong("fail-pages"),
             help: ArgumentHelp("Testing: the policy throws for these page indexes (comma-separated), to show the fallback and exit 1.",
                                visibility: .hidden))
@@ -98,6 +102,7 @@ struct CopyCommand: ParsableCommand {
             }
             notes.lines.append(line)
         }
+        if inThread { plan.handling = try inThreadHandling(parsed, size: size, fileFD: fileFD, window: window) }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
     }
 }

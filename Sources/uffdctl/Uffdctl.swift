@@ -28,6 +28,8 @@ struct Uffdctl: ParsableCommand {
             WriteProtectCommand.self,
             PoisonCommand.self,
             BenchCommand.self,
+            ServeCommand.self,
+            HandoffClientCommand.self,
         ]
     )
 

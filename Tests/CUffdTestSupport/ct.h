@@ -53,6 +53,44 @@ extern atomic_int ct_abandoned;
 #define CT_WAIT_MS 5000 // how long a test waits for any one expected thing
 
 const char *ct_kind_name(int kind);
+
+// MARK: the table
+/// Memory-type bits of a row (`mems`).
+#define CT_M(kind) (1u << (kind))
+#define CT_M_ANON CT_M(CUFFD_MEM_ANON)
+#define CT_M_SHMEM CT_M(CUFFD_MEM_SHMEM)
+#define CT_M_SHMEM_PRIVATE CT_M(CUFFD_MEM_SHMEM_PRIVATE)
+#define CT_M_HUGETLB CT_M(CUFFD_MEM_HUGETLB)
+#define CT_M_HUGETLB_PRIVATE CT_M(CUFFD_MEM_HUGETLB_PRIVATE)
+#define CT_M_HUGE (CT_M_HUGETLB | CT_M_HUGETLB_PRIVATE)
+#define CT_M_FILES (CT_M_SHMEM | CT_M_SHMEM_PRIVATE | CT_M_HUGE)
+#define CT_M_ALL (CT_M_ANON | CT_M_FILES)
+
+/// Row features that depend on the memory type (bits the kernel's feature word does not use).
+#define CT_F_WP (1ull << 63)        ///< PAGEFAULT_FLAG_WP on anon, WP_HUGETLBFS_SHMEM on files
+#define CT_F_WP_FILE (1ull << 62)   ///< WP_HUGETLBFS_SHMEM on files, nothing on anon
+#define CT_F_MINOR (1ull << 61)     ///< MINOR_SHMEM / MINOR_HUGETLBFS; nothing on anon
+#define CT_F_MOVE_ANON (1ull << 60) ///< MOVE on anon, nothing on files
+#define CT_F_ALL (CT_F_WP | CT_F_WP_FILE | CT_F_MINOR | CT_F_MOVE_ANON)
+
+/// Whether `kind` is backed by huge pages.
+static inline bool ct_is_hugetlb(int kind) { return cuffd_mem_is_hugetlb(kind); }
+/// A file mapped shared (writes reach the file) / mapped private (copy-on-write over it).
+static inline bool ct_is_shared_file(int kind) {
+    return kind == CUFFD_MEM_SHMEM || kind == CUFFD_MEM_HUGETLB;
+}
+static inline bool ct_is_private_file(int kind) {
+    return kind == CUFFD_MEM_SHMEM_PRIVATE || kind == CUFFD_MEM_HUGETLB_PRIVATE;
+}
+/// The most huge pages one fixture maps (the test class reserves a few fixtures' worth).
+#define CT_HUGE_MAX_PAGES 8
+
+/// The UFFD_FEATURE_* bits a row's `features` mean on `kind`.
+uint64_t ct_case_features(int kind, uint64_t features);
+
+/// A file's rows, ended by an empty one: `CT_CASES(fill) = { {...}, ... CT_END };`
+#define CT_CASES(group) const struct cuffd_test_case ct_cases_##group[]
+#define CT_END {0}
 const char *ct_err(int neg_errno); // "EAGAIN", "EEXIST", ... for -errno or errno
 
 /// The pattern every source page carries: page index and offset both matter.
@@ -150,8 +188,26 @@ bool ct_handler_wait(struct ct_handler *h, int n, int timeout_ms);
 /// Page-fault messages whose flags contain `all` and none of `none`.
 int ct_handler_faults(struct ct_handler *h, uint64_t all, uint64_t none);
 
+/// Waits until *flag is non-zero: true when it was within timeout_ms.
+/// Used before fork() under EVENT_FORK: the thread that is to read the FORK message must be
+/// running first. fork() waits in the kernel until the message is read, and a sanitizer's fork()
+/// does so holding the sanitizer's locks, which a thread still starting up needs: deadlock.
+bool ct_wait_flag(atomic_int *flag, int timeout_ms);
+
 /// Reads one message, waiting up to timeout_ms: 1 read, 0 timeout, -errno.
 int ct_read_msg(int uffd, struct uffd_msg *m, int timeout_ms);
+
+/// The uffd-wp bit of a /proc/PID/pagemap entry ("Bit 57 pte is uffd-wp write-protected",
+/// Documentation/admin-guide/mm/pagemap.rst; no uapi header names it).
+#define CT_PM_UFFD_WP (1ull << 57)
+#define CT_PM_PRESENT (1ull << 63) ///< "Bit 63 page present" (a marker is not)
+/// The calling process's pagemap entry for the page holding addr: 0 or -errno.
+/// Async-signal-safe (open/pread/close only), so a forked child may call it.
+int ct_pagemap_entry(const void *addr, uint64_t *entry);
+
+/// Drops pages [first, first+n) of the fixture so the next access faults as missing: MADV_REMOVE
+/// for shared file memory (the page cache goes too), MADV_DONTNEED otherwise. 0 or -errno.
+int ct_release(struct ct_fix *f, size_t first, size_t n);
 
 /// Value of a "Key:   N kB" line of /proc/self/smaps for the VMA containing addr (-1: not found).
 long ct_smaps_kb(const void *addr, const char *key);

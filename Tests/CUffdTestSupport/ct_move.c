@@ -16,29 +16,26 @@ static int only_anon(int kind, char *msg, size_t msglen) {
     return CUFFD_TEST_SKIP;
 }
 
-int cuffd_test_move_4k(int kind, char *msg, size_t msglen) {
+static int t_move_4k(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
-    if (rc != CUFFD_TEST_PASS) return rc;
-    struct ct_fix f;
-    rc = ct_fix_init(&f, kind, 4, UFFD_FEATURE_MOVE, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
     int64_t done = -1;
     uint64_t io = 0;
-    int e = cuffd_register(f.uffd, U(f.base), f.ps * 4, UFFDIO_REGISTER_MODE_MISSING, &io);
+    int e = cuffd_register(f->uffd, U(f->base), f->ps * 4, UFFDIO_REGISTER_MODE_MISSING, &io);
     CT_CHECK(e == 0, "register: %s", ct_err(e));
     CT_CHECK(io & (1ull << _UFFDIO_MOVE), "anon range lacks MOVE");
-    e = cuffd_move(f.uffd, U(f.base + f.ps), U(f.src + f.ps), 2 * f.ps, 0, &done);
-    CT_CHECK(e == 0 && done == (int64_t)(2 * f.ps), "MOVE 2 pages: %s, done %lld", ct_err(e),
+    e = cuffd_move(f->uffd, U(f->base + f->ps), U(f->src + f->ps), 2 * f->ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)(2 * f->ps), "MOVE 2 pages: %s, done %lld", ct_err(e),
              (long long)done);
     for (size_t i = 1; i <= 2; i++) {
-        CT_CHECK(ct_check_pattern(f.base + i * f.ps, f.ps, i) < 0, "dst page %zu lacks the data", i);
-        CT_CHECK(ct_present(f.src + i * f.ps) == 0, "src page %zu still mapped after MOVE", i);
-        CT_CHECK(ct_check_zero(f.src + i * f.ps, f.ps) < 0, "src page %zu not empty after MOVE", i);
+        CT_CHECK(ct_check_pattern(f->base + i * f->ps, f->ps, i) < 0, "dst page %zu lacks the data", i);
+        CT_CHECK(ct_present(f->src + i * f->ps) == 0, "src page %zu still mapped after MOVE", i);
+        CT_CHECK(ct_check_zero(f->src + i * f->ps, f->ps) < 0, "src page %zu not empty after MOVE", i);
     }
-    CT_CHECK(ct_present(f.base) == 0 && ct_present(f.base + 3 * f.ps) == 0, "dst neighbours mapped");
-    CT_CHECK(ct_check_pattern(f.src, f.ps, 0) < 0, "src page 0 (not moved) changed");
+    CT_CHECK(ct_present(f->base) == 0 && ct_present(f->base + 3 * f->ps) == 0, "dst neighbours mapped");
+    CT_CHECK(ct_check_pattern(f->src, f->ps, 0) < 0, "src page 0 (not moved) changed");
 out:
-    ct_fix_fini(&f);
     return rc;
 }
 
@@ -92,7 +89,8 @@ static long check_range(const char *p, size_t from_page, size_t npages) {
     return -1;
 }
 
-int cuffd_test_move_thp(int kind, char *msg, size_t msglen) {
+static int t_move_thp(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
     struct thp_pair p;
@@ -111,7 +109,8 @@ out:
     return rc;
 }
 
-int cuffd_test_move_thp_nohuge_dst(int kind, char *msg, size_t msglen) {
+static int t_move_thp_nohuge_dst(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
     struct thp_pair p;
@@ -141,64 +140,56 @@ out:
     return rc;
 }
 
-int cuffd_test_move_src_holes(int kind, char *msg, size_t msglen) {
+static int t_move_src_holes(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
-    struct ct_fix f;
-    rc = ct_fix_init(&f, kind, 4, UFFD_FEATURE_MOVE, msg, msglen);
-    if (rc != CUFFD_TEST_PASS) return rc;
     int64_t done = -1;
-    int e = cuffd_register(f.uffd, U(f.base), f.ps * 4, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    int e = cuffd_register(f->uffd, U(f->base), f->ps * 4, UFFDIO_REGISTER_MODE_MISSING, NULL);
     CT_CHECK(e == 0, "register: %s", ct_err(e));
     // Source page 1 becomes a hole.
-    CT_CHECK(madvise(f.src + f.ps, f.ps, MADV_DONTNEED) == 0, "madvise: %s", ct_err(errno));
-    e = cuffd_move(f.uffd, U(f.base), U(f.src), 2 * f.ps, 0, &done);
+    CT_CHECK(madvise(f->src + f->ps, f->ps, MADV_DONTNEED) == 0, "madvise: %s", ct_err(errno));
+    e = cuffd_move(f->uffd, U(f->base), U(f->src), 2 * f->ps, 0, &done);
     CT_CHECK(e == -ENOENT, "MOVE over a source hole: %s (expected ENOENT)", ct_err(e));
-    CT_CHECK(done == (int64_t)f.ps, "done %lld, expected the one page before the hole", (long long)done);
-    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "page before the hole not moved");
-    e = cuffd_move(f.uffd, U(f.base + f.ps), U(f.src + f.ps), 2 * f.ps,
+    CT_CHECK(done == (int64_t)f->ps, "done %lld, expected the one page before the hole", (long long)done);
+    CT_CHECK(ct_check_pattern(f->base, f->ps, 0) < 0, "page before the hole not moved");
+    e = cuffd_move(f->uffd, U(f->base + f->ps), U(f->src + f->ps), 2 * f->ps,
                    UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, &done);
-    CT_CHECK(e == 0 && done == (int64_t)(2 * f.ps), "MOVE with ALLOW_SRC_HOLES: %s, done %lld",
+    CT_CHECK(e == 0 && done == (int64_t)(2 * f->ps), "MOVE with ALLOW_SRC_HOLES: %s, done %lld",
              ct_err(e), (long long)done);
-    CT_CHECK(ct_present(f.base + f.ps) == 0, "the hole's destination got mapped");
-    CT_CHECK(ct_check_pattern(f.base + 2 * f.ps, f.ps, 2) < 0, "page after the hole not moved");
+    CT_CHECK(ct_present(f->base + f->ps) == 0, "the hole's destination got mapped");
+    CT_CHECK(ct_check_pattern(f->base + 2 * f->ps, f->ps, 2) < 0, "page after the hole not moved");
 out:
-    ct_fix_fini(&f);
     return rc;
 }
 
-int cuffd_test_move_eexist(int kind, char *msg, size_t msglen) {
+static int t_move_eexist(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
-    struct ct_fix f;
-    rc = ct_fix_init(&f, kind, 2, UFFD_FEATURE_MOVE, msg, msglen);
-    if (rc != CUFFD_TEST_PASS) return rc;
     int64_t done = -1;
-    int e = cuffd_register(f.uffd, U(f.base), f.ps * 2, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    int e = cuffd_register(f->uffd, U(f->base), f->ps * 2, UFFDIO_REGISTER_MODE_MISSING, NULL);
     CT_CHECK(e == 0, "register: %s", ct_err(e));
-    e = cuffd_zeropage(f.uffd, U(f.base), f.ps, 0, &done);
+    e = cuffd_zeropage(f->uffd, U(f->base), f->ps, 0, &done);
     CT_CHECK(e == 0, "ZEROPAGE: %s", ct_err(e));
-    f.base[0] = 1; // a real anon page, not the zero page
-    e = cuffd_move(f.uffd, U(f.base), U(f.src), f.ps, 0, &done);
+    f->base[0] = 1; // a real anon page, not the zero page
+    e = cuffd_move(f->uffd, U(f->base), U(f->src), f->ps, 0, &done);
     CT_CHECK(e == -EEXIST && done == 0, "MOVE into a populated page: %s, done %lld (expected EEXIST, 0)",
              ct_err(e), (long long)done);
-    CT_CHECK(ct_check_pattern(f.src, f.ps, 0) < 0, "src changed by a refused MOVE");
-    CT_CHECK(f.base[0] == 1, "dst changed by a refused MOVE");
+    CT_CHECK(ct_check_pattern(f->src, f->ps, 0) < 0, "src changed by a refused MOVE");
+    CT_CHECK(f->base[0] == 1, "dst changed by a refused MOVE");
 out:
-    ct_fix_fini(&f);
     return rc;
 }
 
-int cuffd_test_move_ebusy(int kind, char *msg, size_t msglen) {
+static int t_move_ebusy(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
-    struct ct_fix f;
     pid_t child = -1;
     int pfd[2] = {-1, -1};
-    rc = ct_fix_init(&f, kind, 2, UFFD_FEATURE_MOVE, msg, msglen);
-    if (rc != CUFFD_TEST_PASS) return rc;
     int64_t done = -1;
-    int e = cuffd_register(f.uffd, U(f.base), f.ps * 2, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    int e = cuffd_register(f->uffd, U(f->base), f->ps * 2, UFFDIO_REGISTER_MODE_MISSING, NULL);
     CT_CHECK(e == 0, "register: %s", ct_err(e));
     CT_CHECK(pipe(pfd) == 0, "pipe: %s", ct_err(errno));
     // The child shares the populated source pages copy-on-write (no MADV_DONTFORK).
@@ -214,7 +205,7 @@ int cuffd_test_move_ebusy(int kind, char *msg, size_t msglen) {
     }
     close(pfd[0]);
     pfd[0] = -1;
-    e = cuffd_move(f.uffd, U(f.base), U(f.src), f.ps, 0, &done);
+    e = cuffd_move(f->uffd, U(f->base), U(f->src), f->ps, 0, &done);
     CT_CHECK(e == -EBUSY && done == 0, "MOVE of a page shared with a child: %s, done %lld (expected EBUSY, 0)",
              ct_err(e), (long long)done);
     close(pfd[1]);
@@ -223,10 +214,10 @@ int cuffd_test_move_ebusy(int kind, char *msg, size_t msglen) {
     CT_CHECK(waitpid(child, &st, 0) == child, "waitpid: %s", ct_err(errno));
     child = -1;
     // Once the child is gone, a write makes the page exclusive again and it can move.
-    f.src[0] = (char)ct_pat(0, 0);
-    e = cuffd_move(f.uffd, U(f.base), U(f.src), f.ps, 0, &done);
-    CT_CHECK(e == 0 && done == (int64_t)f.ps, "MOVE after the child exited: %s", ct_err(e));
-    CT_CHECK(ct_check_pattern(f.base, f.ps, 0) < 0, "dst lacks the data");
+    f->src[0] = (char)ct_pat(0, 0);
+    e = cuffd_move(f->uffd, U(f->base), U(f->src), f->ps, 0, &done);
+    CT_CHECK(e == 0 && done == (int64_t)f->ps, "MOVE after the child exited: %s", ct_err(e));
+    CT_CHECK(ct_check_pattern(f->base, f->ps, 0) < 0, "dst lacks the data");
 out:
     if (pfd[0] >= 0) close(pfd[0]);
     if (pfd[1] >= 0) close(pfd[1]);
@@ -234,13 +225,13 @@ out:
         kill(child, SIGKILL);
         waitpid(child, NULL, 0);
     }
-    ct_fix_fini(&f);
     return rc;
 }
 
 // A whole 2 MiB THP moved in one call into a MADV_NOHUGEPAGE destination: the data arrives
 // and the source is empty.
-int cuffd_test_move_thp_whole_nohuge_dst(int kind, char *msg, size_t msglen) {
+static int t_move_thp_whole_nohuge_dst(struct ct_fix *f, char *msg, size_t msglen) {
+    int kind = f->kind;
     int rc = only_anon(kind, msg, msglen);
     if (rc != CUFFD_TEST_PASS) return rc;
     struct thp_pair p;
@@ -259,3 +250,23 @@ out:
     thp_fini(&p);
     return rc;
 }
+
+// MARK: - the table
+
+CT_CASES(move) = {
+    {"move_4k", t_move_4k, CT_M_ANON, UFFD_FEATURE_MOVE, 4,
+     "4 KiB pages move: the destination holds the data, the source pages are empty."},
+    {"move_thp", t_move_thp, CT_M_ANON, 0, 0,
+     "A 2 MiB THP source moves as a whole PMD into an aligned empty destination."},
+    {"move_thp_nohuge_dst", t_move_thp_nohuge_dst, CT_M_ANON, 0, 0,
+     "A THP source is split when less than a PMD moves (half at a time into a NOHUGEPAGE destination)."},
+    {"move_thp_whole_nohuge_dst", t_move_thp_whole_nohuge_dst, CT_M_ANON, 0, 0,
+     "A whole 2 MiB THP moved in one call into a MADV_NOHUGEPAGE destination: data moves, source empties (the kernel keeps the PMD whole there; the split path is the partial move above)."},
+    {"move_src_holes", t_move_src_holes, CT_M_ANON, UFFD_FEATURE_MOVE, 4,
+     "A source hole: ENOENT (with the pages before it done) without ALLOW_SRC_HOLES, success with it."},
+    {"move_eexist", t_move_eexist, CT_M_ANON, UFFD_FEATURE_MOVE, 2,
+     "A populated destination: EEXIST, nothing moved."},
+    {"move_ebusy", t_move_ebusy, CT_M_ANON, UFFD_FEATURE_MOVE, 2,
+     "Source pages shared with a forked child: EBUSY; after the child exits and a write, success."},
+    CT_END,
+};

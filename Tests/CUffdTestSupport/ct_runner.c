@@ -23,8 +23,30 @@ void ct_report_early(const char *msg) {
     }
 }
 
-int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, char *msg,
-                            size_t msglen) {
+// In the test process: the fixture the row asks for, the test, the fixture's teardown. The one
+// place the C tests' set-up and teardown are written.
+static int run_case(const struct cuffd_test_case *c, int kind, char *msg, size_t msglen) {
+    struct ct_fix f;
+    if (c->npages == 0) {
+        memset(&f, 0, sizeof f);
+        f.kind = kind;
+        f.uffd = -1;
+        f.r.memfd = -1;
+        int rc = ct_need_features(ct_case_features(kind, c->features), msg, msglen);
+        return rc != CUFFD_TEST_PASS ? rc : c->fn(&f, msg, msglen);
+    }
+    // Huge pages are few: a hugetlb fixture has at most CT_HUGE_MAX_PAGES of them.
+    size_t n = c->npages;
+    if (ct_is_hugetlb(kind) && n > CT_HUGE_MAX_PAGES) n = CT_HUGE_MAX_PAGES;
+    int rc = ct_fix_init(&f, kind, n, ct_case_features(kind, c->features), msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    rc = c->fn(&f, msg, msglen);
+    ct_fix_fini(&f);
+    return rc;
+}
+
+int cuffd_test_run_case(const struct cuffd_test_case *c, int mem_kind, int timeout_sec, char *msg,
+                        size_t msglen) {
     if (msglen) msg[0] = 0;
     int p[2];
     if (pipe2(p, O_CLOEXEC) < 0) {
@@ -51,7 +73,7 @@ int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, cha
         sigprocmask(SIG_SETMASK, &none, NULL);
         report_fd = p[1];
         char buf[1024] = {0};
-        int r = fn(mem_kind, buf, sizeof buf);
+        int r = run_case(c, mem_kind, buf, sizeof buf);
         buf[sizeof buf - 1] = 0;
         size_t len = reported ? 0 : strlen(buf), off = 0;
         while (off < len) {
@@ -69,8 +91,7 @@ int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, cha
     size_t got = 0;
     int status = 0;
     bool timed_out = false;
-    struct timespec start;
-    clock_gettime(CLOCK_MONOTONIC, &start);
+    uint64_t deadline = cuffd_now_ns() + (uint64_t)timeout_sec * 1000000000ull;
     for (;;) {
         // Drain the pipe as we go: a test process blocked on a full pipe must not look hung.
         ssize_t n = got < sizeof buf - 1 ? read(p[0], buf + got, sizeof buf - 1 - got) : 0;
@@ -82,9 +103,7 @@ int cuffd_test_run_isolated(cuffd_test_fn fn, int mem_kind, int timeout_sec, cha
             close(p[0]);
             return CUFFD_TEST_FAIL;
         }
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec - start.tv_sec >= timeout_sec) {
+        if (cuffd_now_ns() >= deadline) {
             timed_out = true;
             kill(-pid, SIGKILL);
             kill(pid, SIGKILL);

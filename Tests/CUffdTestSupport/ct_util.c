@@ -9,15 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *ct_kind_name(int kind) {
-    switch (kind) {
-    case CUFFD_MEM_ANON: return "anon";
-    case CUFFD_MEM_SHMEM: return "shmem";
-    case CUFFD_MEM_SHMEM_PRIVATE: return "shmem-private";
-    case CUFFD_MEM_HUGETLB: return "hugetlb";
-    default: return "?";
-    }
-}
+const char *ct_kind_name(int kind) { return cuffd_test_mem_name(kind); }
 
 const char *ct_err(int e) {
     if (e < 0) e = -e;
@@ -59,12 +51,28 @@ int ct_present(const void *addr) {
     int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
     uint64_t e = 0;
-    off_t off = (off_t)(((uintptr_t)addr / 4096) * 8);
+    off_t off = (off_t)(((uintptr_t)addr / cuffd_page_size()) * 8); // one entry per base page
     ssize_t n = pread(fd, &e, sizeof e, off);
     int err = errno;
     close(fd);
     if (n != (ssize_t)sizeof e) return n < 0 ? -err : -EIO;
     return (e >> 63) & 1 || (e >> 62) & 1;
+}
+
+int ct_pagemap_entry(const void *addr, uint64_t *entry) {
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    off_t off = (off_t)(((uintptr_t)addr / cuffd_page_size()) * 8); // one entry per base page
+    ssize_t n = pread(fd, entry, sizeof *entry, off);
+    int err = errno;
+    close(fd);
+    if (n != (ssize_t)sizeof *entry) return n < 0 ? -err : -EIO;
+    return 0;
+}
+
+int ct_release(struct ct_fix *f, size_t first, size_t n) {
+    int advice = ct_is_shared_file(f->kind) ? MADV_REMOVE : MADV_DONTNEED;
+    return madvise(f->base + first * f->ps, n * f->ps, advice) == 0 ? 0 : -errno;
 }
 
 int ct_need_features(uint64_t want, char *msg, size_t msglen) {
@@ -97,7 +105,7 @@ static long read_long(const char *path) {
 int ct_map(int kind, uint64_t len, struct cuffd_region *r, char *msg, size_t msglen) {
     int e = cuffd_region_map(kind, len, false, r);
     if (e == 0) return CUFFD_TEST_PASS;
-    if (kind == CUFFD_MEM_HUGETLB) {
+    if (ct_is_hugetlb(kind)) {
         int re = ct_hugetlb_reserve_error();
         char why[96];
         if (re == 1) snprintf(why, sizeof why, "no reservation was attempted");
@@ -123,7 +131,7 @@ int ct_fix_init(struct ct_fix *f, int kind, size_t npages, uint64_t features, ch
     if (rc != CUFFD_TEST_PASS) return rc;
     uint64_t io = 0;
     cuffd_probe(&f->avail, &io);
-    uint64_t ps = kind == CUFFD_MEM_HUGETLB ? cuffd_hugepage_size() : cuffd_page_size();
+    uint64_t ps = ct_is_hugetlb(kind) ? cuffd_hugepage_size() : cuffd_page_size();
     if (!ps) {
         snprintf(msg, msglen, "no default huge page size in /proc/meminfo");
         return CUFFD_TEST_SKIP;
@@ -168,67 +176,20 @@ void ct_fix_fini(struct ct_fix *f) {
     f->src = NULL;
 }
 
-static struct timespec deadline_in(int ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    return ts;
-}
-
 atomic_int ct_abandoned;
 
 int ct_join(pthread_t th, int timeout_ms) {
-    struct timespec ts = deadline_in(timeout_ms);
-    int e = pthread_timedjoin_np(th, NULL, &ts);
-    if (e == 0) return 0;
+    if (cuffd_join_within(th, (uint32_t)timeout_ms) == 0) return 0;
     atomic_store(&ct_abandoned, 1);
     return -ETIMEDOUT;
 }
 
-// MARK: SIGBUS catching: a per-thread jump buffer, armed only around a deliberate access.
-static _Thread_local sigjmp_buf tls_jmp;
-static _Thread_local volatile int tls_armed;
-static _Thread_local void *volatile tls_addr;
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc) {
-    (void)uc;
-    if (tls_armed) {
-        tls_armed = 0;
-        tls_addr = si->si_addr;
-        siglongjmp(tls_jmp, 1);
-    }
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
-static void install_sigbus(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, NULL);
-}
-
 int ct_touch_catch(volatile char *p, int write, uint8_t wval, uint8_t *read_val, void **fault_addr) {
-    install_sigbus();
-    if (sigsetjmp(tls_jmp, 1)) {
-        if (fault_addr) *fault_addr = tls_addr;
-        return 1;
-    }
-    tls_armed = 1;
-    if (write) {
-        *p = (char)wval;
-    } else {
-        uint8_t v = (uint8_t)*p;
-        if (read_val) *read_val = v;
-    }
-    tls_armed = 0;
+    uint64_t v = 0;
+    int sig = cuffd_access_catching(p, write ? CUFFD_ACCESS_WRITE8 : CUFFD_ACCESS_READ8, wval, false,
+                                    &v, fault_addr);
+    if (sig) return 1;
+    if (!write && read_val) *read_val = (uint8_t)v;
     return 0;
 }
 
@@ -333,6 +294,11 @@ int ct_handler_start(struct ct_handler *h, const struct ct_fix *f, int action) {
 int ct_handler_stop(struct ct_handler *h) {
     atomic_store(&h->stop, 1);
     return ct_join(h->th, 2000);
+}
+
+bool ct_wait_flag(atomic_int *flag, int timeout_ms) {
+    for (int i = 0; i < timeout_ms && !atomic_load(flag); i++) usleep(1000);
+    return atomic_load(flag) != 0;
 }
 
 bool ct_handler_wait(struct ct_handler *h, int n, int timeout_ms) {

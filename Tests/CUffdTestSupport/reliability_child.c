@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,7 +23,7 @@ extern char **environ;
 static uint64_t now_ms(void) { return cuffd_now_ns() / 1000000u; }
 
 int rel_run_child(const char *const *argv, const char *env_name, const char *env_value,
-                  int timeout_ms, char *out, size_t outlen, int *exit_code) {
+                  const char *cwd, int timeout_ms, char *out, size_t outlen, int *exit_code) {
     if (outlen) out[0] = 0;
     // The environment is built before fork: the child may only call async-signal-safe code.
     size_t n = 0;
@@ -61,6 +62,7 @@ int rel_run_child(const char *const *argv, const char *env_name, const char *env
         setpgid(0, 0);
         dup2(p[1], 1);
         dup2(p[1], 2);
+        if (cwd && chdir(cwd) < 0) _exit(126);
         execve(argv[0], (char *const *)argv, envp);
         _exit(127);
     }
@@ -129,58 +131,19 @@ int rel_run_child(const char *const *argv, const char *env_name, const char *env
     return rc;
 }
 
-// MARK: - signal-catching accesses
+// MARK: - signal-catching accesses (the one catcher lives in CUffd)
 
-static __thread sigjmp_buf *access_jmp;
-static pthread_once_t handlers_once = PTHREAD_ONCE_INIT;
-
-static void on_fault_signal(int sig, siginfo_t *si, void *uc) {
-    (void)si;
-    (void)uc;
-    sigjmp_buf *j = access_jmp;
-    if (j) siglongjmp(*j, sig);
-    // Not inside a catching access: the default action.
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
-static void install_handlers(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_fault_signal;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, NULL);
-    sigaction(SIGSEGV, &sa, NULL);
-}
-
-static int access_u64(volatile uint64_t *addr, uint64_t delta, bool write, uint64_t *value) {
-    pthread_once(&handlers_once, install_handlers);
-    sigjmp_buf jb;
-    int sig = sigsetjmp(jb, 1);
-    if (sig) {
-        access_jmp = NULL;
-        return sig == SIGBUS ? REL_ACCESS_SIGBUS : REL_ACCESS_SIGSEGV;
-    }
-    access_jmp = &jb;
-    uint64_t v;
-    if (write) {
-        v = *addr + delta;
-        *addr = v;
-    } else {
-        v = *addr;
-    }
-    access_jmp = NULL;
-    if (value) *value = v;
-    return REL_ACCESS_OK;
+static int access_result(int sig) {
+    return sig == 0 ? REL_ACCESS_OK : sig == SIGBUS ? REL_ACCESS_SIGBUS : REL_ACCESS_SIGSEGV;
 }
 
 int rel_read_u64(const volatile uint64_t *addr, uint64_t *value) {
-    return access_u64((volatile uint64_t *)addr, 0, false, value);
+    return access_result(cuffd_access_catching((volatile void *)addr, CUFFD_ACCESS_READ64, 0, true,
+                                               value, NULL));
 }
 
 int rel_add_u64(volatile uint64_t *addr, uint64_t delta, uint64_t *value) {
-    return access_u64(addr, delta, true, value);
+    return access_result(cuffd_access_catching(addr, CUFFD_ACCESS_ADD64, delta, true, value, NULL));
 }
 
 // MARK: - unprivileged open
@@ -237,6 +200,12 @@ int rel_sysctl_write(const char *path, long value) {
     int rc = fprintf(f, "%ld\n", value) < 0 ? -EIO : 0;
     if (fclose(f) != 0 && rc == 0) rc = -errno;
     return rc;
+}
+
+int rel_mounted_noexec(const char *path) {
+    struct statvfs sv;
+    if (statvfs(path, &sv) < 0) return -errno;
+    return (sv.f_flag & ST_NOEXEC) != 0;
 }
 
 int rel_punch_hole(int fd, uint64_t len) {

@@ -3,8 +3,11 @@
 // memory, so every fault the handler resolves is checked by the next access to the page.
 #include "reliability.h"
 
+#include "CUffd.h"
+
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,14 +142,7 @@ int rel_stress_start(struct rel_stress *s, void *area, int nthreads, int mode, u
 int rel_stress_stop(struct rel_stress *s, int timeout_ms) {
     atomic_store(&s->stop, 1);
     int rc = 0;
-    struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
-    dl.tv_sec += timeout_ms / 1000;
-    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    struct timespec dl = cuffd_deadline_after_ms((uint32_t)timeout_ms);
     for (int i = 0; i < s->nthreads; i++) {
         if (pthread_timedjoin_np(s->threads[i], NULL, &dl) != 0) {
             fail(s, "locking thread %llu of %llu did not finish within %llu ms (blocked on a fault)",
@@ -182,4 +178,105 @@ int rel_stress_verify(struct rel_stress *s, const void *area) {
         return -1;
     }
     return atomic_load(&s->failed) ? -1 : 0;
+}
+
+// MARK: - blocking-read resolvers (uffd-stress's read mode)
+
+struct rel_resolvers {
+    int uffd, n;
+    char *dst;
+    const char *src;
+    uint64_t len, ps;
+    bool wp;
+    pthread_t threads[REL_MAX_THREADS];
+    atomic_int stop;
+    atomic_uint_fast64_t faults, wp_faults, existed, errors;
+    atomic_int first_error;
+};
+
+// The signal that interrupts a resolver's read(2) (a handler without SA_RESTART: EINTR).
+#define REL_RESOLVER_WAKE SIGUSR2
+static void on_resolver_wake(int sig) { (void)sig; }
+
+static void resolve_one(struct rel_resolvers *r, const struct uffd_msg *m) {
+    uint64_t a = m->arg.pagefault.address & ~(r->ps - 1), base = (uint64_t)(uintptr_t)r->dst;
+    int e;
+    if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+        atomic_fetch_add(&r->wp_faults, 1);
+        e = cuffd_writeprotect(r->uffd, a, r->ps, false, false);
+    } else if (a < base || a >= base + r->len) {
+        e = -EFAULT; // not ours: cannot happen with one registered area
+    } else {
+        atomic_fetch_add(&r->faults, 1);
+        int64_t done = 0;
+        e = cuffd_copy(r->uffd, a, (uint64_t)(uintptr_t)(r->src + (a - base)), r->ps,
+                       r->wp ? UFFDIO_COPY_MODE_WP : 0, &done);
+        if (e == -EEXIST) {
+            atomic_fetch_add(&r->existed, 1);
+            e = cuffd_wake(r->uffd, a, r->ps);
+        }
+    }
+    if (e < 0 && atomic_fetch_add(&r->errors, 1) == 0) atomic_store(&r->first_error, e);
+}
+
+static void *resolver_main(void *arg) {
+    struct rel_resolvers *r = arg;
+    while (!atomic_load(&r->stop)) {
+        struct uffd_msg m;
+        // Blocks in read(2); rel_resolvers_stop interrupts it with REL_RESOLVER_WAKE (EINTR).
+        ssize_t n = read(r->uffd, &m, sizeof m);
+        if (n != (ssize_t)sizeof m) {
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (atomic_fetch_add(&r->errors, 1) == 0) atomic_store(&r->first_error, n < 0 ? -errno : -EIO);
+            return NULL;
+        }
+        if (m.event == UFFD_EVENT_PAGEFAULT) resolve_one(r, &m);
+    }
+    return NULL;
+}
+
+struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void *src, uint64_t len,
+                                          uint64_t page_size, bool wp) {
+    if (n < 1 || n > REL_MAX_THREADS) return NULL;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_resolver_wake; // no SA_RESTART: the blocked read(2) returns EINTR
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(REL_RESOLVER_WAKE, &sa, NULL) < 0) return NULL;
+    struct rel_resolvers *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    *r = (struct rel_resolvers){.uffd = uffd, .dst = dst, .src = src, .len = len, .ps = page_size, .wp = wp};
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&r->threads[i], NULL, resolver_main, r) != 0) break;
+        r->n++;
+    }
+    if (r->n == 0) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out) {
+    int rc = 0;
+    atomic_store(&r->stop, 1);
+    // A wake-up can land just before a thread enters read(2): keep waking until it is joined.
+    for (int i = 0; i < r->n; i++) {
+        int e = -ETIMEDOUT;
+        for (int tries = 0; tries < 1000 && e == -ETIMEDOUT; tries++) {
+            pthread_kill(r->threads[i], REL_RESOLVER_WAKE);
+            e = cuffd_join_within(r->threads[i], 10);
+        }
+        if (e != 0) rc = -ETIMEDOUT;
+    }
+    if (out) {
+        out->faults = atomic_load(&r->faults);
+        out->wp_faults = atomic_load(&r->wp_faults);
+        out->existed = atomic_load(&r->existed);
+        out->errors = atomic_load(&r->errors);
+        out->first_error = atomic_load(&r->first_error);
+        out->threads = r->n;
+    }
+    if (rc == 0) free(r); // a thread that did not end may still use it
+    return rc;
 }

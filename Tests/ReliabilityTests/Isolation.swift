@@ -38,29 +38,37 @@ extension XCTestCase {
             try body()
             return ""
         }
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        var exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             ?? CommandLine.arguments[0]
         let spec = testSpecifier
         var out = [CChar](repeating: 0, count: 64 * 1024)
         var code: Int32 = 0
-        // As another user: through setpriv (real, effective and saved ids, no groups).
+        // As another user: through setpriv (real, effective and saved ids, no groups), from a
+        // copy of this binary in a folder that user can reach (the checkout may be in a 0700
+        // folder such as root's home or a mktemp -d), with that folder as working directory.
         var args = [exe, spec]
+        var staged: StagedExecutable?
+        defer { staged?.remove() }
         if let u = asUser {
-            args = ["/usr/bin/setpriv", "--reuid=\(u.uid)", "--regid=\(u.gid)", "--clear-groups"] + args
+            let s = try StagedExecutable(copying: exe, for: u.uid)
+            staged = s
+            exe = s.path
+            args = ["/usr/bin/setpriv", "--reuid=\(u.uid)", "--regid=\(u.gid)", "--clear-groups", s.path, spec]
         }
         let cargs = args.map { strdup($0) }
         defer { cargs.forEach { free($0) } }
-        let rc: Int32 = exe.withCString { _ in
-            spec.withCString { _ in
-                var argv: [UnsafePointer<CChar>?] = cargs.map { UnsafePointer($0) } + [nil]
-                return argv.withUnsafeMutableBufferPointer { a in
-                    out.withUnsafeMutableBufferPointer { o in
-                        rel_run_child(a.baseAddress, isolatedChildVariable, spec, Int32(timeout * 1000),
+        let cwd = staged?.directory
+        let rc: Int32 = {
+            var argv: [UnsafePointer<CChar>?] = cargs.map { UnsafePointer($0) } + [nil]
+            return argv.withUnsafeMutableBufferPointer { a in
+                out.withUnsafeMutableBufferPointer { o in
+                    withOptionalCString(cwd) { dir in
+                        rel_run_child(a.baseAddress, isolatedChildVariable, spec, dir, Int32(timeout * 1000),
                                       o.baseAddress, o.count, &code)
                     }
                 }
             }
-        }
+        }()
         let text = out.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
         for l in lines where l.hasPrefix("REL:") { print(l) }
@@ -73,6 +81,11 @@ extension XCTestCase {
         guard rc == 0 else {
             XCTFail("could not run the isolated test: \(String(cString: strerror(-rc)))", file: file, line: line)
             return text
+        }
+        if asUser != nil && (code == 126 || code == 127) && !text.contains("Test Suite") {
+            // setpriv or the exec of the copy failed: the machine does not let that user run it.
+            throw XCTSkip("cannot run the test binary as uid \(asUser!.uid) here (exit \(code)): "
+                          + lines.suffix(3).joined(separator: " | "))
         }
         if let skip = lines.first(where: { $0.hasPrefix("REL-SKIP:") }) {
             throw XCTSkip(String(skip.dropFirst("REL-SKIP:".count)).trimmingCharacters(in: .whitespaces))
@@ -140,3 +153,63 @@ func withHugePages<T>(_ pages: Int, _ body: () throws -> T) throws -> T {
 }
 
 let MiB = 1 << 20
+
+private func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+    guard let s else { return body(nil) }
+    return s.withCString { body($0) }
+}
+
+/// A copy of an executable in a fresh folder another user can reach and execute (0755 folder
+/// and binary, on a file system mounted with exec), removed by `remove()`. The test binary
+/// loads only the toolchain's shared libraries (RUNPATH /opt/swift/usr/lib/swift/linux), which
+/// every user can read, so the binary alone is enough.
+struct StagedExecutable {
+    let directory: String
+    let path: String
+
+    /// Throws XCTSkip naming why when no candidate folder works.
+    init(copying exe: String, for uid: UInt32) throws {
+        var reasons: [String] = []
+        for parent in ["/tmp", "/var/tmp", "/dev/shm"] {
+            if let why = Self.unreachable(parent) { reasons.append("\(parent): \(why)"); continue }
+            var template = Array("\(parent)/uffdkit-as-\(uid)-XXXXXX".utf8CString)
+            guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+                reasons.append("\(parent): mkdtemp: \(String(cString: strerror(errno)))"); continue
+            }
+            let dir = String(cString: made)
+            let dst = dir + "/" + (exe as NSString).lastPathComponent
+            do {
+                try FileManager.default.copyItem(atPath: exe, toPath: dst)
+                guard chmod(dir, 0o755) == 0, chmod(dst, 0o755) == 0 else {
+                    throw NSError(domain: "chmod", code: Int(errno))
+                }
+            } catch {
+                try? FileManager.default.removeItem(atPath: dir)
+                reasons.append("\(parent): copy failed: \(error)"); continue
+            }
+            directory = dir
+            path = dst
+            return
+        }
+        throw XCTSkip("no folder that uid \(uid) can reach to run a copy of the test binary from: "
+                      + reasons.joined(separator: "; "))
+    }
+
+    /// Why other users could not execute a file in `dir`, or nil when they can.
+    static func unreachable(_ dir: String) -> String? {
+        let noexec = rel_mounted_noexec(dir)
+        if noexec < 0 { return String(cString: strerror(-noexec)) }
+        if noexec == 1 { return "mounted noexec" }
+        var p = dir
+        while !p.isEmpty {
+            var st = stat()
+            guard stat(p, &st) == 0 else { return "\(p): \(String(cString: strerror(errno)))" }
+            if st.st_mode & 0o001 == 0 { return "\(p) is not searchable by other users" }
+            if p == "/" { break }
+            p = (p as NSString).deletingLastPathComponent
+        }
+        return nil
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: directory) }
+}

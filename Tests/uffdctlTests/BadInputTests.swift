@@ -139,10 +139,21 @@ final class BadInputTests: XCTestCase {
         XCTAssertEqual(flag(copy.json, "verified"), true)
     }
 
+    /// Runs setpriv with `args`; the uffdctl binary among them runs from a copy in a fresh 0755
+    /// folder under /tmp (removed afterwards): the checkout may sit in a folder the target user
+    /// cannot enter (root's home, a mktemp -d).
     private func runSetpriv(_ args: [String]) throws -> CLIResult {
+        let exe = try uffdctlURL().path
+        let dir = "/tmp/uffdctl-as-user-\(UUID().uuidString)" // not TMPDIR: it may be private too
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false,
+                                                attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let copy = dir + "/uffdctl"
+        try FileManager.default.copyItem(atPath: exe, toPath: copy)
+        XCTAssertEqual(chmod(copy, 0o755), 0)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-        p.arguments = args
+        p.arguments = args.map { $0 == exe ? copy : $0 }
         p.currentDirectoryURL = URL(fileURLWithPath: "/")
         let out = Pipe(), err = Pipe()
         p.standardOutput = out

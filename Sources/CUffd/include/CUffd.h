@@ -375,7 +375,13 @@ enum cuffd_mem_kind {
     CUFFD_MEM_SHMEM = 1,         ///< memfd, MAP_SHARED (with an alias view)
     CUFFD_MEM_SHMEM_PRIVATE = 2, ///< memfd, MAP_PRIVATE (alias is MAP_SHARED)
     CUFFD_MEM_HUGETLB = 3,       ///< memfd MFD_HUGETLB, MAP_SHARED (with an alias view)
+    CUFFD_MEM_HUGETLB_PRIVATE = 4, ///< memfd MFD_HUGETLB, MAP_PRIVATE (alias is MAP_SHARED)
 };
+
+/// Whether `kind` is backed by huge pages (its page size is the default huge page size).
+static inline bool cuffd_mem_is_hugetlb(int kind) {
+    return kind == CUFFD_MEM_HUGETLB || kind == CUFFD_MEM_HUGETLB_PRIVATE;
+}
 
 /// A mapped region; `alias` is a second MAP_SHARED view of the same file for shmem/hugetlb
 /// (to fill the page cache for CONTINUE), NULL for anon.
@@ -418,16 +424,11 @@ int cuffd_pin_self(int cpu);
 /// The CPU the calling thread runs on.
 int cuffd_current_cpu(void);
 
-/// Exported numbers Swift cannot import (function-like macros).
-extern const unsigned long cuffd_ioctl_api, cuffd_ioctl_register, cuffd_ioctl_unregister,
-    cuffd_ioctl_wake, cuffd_ioctl_copy, cuffd_ioctl_zeropage, cuffd_ioctl_move,
-    cuffd_ioctl_writeprotect, cuffd_ioctl_continue, cuffd_ioctl_poison, cuffd_ioctl_new,
-    cuffd_ioctl_pagemap_scan;
-
 #ifdef __cplusplus
 }
 #endif
 
 #include "cuffd_swift_support.h"
+#include "cuffd_sigbus.h"
 
 #endif // CUFFD_H

@@ -1,12 +1,14 @@
-// Small helpers the Swift library (and its tests) need from C: things Swift cannot call
-// directly (eventfd, thread names, fork-safe children, SIGBUS probing).
+// Small helpers the Swift library, its tests and benchmarks need from C: things Swift cannot
+// call directly (eventfd, thread names), the one SIGBUS catcher and the one deadline helper.
 #ifndef CUFFD_SWIFT_SUPPORT_H
 #define CUFFD_SWIFT_SUPPORT_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <sys/types.h>
+#include <time.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -21,29 +23,37 @@ int cuffd_eventfd_signal(int fd);
 /// Names the calling thread (15 characters at most are kept). Returns 0 or -errno.
 int cuffd_set_thread_name(const char *name);
 
-/// Reads the byte at `addr`, catching SIGBUS on the calling thread. Returns 0 and the byte in
-/// `*value` when the read completed, 1 when it raised SIGBUS (e.g. a poisoned page).
-/// A process-wide SIGBUS handler is installed on first use; SIGBUS on other threads that are
-/// not inside this function is re-raised with the default action.
+// MARK: - Accesses that may raise SIGBUS/SIGSEGV (poisoned pages, SIGBUS mode, unmapped ranges)
+
+/// What cuffd_access_catching does at `addr`.
+enum cuffd_access_op {
+    CUFFD_ACCESS_READ8 = 0,  ///< reads one byte into *value
+    CUFFD_ACCESS_WRITE8 = 1, ///< writes the low byte of `operand`
+    CUFFD_ACCESS_READ64 = 2, ///< reads the aligned 64-bit word into *value
+    CUFFD_ACCESS_ADD64 = 3,  ///< adds `operand` to the aligned 64-bit word; *value gets the sum
+};
+
+/// Performs one access at `addr`, catching SIGBUS (and SIGSEGV when `catch_segv`) raised by
+/// that access on the calling thread. Returns 0 when it completed, or the signal number
+/// (SIGBUS/SIGSEGV) with the faulting address in `*fault_addr` (may be NULL).
+/// Handlers for SIGBUS and SIGSEGV are installed once per process; a signal that arrives
+/// outside such an access is passed on to the handler that was installed before (or gets the
+/// default action), so the process's own crash handling keeps working.
+int cuffd_access_catching(volatile void *addr, int op, uint64_t operand, bool catch_segv,
+                          uint64_t *value, void **fault_addr);
+
+/// Reads the byte at `addr` with SIGBUS caught (cuffd_access_catching). Returns 0 and the
+/// byte in `*value`, or 1 when the read raised SIGBUS.
 int cuffd_read_catching_sigbus(const volatile uint8_t *addr, uint8_t *value);
 
-/// Forks a child that sums the bytes of `[addr, addr+len)` (one byte each `stride`) and
-/// reports the sum through a pipe. Returns 0 with `*sum`, -ETIMEDOUT (the child is killed
-/// after `timeout_ms`), or another -errno. The child only reads memory and calls _exit.
-int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int timeout_ms,
-                       uint64_t *sum);
+// MARK: - Bounded waits
 
-/// Forks a child that opens its own userfaultfd, registers `len` bytes of fresh anonymous
-/// memory for MISSING faults, never handles them, and touches the first page. After
-/// `timeout_ms` the parent checks whether the child is still blocked, kills it, and reaps it.
-/// Returns 1 when the child was still blocked (the expected behaviour of an unanswered fault),
-/// 0 when it exited by itself, or -errno (setup failed; the child's failure code is reported
-/// as -(100 + step)).
-int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms);
+/// The absolute CLOCK_REALTIME time `ms` from now (what pthread_timedjoin_np and
+/// sem_timedwait take).
+struct timespec cuffd_deadline_after_ms(uint32_t ms);
 
-/// mremap(2) of `[old, old+len)` to exactly `new_addr` (MREMAP_MAYMOVE|MREMAP_FIXED); mremap is
-/// variadic and does not reach Swift. Returns 0 or -errno.
-int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr);
+/// pthread_join with a bound of `ms`: 0, or -ETIMEDOUT (the thread keeps running) / -errno.
+int cuffd_join_within(pthread_t thread, uint32_t ms);
 
 #ifdef __cplusplus
 }

@@ -33,7 +33,7 @@ public final class ZeroFillPolicy: RangeFillingPolicy {
 
     /// Serves a whole region (zeros are copied when it is hugetlb).
     public convenience init(region: MappedRegion) {
-        self.init(range: ServedRange(region: region), hugetlb: region.kind == .hugetlb)
+        self.init(range: ServedRange(region: region), hugetlb: region.kind.isHugetlb)
     }
 
     /// Zeros for missing faults; unprotect / continue for the others.

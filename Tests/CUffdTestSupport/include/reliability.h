@@ -16,13 +16,13 @@ extern "C" {
 // MARK: - Child processes
 
 /// Runs `argv[0]` (argv NULL-terminated) in a new process group with `env_name=env_value`
-/// added to the environment, capturing stdout+stderr into `out` (the last `outlen-1` bytes are
+/// added to the environment and `cwd` as its working directory (NULL: this process's), capturing stdout+stderr into `out` (the last `outlen-1` bytes are
 /// kept, NUL-terminated). After `timeout_ms` the whole group is killed with SIGKILL.
 /// Returns 0 when the child ended by itself (`*exit_code` = its status, or 128+signal when a
 /// signal killed it), -ETIMEDOUT when the watchdog killed it, or -errno when it could not start.
 /// Only async-signal-safe calls run between fork and exec.
 int rel_run_child(const char *const *argv, const char *env_name, const char *env_value,
-                  int timeout_ms, char *out, size_t outlen, int *exit_code);
+                  const char *cwd, int timeout_ms, char *out, size_t outlen, int *exit_code);
 
 // MARK: - Faulting accesses that may raise a signal
 
@@ -82,6 +82,25 @@ const char *rel_stress_error(const struct rel_stress *s);
 /// rel_stress_error).
 int rel_stress_verify(struct rel_stress *s, const void *area);
 
+// MARK: - Stress: blocking-read resolvers (uffd-stress's read mode)
+
+/// `n` threads that each block in read(2) on the blocking `uffd` and answer MISSING faults in
+/// [dst, dst+len) with UFFDIO_COPY from the same offset of `src` (protected with `wp`; EEXIST
+/// wakes the range) and WP faults with an unprotect. NULL when no thread could start.
+struct rel_resolvers;
+struct rel_resolvers *rel_resolvers_start(int uffd, int n, void *dst, const void *src, uint64_t len,
+                                          uint64_t page_size, bool wp);
+
+struct rel_resolver_counts {
+    uint64_t faults, wp_faults, existed, errors;
+    int first_error; ///< -errno of the first failed resolution
+    int threads;
+};
+
+/// Stops the resolvers (a SIGUSR2 with a no-op handler interrupts their read(2); a resolution
+/// in progress finishes) and joins them within 10 s. Returns 0 (counts in *out) or -ETIMEDOUT.
+int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out);
+
 // MARK: - Unprivileged open
 
 /// Forks a child that drops to `uid`/`gid` (setgroups(0), setresgid, setresuid) and calls
@@ -89,6 +108,9 @@ int rel_stress_verify(struct rel_stress *s, const void *area);
 /// -errno; -EPERM+(-1000) style failures of the privilege drop itself are reported as
 /// -(1000 + errno). Waits at most `timeout_ms` (then -ETIMEDOUT).
 int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms);
+
+/// 1 when the file system holding `path` is mounted noexec, 0 when not, -errno on error.
+int rel_mounted_noexec(const char *path);
 
 /// fallocate(PUNCH_HOLE|KEEP_SIZE) over `[0, len)` of `fd`: drops shmem/hugetlb file pages.
 /// Returns 0 or -errno.

@@ -1,0 +1,290 @@
+import CUffd
+import Foundation
+import Synchronization
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One region's bytes in a memory file, read with pread(2) into the reader's scratch memory.
+/// Unlike ``FileSource``, a short read is an error: the regions were checked against the file
+/// when the process was adopted, so a file that has shrunk since is a read error (the fault gets
+/// the handler's fallback and is reported), never silently zeros.
+public final class MemoryFileSource: PageSource, Sendable {
+    /// The region's length.
+    public let length: Int
+    /// The memory file (not owned: the server keeps it open).
+    public let fd: Int32
+    /// Where the region starts in the file.
+    public let fileOffset: Int
+
+    /// `length` bytes of `fd` from `fileOffset`.
+    public init(fd: Int32, fileOffset: Int, length: Int) {
+        self.fd = fd
+        self.fileOffset = fileOffset
+        self.length = length
+    }
+
+    /// Reads `[offset, offset+count)` of the region into `scratch`.
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "MemoryFileSource needs scratch memory") }
+        var got = 0
+        let want = Swift.max(0, Swift.min(count, length - offset))
+        while got < want {
+            let n = pread(fd, scratch + got, want - got, off_t(fileOffset + offset + got))
+            if n > 0 { got += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            let e: Errno = n == 0 ? .ioError : Errno(rawValue: errno)
+            throw UffdError(.source, e, bytesDone: got,
+                            detail: "memory file read at \(fileOffset + offset + got)" + (n == 0 ? " (file shorter than the regions)" : ""))
+        }
+        if got < count { memset(scratch + got, 0, count - got) }
+        return UnsafeRawPointer(scratch)
+    }
+}
+
+/// How a ``ServedProcess`` serves faults.
+public struct ServeOptions: Sendable {
+    /// Reader threads per served process.
+    public var readers: Int = 1
+    /// CPUs to pin readers to (nil: not pinned).
+    public var cpus: [Int]? = nil
+    /// Readahead window in bytes per fault (nil: one page per fault). Rounded up to the region's
+    /// page size; a 2 MiB region resolves at least a whole huge page.
+    public var readaheadBytes: Int? = nil
+    /// Adaptive readahead between one page and `readaheadBytes`.
+    public var adaptiveReadahead: Bool = false
+    /// What a fault that cannot be served (a memory file read error) gets.
+    public var fallback: FaultHandler.Fallback = .poison
+    /// Called on a reader thread for each fault that could not be served.
+    public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
+
+    /// One reader, no readahead, poison fallback.
+    public init() {}
+}
+
+/// Serves the faults of one process whose uffd was handed over: its regions from the memory
+/// file by region offset, removed ranges (UFFD_EVENT_REMOVE: balloon, MADV_DONTNEED) unregistered
+/// so the kernel zero-fills them from then on (also on hugetlb, where ZEROPAGE does not exist;
+/// and the state lives in the kernel, so it survives a restart of the server), its own handler,
+/// policy and stats.
+public final class ServedProcess: Sendable {
+    /// A number unique in this server (also across restarts when the caller assigns it).
+    public let id: Int
+    /// The adopted uffd.
+    public let uffd: Userfaultfd
+    /// The regions served.
+    public let regions: [GuestRegion]
+    /// The process that sent the uffd.
+    public let peer: PeerCredentials
+    /// The connection the uffd came over (owned; closed by ``stop()``), or -1.
+    public let connection: Int32
+    /// The peer's start time (clock ticks since boot, /proc/PID/stat), to tell it from a reused pid.
+    public let peerStartTime: UInt64?
+    /// The fault handler.
+    public let handler: FaultHandler
+    private let policy: ServingPolicy
+    /// When serving started (CLOCK_MONOTONIC ns).
+    public let startedNs: UInt64
+
+    /// Adopts a received hand-off and builds its policy (not started). The regions must have
+    /// been validated against the file (``GuestRegion/validate(_:memoryFileLength:)``).
+    public init(id: Int, handoff: ReceivedHandoff, connection: Int32, memoryFile: Int32, options: ServeOptions,
+                peerStartTime: UInt64? = nil) throws(UffdError) {
+        self.id = id
+        self.uffd = handoff.uffd
+        self.regions = handoff.regions
+        self.peer = handoff.peer
+        self.connection = connection
+        self.peerStartTime = peerStartTime ?? ServedProcess.startTime(of: handoff.peer.pid)
+        var routes: [RouterPolicy.Route] = []
+        for r in handoff.regions {
+            let source = MemoryFileSource(fd: memoryFile, fileOffset: r.offset, length: r.size)
+            let copy = CopyPolicy(start: r.baseHostVirtAddr, length: r.size, source: source, pageSize: r.pageSize)
+            let p: any FaultPolicy
+            if let ra = options.readaheadBytes, ra > r.pageSize {
+                let pages = (ra + r.pageSize - 1) / r.pageSize
+                p = ReadaheadPolicy(copy, window: options.adaptiveReadahead ? .adaptive(minPages: 1, maxPages: pages) : .fixed(pages: pages))
+            } else {
+                p = copy
+            }
+            routes.append(.init(start: r.baseHostVirtAddr, length: r.size, policy: p))
+        }
+        policy = ServingPolicy(router: try RouterPolicy(routes), regions: handoff.regions)
+        var ho = FaultHandler.Options()
+        ho.readers = Swift.max(1, options.readers)
+        ho.cpus = options.cpus
+        ho.fallback = options.fallback
+        ho.onFailure = options.onFailure
+        ho.forkHandling = .release
+        ho.threadName = "serve-\(id)"
+        handler = FaultHandler(uffd: handoff.uffd, policy: policy, options: ho)
+        startedNs = cuffd_now_ns()
+    }
+
+    /// Starts the readers.
+    public func start() throws(UffdError) { try handler.start() }
+
+    /// What a fault that cannot be served gets on this uffd: POISON only exists when the
+    /// sender enabled UFFD_FEATURE_POISON (Firecracker does not); the loop zero-fills otherwise.
+    public var effectiveFallback: FaultHandler.Fallback {
+        handler.options.fallback == .poison && !uffd.features.contains(.poison) ? .zeroFill : handler.options.fallback
+    }
+
+    /// UFFDIO_WAKE over every region: after a restart, threads whose fault the previous server
+    /// read but never resolved are no longer queued; woken, they fault again and are served.
+    public func wakeAll() {
+        for r in regions { try? uffd.wake(r.baseHostVirtAddr, length: r.size) }
+    }
+
+    /// Stops the readers (queued faults are resolved first), closes the connection and the uffd.
+    public func stop() {
+        handler.stop()
+        if connection >= 0 { Glibc.close(connection) }
+        uffd.close()
+    }
+
+    /// Nanoseconds from the start of serving to the first fault (nil: none yet).
+    public var timeToFirstFaultNs: UInt64? {
+        let t = policy.firstFaultNs.load(ordering: .relaxed)
+        return t == 0 ? nil : t &- startedNs
+    }
+
+    /// Bytes of removed ranges unregistered (served as zeros by the kernel since).
+    public var removedBytes: UInt64 { policy.removedBytes.load(ordering: .relaxed) }
+
+    /// Whether the peer process still exists (same pid and start time). A pid of 0 (another
+    /// pid namespace) counts as alive; the connection's end then decides.
+    public var peerAlive: Bool {
+        guard peer.pid > 0 else { return true }
+        guard let t = ServedProcess.startTime(of: peer.pid) else { return false }
+        if let peerStartTime { return t == peerStartTime }
+        return true
+    }
+
+    /// Whether the peer closed its end of the connection (or there is none).
+    public var connectionClosed: Bool {
+        guard connection >= 0 else { return true }
+        var p = pollfd(fd: connection, events: Int16(POLLIN) | pollRDHUP, revents: 0)
+        guard poll(&p, 1, 0) > 0 else { return false }
+        if p.revents & (Int16(POLLHUP) | pollRDHUP | Int16(POLLERR)) != 0 { return true }
+        // Data after the hand-off is not part of the protocol: read and drop it; EOF is the end.
+        var buf = [UInt8](repeating: 0, count: 512)
+        let n = recv(connection, &buf, buf.count, Int32(MSG_DONTWAIT))
+        return n == 0
+    }
+
+    /// The process's start time (field 22 of /proc/PID/stat), nil when it does not exist.
+    public static func startTime(of pid: Int32) -> UInt64? {
+        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // After "(comm)": state is field 3, starttime field 22 -> index 19.
+        guard fields.count > 19, fields[0] != "Z" && fields[0] != "X" else { return nil }
+        return UInt64(fields[19])
+    }
+
+    /// The summary when the process went away.
+    public func summary() -> ServeSummary {
+        let s = handler.stats()
+        return ServeSummary(id: id, peer: peer, faults: s.faults, bytes: s.bytes,
+                            timeToFirstFaultNs: timeToFirstFaultNs,
+                            p50Ns: s.latency.totalCount > 0 ? s.latency.valueAtPercentile(50) : nil,
+                            p99Ns: s.latency.totalCount > 0 ? s.latency.valueAtPercentile(99) : nil,
+                            removeEvents: s.removeEvents, removedBytes: removedBytes, retries: s.retries,
+                            fallbacks: s.fallbacks, failures: s.failures + UInt64(handler.loopErrors().count),
+                            servedNs: cuffd_now_ns() &- startedNs)
+    }
+}
+
+/// What serving one process amounted to.
+public struct ServeSummary: Sendable, CustomStringConvertible {
+    /// The served process's id in the server.
+    public var id: Int
+    /// Who it was.
+    public var peer: PeerCredentials
+    /// Faults read.
+    public var faults: UInt64
+    /// Bytes resolved.
+    public var bytes: UInt64
+    /// From the start of serving to the first fault.
+    public var timeToFirstFaultNs: UInt64?
+    /// Resolution latency percentiles.
+    public var p50Ns: UInt64?
+    /// Resolution latency percentiles.
+    public var p99Ns: UInt64?
+    /// UFFD_EVENT_REMOVE events seen.
+    public var removeEvents: UInt64
+    /// Bytes of removed ranges unregistered.
+    public var removedBytes: UInt64
+    /// Resolutions retried after EAGAIN (an unread event or a changing address space).
+    public var retries: UInt64
+    /// Faults that got the fallback (memory file errors).
+    public var fallbacks: UInt64
+    /// Faults whose fallback failed too, plus loop errors.
+    public var failures: UInt64
+    /// How long it was served.
+    public var servedNs: UInt64
+
+    /// Whether every fault was served from the file.
+    public var clean: Bool { fallbacks == 0 && failures == 0 }
+
+    /// One line.
+    public var description: String {
+        func us(_ v: UInt64?) -> String { v.map { String(format: "%.1fus", Double($0) / 1000) } ?? "-" }
+        return "faults=\(faults) bytes=\(bytes) first_fault=\(us(timeToFirstFaultNs)) p50=\(us(p50Ns)) p99=\(us(p99Ns)) "
+            + "removes=\(removeEvents) removed_bytes=\(removedBytes) retries=\(retries) fallbacks=\(fallbacks) failures=\(failures) "
+            + String(format: "served=%.3fs", Double(servedNs) / 1e9)
+    }
+}
+
+/// The router over the regions, plus what serving needs on top: the time of the first fault
+/// and REMOVE events turned into UFFDIO_UNREGISTER of the removed pages.
+final class ServingPolicy: FaultPolicy {
+    let router: RouterPolicy
+    let regions: [GuestRegion]
+    let firstFaultNs = Atomic<UInt64>(0)
+    let removedBytes = Atomic<UInt64>(0)
+
+    init(router: RouterPolicy, regions: [GuestRegion]) {
+        self.router = router
+        self.regions = regions
+    }
+
+    var scratchBytes: Int { router.scratchBytes }
+
+    @inline(__always)
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        if firstFaultNs.load(ordering: .relaxed) == 0 {
+            _ = firstFaultNs.compareExchange(expected: 0, desired: cuffd_now_ns(), ordering: .relaxed)
+        }
+        return try router.resolve(fault, context: context)
+    }
+
+    /// A removed range reads as zeros from now on: unregister the whole pages of it in each
+    /// region (the kernel then maps zero pages on the next touch, hugetlb included). The
+    /// unregister wakes threads waiting in the range; their queued faults then fail with ENOENT,
+    /// which the loop counts as gone.
+    func handle(event: Event, context: borrowing FaultContext) {
+        guard case .remove(let start, let end) = event else {
+            router.handle(event: event, context: context)
+            return
+        }
+        for r in regions {
+            let lo = Swift.max(start, r.baseHostVirtAddr), hi = Swift.min(end, r.end)
+            guard lo < hi else { continue }
+            let mask = UInt(r.pageSize - 1)
+            let a = (lo + mask) & ~mask, b = hi & ~mask
+            guard a < b else { continue }
+            if cuffd_unregister(context.fd, UInt64(a), UInt64(b - a)) == 0 {
+                removedBytes.add(UInt64(b - a), ordering: .relaxed)
+            }
+        }
+    }
+}
+
+/// POLLRDHUP (a GNU extension the Glibc module does not import).
+let pollRDHUP: Int16 = 0x2000
