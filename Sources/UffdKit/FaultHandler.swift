@@ -26,8 +26,8 @@ import Musl
 /// - Deferred resolution: a policy may answer "not yet" (``FaultContext/deferFill(_:length:pageSize:)``
 ///   and ``Resolution/deferred``) and deliver the bytes later from any thread; see
 ///   ``DeferredFetch`` and ``DeferredSource``.
-/// - Fork: a reader only reads fork events; a service thread (one per process, see
-///   `FaultHandlerService.swift`) adopts the child's fd, calls ``FaultPolicy/handle(event:context:)``
+/// - Fork: with EVENT_FORK a reader only reads fork events; a service thread (one per process,
+///   see `FaultHandlerService.swift`) adopts the child's fd, calls ``FaultPolicy/handle(event:context:)``
 ///   with `.fork` and starts the child's handler, because fork() holds the malloc locks until
 ///   its event is read, and a reader that allocates would deadlock with the next fork. The
 ///   same thread reports failures (``Options/onFailure``). A policy's own work on the reader
@@ -88,9 +88,10 @@ public final class FaultHandler: Sendable {
         public var spinPolls: UInt32 = 0
         /// What happens to the child's fd on fork events.
         public var forkHandling: ForkHandling = .serveWithSamePolicy
-        /// Called for each failure on the handler's service thread (shared by the process's
-        /// handlers; keep it short; it may allocate), or on a deferred source's thread for a
-        /// fetch it failed. It runs after the faulting thread was released.
+        /// Called for each failure (keep it short; it may allocate), after the faulting thread
+        /// was released: on the reader thread, before it reads the next fault; with EVENT_FORK
+        /// on the process's handler service thread instead (see ``FaultHandler``'s notes on
+        /// fork); on a deferred source's thread for a fetch the source failed.
         public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
         /// How many failures ``FaultHandler/failures()`` keeps (the oldest are dropped).
         public var failureLogCapacity: Int = 256
@@ -119,6 +120,10 @@ public final class FaultHandler: Sendable {
     /// The configuration.
     public let options: Options
     private let sink: HandlerSink
+    /// EVENT_FORK: a fork waits (holding the malloc locks) for a reader to read its event, so
+    /// readers hand allocating work to the service thread. Without it no fork waits for a
+    /// reader, and readers report failures themselves, in order with the faults.
+    private var forksPossible: Bool { uffd.features.contains(.eventFork) }
     private let state = Mutex(State())
 
     private struct State: @unchecked Sendable {
@@ -173,7 +178,7 @@ public final class FaultHandler: Sendable {
         var batch = Swift.min(Swift.max(perRead, 1), Int(CUFFD_MAX_BATCH))
         if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
         // Up before any reader: fork events and failure reports go there (see HandlerService).
-        let service = HandlerService.running()
+        let service = forksPossible ? HandlerService.running() : nil
         let ready = ReadySignal()
         var readers: [Reader] = []
         for i in 0..<Swift.max(1, options.readers) {
@@ -234,7 +239,7 @@ public final class FaultHandler: Sendable {
         // The readers' last fork events and failure reports are handled (children adopted)
         // before the children are stopped and the stats summed. Not from a reader or the
         // service thread: that work may be waiting for them.
-        HandlerService.running()?.flush()
+        if forksPossible { HandlerService.running()?.flush() }
         let dropped = sink.droppedReports.exchange(0, ordering: .relaxed)
         if dropped > 0 {
             sink.reportLoop(UffdError(.handler, .noBufferSpace,
@@ -268,11 +273,11 @@ public final class FaultHandler: Sendable {
     }
 
     /// The most recent failures (at most ``Options/failureLogCapacity``).
-    /// Failures are reported by the service thread, after the faulting thread was released:
-    /// this waits for the reports of faults already resolved (except on a reader or in an
-    /// `onFailure` callback).
+    /// With EVENT_FORK, failures are reported by the service thread, after the faulting thread
+    /// was released: this waits for the reports of faults already resolved (except on a reader
+    /// or in an `onFailure` callback).
     public func failures() -> [HandlerFailure] {
-        HandlerService.running()?.flush()
+        if forksPossible { HandlerService.running()?.flush() }
         return sink.failureLog()
     }
 

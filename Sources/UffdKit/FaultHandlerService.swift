@@ -18,7 +18,7 @@ import Musl
 /// So a reader only writes a fixed-size record into a pipe (a syscall; no allocation, no lock
 /// a forking thread holds) and goes on reading; this thread does the allocating work.
 ///
-/// One per process (made on the first handler's start, before it returns, so before any fork
+/// One per process (made on the first EVENT_FORK handler's start, before it returns, so before any fork
 /// event); a forked child that runs handlers gets its own. Records keep their order, so a
 /// ``flush()`` (a barrier record) waits for every record posted before it.
 final class HandlerService: @unchecked Sendable {
