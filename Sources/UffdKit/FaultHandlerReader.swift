@@ -131,12 +131,50 @@ final class Reader: @unchecked Sendable {
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
         cfg.deferred = deferred?.raw
+        warmUp()
         // Tell start() this thread is past its start-up (which may allocate; see start()).
         ready?.signal()
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
         // The files close when the last reader of the run (and the handler) let go of them.
+    }
+
+    /// Runs this reader's own fault-path code once, with no effect, before the thread reports
+    /// ready. The Swift runtime instantiates generic metadata (the histogram's, the mutexes',
+    /// the records') the first time code needs it, and that allocates: done for the first time
+    /// while a fork waits for this reader, it deadlocks (see HandlerService). The policy's own
+    /// first calls are the policy's affair.
+    @inline(never)
+    func warmUp() {
+        var h = HandlerStats.makeHistogram()
+        _ = h.record(Swift.min(UInt64(basePage), h.highestTrackableValue))
+        _ = h.record(h.highestTrackableValue)
+        published.withLock { p in _ = p.loop.reads }
+        pendingErrors.append((-1, UffdError(.handler, .ioError, detail: "warm-up")))
+        _ = pendingErrors.first(where: { $0.0 == -1 })
+        pendingErrors.removeAll(keepingCapacity: true)
+        var ctx = context
+        ctx.batchIndex = 0
+        ctx.message = nil
+        var ev = uffd_msg()
+        ev.event = UInt8(UFFD_EVENT_REMOVE)
+        _ = Event(ev, features: features, userModeOnly: userModeOnly)
+        var m = uffd_msg()
+        m.event = UInt8(UFFD_EVENT_PAGEFAULT)
+        var r = cuffd_resolution()
+        r.op = Resolution.Operation.fail.rawValue
+        _ = Fault(m, pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+        _ = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst), length: Int(r.len),
+                       source: UInt(r.src), mode: r.mode)
+        _ = Errno(rawValue: r.error)
+        var rec = HandlerService.Record()
+        rec.msg = m
+        rec.res = r
+        _ = withUnsafeBytes(of: &rec) { $0.count }
+        _ = errorSlots.withLock { $0.take(-1) }
+        let u = Unmanaged.passRetained(self)
+        u.release()
     }
 
     /// Fills `res[i]` for each fault of the batch; events go to the policy in order.
@@ -215,7 +253,9 @@ final class Reader: @unchecked Sendable {
                 let o = res[i].outcome
                 // A deferred fault waits on: its latency is not this batch's.
                 if o == UInt32(CUFFD_OUTCOME_DEFERRED.rawValue) { continue }
-                _ = p.latency.record(res[i].end_ns &- res[i].start_ns)
+                // Clamped: growing the histogram allocates (see the fork notes of FaultHandler),
+                // and an expiry's latency is the whole deadline, which may exceed its range.
+                _ = p.latency.record(Swift.min(res[i].end_ns &- res[i].start_ns, p.latency.highestTrackableValue))
                 if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) { failed = true }
             }
         }
