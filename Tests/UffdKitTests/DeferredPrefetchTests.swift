@@ -271,4 +271,58 @@ final class DeferredPrefetchTests: XCTestCase {
         XCTAssertEqual(p2.ending, .handlerStopped)
         XCTAssertEqual(Set(src2.deliverHeld()), [.cancelled], "late deliveries after the handler stopped are refused")
     }
+
+    /// A remote source (a real HTTP server, 500 ms per request): the prefetch's fetches are in
+    /// flight and a fault joined one when the server is stopped. The prefetch fetches fail and
+    /// are dropped; the joined fault re-faults, its own fetch fails too, and it gets the
+    /// fallback (zeros) with the reason reported, exactly as an on-demand fault. Nothing hangs.
+    func testRemotePrefetchServerStoppedJoinedFaultGetsTheFallback() throws {
+        let dir = try makeTempDir("deferredprefetch")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = makeImage(chunks: 2, zeroEvery: 100, tail: 0)   // 4 MiB
+        let file = dir.appendingPathComponent("img")
+        try image.write(to: file)
+        let server = try MisbehavingServer(serving: file)
+        var o = RemoteOptions()
+        o.rawChunkSize = 256 << 10
+        o.readaheadChunks = 0
+        o.maxConnections = 4
+        o.retries = 1
+        o.backoff = 0.02
+        o.requestTimeout = 5
+        o.connectTimeout = 2
+        let source = try PageSources.open(server.url("latency-500"), options: o) as! ChunkedSource
+        let r = try MappedRegion(.anonymous(), length: image.count)
+        var ho = FaultHandler.Options()
+        ho.fallback = .zeroFill
+        let s = try Session(r, options: ho) { _ in DeferredCopyPolicy(destination: r.address, source: source) }
+        let cs = source.chunkSize
+        let ws = WorkingSet(identity: try WorkingSet.Identity(size: source.length, digest: 0), pageSize: page,
+                            entries: (0..<(image.count / cs)).map { .init(offset: $0 * cs, nanoseconds: 0) })
+        var po = Prefetcher.Options()
+        po.deferredFetches = 8
+        let p = try Prefetcher(uffd: s.uffd, range: ServedRange(region: r), source: source, workingSet: ws,
+                               imageIdentity: WorkingSet.Identity(size: source.length, digest: 0), options: po)
+        let base = r.address
+        let got = Box(-1)
+        let ok = s.run(60) {
+            try! p.start(alongside: s.handler)
+            XCTAssertTrue(eventually { p.stats().deferredChunks == 8 }, "claims in flight")
+            let done = faultInThread(base + UInt(cs + 99), got)
+            XCTAssertTrue(eventually { s.handler.stats().deferredJoined == 1 }, "the fault did not join the prefetch")
+            server.stop()
+            XCTAssertEqual(done.wait(timeout: .now() + 30), .success, "the joined fault hangs")
+            XCTAssertTrue(p.wait(timeout: 30), "the filler hangs")
+        }
+        XCTAssertTrue(ok)
+        let st = p.stats()
+        let hs = s.finish()
+        XCTAssertEqual(got.value, 0, "the fallback (zeros), as for an on-demand fault")
+        XCTAssertEqual(st.ending, .finished)
+        XCTAssertEqual(st.droppedFetches, image.count / cs, "every chunk of the list: the first 8 in flight, the rest refused")
+        XCTAssertEqual(st.prefetchedPages, 0)
+        XCTAssertEqual(hs.deferredFetches, 1, "the woken fault asked for its own fetch")
+        XCTAssertEqual(hs.fallbacks, 1)
+        XCTAssertEqual(s.handler.failures().count, 1, "one failure: the fault's own fetch, never the prefetch's")
+    }
 }
