@@ -32,6 +32,15 @@ import Musl
 ///   (ENOENT, or no longer in the ``ServedRange``) and a source that fails for a page skip
 ///   those pages: the fault path serves them if they are touched, with its own error handling.
 ///   No faulting thread ever waits on the filler.
+/// - Remote and packed sources (a ``DeferredSource``, started with ``start(alongside:)``): the
+///   filler does not read; it claims each recorded chunk in the handler's table of deferred
+///   resolutions (``Options/deferredFetches`` in flight, in recorded order, yielding to queued
+///   faults before each claim and leaving half the table to faults) and the source's thread
+///   installs the chunk when it arrives, waking the faults that joined the claim (a fault on a
+///   claimed chunk waits for that fetch instead of starting its own). A fetch that fails, is
+///   older than the handler's ``FaultHandler/Options/deferredDeadline``, or is still out when
+///   the filler stops is dropped: its range is woken, never given the fallback, and a joined
+///   fault re-faults to be served (or given the fallback) as any fault.
 public final class Prefetcher: @unchecked Sendable {
     /// Filler configuration.
     public struct Options: Sendable {
@@ -123,6 +132,9 @@ public final class Prefetcher: @unchecked Sendable {
         /// fetches dropped (source failure, deadline, stop: their range is woken, never given
         /// the fallback; joined faults re-fault and are served as any fault).
         public var deferredChunks = 0, faultsJoined = 0, chunksTakenByFaults = 0, droppedFetches = 0
+        /// Through the handler's deferred table: pages outside the recording installed with
+        /// their chunk (the source's unit, as a fault's fetch would); unused ones are wasted.
+        public var extraPages = 0
         /// Seconds from the filler's start to the last recorded page present (nil unless finished).
         public var timeToLastPage: Double? = nil
         /// Seconds the filler ran so far.
@@ -181,7 +193,7 @@ public final class Prefetcher: @unchecked Sendable {
         let yielded = Atomic<Int>(0), retries = Atomic<Int>(0), sourceErrors = Atomic<Int>(0)
         let skippedAhead = Atomic<Int>(0)
         let deferredChunks = Atomic<Int>(0), faultsJoined = Atomic<Int>(0), takenByFaults = Atomic<Int>(0)
-        let dropped = Atomic<Int>(0)
+        let dropped = Atomic<Int>(0), extra = Atomic<Int>(0)
     }
 
     /// Prepares a filler of `range` from `source` with the pages of `workingSet`.
@@ -361,6 +373,7 @@ public final class Prefetcher: @unchecked Sendable {
         s.faultsJoined = counters.faultsJoined.load(ordering: .relaxed)
         s.chunksTakenByFaults = counters.takenByFaults.load(ordering: .relaxed)
         s.droppedFetches = counters.dropped.load(ordering: .relaxed)
+        s.extraPages = counters.extra.load(ordering: .relaxed)
         s.lastError = st.lastError
         s.ending = st.ending
         let end = st.endNs != 0 ? st.endNs : monotonicNanoseconds()
@@ -513,10 +526,16 @@ public final class Prefetcher: @unchecked Sendable {
         func account(_ r: cuffd_prefetch_result, _ chunk: Int) {
             let c = deferredChunks[chunk]
             counters.faultsJoined.add(Int(r.joined), ordering: .relaxed)
-            counters.existed.add(Int(r.existed_pages), ordering: .relaxed)
             switch r.outcome {
             case Int32(CUFFD_OUTCOME_RESOLVED.rawValue), Int32(CUFFD_OUTCOME_EXISTED.rawValue):
-                counters.prefetched.add(Int(r.copied) / ps, ordering: .relaxed)
+                // The recorded pages count as installed or found present (a fault took them
+                // first); the chunk's other pages came with it (the source's unit).
+                let recorded = c.pageSpan.count
+                var present = chunkPages[c.pageSpan].reduce(0) { $0 + (tracker.faulted(page: $1) ? 1 : 0) }
+                if present == 0 { present = Swift.min(recorded, Int(r.existed_pages)) }
+                counters.existed.add(present, ordering: .relaxed)
+                counters.prefetched.add(recorded - present, ordering: .relaxed)
+                counters.extra.add(Swift.max(0, Int(r.copied) / ps - (recorded - present)), ordering: .relaxed)
                 counters.copies.add(1, ordering: .relaxed)
                 var p = c.offset / ps
                 let end = (c.offset + c.length) / ps

@@ -85,7 +85,7 @@ final class DeferredPrefetchMeasurement: XCTestCase {
                 }
                 seconds[v, default: []].append(t)
                 print(String(format: "round %d %@: %.3f s, faults %d, deferred joined %d%@", round, v, t, Int(hs.faults), Int(hs.deferredJoined),
-                             st.map { ", filler installed \($0.prefetchedPages) pages (\($0.deferredChunks) deferred chunks, \($0.faultsJoined) faults joined), found present \($0.alreadyPresentPages)" } ?? ""))
+                             st.map { ", filler installed \($0.prefetchedPages) recorded + \($0.extraPages) other pages (\($0.deferredChunks) deferred chunks, \($0.faultsJoined) faults joined), found present \($0.alreadyPresentPages)" } ?? ""))
             }
         }
         func med(_ a: [Double]) -> Double { a.sorted()[a.count / 2] }
