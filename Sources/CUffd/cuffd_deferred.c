@@ -25,7 +25,7 @@ struct entry {
     uint32_t late_joins;   // faults that joined while it was being finished
     uint32_t waiters;
     struct uffd_msg msg;   // the first fault: its flags choose the fallback's kind
-    struct cuffd_prefetch_result *slot; // a prefetch claim's result (msg.event == 0, see below)
+    struct cuffd_prefetch_result *slot; // a prefetch claim's result; NULL for a fault's fetch
 };
 
 struct cuffd_deferred {
@@ -43,9 +43,9 @@ struct cuffd_deferred {
     uint32_t *freelist;
 };
 
-// A prefetch claim (cuffd_deferred_claim) has no fault of its own: its msg stays zeroed
-// (every fault's msg has event UFFD_EVENT_PAGEFAULT), which is how finish() tells them apart.
-static bool is_prefetch(const struct entry *x) { return x->msg.event == 0; }
+// A prefetch claim (cuffd_deferred_claim) has a result slot and no fault of its own (its msg
+// stays zeroed); a fault's fetch has no slot. finish() tells them apart by it.
+static bool is_prefetch(const struct entry *x) { return x->slot != NULL; }
 
 static uint64_t token_of(const struct cuffd_deferred *d, const struct entry *x) {
     return ((uint64_t)x->gen << 32) | (uint64_t)(x - d->e);
@@ -142,6 +142,7 @@ int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, u
     x->late_joins = 0;
     x->waiters = 1;
     x->msg = *msg;
+    x->slot = NULL;
     d->active[d->nactive++] = idx;
     if (deadline_ns < atomic_load_explicit(&d->next_deadline, memory_order_relaxed))
         atomic_store_explicit(&d->next_deadline, deadline_ns, memory_order_relaxed);
