@@ -770,6 +770,65 @@ def case_file(ctx):
     return {"vms": [res]}
 
 
+def start_nginx(workdir, www):
+    """nginx (Debian nginx-light) serving `www` with Range support on a free loopback port, in its
+    own process group (killed with the rig). Returns (process, base URL)."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        raise Skip("nginx not installed (make deps installs nginx-light)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = os.path.join(workdir, "nginx")
+    os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    user = "user root;\n" if os.getuid() == 0 else ""
+    conf = (f"{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{ access_log off; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; "
+            f"fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp; "
+            f"server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n")
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(conf)
+    proc = subprocess.Popen([nginx, "-c", os.path.join(d, "nginx.conf"), "-p", d], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                            start_new_session=True)
+    proc.uffdkit_group = True
+    CHILDREN.append(proc)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise Skip(f"nginx did not start on port {port}")
+
+
+def case_http(ctx, packed):
+    """The memory file behind an http:// URL (nginx), raw or packed: `serve --memory-file URL`
+    fetches 2 MiB chunks on the deferred path; the guest verifies 32 MiB read in order."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 0, npages)
+    www = os.path.join(ctx.work, "www")
+    os.makedirs(www, exist_ok=True)
+    obj = os.path.join(www, "vm.mem")
+    if packed:
+        subprocess.run([ctx.uffdctl, "snapshot", "pack", mem, obj], check=True, stdout=subprocess.DEVNULL)
+    else:
+        shutil.copyfile(mem, obj)
+    nginx, base = start_nginx(ctx.work, www)
+    srv = Serve(ctx.uffdctl, ctx.work, f"{base}/vm.mem")
+    fc, t0, t1 = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    res = verdict(fc, t0, 120, npages, 0)
+    res["load_ms"] = round((t1 - t0) * 1000, 2)
+    fc.kill()
+    served = served_cleanly(srv, 1, 16)
+    code = srv.stop()
+    nginx.terminate()
+    return {"page_size": "4K", "vms": [res], "served": served, "serve_exit": code, "packed": packed}
+
+
 CASES = {
     "basic4k": lambda ctx: case_basic(ctx, False),
     "huge2m": lambda ctx: case_basic(ctx, True),
@@ -783,6 +842,8 @@ CASES = {
     "corrupt": case_corrupt,
     "once": case_once,
     "vmkilled": case_vm_killed,
+    "http4k": lambda ctx: case_http(ctx, False),
+    "httppacked": lambda ctx: case_http(ctx, True),
     "prefetch": case_prefetch,
 }
 

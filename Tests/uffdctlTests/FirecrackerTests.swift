@@ -120,6 +120,17 @@ final class FirecrackerTests: XCTestCase {
         }
     }
 
+    /// Rig case `rigCase` restarts the server `times` times while one guest faults through
+    /// 128 MiB: the guest verifies every page, the server lives on, and each restart was mid-pass.
+    private func assertGuestSurvivesRestarts(_ rigCase: String, times: Int, file: StaticString = #filePath,
+                                             line: UInt = #line) throws {
+        let o = try run(rigCase, timeout: 300)
+        assertVerified(o, vms: 1, pages: 32768, file: file, line: line)
+        assertServed(o, vms: 1, faults: 1, file: file, line: line)
+        XCTAssertEqual(flag(o.json, "serve_alive_after"), true, file: file, line: line)
+        assertRestarted(o, times: times, file: file, line: line)
+    }
+
     /// The rig's own check can fail: one damaged page in the memory file is reported by address
     /// (File backend, no uffd involved).
     func testGuestDetectsADamagedPage() throws {
@@ -139,6 +150,21 @@ final class FirecrackerTests: XCTestCase {
         assertVerified(o, vms: 1, pages: 8192)
         assertServed(o, vms: 1, faults: 8192)
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
+    }
+
+    /// The memory file behind an http:// URL (nginx started by the rig): `serve --memory-file
+    /// http://…` restores the guest from 2 MiB chunks fetched on the deferred path; 32 MiB verified.
+    func testServeRestoresFromHTTPURL() throws {
+        let o = try run("http4k")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
+    /// The same from a packed snapshot (zstd chunks, zero chunks not stored) behind the URL.
+    func testServeRestoresFromPackedSnapshotURL() throws {
+        let o = try run("httppacked")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
     }
 
     /// A hugetlbfs-backed guest (`huge_pages: "2M"`): Firecracker hands over 2 MiB regions; the rig
@@ -221,23 +247,9 @@ final class FirecrackerTests: XCTestCase {
 
     /// The server is restarted with SIGHUP twice while the restored guest is faulting its way
     /// through 128 MiB; the guest keeps running and verifies every page.
-    func testRestoreSurvivesServeRestartBySIGHUP() throws {
-        let o = try run("sighup", timeout: 300)
-        let restarts = 2
-        assertVerified(o, vms: 1, pages: 32768)
-        assertServed(o, vms: 1, faults: 1)
-        XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
-        assertRestarted(o, times: restarts)
-    }
+    func testRestoreSurvivesServeRestartBySIGHUP() throws { try assertGuestSurvivesRestarts("sighup", times: 2) }
 
     /// serve's worker is killed with SIGKILL three times mid-pass; the supervisor starts a new one
     /// each time and the guest still verifies every page.
-    func testRestoreSurvivesKill9OfServeWorker() throws {
-        let o = try run("kill9", timeout: 300)
-        let restarts = 3
-        assertVerified(o, vms: 1, pages: 32768)
-        assertServed(o, vms: 1, faults: 1)
-        XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
-        assertRestarted(o, times: restarts)
-    }
+    func testRestoreSurvivesKill9OfServeWorker() throws { try assertGuestSurvivesRestarts("kill9", times: 3) }
 }

@@ -24,14 +24,9 @@ final class PolicySessionTests: XCTestCase {
     /// `zeropage --memory hugetlb` runs, copying zeros, and says so. Before: exit 3 (the range
     /// offers no UFFDIO_ZEROPAGE). Huge pages are reserved for the run and the sysctl restored.
     func testZeropageHugetlbCopiesZeros() throws {
-        let path = "/proc/sys/vm/nr_hugepages"
-        guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
-            throw XCTSkip("cannot read \(path)")
-        }
-        do { try "\(old + 4)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
-            throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
-        }
-        defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard huge.add(4) else { throw XCTSkip("cannot reserve 4 huge pages (vm.nr_hugepages: not root, or taken by another process)") }
         let text = try runUffdctl(["zeropage", "--memory", "hugetlb", "--size", "4M"], timeout: 30)
         if text.code == 3, text.stderr.contains("huge pages") {
             throw XCTSkip("huge pages were taken by another process: \(text.stderr)")

@@ -1,4 +1,5 @@
 import Foundation
+import TestServers
 import XCTest
 
 /// `uffdctl snapshot pack|unpack|info` and `copy --source` with packed, HTTP and S3 sources,
@@ -114,34 +115,16 @@ final class SnapshotCommandTests: XCTestCase {
     /// `uffdctl copy --source s3://…` against moto's S3 (SigV4 verified): raw and packed
     /// objects, every byte verified and the region's fingerprint equal to the file's.
     func testCopyFromS3() throws {
-        guard let moto = findTool("moto_server"), findTool("curl") != nil else {
-            throw XCTSkip("moto_server or curl not installed (make deps)")
-        }
-        let port = 20000 + Int(getpid() % 20000)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: moto)
-        p.arguments = ["-H", "127.0.0.1", "-p", "\(port)"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
-        let endpoint = "http://127.0.0.1:\(port)"
-        var up = false
-        for _ in 0..<200 where !up {
-            up = (try? curl(["-o", "/dev/null", endpoint + "/"])) != nil
-            if !up { usleep(50_000) }
-        }
-        guard up else { throw XCTSkip("moto_server did not start") }
+        let moto = try MotoS3()
+        defer { moto.stop() }
+        let endpoint = moto.endpoint
         let mem = try writeImage()
         let pak = dir.appendingPathComponent("mem.pak")
         XCTAssertEqual(try runUffdctl(["snapshot", "pack", mem.path, pak.path]).code, 0)
-        let sign = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "AKIDTEST:secret", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
-        try curl(sign + ["-X", "PUT", endpoint + "/restore"])
-        try curl(sign + ["-T", mem.path, endpoint + "/restore/mem"])
-        try curl(sign + ["-T", pak.path, endpoint + "/restore/mem.pak"])
-        setenv("AWS_ACCESS_KEY_ID", "AKIDTEST", 1)
-        setenv("AWS_SECRET_ACCESS_KEY", "secret", 1)
-        setenv("AWS_REGION", "us-east-1", 1)
+        try moto.createBucket("restore")
+        try moto.put("restore", "mem", file: mem)
+        try moto.put("restore", "mem.pak", file: pak)
+        moto.exportCredentials()
         for key in ["mem", "mem.pak"] {
             let r = try runUffdctl(["copy", "--source", "s3://restore/\(key)", "--endpoint", endpoint, "--json", "--quiet"])
             XCTAssertEqual(r.code, 0, r.stderr)
@@ -154,27 +137,5 @@ final class SnapshotCommandTests: XCTestCase {
         XCTAssertTrue(missing.stderr.contains("not found (HTTP 404)"), missing.stderr)
         let info = try runUffdctl(["snapshot", "info", "s3://restore/mem.pak", "--endpoint", endpoint, "--json"])
         XCTAssertEqual(number(info.json, "stored_chunks"), 3, info.stderr)
-    }
-
-    func findTool(_ name: String) -> String? {
-        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/sbin:/usr/local/bin:/root/.pyenv/shims"
-        return path.split(separator: ":").map { "\($0)/\(name)" }.first { FileManager.default.isExecutableFile(atPath: $0) }
-    }
-
-    @discardableResult
-    func curl(_ args: [String]) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: findTool("curl")!)
-        p.arguments = ["-sS", "--fail"] + args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw NSError(domain: "curl", code: Int(p.terminationStatus), userInfo: [NSLocalizedDescriptionKey: String(decoding: data, as: UTF8.self)])
-        }
-        return String(decoding: data, as: UTF8.self)
     }
 }

@@ -128,14 +128,9 @@ final class WorkingSetCommandTests: XCTestCase {
 
     /// Prefetch on hugetlb memory: 2 MiB pages installed by the filler, every byte verified.
     func testPrefetchOnHugetlb() throws {
-        let path = "/proc/sys/vm/nr_hugepages"
-        guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
-            throw XCTSkip("cannot read \(path)")
-        }
-        do { try "\(old + 4)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
-            throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
-        }
-        defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard huge.add(4) else { throw XCTSkip("cannot reserve 4 huge pages (vm.nr_hugepages: not root, or taken by another process)") }
         let rec = try runUffdctl(["copy", "--memory", "hugetlb", "--size", "8M", "--access", "random", "--record-working-set", "\(dir)/h.ws", "--quiet"])
         if rec.code == 3 || rec.stderr.contains("cannot map hugetlb") { throw XCTSkip("hugetlb not available here: \(rec.stderr)") }
         XCTAssertEqual(rec.code, 0, rec.stderr)

@@ -25,6 +25,14 @@ public struct ServeOptions: Sendable {
     /// A read-only shared mapping of the whole memory file: UFFDIO_COPY then copies straight
     /// from the page cache (one copy instead of pread's two). nil: pread per fault.
     public var memoryFileMapping: MemoryFileMapping? = nil
+    /// Serve from this image instead of the memory file (a remote or packed snapshot, from
+    /// ``PageSources/shared(_:options:)`` so that every VM restored from it shares one chunk
+    /// cache). A ``DeferredSource`` (``ChunkedSource``) is served on the deferred path: the
+    /// reader requests a region's chunk and goes on; a fetch that fails gets the fallback for
+    /// that chunk and is reported through ``onFailure``. Regions that do not start on a chunk
+    /// boundary, or whose pages are larger than a chunk, are read synchronously.
+    /// The readahead options do not apply to deferred regions (the chunk is the unit).
+    public var source: (any PageSource)? = nil
     /// Non-blocking reads before each poll (busy polling: lower wake latency, a busy CPU).
     public var spinPolls: UInt32 = 0
     /// Called on a reader thread for each fault that could not be served.
@@ -74,6 +82,7 @@ public final class ServedProcess: Sendable {
 
     /// Adopts a received hand-off and builds its policy (not started). The regions must have
     /// been validated against the file (``GuestRegion/validate(_:memoryFileLength:)``).
+    /// `memoryFile` is unused (pass -1) when `options.source` is set.
     public init(id: Int, handoff: ReceivedHandoff, connection: Int32, memoryFile: Int32, options: ServeOptions,
                 peerStartTime: UInt64? = nil) throws(UffdError) {
         self.id = id
@@ -89,8 +98,25 @@ public final class ServedProcess: Sendable {
         var routes: [RouterPolicy.Route] = []
         var tracking: [(tracker: WorkingSetTracker, range: ServedRange, source: any PageSource)] = []
         for r in handoff.regions {
+            if let image = options.source as? any DeferredSource,
+               DeferredImageWindow.usable(image: image, offset: r.offset, pageSize: r.pageSize) {
+                let window = DeferredImageWindow(image: image, offset: r.offset, length: r.size)
+                let deferred = DeferredCopyPolicy(destination: r.baseHostVirtAddr, source: window, pageSize: r.pageSize)
+                var p: any FaultPolicy = deferred
+                if tracks, let whole = options.source {
+                    // Recorded like any region; a filler reads through the same shared cache.
+                    let range = ServedRange(start: r.baseHostVirtAddr, length: r.size, pageSize: r.pageSize)
+                    let tracker = try WorkingSetTracker(range: range, recording: options.recordWorkingSet, imageOffset: r.offset)
+                    p = WorkingSetPolicy(deferred, tracker: tracker)
+                    tracking.append((tracker, range, ImageWindow(image: whole, offset: r.offset, length: r.size)))
+                }
+                routes.append(.init(start: r.baseHostVirtAddr, length: r.size, policy: p))
+                continue
+            }
             let source: any PageSource
-            if let map = options.memoryFileMapping {
+            if let image = options.source {
+                source = ImageWindow(image: image, offset: r.offset, length: r.size)
+            } else if let map = options.memoryFileMapping {
                 source = MappedFileSource(base: map.address + UInt(r.offset), length: r.size)
             } else {
                 source = MemoryFileSource(fd: memoryFile, fileOffset: r.offset, length: r.size)
