@@ -1,6 +1,7 @@
 import CUffd
 import Dispatch
 import Foundation
+import TestServers
 import Synchronization
 import SystemPackage
 import XCTest
