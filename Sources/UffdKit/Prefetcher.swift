@@ -96,7 +96,8 @@ public final class Prefetcher: @unchecked Sendable {
         public var plannedPages = 0
         /// The memory's page size.
         public var pageSize = 0
-        /// Pages the filler installed.
+        /// Recorded pages the filler installed (through the deferred path a chunk's other
+        /// pages come with it: ``extraPages``).
         public var prefetchedPages = 0
         /// Pages a fault took first: already present when the filler got there (EEXIST), or
         /// seen faulting by the shared tracker and passed over without an ioctl. Normal.
