@@ -36,7 +36,5 @@ final class RemotePrefetchCommandTests: XCTestCase {
         XCTAssertEqual(number(pf, "planned_pages"), 512, r.stdout)
         XCTAssertEqual((number(pf, "prefetched_pages") ?? 0) + (number(pf, "already_present_pages") ?? 0), 512, r.stdout)
         XCTAssertEqual(number(pf, "skipped_pages"), 0, r.stdout)
-        // The recording spans every 2 MiB chunk of the image: the claims installed all of it.
-        XCTAssertEqual(number(pf, "prefetched_and_used_pages"), Double(bytes.count / ps), r.stdout)
     }
 }
