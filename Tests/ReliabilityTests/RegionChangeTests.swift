@@ -25,8 +25,18 @@ final class RegionChangeTests: XCTestCase {
 
     /// Decided: threads blocked on pages that get unmapped are released (the handler's COPY
     /// finds no VMA: ENOENT → `gone`, and the waiters are woken, or the fault was resolved
-    /// before the unmap); a thread that then retries the access gets SIGSEGV, as for any
-    /// access to unmapped memory. The handler keeps running and reports no failure.
+    /// before the unmap; with EVENT_UNMAP a fault decided after the event is on memory the
+    /// policy's range no longer holds: its gone answer meets no VMA either); a thread that then
+    /// retries the access gets SIGSEGV, as for any access to unmapped memory. The handler keeps
+    /// running and reports no failure.
+    ///
+    /// The hole is held by a PROT_NONE mapping placed right after munmap returns, so no other
+    /// mapping of this process (the sanitizer's allocator, a thread stack) can land there and
+    /// hand a woken thread its bytes instead of SIGSEGV. The kernel treats it as unmapped
+    /// memory for both sides: the handler's ioctls find no registered VMA (ENOENT → `gone`), a
+    /// retried access faults (SIGSEGV). Right after munmap, not after the policy has handled
+    /// the UNMAP event: munmap returns only once the handler has read the event, and waiting
+    /// longer would only widen the window in which another mapping can take the hole.
     func munmapInFlight(features: Features) throws {
         let ps = basePageSize, len = pages * ps
         let base = rawAnon(len)
@@ -44,6 +54,8 @@ final class RegionChangeTests: XCTestCase {
         }
         usleep(60_000) // some faults resolved, most queued
         XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
+        let hold = holdHole(base, len)
+        defer { if let hold { munmap(hold, len) } }
         XCTAssertTrue(waitFor(done, 25), "a thread is still blocked after the unmap")
         h.stop()
         let got = results.withLock { $0 }
@@ -56,6 +68,68 @@ final class RegionChangeTests: XCTestCase {
         XCTAssertEqual(st.failures, 0, "\(h.failures().prefix(3))")
         if features.contains(.eventUnmap) { XCTAssertEqual(st.unmapEvents, 1, "\(st)") }
         report("munmap features=\(features) sigsegv=\(segv) gone=\(st.gone) fallbacks=\(st.fallbacks) resolved=\(st.resolutions[.copy] ?? 0)")
+    }
+
+    /// Holds the unmapped `[base, base+len)` with a PROT_NONE mapping (accesses: SIGSEGV; the
+    /// handler's ioctls: no registered VMA, ENOENT). Fails the test when another mapping took
+    /// (part of) the hole first: what a woken thread reads there is then not ours to assert.
+    func holdHole(_ base: UInt, _ len: Int, file: StaticString = #filePath, line: UInt = #line) -> UnsafeMutableRawPointer? {
+        let want = UnsafeMutableRawPointer(bitPattern: base)
+        let p = mmap(want, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        guard let p, p != MAP_FAILED, p == want else {
+            XCTFail("another mapping took the unmapped hole at 0x\(String(base, radix: 16)) before the test could hold it (errno \(errno))",
+                    file: file, line: line)
+            return nil
+        }
+        return p
+    }
+
+    /// Decided, and made deterministic: a fault read before an UNMAP event and decided after
+    /// the policy followed it (its range no longer holds the page) is `gone`, not a policy
+    /// failure; its thread is woken and its retry gets SIGSEGV. One reader holds the fault in
+    /// the policy while the other reads the event. Before: "outside the policy's range", a
+    /// failure and a fallback.
+    func testFaultDecidedAfterItsUnmapIsGone() throws {
+        try isolated {
+            try requireFeatures([.eventUnmap])
+            let ps = basePageSize, len = pages * ps, page = 5
+            let base = rawAnon(len)
+            let uffd = try Userfaultfd(features: [.eventUnmap])
+            try uffd.register(base, length: len, modes: .missing)
+            let copy = CopyPolicy(start: base, length: len, source: PatternSource(length: len))
+            let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+            let policy = ClosurePolicy(inner: copy) { f, ctx in
+                entered.signal()
+                _ = proceed.wait(timeout: .now() + 20) // watchdog: never holds the reader for good
+                return try copy.resolve(f, context: ctx)
+            }
+            let h = FaultHandler(uffd: uffd, policy: policy, options: options(.zeroFill, readers: 2, batch: 1))
+            try h.start()
+            let done = DispatchSemaphore(value: 0)
+            let access = Locked<Int32>(-1)
+            spawn {
+                var v: UInt64 = 0
+                let rc = rel_read_u64(UnsafePointer<UInt64>(bitPattern: base + UInt(page * ps))!, &v)
+                access.withLock { $0 = rc }
+                done.signal()
+            }
+            XCTAssertTrue(waitFor(entered, 10), "the fault never reached the policy")
+            // Returns once the other reader has read the UNMAP event.
+            XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
+            let hold = holdHole(base, len)
+            defer { if let hold { munmap(hold, len) } }
+            let deadline = Date().addingTimeInterval(10)
+            while copy.range.contains(base), Date() < deadline { usleep(1_000) }
+            XCTAssertFalse(copy.range.contains(base), "the policy did not follow the UNMAP event")
+            proceed.signal()
+            XCTAssertTrue(waitFor(done, 20), "the faulting thread is still blocked")
+            h.stop()
+            XCTAssertEqual(access.withLock { $0 }, Int32(REL_ACCESS_SIGSEGV.rawValue), "the retry did not get SIGSEGV")
+            let st = h.stats()
+            XCTAssertEqual(st.failures + st.fallbacks, 0, "\(h.failures().prefix(3))")
+            XCTAssertEqual(st.gone, 1, "\(st)")
+            XCTAssertEqual(st.unmapEvents, 1, "\(st)")
+        }
     }
 
     func testMunmapWhileFaultsInFlight() throws {
