@@ -7,7 +7,7 @@ SWIFT ?= swift
 CONFIG_FLAGS ?=
 TEST_FLAGS ?= --disable-swift-testing
 
-.PHONY: all deps build release run test test-c bench bench-serve stress sanitize sanitize-asan sanitize-tsan docs clean
+.PHONY: all deps deps-remote build release run test test-c bench bench-serve stress sanitize sanitize-asan sanitize-tsan docs clean
 
 all: build
 
@@ -25,6 +25,20 @@ deps:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq binutils python3 python3-pip; \
 		else sudo apt-get update -qq && sudo apt-get install -y -qq binutils python3 python3-pip; fi; \
 	fi
+	@$(MAKE) --no-print-directory deps-remote
+
+# Remote and packed sources: libcurl (OpenSSL flavour) and libzstd to build; nginx-light and
+# moto's S3 server for the tests that start them (they skip with the reason when missing).
+APT_INSTALL = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(1); \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq $(1); fi
+deps-remote:
+	@pkgs=""; \
+	{ [ -f /usr/include/curl/curl.h ] || ls /usr/include/*/curl/curl.h >/dev/null 2>&1; } || pkgs="$$pkgs libcurl4-openssl-dev"; \
+	[ -f /usr/include/zstd.h ] || pkgs="$$pkgs libzstd-dev"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs="$$pkgs nginx-light"; \
+	command -v curl >/dev/null || pkgs="$$pkgs curl"; \
+	if [ -n "$$pkgs" ]; then echo "installing$$pkgs"; $(call APT_INSTALL,$$pkgs); fi
+	@command -v moto_server >/dev/null || { echo "installing moto[server]"; python3 -m pip install -q 'moto[server]'; }
 
 build: deps
 	$(SWIFT) build $(CONFIG_FLAGS)

@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "UffdKit", targets: ["UffdKit"]),
         .library(name: "CUffd", targets: ["CUffd"]),
+        .library(name: "CUffdNet", targets: ["CUffdNet"]),
         .executable(name: "uffdctl", targets: ["uffdctl"]),
     ],
     dependencies: [
@@ -23,11 +24,19 @@ let package = Package(
             name: "CUffd",
             cSettings: [.define("_GNU_SOURCE")]
         ),
+        // Remote and packed page sources: libcurl (multi interface on its own thread, SigV4),
+        // zstd frames, the chunk cache. Debian: libcurl4-openssl-dev, libzstd-dev (`make deps`).
+        .target(
+            name: "CUffdNet",
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [.linkedLibrary("curl"), .linkedLibrary("zstd")]
+        ),
         // What a Swift user imports: typed API, policies, page sources, handler runtime.
         .target(
             name: "UffdKit",
             dependencies: [
                 "CUffd",
+                "CUffdNet",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -66,7 +75,7 @@ let package = Package(
         ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
+            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(

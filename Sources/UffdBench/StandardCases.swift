@@ -193,6 +193,7 @@ extension BenchmarkSuite {
         })
 
         cases += kitCases(o, placements: placements)
+        cases += inThreadCases(o)
         cases += compactionCases(o)
         cases += fileCases(o)
         return cases

@@ -20,6 +20,10 @@ struct ContinueCommand: ParsableCommand {
 
     @OptionGroup var session: SessionOptions
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         let memory = session.memoryChoice ?? .shmem
         try session.validateCommon()
@@ -58,6 +62,10 @@ struct ContinueCommand: ParsableCommand {
                 : .init(key: "second_view_agrees", text: "the second view holds the same bytes", ok: agrees))
             notes.details["page_cache_filled_through"] = "second shared view (memfd alias)"
             notes.lines.append("page cache   filled through the second view before the run; second view \(agrees ? "agrees" : "DIFFERS") after it")
+        }
+        if inThread {
+            plan.handling = .inThread(features: SessionSteps.memoryFeatures(memory, minor: true), modes: .minor,
+                                      needed: .continue, unit: nil, policy: { _ in .continue })
         }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
     }

@@ -24,6 +24,10 @@ struct MoveCommand: ParsableCommand {
     @Flag(name: .customLong("compare-copy"), help: "Also run the workload with UFFDIO_COPY and print the ratio.")
     var compareCopy = false
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         try session.validateCommon()
         guard session.memory == .anon else {
@@ -59,7 +63,7 @@ struct MoveCommand: ParsableCommand {
         plan.thpAligned = huge
         plan.prepare = { region in if huge { try? region.advise(MADV_HUGEPAGE) } }
         plan.finish = { s, notes in
-            let movedGranules = moved?.movedGranules ?? 0
+            let movedGranules = moved?.movedGranules ?? Int(s.inThread?.moves ?? 0)
             notes.details["granule"] = .int(granule)
             notes.details["moved_granules"] = .int(movedGranules)
             notes.lines.append("donor        \(movedGranules) of \(size / granule) granules of \(formatBytes(granule)) moved")
@@ -76,6 +80,11 @@ struct MoveCommand: ParsableCommand {
             notes.lines.append(String(format: "compare      COPY %.3f s (%.3f GB/s, %llu faults) vs MOVE %.3f s: MOVE is %.2fx the speed of COPY",
                                       copy.seconds, copy.gbps, copy.faults, s.seconds, ratio))
             notes.checks.append(.init(key: "copy_verified", text: "the COPY comparison run verified", ok: copy.verified))
+        }
+        if inThread {
+            guard !compareCopy else { throw CLIError.usage("--in-thread cannot be combined with --compare-copy") }
+            plan.handling = .inThread(features: .move, modes: .missing, needed: .move, unit: granule,
+                                      policy: { _ in .move(donor: donor) })
         }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
     }

@@ -67,6 +67,9 @@ struct ServeCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("spin-polls"), help: ArgumentHelp("Busy-poll: non-blocking reads before each poll() (lower fault latency when the readers have a CPU of their own; 0 sleeps in poll).", valueName: "n"))
+    var spinPolls: UInt32 = 0
+
     @Flag(help: "Log one JSON object per line.")
     var json = false
 
@@ -84,6 +87,9 @@ struct ServeCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
+
+    @Option(help: ArgumentHelp("How pages are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies).", valueName: "mmap|pread"))
+    var source: String = "mmap"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
@@ -126,6 +132,7 @@ struct ServeCommand: ParsableCommand {
         _ = try cpus()
         _ = try mode()
         _ = try serveOptions()
+        guard source == "mmap" || source == "pread" else { throw .usage("--source '\(source)': use mmap or pread") }
         guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
@@ -154,6 +161,7 @@ struct ServeCommand: ParsableCommand {
         var o = ServeOptions()
         o.readers = readers
         o.cpus = try cpus()
+        o.spinPolls = spinPolls
         switch fallback {
         case "poison": o.fallback = .poison
         case "zero": o.fallback = .zeroFill
@@ -210,6 +218,11 @@ struct ServeCommand: ParsableCommand {
         let control = inherited?.controlFD ?? -1
         var config = SnapshotServer.Configuration(memoryFile: memFD, memoryFileLength: memLength)
         config.serve = try serveOptions()
+        if source == "mmap" {
+            do { config.serve.memoryFileMapping = try MemoryFileMapping(fd: memFD, length: memLength) } catch {
+                throw CLIError.failed("--source mmap: \(error)")
+            }
+        }
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once

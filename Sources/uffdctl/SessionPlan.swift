@@ -13,6 +13,11 @@ struct SessionPlan {
                      policy: (SessionContext) throws -> any FaultPolicy)
         /// No userfaultfd handler: the kernel resolves the faults itself (e.g. WP_ASYNC).
         case kernel
+        /// No handler thread: the faulting threads resolve their own faults (`--in-thread`,
+        /// UFFD_FEATURE_SIGBUS and ``InThreadResolver``, see InThreadSession.swift); `unit` is
+        /// the bytes of one resolution (nil: the region's page).
+        case inThread(features: Features, modes: RegisterMode, needed: Ioctls, unit: Int?,
+                      policy: (SessionContext) throws -> InThreadResolver.Policy)
     }
 
     /// The report's `operation` and the progress bar's label.
@@ -73,6 +78,8 @@ struct SessionContext {
     /// Set once the workload ran.
     var seconds = 0.0
     var verification = Verification()
+    /// The in-thread resolver's counters (``SessionPlan/Handling/inThread``), set once the workload ran.
+    var inThread: InThreadResolver.Stats?
 }
 
 /// The operation-specific part of a report.
@@ -107,6 +114,13 @@ enum SessionRunner {
             uffd = fd
         }
         defer { handler?.stop() }
+        var inThread: InThreadSession?
+        if case .inThread(let features, let modes, let needed, let unit, let makePolicy) = plan.handling {
+            inThread = try InThreadSession(region: region, memory: plan.memory, features: features, modes: modes,
+                                           needed: needed, unit: unit, policy: makePolicy)
+            uffd = inThread?.uffd
+        }
+        defer { inThread?.end() }
         var context = SessionContext(region: region, uffd: uffd, handler: handler)
         try plan.armed(context)
 
@@ -118,11 +132,13 @@ enum SessionRunner {
                                                                  label: plan.operation)).seconds
         context.verification = try verifyRegion(base: region.address, length: plan.size,
                                                 expected: plan.expected, actions: plan.actions)
+        context.inThread = inThread?.end()
         var notes = SessionNotes()
         try plan.finish(context, &notes)
         var stats = plan.statsWhileRunning ? handler?.stats() : nil
         handler?.stop()
         if !plan.statsWhileRunning { stats = handler?.stats() }
+        if let s = context.inThread { stats = InThreadSession.report(s, minor: plan.handling.minor, into: &notes) }
 
         return SessionReport(
             summary: SessionSummary(
@@ -130,7 +146,9 @@ enum SessionRunner {
                 threads: options.threads, access: options.access, write: plan.write,
                 readers: handler == nil ? 0 : options.readers, pin: options.pin, seconds: context.seconds,
                 stats: stats, verification: context.verification, expected: plan.expectedName,
-                firstFailure: handler?.failures().first?.description, checks: notes.checks),
+                firstFailure: handler?.failures().first?.description
+                    ?? context.inThread?.firstError.map { "first failed in-thread resolution: \($0)" },
+                checks: notes.checks),
             details: notes.details, notes: notes)
     }
 }

@@ -145,7 +145,7 @@ struct SessionReport: Codable {
         var out = "\(s.operation): \(formatBytes(s.size)) \(s.memory.rawValue) (page \(formatBytes(s.pageSize))), "
         out += "\(s.threads) thread\(s.threads == 1 ? "" : "s"), \(s.access.rawValue) \(s.write ? "write" : "read"), "
         out += "\(s.readers) reader\(s.readers == 1 ? "" : "s")\(s.pinnedCPU.map { ", pinned to CPU \($0)" } ?? "")\n"
-        if s.readers > 0 {
+        if s.readers > 0 || s.faults > 0 { // faults without readers: resolved in-thread
             let k = s.faultsByKind
             out += "  faults       \(s.faults) (missing \(k.missing), write-protect \(k.writeProtect), minor \(k.minor))\n"
             let order = Resolution.Operation.allCases.map(\.description)

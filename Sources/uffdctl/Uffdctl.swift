@@ -30,6 +30,7 @@ struct Uffdctl: ParsableCommand {
             BenchCommand.self,
             ServeCommand.self,
             HandoffClientCommand.self,
+            SnapshotCommand.self,
         ]
     )
 

@@ -18,6 +18,10 @@ struct ZeropageCommand: ParsableCommand {
 
     @OptionGroup var session: SessionOptions
 
+    @Flag(name: .customLong("in-thread"),
+          help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
+    var inThread = false
+
     func run() throws {
         try session.validateCommon()
         let memory = session.memory
@@ -34,6 +38,10 @@ struct ZeropageCommand: ParsableCommand {
             if copiesZeros {
                 notes.lines.append("zero-fill    hugetlb has no UFFDIO_ZEROPAGE: zeros are copied (UFFDIO_COPY from a shared zero huge page)")
             }
+        }
+        if inThread {
+            plan.handling = .inThread(features: SessionSteps.memoryFeatures(memory), modes: .missing,
+                                      needed: copiesZeros ? .copy : .zeropage, unit: nil, policy: { _ in .zero })
         }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
     }

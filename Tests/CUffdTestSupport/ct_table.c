@@ -12,6 +12,7 @@ extern CT_CASES(deferred);
 extern CT_CASES(wp_state);
 extern CT_CASES(chains);
 extern CT_CASES(support);
+extern CT_CASES(sigbus);
 
 static const struct {
     const char *name;
@@ -21,6 +22,7 @@ static const struct {
     {"wp", ct_cases_wp},         {"events", ct_cases_events}, {"loop", ct_cases_loop},
     {"deferred", ct_cases_deferred},
     {"wp_state", ct_cases_wp_state}, {"chains", ct_cases_chains}, {"support", ct_cases_support},
+    {"sigbus", ct_cases_sigbus},
 };
 
 size_t cuffd_test_group_count(void) { return sizeof groups / sizeof groups[0]; }

@@ -6,7 +6,9 @@ import XCTest
 /// C function and one row; only a new file adds a group here.
 final class CTests: HugetlbReservingTestCase {
     /// The groups run below; a group in the table but not here fails testEveryGroupRuns.
-    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "chains", "loop", "deferred", "support"]
+    /// ("sigbus" runs one XCTest per row in InThreadTests.)
+    static let groups = ["api", "fill", "move", "wp", "wp_state", "events", "chains", "loop", "deferred", "support",
+                         "sigbus"]
 
     /// UFFDIO_API handshake, open paths, the probe, REGISTER modes/ownership, resolve outcomes.
     func testApi() throws { try runCGroup("api") }

@@ -355,7 +355,15 @@ final class ServeTests: XCTestCase {
     }
 
     func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn() throws {
-        let server = try startServer()
+        try readErrorGivesFallback(source: "mmap")
+    }
+
+    func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn_pread() throws {
+        try readErrorGivesFallback(source: "pread")
+    }
+
+    func readErrorGivesFallback(source: String) throws {
+        let server = try startServer(["--source", source])
         // A hand-off past the file as it is now is refused (the file shrank since start-up).
         XCTAssertEqual(truncate(memFile, 4 << 20), 0)
         let refused = try client(["--size", "2M", "--offset", "6M", "--timeout", "5"], name: "refused")

@@ -194,4 +194,6 @@ int cubench_ncpus(void);
 }
 #endif
 
+#include "cubench_sigbus.h"
+
 #endif // CUFFD_BENCH_H
