@@ -49,7 +49,7 @@ final class PolicySessionTests: XCTestCase {
     }
 
     /// `--memory hugetlb-private` (a hugetlb memfd mapped private) in every session that
-    /// supports it: copy, zeropage (zeros copied), continue (the page cache through the shared
+    /// supports it: copy, zeropage (zeros copied; also --in-thread), continue (the page cache through the shared
     /// view; --write copies stay private), writeprotect, poison; move says it needs anon.
     /// Before: exit 2, "hugetlb-private" was not a --memory value.
     func testHugetlbPrivateSessions() throws {
@@ -61,7 +61,7 @@ final class PolicySessionTests: XCTestCase {
             throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
         }
         defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
-        let sessions: [[String]] = [["copy"], ["zeropage"], ["continue", "--write"], ["writeprotect"], ["poison"]]
+        let sessions: [[String]] = [["copy"], ["zeropage"], ["zeropage", "--in-thread"], ["continue", "--write"], ["writeprotect"], ["poison"]]
         for args in sessions {
             let r = try runUffdctl(args + ["--memory", "hugetlb-private", "--size", "4M", "--json"], timeout: 60)
             if r.code == 3, r.stderr.contains("huge pages") {
