@@ -199,8 +199,9 @@ final class RegionChangeTests: XCTestCase {
     /// Decided: with EVENT_REMAP the policy follows the move (CopyPolicy updates its start);
     /// every page read through the new address has the source's data. A thread still using
     /// the old address gets SIGSEGV (as without userfaultfd); a fault queued at the old address
-    /// is answered (its COPY finds no VMA, or the policy rejects it and the fallback acts on
-    /// the faulting page) and its thread woken. Nothing blocks.
+    /// is answered (its COPY finds no VMA; decided after the REMAP event, the policy's range
+    /// remembers the old address as gone and its ZEROPAGE finds no VMA: `gone` either way, no
+    /// failure, no fallback) and its thread woken. Nothing blocks.
     func testMremapWhileFaultsInFlight() throws {
         try isolated {
             try requireFeatures([.eventRemap])
@@ -254,6 +255,7 @@ final class RegionChangeTests: XCTestCase {
             let zeros = after?.values.filter { $0 == .value(0) }.count ?? 0
             XCTAssertLessThanOrEqual(zeros, h.stats().fallbacks == 0 ? 0 : pages)
             XCTAssertEqual(h.stats().remapEvents, 1)
+            XCTAssertEqual(h.stats().fallbacks + h.stats().failures, 0, "\(h.failures().prefix(3))")
             report("mremap remapEvents=\(h.stats().remapEvents) fallbacks=\(h.stats().fallbacks) gone=\(h.stats().gone) zeroPagesAfter=\(zeros)")
         }
     }

@@ -76,7 +76,8 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
         (0..<granules).reduce(0) { $0 + (state[$1].load(ordering: .relaxed) != MovePolicy.notMoved ? 1 : 0) }
     }
 
-    /// Moves the faulting granule the first time; zero-fills dropped ones; wakes duplicates.
+    /// Moves the faulting granule the first time; zero-fills dropped ones; moves the faulting base
+    /// page of a partly moved one; wakes duplicates; answers memory that is gone (unmapped).
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
         guard let at = range.locate(fault.address) else {
             // Gone: the faulting base page only (the granule may be a huge one, and a zeropage
