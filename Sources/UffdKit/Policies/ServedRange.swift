@@ -249,18 +249,26 @@ public final class ServedRange: @unchecked Sendable {
             let before = segments
             guard let edited = edit(before) else { return false }
             let after = ServedRange.normalized(edited)
-            let t = ServedRange.makeTable(after)
-            all.append(t)
-            table.store(t, ordering: .releasing)
-            let vacated = ServedRange.subtract(before.map { $0.start..<$0.end }, after.map { $0.start..<$0.end })
-            if !vacated.isEmpty {
-                // What the range holds again (a part remapped back) is no longer left behind.
-                var gone = ServedRange.subtract(leftBehind.map { $0.start..<$0.end }, after.map { $0.start..<$0.end })
-                gone = ServedRange.merged(gone + vacated)
-                let l = ServedRange.makeTable(gone.map { Segment(start: $0.lowerBound, offset: 0, length: Int($0.upperBound - $0.lowerBound)) })
+            let served = after.map { $0.start..<$0.end }
+            let vacated = ServedRange.subtract(before.map { $0.start..<$0.end }, served)
+            let oldLeft = leftBehind.map { $0.start..<$0.end }
+            let grown = ServedRange.merged(oldLeft + vacated)
+            // What the range holds again (a part remapped back) is no longer left behind.
+            let final = ServedRange.merged(ServedRange.subtract(grown, served))
+            func publishLeft(_ ranges: [Range<UInt>]) {
+                let l = ServedRange.makeTable(ranges.map { Segment(start: $0.lowerBound, offset: 0, length: Int($0.upperBound - $0.lowerBound)) })
                 all.append(l)
                 left.store(l, ordering: .releasing)
             }
+            // Order matters to a reader that finds an address in no segment and then asks the
+            // left-behind table: addresses vacated are published as left behind before the
+            // segments lose them, and addresses served again are dropped from it only after
+            // the segments gain them. So a reader that saw the new segments sees the new table.
+            if grown != oldLeft { publishLeft(grown) }
+            let t = ServedRange.makeTable(after)
+            all.append(t)
+            table.store(t, ordering: .releasing)
+            if final != grown { publishLeft(final) }
             return true
         }
     }
