@@ -31,13 +31,20 @@ final class RegionChangeTests: XCTestCase {
     /// running and reports no failure.
     ///
     /// The hole is held by a PROT_NONE mapping placed right after munmap returns, so no other
-    /// mapping of this process (the sanitizer's allocator, a thread stack) can land there and
-    /// hand a woken thread its bytes instead of SIGSEGV. The kernel treats it as unmapped
+    /// mapping of this process (the sanitizer's allocator, a thread stack) can land there later
+    /// and hand a woken thread its bytes instead of SIGSEGV; should one have taken it in the
+    /// instant before, the attempt proves nothing and is run again (``attempts(_:_:)``). The kernel treats it as unmapped
     /// memory for both sides: the handler's ioctls find no registered VMA (ENOENT → `gone`), a
     /// retried access faults (SIGSEGV). Right after munmap, not after the policy has handled
     /// the UNMAP event: munmap returns only once the handler has read the event, and waiting
     /// longer would only widen the window in which another mapping can take the hole.
     func munmapInFlight(features: Features) throws {
+        try attempts("munmap features=\(features)") { try munmapInFlightAttempt(features: features) }
+    }
+
+    /// One run of ``munmapInFlight(features:)``; false (nothing asserted on the pages) when
+    /// another mapping took the hole before the test could hold it.
+    func munmapInFlightAttempt(features: Features) throws -> Bool {
         let ps = basePageSize, len = pages * ps
         let base = rawAnon(len)
         let uffd = try Userfaultfd(features: features)
@@ -58,6 +65,7 @@ final class RegionChangeTests: XCTestCase {
         defer { if let hold { munmap(hold, len) } }
         XCTAssertTrue(waitFor(done, 25), "a thread is still blocked after the unmap")
         h.stop()
+        guard hold != nil else { return false }
         let got = results.withLock { $0 }
         assertPages(got, Array(0..<pages)) { p in
             got?[p] == .sigsegv ? .sigsegv : .value(patternWord(p))
@@ -68,19 +76,28 @@ final class RegionChangeTests: XCTestCase {
         XCTAssertEqual(st.failures, 0, "\(h.failures().prefix(3))")
         if features.contains(.eventUnmap) { XCTAssertEqual(st.unmapEvents, 1, "\(st)") }
         report("munmap features=\(features) sigsegv=\(segv) gone=\(st.gone) fallbacks=\(st.fallbacks) resolved=\(st.resolutions[.copy] ?? 0)")
+        return true
+    }
+
+    /// Runs `attempt` until it could hold its hole (at most 3 times): an attempt whose hole
+    /// another mapping took first (the sanitizer's allocator, mapping on another thread in the
+    /// instant between munmap and the hold) says nothing either way and is run again.
+    func attempts(_ what: String, _ attempt: () throws -> Bool) throws {
+        for n in 1...3 {
+            if try attempt() { return }
+            report("\(what): attempt \(n): another mapping took the unmapped hole before the test held it; running again")
+        }
+        XCTFail("\(what): in 3 attempts another mapping always took the unmapped hole before the test could hold it")
     }
 
     /// Holds the unmapped `[base, base+len)` with a PROT_NONE mapping (accesses: SIGSEGV; the
-    /// handler's ioctls: no registered VMA, ENOENT). Fails the test when another mapping took
-    /// (part of) the hole first: what a woken thread reads there is then not ours to assert.
-    func holdHole(_ base: UInt, _ len: Int, file: StaticString = #filePath, line: UInt = #line) -> UnsafeMutableRawPointer? {
+    /// handler's ioctls: no registered VMA, ENOENT). nil when another mapping took (part of) the
+    /// hole first: what a woken thread reads there is then not ours to assert.
+    func holdHole(_ base: UInt, _ len: Int) -> UnsafeMutableRawPointer? {
         let want = UnsafeMutableRawPointer(bitPattern: base)
         let p = mmap(want, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-        guard let p, p != MAP_FAILED, p == want else {
-            XCTFail("another mapping took the unmapped hole at 0x\(String(base, radix: 16)) before the test could hold it (errno \(errno))",
-                    file: file, line: line)
-            return nil
-        }
+        guard let p, p != MAP_FAILED else { return nil }
+        guard p == want else { munmap(p, len); return nil }
         return p
     }
 
@@ -92,44 +109,56 @@ final class RegionChangeTests: XCTestCase {
     func testFaultDecidedAfterItsUnmapIsGone() throws {
         try isolated {
             try requireFeatures([.eventUnmap])
-            let ps = basePageSize, len = pages * ps, page = 5
-            let base = rawAnon(len)
-            let uffd = try Userfaultfd(features: [.eventUnmap])
-            try uffd.register(base, length: len, modes: .missing)
-            let copy = CopyPolicy(start: base, length: len, source: PatternSource(length: len))
-            let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
-            let policy = ClosurePolicy(inner: copy) { f, ctx in
-                entered.signal()
-                _ = proceed.wait(timeout: .now() + 20) // watchdog: never holds the reader for good
-                return try copy.resolve(f, context: ctx)
-            }
-            let h = FaultHandler(uffd: uffd, policy: policy, options: options(.zeroFill, readers: 2, batch: 1))
-            try h.start()
-            let done = DispatchSemaphore(value: 0)
-            let access = Locked<Int32>(-1)
-            spawn {
-                var v: UInt64 = 0
-                let rc = rel_read_u64(UnsafePointer<UInt64>(bitPattern: base + UInt(page * ps))!, &v)
-                access.withLock { $0 = rc }
-                done.signal()
-            }
-            XCTAssertTrue(waitFor(entered, 10), "the fault never reached the policy")
-            // Returns once the other reader has read the UNMAP event.
-            XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
-            let hold = holdHole(base, len)
-            defer { if let hold { munmap(hold, len) } }
-            let deadline = Date().addingTimeInterval(10)
-            while copy.range.contains(base), Date() < deadline { usleep(1_000) }
-            XCTAssertFalse(copy.range.contains(base), "the policy did not follow the UNMAP event")
+            try attempts("fault decided after its unmap") { try faultDecidedAfterItsUnmapAttempt() }
+        }
+    }
+
+    /// One run of ``testFaultDecidedAfterItsUnmapIsGone()``; false when the hole was taken.
+    func faultDecidedAfterItsUnmapAttempt() throws -> Bool {
+        let ps = basePageSize, len = pages * ps, page = 5
+        let base = rawAnon(len)
+        let uffd = try Userfaultfd(features: [.eventUnmap])
+        try uffd.register(base, length: len, modes: .missing)
+        let copy = CopyPolicy(start: base, length: len, source: PatternSource(length: len))
+        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+        let policy = ClosurePolicy(inner: copy) { f, ctx in
+            entered.signal()
+            _ = proceed.wait(timeout: .now() + 20) // watchdog: never holds the reader for good
+            return try copy.resolve(f, context: ctx)
+        }
+        let h = FaultHandler(uffd: uffd, policy: policy, options: options(.zeroFill, readers: 2, batch: 1))
+        try h.start()
+        let done = DispatchSemaphore(value: 0)
+        let access = Locked<Int32>(-1)
+        spawn {
+            var v: UInt64 = 0
+            let rc = rel_read_u64(UnsafePointer<UInt64>(bitPattern: base + UInt(page * ps))!, &v)
+            access.withLock { $0 = rc }
+            done.signal()
+        }
+        XCTAssertTrue(waitFor(entered, 10), "the fault never reached the policy")
+        // Returns once the other reader has read the UNMAP event.
+        XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
+        let hold = holdHole(base, len)
+        defer { if let hold { munmap(hold, len) } }
+        guard hold != nil else {
             proceed.signal()
             XCTAssertTrue(waitFor(done, 20), "the faulting thread is still blocked")
             h.stop()
-            XCTAssertEqual(access.withLock { $0 }, Int32(REL_ACCESS_SIGSEGV.rawValue), "the retry did not get SIGSEGV")
-            let st = h.stats()
-            XCTAssertEqual(st.failures + st.fallbacks, 0, "\(h.failures().prefix(3))")
-            XCTAssertEqual(st.gone, 1, "\(st)")
-            XCTAssertEqual(st.unmapEvents, 1, "\(st)")
+            return false
         }
+        let deadline = Date().addingTimeInterval(10)
+        while copy.range.contains(base), Date() < deadline { usleep(1_000) }
+        XCTAssertFalse(copy.range.contains(base), "the policy did not follow the UNMAP event")
+        proceed.signal()
+        XCTAssertTrue(waitFor(done, 20), "the faulting thread is still blocked")
+        h.stop()
+        XCTAssertEqual(access.withLock { $0 }, Int32(REL_ACCESS_SIGSEGV.rawValue), "the retry did not get SIGSEGV")
+        let st = h.stats()
+        XCTAssertEqual(st.failures + st.fallbacks, 0, "\(h.failures().prefix(3))")
+        XCTAssertEqual(st.gone, 1, "\(st)")
+        XCTAssertEqual(st.unmapEvents, 1, "\(st)")
+        return true
     }
 
     func testMunmapWhileFaultsInFlight() throws {
