@@ -73,9 +73,15 @@ let package = Package(
             name: "CUffdTests",
             dependencies: ["CUffd", "CUffdTestSupport"]
         ),
+        // Real servers on loopback (nginx, moto's S3, a misbehaving HTTP server) started by the
+        // remote-source tests of UffdKitTests and uffdctlTests.
+        .target(
+            name: "TestServers",
+            path: "Tests/TestServers"
+        ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport"]
+            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport", "TestServers"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(
@@ -86,7 +92,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl", "UffdKit"]
+            dependencies: ["uffdctl", "UffdKit", "TestServers"]
         ),
     ]
 )

@@ -46,6 +46,11 @@ static uint64_t header_hash(const cunet_pack_header *h) {
 
 int cunet_pack_file(const char *in_path, const char *out_path, uint32_t chunk_size, int level,
                     cunet_pack_stats *stats, char *err, size_t errlen) {
+    return cunet_pack_file_ordered(in_path, out_path, chunk_size, level, NULL, 0, stats, err, errlen);
+}
+
+int cunet_pack_file_ordered(const char *in_path, const char *out_path, uint32_t chunk_size, int level,
+                            const uint64_t *first, size_t nfirst, cunet_pack_stats *stats, char *err, size_t errlen) {
     if (chunk_size < 4096 || (chunk_size & (chunk_size - 1)) || chunk_size > (64u << 20)) {
         cunet_errf(err, errlen, "chunk size %u: use a power of two from 4K to 64M", chunk_size);
         return -EINVAL;
@@ -71,15 +76,32 @@ int cunet_pack_file(const char *in_path, const char *out_path, uint32_t chunk_si
     size_t bound = ZSTD_compressBound(chunk_size);
     cunet_pack_entry *index = calloc(h.chunk_count ? h.chunk_count : 1, sizeof *index);
     unsigned char *raw = malloc(chunk_size), *comp = malloc(bound);
+    unsigned char *done = calloc(h.chunk_count ? h.chunk_count : 1, 1);
     ZSTD_CCtx *cctx = ZSTD_createCCtx();
     int rc = 0;
-    if (!index || !raw || !comp || !cctx) { rc = -ENOMEM; cunet_errf(err, errlen, "out of memory"); goto out; }
+    if (!index || !raw || !comp || !cctx || !done) { rc = -ENOMEM; cunet_errf(err, errlen, "out of memory"); goto out; }
     ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, level);
     ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 1);    // a corrupt frame fails, never decodes wrong
     ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1);
     uint64_t at = CUNET_PACK_HEADER_SIZE;
     cunet_pack_stats s = { .raw_length = h.raw_length, .chunks = h.chunk_count };
-    for (uint64_t c = 0; c < h.chunk_count; c++) {
+    // The chunks of `first` in their order (repeats and indexes past the image skipped), then
+    // every other chunk in order.
+    size_t k = 0;
+    uint64_t next = 0;
+    for (;;) {
+        uint64_t c;
+        if (k < nfirst) {
+            c = first[k++];
+            if (c >= h.chunk_count || done[c]) continue;
+            s.first_chunks++;
+        } else {
+            if (k == nfirst) { s.first_end = at; k++; }
+            while (next < h.chunk_count && done[next]) next++;
+            if (next >= h.chunk_count) break;
+            c = next;
+        }
+        done[c] = 1;
         size_t want = (size_t)(h.raw_length - c * chunk_size < chunk_size ? h.raw_length - c * chunk_size : chunk_size);
         size_t got = 0;
         while (got < want) {
@@ -114,7 +136,7 @@ int cunet_pack_file(const char *in_path, const char *out_path, uint32_t chunk_si
     if (stats) *stats = s;
 out:
     ZSTD_freeCCtx(cctx);
-    free(index); free(raw); free(comp);
+    free(index); free(raw); free(comp); free(done);
     close(in);
     close(out);
     if (rc < 0) unlink(out_path);

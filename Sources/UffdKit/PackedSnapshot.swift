@@ -29,15 +29,27 @@ public enum PackedSnapshot {
         public var storedBytes: Int
         /// Raw bytes per packed byte.
         public var ratio: Double { packedLength > 0 ? Double(rawLength) / Double(packedLength) : 0 }
+        /// Chunks stored first (``pack(_:to:chunkSize:level:firstChunks:)``), and where their
+        /// frames end: one read of `[4096, firstEnd)` brings them all.
+        public var firstChunks = 0, firstEnd = 0
     }
 
-    /// Packs the file `input` into `output` (`cunet_pack_file`).
-    public static func pack(_ input: String, to output: String, chunkSize: Int = 2 << 20, level: Int = 3) throws(UffdError) -> PackStats {
+    /// Packs the file `input` into `output` (`cunet_pack_file_ordered`). The frames of
+    /// `firstChunks` (chunk indexes, e.g. a working set's chunks in recorded order) are stored
+    /// first and contiguously; the rest follow in chunk order.
+    public static func pack(_ input: String, to output: String, chunkSize: Int = 2 << 20, level: Int = 3,
+                            firstChunks: [Int] = []) throws(UffdError) -> PackStats {
         var s = cunet_pack_stats()
-        let (rc, reason) = withErrorBuffer { cunet_pack_file(input, output, UInt32(clamping: chunkSize), Int32(level), &s, $0, $1) }
+        let first = firstChunks.map { UInt64(clamping: $0) }
+        let (rc, reason) = first.withUnsafeBufferPointer { f in
+            withErrorBuffer { cunet_pack_file_ordered(input, output, UInt32(clamping: chunkSize), Int32(level), f.baseAddress, f.count, &s, $0, $1) }
+        }
         if rc < 0 { throw UffdError(.source, rc: rc, detail: reason) }
-        return PackStats(rawLength: Int(s.raw_length), packedLength: Int(s.packed_length), chunks: Int(s.chunks),
-                         zeroChunks: Int(s.zero_chunks), storedBytes: Int(s.stored_bytes))
+        var out = PackStats(rawLength: Int(s.raw_length), packedLength: Int(s.packed_length), chunks: Int(s.chunks),
+                            zeroChunks: Int(s.zero_chunks), storedBytes: Int(s.stored_bytes))
+        out.firstChunks = Int(s.first_chunks)
+        out.firstEnd = Int(s.first_end)
+        return out
     }
 
     /// The layout of a packed snapshot.

@@ -32,6 +32,19 @@ struct CopyCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("record-working-set"),
+            help: ArgumentHelp("Record the order of first faults (page offset, time) to this file when the session ends.", valueName: "file"))
+    var recordWorkingSet: String?
+
+    @Option(name: .customLong("prefetch"),
+            help: ArgumentHelp("Install the pages of this recorded working set ahead of the faults, on a background thread (faults keep priority).",
+                               valueName: "file"))
+    var prefetch: String?
+
+    @Option(name: .customLong("prefetch-batch"),
+            help: ArgumentHelp("Bytes the prefetch installs per batch (one WAKE each; default 256K).", valueName: "size"))
+    var prefetchBatch: String?
+
     @Flag(name: .customLong("in-thread"),
           help: "Resolve each fault in the faulting thread (UFFD_FEATURE_SIGBUS), with no handler thread.")
     var inThread = false
@@ -103,17 +116,34 @@ struct CopyCommand: ParsableCommand {
             }
         }
 
+        if inThread && (recordWorkingSet != nil || prefetch != nil) {
+            throw CLIError.usage("--in-thread cannot be combined with --record-working-set or --prefetch (they need the handler thread); drop --in-thread")
+        }
+        let ws = try WorkingSetSession(record: recordWorkingSet, prefetch: prefetch, batch: prefetchBatch,
+                                       source: pageSource, size: size, pageSize: pageSize)
+        var served: ServedRange?
         var plan = SessionPlan("copy", options: session, memory: memory, size: size, handling: .handler(
             features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: .copy,
             policy: { s in
-                let inner = CopyPolicy(region: s.region, source: pageSource)
-                let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
-                guard let failing else { return policy }
-                return FailingPolicy(failing: Set(failing.map { s.region.address + UInt($0 * pageSize) }),
-                                     pageSize: pageSize, otherwise: policy)
+                let range = ServedRange(region: s.region)
+                served = range
+                let inner = CopyPolicy(range: range, source: pageSource)
+                if let failing {
+                    let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
+                    return try ws.wrap(FailingPolicy(failing: Set(failing.map { s.region.address + UInt($0 * pageSize) }),
+                                                     pageSize: pageSize, otherwise: policy), range: range)
+                }
+                if let window { return try ws.wrap(ReadaheadPolicy(inner, window: window), range: range) }
+                return try ws.wrap(inner, range: range)
             }), expected: expected)
+        plan.armed = { s in if let served { try ws.armed(s, range: served, source: pageSource) } }
         let source = self.source
+        let actions = plan.actions
         plan.finish = { ctx, notes in
+            try ws.finish(&notes, used: { page in
+                let first = page * pageSize / basePageSize
+                return (first..<min(actions.count, first + pageSize / basePageSize)).contains { actions[$0] != .skip }
+            })
             let ra = readaheadName(window, pageSize: pageSize)
             notes.details["source"] = .string(source)
             notes.details["readahead"] = .string(ra)

@@ -82,22 +82,33 @@ struct SnapshotCommand: ParsableCommand {
         @Option(name: .customLong("chunk-size"), help: ArgumentHelp("Bytes per chunk, a power of two 4K...64M.", valueName: "size"))
         var chunkSize: String = "2M"
         @Option(help: "zstd level 1...19.") var level: Int = 3
+        @Option(name: .customLong("working-set"),
+                help: ArgumentHelp("Store the chunks of this working set (recorded from this memory file) first, in recorded order, so one sequential read brings them all.", valueName: "file"))
+        var workingSet: String?
         @Flag(help: "Print one JSON object.") var json = false
 
         func run() throws {
             let chunk = try parseSize(chunkSize, option: "--chunk-size")
+            var first: [Int] = []
+            if let workingSet {
+                first = try workingSetChunks(workingSet, memfile: memfile, chunkSize: chunk)
+            }
             let start = Date()
             let s: PackedSnapshot.PackStats
-            do { s = try PackedSnapshot.pack(memfile, to: out, chunkSize: chunk, level: level) }
+            do { s = try PackedSnapshot.pack(memfile, to: out, chunkSize: chunk, level: level, firstChunks: first) }
             catch { throw error.errno == .invalidArgument ? CLIError.usage("snapshot pack: \(error.detail)") : CLIError.failed("snapshot pack: \(error.detail)") }
             let seconds = Date().timeIntervalSince(start)
             if json {
                 printJSONObject(["raw_bytes": s.rawLength, "packed_bytes": s.packedLength, "chunks": s.chunks,
-                           "zero_chunks": s.zeroChunks, "stored_bytes": s.storedBytes, "ratio": s.ratio, "seconds": seconds])
+                           "zero_chunks": s.zeroChunks, "stored_bytes": s.storedBytes, "ratio": s.ratio, "seconds": seconds,
+                           "working_set_chunks": s.firstChunks, "working_set_frames_end": s.firstEnd])
             } else {
                 print("packed       \(memfile) -> \(out)")
                 print("chunks       \(s.chunks) of \(formatBytes(chunk)) (\(s.zeroChunks) all-zero, not stored)")
                 print("size         \(formatBytes(s.rawLength)) -> \(formatBytes(s.packedLength)) (ratio \(String(format: "%.2f", s.ratio)))")
+                if workingSet != nil {
+                    print("working set  \(s.firstChunks) chunks first: frames in bytes 4096..<\(s.firstEnd) (\(formatBytes(s.firstEnd - 4096)), one read)")
+                }
                 print("time         \(String(format: "%.2f", seconds)) s")
             }
         }
@@ -152,4 +163,25 @@ struct SnapshotCommand: ParsableCommand {
 private func printJSONObject(_ object: [String: Any]) {
     let data = (try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])) ?? Data("{}".utf8)
     print(String(decoding: data, as: UTF8.self))
+}
+
+/// The chunks of a working set recorded from `memfile`, in recorded order (each once); exit 2
+/// when the recording is of another image.
+func workingSetChunks(_ path: String, memfile: String, chunkSize: Int) throws(CLIError) -> [Int] {
+    let ws = try loadWorkingSet(path)
+    let identity: WorkingSet.Identity
+    do {
+        identity = try WorkingSet.Identity(of: try FileSource(path: memfile))
+    } catch {
+        throw .usage("snapshot pack: cannot read \(memfile): \(error)")
+    }
+    do {
+        try ws.check(against: identity, servedLength: identity.size)
+    } catch {
+        throw .usage("--working-set \(path): \(error.detail)")
+    }
+    guard chunkSize > 0 else { return [] }
+    var seen = Set<Int>(), out: [Int] = []
+    for e in ws.entries where seen.insert(e.offset / chunkSize).inserted { out.append(e.offset / chunkSize) }
+    return out
 }

@@ -28,6 +28,7 @@ struct Uffdctl: ParsableCommand {
             WriteProtectCommand.self,
             PoisonCommand.self,
             BenchCommand.self,
+            WorkingSetCommand.self,
             ServeCommand.self,
             HandoffClientCommand.self,
             SnapshotCommand.self,

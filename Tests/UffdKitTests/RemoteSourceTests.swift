@@ -1,6 +1,7 @@
 import CUffd
 import CUffdNet
 import Foundation
+import TestServers
 import XCTest
 @testable import UffdKit
 

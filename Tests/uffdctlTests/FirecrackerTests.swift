@@ -141,6 +141,21 @@ final class FirecrackerTests: XCTestCase {
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
     }
 
+    /// The memory file behind an http:// URL (nginx started by the rig): `serve --memory-file
+    /// http://…` restores the guest from 2 MiB chunks fetched on the deferred path; 32 MiB verified.
+    func testServeRestoresFromHTTPURL() throws {
+        let o = try run("http4k")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
+    /// The same from a packed snapshot (zstd chunks, zero chunks not stored) behind the URL.
+    func testServeRestoresFromPackedSnapshotURL() throws {
+        let o = try run("httppacked")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
     /// A hugetlbfs-backed guest (`huge_pages: "2M"`): Firecracker hands over 2 MiB regions; the rig
     /// reserves huge pages and puts nr_hugepages back.
     func testServeRestores2MiBHugePageGuest() throws {
@@ -182,6 +197,22 @@ final class FirecrackerTests: XCTestCase {
         assertVerified(o, vms: 1, pages: 8192)
         assertServed(o, vms: 1, faults: 8192)
         XCTAssertEqual(number(o.json, "serve_exit"), 0)
+    }
+
+    /// Issue 12: one restore recorded (`serve --record-working-set`), a second restore of the same
+    /// snapshot served with `--prefetch` of that recording: both guests verify every page; the
+    /// filler installed every recorded page (none skipped) and left at most half to faults.
+    func testServePrefetchesARecordedWorkingSet() throws {
+        let o = try run("prefetch")
+        assertVerified(o, vms: 2, pages: 8192)
+        let recorded = number(o.json, "recorded_pages") ?? 0
+        XCTAssertGreaterThanOrEqual(recorded, 8192, "\(o.json)")
+        let p = o.json["prefetch"] as? [String: Any]
+        func n(_ k: String) -> Double? { (p?[k] as? String).flatMap(Double.init) ?? number(p, k) }
+        XCTAssertEqual(n("prefetch_planned_pages"), recorded, "\(o.json)")
+        XCTAssertEqual((n("prefetched_pages") ?? 0) + (n("prefetch_already_present_pages") ?? 0), recorded, "\(o.json)")
+        XCTAssertEqual(n("prefetch_skipped_pages"), 0, "\(o.json)")
+        XCTAssertLessThanOrEqual(n("faults") ?? .infinity, 4096, "\(o.json)")
     }
 
     /// Restores that arrive while the server restarts: one hand-off right after SIGHUP, one right

@@ -424,6 +424,7 @@ int cuffd_current_cpu(void);
 #endif
 
 #include "cuffd_swift_support.h"
+#include "cuffd_workingset.h"
 #include "cuffd_sigbus.h"
 
 #endif // CUFFD_H

@@ -102,6 +102,8 @@ typedef struct cunet_pack_entry {
 
 typedef struct cunet_pack_stats {
     uint64_t raw_length, packed_length, chunks, zero_chunks, stored_bytes;
+    uint64_t first_chunks;      /* chunks of `first` stored first (cunet_pack_file_ordered) */
+    uint64_t first_end;         /* where their frames end in the packed file (one range [4096, first_end)) */
 } cunet_pack_stats;
 
 /* 1 when the buffer starts with the packed magic. */
@@ -109,6 +111,11 @@ int cunet_is_packed(const void *buffer, size_t length);
 /* Packs the file at in_path into out_path (chunk_size a power of two >= 4096, level 1..19). */
 int cunet_pack_file(const char *in_path, const char *out_path, uint32_t chunk_size, int level,
                     cunet_pack_stats *stats, char *err, size_t errlen);
+/* As cunet_pack_file, with the frames of the chunks `first[0..nfirst)` stored first, in that order
+   (a working set's chunks: one sequential read brings them all); the rest follow in chunk order.
+   Indexes past the image and repeats are ignored. The index makes any frame order a valid file. */
+int cunet_pack_file_ordered(const char *in_path, const char *out_path, uint32_t chunk_size, int level,
+                            const uint64_t *first, size_t nfirst, cunet_pack_stats *stats, char *err, size_t errlen);
 /* Checks a header (magic, version, hash, sane sizes). */
 int cunet_pack_check_header(const cunet_pack_header *header, uint64_t file_length, char *err, size_t errlen);
 /* Checks an index against its header (hash, entries inside the file). */

@@ -88,3 +88,65 @@ public struct MappedFileSource: PageSource {
         return UnsafeRawPointer(bitPattern: base + UInt(offset))!
     }
 }
+
+/// One region's window of a shared image source (a remote or packed snapshot from
+/// ``PageSources/shared(_:options:)``): `length` bytes from `offset` of `image`. Zero chunks of
+/// a packed image stay known as zeros (ZEROPAGE instead of a copy). Used on the synchronous path
+/// when the region cannot take the deferred one (see ``DeferredImageWindow``).
+public struct ImageWindow: ZeroAwarePageSource {
+    /// The whole image (shared by every VM restored from it).
+    public let image: any PageSource
+    /// Where the region starts in the image.
+    public let offset: Int
+    /// The region's length.
+    public let length: Int
+    private let zeroAware: (any ZeroAwarePageSource)?
+
+    /// `length` bytes of `image` from `offset`.
+    public init(image: any PageSource, offset: Int, length: Int) {
+        self.image = image
+        self.offset = offset
+        self.length = length
+        zeroAware = image as? any ZeroAwarePageSource
+    }
+
+    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        try image.bytes(at: self.offset + offset, count: count, scratch: scratch)
+    }
+
+    public func isZero(at offset: Int, count: Int) -> Bool {
+        zeroAware?.isZero(at: self.offset + offset, count: count) ?? false
+    }
+}
+
+/// One region's window of a deferred image source (``ChunkedSource``): the reader requests the
+/// region's chunk and goes on with other faults while it is fetched, so one slow fetch never
+/// stalls another VM's or another chunk's faults. Needs the region to start on a chunk boundary
+/// of the image (Firecracker's regions do: they start at 0 and at multiples of 2 MiB) and the
+/// chunk to be a multiple of the region's page size; ``usable(image:offset:pageSize:)`` says so.
+public struct DeferredImageWindow: DeferredSource {
+    /// The whole image.
+    public let image: any DeferredSource
+    /// Where the region starts in the image (a multiple of the image's chunk size).
+    public let offset: Int
+    /// The region's length.
+    public let length: Int
+    public var chunkSize: Int { image.chunkSize }
+
+    /// `length` bytes of `image` from `offset` (check ``usable(image:offset:pageSize:)`` first).
+    public init(image: any DeferredSource, offset: Int, length: Int) {
+        self.image = image
+        self.offset = offset
+        self.length = length
+    }
+
+    /// Whether a region at `offset` with pages of `pageSize` can be served deferred from `image`.
+    public static func usable(image: any DeferredSource, offset: Int, pageSize: Int) -> Bool {
+        let c = image.chunkSize
+        return c > 0 && offset % c == 0 && c % pageSize == 0
+    }
+
+    public func fetch(offset: Int, length: Int, into fetch: DeferredFetch) {
+        image.fetch(offset: self.offset + offset, length: length, into: fetch)
+    }
+}

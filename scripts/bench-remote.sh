@@ -2,7 +2,7 @@
 # Remote-source benchmark (BENCHMARKS.md "Remote sources"): a sequential restore of an image over
 # loopback with `uffdctl copy --source http://…` against `curl` alone downloading the same bytes
 # from the same nginx in the same run; raw and packed images. Every uffdctl run verifies every
-# byte (after the timed part). Usage: Scripts/bench-remote.sh [SIZE_MiB] [ROUNDS] [RATE]
+# byte (after the timed part). Usage: scripts/bench-remote.sh [SIZE_MiB] [ROUNDS] [RATE]
 # With RATE (e.g. 1gbit) the whole run happens in a private network namespace whose loopback
 # is shaped by TBF to that rate (needs root: unshare -n, tc).
 set -euo pipefail

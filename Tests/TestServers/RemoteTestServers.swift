@@ -1,20 +1,19 @@
-import CUffdNet
 import Foundation
 import XCTest
-@testable import UffdKit
 
-/// Real servers on loopback for the remote-source tests, each started by the test that needs it
+/// Real servers on loopback for the remote-source tests (UffdKitTests and uffdctlTests share
+/// them through this target), each started by the test that needs it
 /// (in its own temp dir) and stopped by it. A server that cannot start skips the test with the
 /// reason.
 
 /// A running child process.
-final class ServerProcess: @unchecked Sendable {
-    let process = Process()
-    let dir: URL
-    init(dir: URL) { self.dir = dir }
+public final class ServerProcess: @unchecked Sendable {
+    public let process = Process()
+    public let dir: URL
+    public init(dir: URL) { self.dir = dir }
 
     /// Ends the server (SIGTERM, then SIGKILL) and waits for it.
-    func stop() {
+    public func stop() {
         guard process.isRunning else { return }
         process.terminate()
         for _ in 0..<100 where process.isRunning { usleep(20_000) }
@@ -28,7 +27,7 @@ final class ServerProcess: @unchecked Sendable {
     }
 }
 
-func makeTempDir(_ name: String) throws -> URL {
+public func makeTempDir(_ name: String) throws -> URL {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("uffdkit-\(name)-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true,
                                             attributes: [.posixPermissions: 0o755])
@@ -36,7 +35,7 @@ func makeTempDir(_ name: String) throws -> URL {
 }
 
 /// A TCP port nobody listens on right now (bind to 0, read it back, close).
-func freePort() -> Int {
+public func freePort() -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
     var addr = sockaddr_in()
@@ -50,7 +49,7 @@ func freePort() -> Int {
 }
 
 /// Waits until something accepts connections on the port.
-func waitForPort(_ port: Int, seconds: Double = 10) -> Bool {
+public func waitForPort(_ port: Int, seconds: Double = 10) -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
     while Date() < deadline {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -68,7 +67,7 @@ func waitForPort(_ port: Int, seconds: Double = 10) -> Bool {
     return false
 }
 
-func findExecutable(_ name: String, extra: [String] = []) -> String? {
+public func findExecutable(_ name: String, extra: [String] = []) -> String? {
     let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/sbin:/usr/local/bin:/root/.pyenv/shims"
     for dir in extra + path.split(separator: ":").map(String.init) {
         let p = dir + "/" + name
@@ -78,13 +77,13 @@ func findExecutable(_ name: String, extra: [String] = []) -> String? {
 }
 
 /// nginx (Debian nginx-light) serving `root` with Range support on a free loopback port.
-final class Nginx: @unchecked Sendable {
-    let server: ServerProcess
-    let port: Int
-    let root: URL
-    var base: String { "http://127.0.0.1:\(port)" }
+public final class Nginx: @unchecked Sendable {
+    public let server: ServerProcess
+    public let port: Int
+    public let root: URL
+    public var base: String { "http://127.0.0.1:\(port)" }
 
-    init() throws {
+    public init() throws {
         guard let nginx = findExecutable("nginx") else {
             throw XCTSkip("nginx not installed (make deps installs nginx-light)")
         }
@@ -132,26 +131,26 @@ final class Nginx: @unchecked Sendable {
 
     /// Puts `data` at `/name`.
     @discardableResult
-    func put(_ name: String, _ data: Data) throws -> String {
+    public func put(_ name: String, _ data: Data) throws -> String {
         try data.write(to: root.appendingPathComponent(name))
         return "\(base)/\(name)"
     }
 
-    func url(_ name: String) -> String { "\(base)/\(name)" }
-    func stop() { server.stop() }
+    public func url(_ name: String) -> String { "\(base)/\(name)" }
+    public func stop() { server.stop() }
 }
 
 /// moto's S3 server with SigV4 verification on: after three unauthenticated IAM calls (create
 /// a user, its access key and an allow-all policy), every request must carry a valid signature
 /// made with that key.
-final class MotoS3: @unchecked Sendable {
-    let server: ServerProcess
-    let port: Int
-    let key: String
-    let secret: String
-    var endpoint: String { "http://127.0.0.1:\(port)" }
+public final class MotoS3: @unchecked Sendable {
+    public let server: ServerProcess
+    public let port: Int
+    public let key: String
+    public let secret: String
+    public var endpoint: String { "http://127.0.0.1:\(port)" }
 
-    init() throws {
+    public init() throws {
         guard let moto = findExecutable("moto_server") else {
             throw XCTSkip("moto_server not installed (make deps: pip install 'moto[server]')")
         }
@@ -193,7 +192,7 @@ final class MotoS3: @unchecked Sendable {
 
     /// Runs curl with `args`; returns stdout; throws on a non-2xx status.
     @discardableResult
-    static func curl(_ args: [String]) throws -> String {
+    public static func curl(_ args: [String]) throws -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: findExecutable("curl")!)
         p.arguments = ["-sS", "--fail-with-body"] + args
@@ -212,22 +211,22 @@ final class MotoS3: @unchecked Sendable {
         ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "\(key):\(secret)", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
     }
 
-    func createBucket(_ bucket: String) throws { try MotoS3.curl(signed + ["-X", "PUT", "\(endpoint)/\(bucket)"]) }
+    public func createBucket(_ bucket: String) throws { try MotoS3.curl(signed + ["-X", "PUT", "\(endpoint)/\(bucket)"]) }
 
-    func put(_ bucket: String, _ key: String, file: URL) throws {
+    public func put(_ bucket: String, _ key: String, file: URL) throws {
         let encoded = key.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? key
         try MotoS3.curl(signed + ["-T", file.path, "\(endpoint)/\(bucket)/\(encoded)"])
     }
 
     /// Sets AWS_* for this server's key (the library reads them at open).
-    func exportCredentials() {
+    public func exportCredentials() {
         setenv("AWS_ACCESS_KEY_ID", key, 1)
         setenv("AWS_SECRET_ACCESS_KEY", secret, 1)
         setenv("AWS_REGION", "us-east-1", 1)
         unsetenv("AWS_SESSION_TOKEN")
     }
 
-    func stop() { server.stop() }
+    public func stop() { server.stop() }
 }
 
 /// A misbehaving HTTP server (Python's http.server) serving one file under paths that choose
@@ -238,10 +237,10 @@ final class MotoS3: @unchecked Sendable {
 /// `/replace-N/F` (after N GETs the object changes: new ETag, If-Match answered with 412),
 /// `/replace-ignore-N/F` (same, but If-Match ignored: the new ETag and bytes are sent),
 /// `/die-N/F` (the server exits at GET N+1). HEAD always answers with the size and ETag "v1".
-final class MisbehavingServer: @unchecked Sendable {
-    let server: ServerProcess
-    let port: Int
-    var base: String { "http://127.0.0.1:\(port)" }
+public final class MisbehavingServer: @unchecked Sendable {
+    public let server: ServerProcess
+    public let port: Int
+    public var base: String { "http://127.0.0.1:\(port)" }
 
     static let script = #"""
 import http.server, os, sys, time, threading
@@ -315,7 +314,7 @@ print(s.server_address[1], flush=True)
 s.serve_forever()
 """#
 
-    init(serving file: URL) throws {
+    public init(serving file: URL) throws {
         guard let python = findExecutable("python3") else { throw XCTSkip("python3 not installed") }
         let dir = try makeTempDir("pyserver")
         server = ServerProcess(dir: dir)
@@ -340,12 +339,12 @@ s.serve_forever()
         port = p
     }
 
-    func url(_ mode: String, _ name: String = "img") -> String { "\(base)/\(mode)/\(name)" }
-    func stop() { server.stop() }
+    public func url(_ mode: String, _ name: String = "img") -> String { "\(base)/\(mode)/\(name)" }
+    public func stop() { server.stop() }
 }
 
 /// Test images: random chunks, zero chunks and a text tail (not a chunk multiple).
-func makeImage(chunks: Int, zeroEvery: Int = 3, chunkSize: Int = 2 << 20, tail: Int = 12345, seed: UInt64 = 7) -> Data {
+public func makeImage(chunks: Int, zeroEvery: Int = 3, chunkSize: Int = 2 << 20, tail: Int = 12345, seed: UInt64 = 7) -> Data {
     var d = Data(count: chunks * chunkSize + tail)
     d.withUnsafeMutableBytes { b in
         var x = seed
