@@ -203,6 +203,25 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
                       int fallback, uint64_t features) {
     int64_t done = 0;
     int rc = perform(uffd, res, &done);
+    if (rc == -ENOENT && done == 0 && res->op != CUFFD_OP_MOVE && msg && msg->event == UFFD_EVENT_PAGEFAULT &&
+        res->len > base_page() && covers_fault(msg, res)) {
+        // A range wider than the faulting page may cross a VMA boundary inside the registered
+        // memory (an mprotect of one page splits the VMA): the kernel then says ENOENT with no
+        // progress although the faulting page's own VMA is there. Calling it gone would wake
+        // the thread into the same fault forever: resolve the faulting page alone first.
+        struct cuffd_resolution one = *res;
+        one.dst = fault_page(msg);
+        one.len = base_page();
+        if (res->op == CUFFD_OP_COPY) one.src = res->src + (one.dst - res->dst);
+        int rc1 = perform(uffd, &one, &done);
+        if (rc1 != -ENOENT && rc1 != -EINVAL) {
+            // (EINVAL: a huge-page range, which has no base-page resolution: keep the ENOENT.)
+            *res = one;
+            rc = rc1;
+        } else {
+            done = 0;
+        }
+    }
     res->done = done;
     res->error = rc < 0 ? -rc : 0;
     int outcome;

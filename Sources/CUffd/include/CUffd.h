@@ -12,6 +12,7 @@
 #include <sys/types.h>
 
 #include "cuffd_compat.h"
+#include "cuffd_install.h"
 
 #ifdef __cplusplus
 extern "C" {
