@@ -174,6 +174,9 @@ public final class Prefetcher: @unchecked Sendable {
     /// For a DeferredSource: its chunks in list order (each once, clipped to the source and the
     /// range) and, per chunk, its recorded pages (`chunkPages[pageSpan]`).
     private let deferredChunks: [(offset: Int, length: Int, pageSpan: Range<Int>)]
+    /// The source as a DeferredSource: itself, or the deferred view of a serve region's
+    /// ``ImageWindow`` over a deferred image (what the region's ``DeferredCopyPolicy`` fetches).
+    private let deferredSource: (any DeferredSource)?
     private let chunkPages: [Int]
     private let state = Mutex<State>(State())
     private let stopRequested = Atomic<Bool>(false)
@@ -262,7 +265,13 @@ public final class Prefetcher: @unchecked Sendable {
         self.chunkOrder = order
         var dchunks: [(offset: Int, length: Int, pageSpan: Range<Int>)] = []
         var dpages: [Int] = []
-        if let ds = source as? any DeferredSource, ds.chunkSize > 0, ds.chunkSize % ps == 0 {
+        var deferred = source as? any DeferredSource
+        if deferred == nil, let w = source as? ImageWindow, let image = w.image as? any DeferredSource,
+           DeferredImageWindow.usable(image: image, offset: w.offset, pageSize: ps) {
+            deferred = DeferredImageWindow(image: image, offset: w.offset, length: w.length)
+        }
+        deferredSource = deferred
+        if let ds = deferred, ds.chunkSize > 0, ds.chunkSize % ps == 0 {
             let cs = ds.chunkSize
             let limit = Swift.min(range.length, (ds.length + ps - 1) / ps * ps)
             var byChunk: [Int: [Int]] = [:]
@@ -442,7 +451,7 @@ public final class Prefetcher: @unchecked Sendable {
             return
         }
         let fd = job.fd
-        if let table = job.table, let ds = source as? any DeferredSource {
+        if let table = job.table, let ds = deferredSource {
             fillDeferred(job, table, ds, &ending, &lastError)
             return
         }

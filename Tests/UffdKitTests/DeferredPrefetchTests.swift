@@ -327,4 +327,48 @@ final class DeferredPrefetchTests: XCTestCase {
         XCTAssertEqual(hs.fallbacks, 1)
         XCTAssertEqual(s.handler.failures().count, 1, "one failure: the fault's own fetch, never the prefetch's")
     }
+
+    /// A region of a larger remote image as `serve` builds it (an ``ImageWindow`` for the
+    /// filler, a ``DeferredImageWindow`` for the region's policy, 2 MiB into the image): the
+    /// filler goes through the deferred table, every byte of the region right.
+    func testServeRegionWindowOfARemoteImagePrefetchesThroughTheTable() throws {
+        let dir = try makeTempDir("deferredprefetchwindow")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = makeImage(chunks: 4, zeroEvery: 100, tail: 0)   // 8 MiB
+        let file = dir.appendingPathComponent("img")
+        try image.write(to: file)
+        let server = try MisbehavingServer(serving: file)
+        defer { server.stop() }
+        var o = RemoteOptions()
+        o.rawChunkSize = 64 << 10
+        o.readaheadChunks = 0
+        o.maxConnections = 4
+        let source = try PageSources.open(server.url("ok"), options: o) as! ChunkedSource
+        let at = 2 << 20, len = 4 << 20
+        let r = try MappedRegion(.anonymous(), length: len)
+        var ho = FaultHandler.Options()
+        ho.fallback = .zeroFill
+        let s = try Session(r, options: ho) { _ in
+            DeferredCopyPolicy(destination: r.address, source: DeferredImageWindow(image: source, offset: at, length: len))
+        }
+        let identity = WorkingSet.Identity(size: image.count, digest: 0)
+        let pages = stride(from: at, to: at + len, by: 3 * page).map { $0 }
+        let ws = WorkingSet(identity: identity, pageSize: page, entries: pages.reversed().map { .init(offset: $0, nanoseconds: 0) })
+        let p = try Prefetcher(uffd: s.uffd, range: ServedRange(region: r), source: ImageWindow(image: source, offset: at, length: len),
+                               workingSet: ws, imageOffset: at, imageIdentity: identity)
+        let base = r.address
+        let ok = s.run(60) {
+            try! p.start(alongside: s.handler)
+            XCTAssertTrue(p.wait(timeout: 50))
+            _ = touch(base, length: len, threads: 2)
+        }
+        XCTAssertTrue(ok)
+        let st = p.stats()
+        let hs = s.finish()
+        XCTAssertEqual(st.ending, .finished)
+        XCTAssertEqual(st.deferredChunks, len / (64 << 10), "every chunk of the region claimed")
+        XCTAssertEqual(st.prefetchedPages + st.alreadyPresentPages, pages.count)
+        XCTAssertEqual(hs.fallbacks + hs.failures, 0)
+        image.withUnsafeBytes { XCTAssertEqual(memcmp(r.pointer, $0.baseAddress! + at, len), 0, "wrong bytes") }
+    }
 }
