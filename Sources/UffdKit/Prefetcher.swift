@@ -589,7 +589,13 @@ public final class Prefetcher: @unchecked Sendable {
                 guard let p = pending[i] else { continue }
                 _ = cuffd_deferred_abandon(table.raw, p.token, ECANCELED)
                 var r = cuffd_prefetch_result()
-                if cuffd_deferred_claim_result(table.raw, slots + i, &r) != 0 { account(r, p.chunk) }
+                if cuffd_deferred_claim_result(table.raw, slots + i, &r) != 0 {
+                    account(r, p.chunk)
+                } else {
+                    // Cancelled with the handler: woken, nothing installed.
+                    counters.dropped.add(1, ordering: .relaxed)
+                    counters.skipped.add(deferredChunks[p.chunk].pageSpan.count, ordering: .relaxed)
+                }
             }
             slots.deallocate()
         }
@@ -636,7 +642,9 @@ public final class Prefetcher: @unchecked Sendable {
                 ds.fetch(offset: c.offset, length: c.length, into: DeferredFetch(table: table, token: token, address: addr, length: c.length))
                 ci += 1
             case 0:
+                // A fault's fetch has the chunk: its recorded pages are the fault's.
                 counters.takenByFaults.add(1, ordering: .relaxed)
+                counters.existed.add(c.pageSpan.count, ordering: .relaxed)
                 ci += 1
             case -ENOSPC:
                 // The faults' share of the table is in use: they come first.
