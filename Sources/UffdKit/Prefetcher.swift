@@ -599,6 +599,13 @@ public final class Prefetcher: @unchecked Sendable {
             }
             slots.deallocate()
         }
+        /// Waits until some claim in the table ends (the fillers of other regions of the
+        /// same handler claim in it too), at most `timeout` ns.
+        func awaitAClaim(timeout: UInt64 = 20_000_000) -> Int32 {
+            let now = cuffd_deferred_claims_wait(table.raw, UInt32.max, 0)
+            guard now > 0 else { return now }
+            return cuffd_deferred_claims_wait(table.raw, UInt32(now), timeout)
+        }
         func shouldEnd() -> Bool {
             if stopRequested.load(ordering: .relaxed) { ending = .stopped; return true }
             if let stopWhen = job.stopWhen, stopWhen() { ending = .handlerStopped; return true }
@@ -611,7 +618,7 @@ public final class Prefetcher: @unchecked Sendable {
             if shouldEnd() { return }
             reap()
             if inFlight >= n {
-                if cuffd_deferred_claims_wait(table.raw, UInt32(inFlight), 20_000_000) == -ESHUTDOWN {
+                if awaitAClaim() == -ESHUTDOWN {
                     ending = .handlerStopped
                     return
                 }
@@ -648,7 +655,7 @@ public final class Prefetcher: @unchecked Sendable {
                 ci += 1
             case -ENOSPC:
                 // The faults' share of the table is in use: they come first.
-                if inFlight == 0 { usleep(200) } else { _ = cuffd_deferred_claims_wait(table.raw, UInt32(inFlight), 1_000_000) }
+                if inFlight == 0 { usleep(200) } else { _ = awaitAClaim(timeout: 1_000_000) }
             case -ESHUTDOWN:
                 ending = .handlerStopped
                 return
@@ -661,7 +668,7 @@ public final class Prefetcher: @unchecked Sendable {
         while inFlight > 0 {
             if shouldEnd() { return }
             reap()
-            if inFlight > 0, cuffd_deferred_claims_wait(table.raw, UInt32(inFlight), 20_000_000) == -ESHUTDOWN {
+            if inFlight > 0, awaitAClaim() == -ESHUTDOWN {
                 ending = .handlerStopped
                 return
             }
