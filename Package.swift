@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "UffdKit", targets: ["UffdKit"]),
         .library(name: "CUffd", targets: ["CUffd"]),
+        .library(name: "CUffdNet", targets: ["CUffdNet"]),
         .executable(name: "uffdctl", targets: ["uffdctl"]),
     ],
     dependencies: [
@@ -23,11 +24,19 @@ let package = Package(
             name: "CUffd",
             cSettings: [.define("_GNU_SOURCE")]
         ),
+        // Remote and packed page sources: libcurl (multi interface on its own thread, SigV4),
+        // zstd frames, the chunk cache. Debian: libcurl4-openssl-dev, libzstd-dev (`make deps`).
+        .target(
+            name: "CUffdNet",
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [.linkedLibrary("curl"), .linkedLibrary("zstd")]
+        ),
         // What a Swift user imports: typed API, policies, page sources, handler runtime.
         .target(
             name: "UffdKit",
             dependencies: [
                 "CUffd",
+                "CUffdNet",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -64,9 +73,15 @@ let package = Package(
             name: "CUffdTests",
             dependencies: ["CUffd", "CUffdTestSupport"]
         ),
+        // Real servers on loopback (nginx, moto's S3, a misbehaving HTTP server) started by the
+        // remote-source tests of UffdKitTests and uffdctlTests.
+        .target(
+            name: "TestServers",
+            path: "Tests/TestServers"
+        ),
         .testTarget(
             name: "UffdKitTests",
-            dependencies: ["UffdKit", "CUffd", "CUffdTestSupport"]
+            dependencies: ["UffdKit", "CUffd", "CUffdNet", "CUffdTestSupport", "TestServers"]
         ),
         // Stress and fault injection through UffdKit.
         .testTarget(
@@ -77,7 +92,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl", "UffdKit"]
+            dependencies: ["uffdctl", "UffdKit", "TestServers"]
         ),
     ]
 )

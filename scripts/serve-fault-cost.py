@@ -16,7 +16,8 @@ d = tempfile.mkdtemp(prefix="serve-bench-")
 mem, sock = os.path.join(d, "mem"), os.path.join(d, "s.sock")
 with open(mem, "wb") as f:
     f.write(os.urandom(32 << 20))
-srv = subprocess.Popen([B, "serve", "--socket", sock, "--memory-file", mem, "--pin", "0", "--no-supervisor"],
+# --source pread: the same source as the in-process ServedProcess default (the same op).
+srv = subprocess.Popen([B, "serve", "--socket", sock, "--memory-file", mem, "--pin", "0", "--no-supervisor", "--source", "pread"],
                        stderr=open(os.path.join(d, "log"), "w"))
 time.sleep(1)
 res = {"in": [], "srv": []}

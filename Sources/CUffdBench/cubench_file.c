@@ -1,5 +1,7 @@
 // Lazy file load: the same file read through a plain mmap, through userfaultfd (pread a
-// readahead window into a buffer, UFFDIO_COPY it), and through pread alone (the I/O floor).
+// readahead window into a buffer, UFFDIO_COPY it; UFFDIO_COPY straight from a mapping of the
+// file; the window installer: pread into a huge-page donor, UFFDIO_MOVE, prefetch threads), and
+// through pread alone (the I/O floor).
 #include "cubench_internal.h"
 
 #include <errno.h>
@@ -71,11 +73,14 @@ static int pread_full(int fd, char *buf, uint64_t n, uint64_t off) {
 
 struct lctx {
     int uffd, stopfd, fd;
+    uint32_t mode;
     char *region;
+    const char *fmap; // MAPCOPY: the file mapped read-only
     uint64_t len, window;
     char *buf;
     int cpu;
-    uint64_t faults;
+    struct cuffd_installer *inst;
+    uint64_t faults, ioctls;
     _Atomic int first_error;
 };
 
@@ -89,10 +94,21 @@ static void *load_handler(void *arg) {
         uint64_t base = (uint64_t)(uintptr_t)c->region;
         uint64_t off = (m.arg.pagefault.address - base) & ~(c->window - 1);
         uint64_t n = c->len - off < c->window ? c->len - off : c->window;
-        int e = pread_full(c->fd, c->buf, n, off);
-        if (e == 0) {
-            struct uffdio_copy a = {.dst = base + off, .src = (uint64_t)(uintptr_t)c->buf, .len = n};
-            if (ioctl(c->uffd, UFFDIO_COPY, &a) < 0) e = -errno;
+        int e = 0;
+        if (c->mode == CUBENCH_LOAD_INSTALL) {
+            e = cuffd_installer_install(c->inst, m.arg.pagefault.address);
+            if (e == 0) continue;
+            off = (m.arg.pagefault.address - base) & ~(uint64_t)(CUBENCH_PAGE - 1);
+            n = CUBENCH_PAGE;
+        } else {
+            const char *src = c->buf;
+            if (c->mode == CUBENCH_LOAD_MAPCOPY) src = c->fmap + off;
+            else e = pread_full(c->fd, c->buf, n, off);
+            if (e == 0) {
+                c->ioctls++;
+                struct uffdio_copy a = {.dst = base + off, .src = (uint64_t)(uintptr_t)src, .len = n};
+                if (ioctl(c->uffd, UFFDIO_COPY, &a) < 0 && errno != EEXIST) e = -errno;
+            }
         }
         if (e < 0) {
             int zero = 0;
@@ -108,10 +124,28 @@ static void *load_handler(void *arg) {
     return NULL;
 }
 
+// The installer's fill: pread, zeros past the end of the file.
+struct fillctx {
+    int fd;
+    uint64_t size;
+};
+
+static int fill_pread(void *ctx, uint64_t off, void *dst, uint64_t n) {
+    struct fillctx *f = ctx;
+    uint64_t have = off >= f->size ? 0 : (f->size - off < n ? f->size - off : n);
+    int rc = have ? pread_full(f->fd, dst, have, off) : 0;
+    if (rc == 0 && have < n) memset((char *)dst + have, 0, n - have);
+    return rc;
+}
+
 struct reader {
     char *base;
-    uint64_t len;
+    uint64_t len, window;
     int cpu;
+    // random: windows taken from a shared shuffled list
+    const uint32_t *order;
+    uint32_t nwin;
+    _Atomic uint32_t *cursor;
     uint64_t t0, t1, sum;
 };
 
@@ -120,15 +154,168 @@ static void *reader_main(void *arg) {
     cubench_pin(r->cpu);
     uint64_t sum = 0;
     r->t0 = cuffd_now_ns();
-    for (uint64_t off = 0; off < r->len; off += CUBENCH_PAGE) sum += *(volatile uint64_t *)(r->base + off);
+    if (r->order) {
+        for (;;) {
+            uint32_t i = atomic_fetch_add(r->cursor, 1);
+            if (i >= r->nwin) break;
+            uint64_t s = (uint64_t)r->order[i] * r->window, e = s + r->window < r->len ? s + r->window : r->len;
+            for (uint64_t off = s; off < e; off += CUBENCH_PAGE) sum += *(volatile uint64_t *)(r->base + off);
+        }
+    } else {
+        for (uint64_t off = 0; off < r->len; off += CUBENCH_PAGE) sum += *(volatile uint64_t *)(r->base + off);
+    }
     r->t1 = cuffd_now_ns();
     r->sum = sum;
     return NULL;
 }
 
-int cubench_file_load(const struct cubench_load_params *p, struct cubench_result *out) {
+enum { MAX_READERS = 8 };
+
+// UFFD, MAPCOPY and INSTALL: a region registered MISSING, one handler, `threads` readers.
+static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64_t window, uint64_t fsize,
+                     struct cubench_result *out) {
+    uint32_t timeout = p->timeout_ms ? p->timeout_ms : 60000;
+    uint32_t nthreads = p->threads ? p->threads : 1;
+    if (nthreads > MAX_READERS) return -EINVAL;
+    int ncpu = cubench_ncpus();
+    bool install = p->mode == CUBENCH_LOAD_INSTALL;
+    // The installer moves into THP-eligible memory; in COPY mode it stands for a destination THP
+    // cannot back (what InstallPolicy copies into), so that one is MADV_NOHUGEPAGE.
+    bool thp_dst = install && !(p->install_flags & CUFFD_INSTALL_COPY);
+    struct lctx c = {.uffd = -1, .stopfd = -1, .fd = fd, .mode = p->mode, .len = len, .window = window,
+                     .cpu = p->handler_cpu};
+    struct fillctx fc = {.fd = fd, .size = fsize};
+    uint32_t *order = NULL;
+    _Atomic uint32_t cursor = 0;
+    pthread_t h, t[MAX_READERS];
+    struct reader r[MAX_READERS];
+    uint32_t started = 0;
+    bool hstarted = false;
+    int rc = 0;
+    // INSTALL (MOVE): a THP-eligible destination (huge pages end up backing it); the copying
+    // modes copy into 4 KiB pages (COPY into a THP-eligible range is slower: BENCHMARKS.md).
+    c.region = install ? cuffd_map_anon_aligned(len, 2u << 20)
+                       : mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (c.region == MAP_FAILED) c.region = NULL;
+    if (!c.region) return -ENOMEM;
+    madvise(c.region, len, thp_dst ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    if (p->mode == CUBENCH_LOAD_UFFD) {
+        c.buf = cuffd_map_anon_aligned(window, CUBENCH_PAGE);
+        if (!c.buf) {
+            rc = -ENOMEM;
+            goto uout;
+        }
+        memset(c.buf, 0, window);
+    } else if (p->mode == CUBENCH_LOAD_MAPCOPY) {
+        void *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m == MAP_FAILED) {
+            rc = -errno;
+            goto uout;
+        }
+        c.fmap = m;
+    }
+    if (p->random) {
+        uint32_t nwin = (uint32_t)((len + window - 1) / window);
+        order = malloc(nwin * sizeof *order);
+        if (!order) {
+            rc = -ENOMEM;
+            goto uout;
+        }
+        for (uint32_t i = 0; i < nwin; i++) order[i] = i;
+        uint64_t x = 0x9e3779b97f4a7c15ull;
+        for (uint32_t i = nwin - 1; i > 0; i--) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            uint32_t j = (uint32_t)(x % (i + 1));
+            uint32_t tmp = order[i];
+            order[i] = order[j];
+            order[j] = tmp;
+        }
+    }
+    rc = cubench_uffd_open(0, NULL);
+    if (rc < 0) goto uout;
+    c.uffd = rc;
+    rc = cuffd_register(c.uffd, (uint64_t)(uintptr_t)c.region, len, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    if (rc < 0) goto uout;
+    if (install) {
+        struct cuffd_installer_config ic = {.uffd = c.uffd, .start = (uint64_t)(uintptr_t)c.region, .len = len,
+                                            .window = window, .fill = fill_pread, .ctx = &fc,
+                                            .flags = p->install_flags, .fillers = p->fillers};
+        for (uint32_t i = 0; i < 4; i++) ic.filler_cpus[i] = ncpu > 0 ? (int32_t)((p->filler_cpu + (int)i) % ncpu) : -1;
+        rc = cuffd_installer_create(&ic, &c.inst);
+        if (rc < 0) goto uout;
+    }
+    c.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c.stopfd < 0) {
+        rc = -errno;
+        goto uout;
+    }
+    if ((rc = -pthread_create(&h, NULL, load_handler, &c)) < 0) goto uout;
+    hstarted = true;
+    for (uint32_t i = 0; i < nthreads; i++) {
+        r[i] = (struct reader){.base = c.region, .len = len, .window = window,
+                               .cpu = ncpu > 0 ? (p->fault_cpu + (int)i) % ncpu : p->fault_cpu,
+                               .order = order, .nwin = (uint32_t)((len + window - 1) / window), .cursor = &cursor};
+        if ((rc = -pthread_create(&t[i], NULL, reader_main, &r[i])) < 0) break;
+        started++;
+    }
+    struct timespec dl = cuffd_deadline_after_ms(timeout);
+    bool timed_out = false;
+    for (uint32_t i = 0; i < started; i++) {
+        if (!timed_out && cubench_join_until(t[i], &dl) != 0) {
+            // Watchdog: stop the handler and the fillers, unregister (wakes the readers), then join.
+            timed_out = true;
+            cubench_signal(c.stopfd);
+            pthread_join(h, NULL);
+            hstarted = false;
+            if (c.inst) cuffd_installer_stop(c.inst);
+            cuffd_unregister(c.uffd, (uint64_t)(uintptr_t)c.region, len);
+            rc = -ETIMEDOUT;
+        }
+        if (timed_out) pthread_join(t[i], NULL);
+    }
+    if (started == nthreads && rc == 0) {
+        uint64_t t0 = UINT64_MAX, t1 = 0, sum = 0;
+        for (uint32_t i = 0; i < nthreads; i++) {
+            if (r[i].t0 < t0) t0 = r[i].t0;
+            if (r[i].t1 > t1) t1 = r[i].t1;
+            sum += r[i].sum;
+        }
+        out->ns = t1 > t0 ? t1 - t0 : 0;
+        out->checksum = sum;
+    }
+    out->faults = c.faults;
+    out->ioctls = c.ioctls;
+    if (c.inst) {
+        cuffd_installer_stop(c.inst);
+        struct cuffd_installer_stats st;
+        cuffd_installer_stats(c.inst, &st);
+        out->ioctls = st.moved + st.copied;
+        if (st.failed && rc == 0) rc = -EIO;
+        int64_t hb = cuffd_huge_bytes((uint64_t)(uintptr_t)c.region, len);
+        p->huge_bytes = hb > 0 ? (uint64_t)hb : 0;
+        p->alloc_ns = st.alloc_ns;
+        p->fill_ns = st.fill_ns;
+        p->place_ns = st.place_ns;
+    }
+    if (rc == 0 && atomic_load(&c.first_error)) rc = -atomic_load(&c.first_error);
+uout:
+    if (hstarted) {
+        cubench_signal(c.stopfd);
+        pthread_join(h, NULL);
+    }
+    cuffd_installer_destroy(c.inst);
+    if (c.uffd >= 0) close(c.uffd);
+    if (c.stopfd >= 0) close(c.stopfd);
+    if (c.region) munmap(c.region, len);
+    if (c.buf) munmap(c.buf, window);
+    if (c.fmap) munmap((void *)c.fmap, len);
+    free(order);
+    return rc;
+}
+
+int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out) {
     memset(out, 0, sizeof *out);
-    if (!p->path || p->mode > CUBENCH_LOAD_PREAD) return -EINVAL;
+    if (!p->path || p->mode > CUBENCH_LOAD_INSTALL) return -EINVAL;
     uint64_t window = p->window ? p->window : (2u << 20);
     if (window < CUBENCH_PAGE || window % CUBENCH_PAGE) return -EINVAL;
     uint64_t len = p->bytes & ~(CUBENCH_PAGE - 1);
@@ -145,7 +332,6 @@ int cubench_file_load(const struct cubench_load_params *p, struct cubench_result
         posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     }
     int rc = 0;
-    uint32_t timeout = p->timeout_ms ? p->timeout_ms : 60000;
     out->bytes = len;
     out->pages = len / CUBENCH_PAGE;
 
@@ -185,55 +371,7 @@ int cubench_file_load(const struct cubench_load_params *p, struct cubench_result
         }
         munmap(m, len);
     } else {
-        struct lctx c = {.uffd = -1, .stopfd = -1, .fd = fd, .len = len, .window = window, .cpu = p->handler_cpu};
-        c.region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        c.buf = cuffd_map_anon_aligned(window, CUBENCH_PAGE);
-        pthread_t h, t;
-        bool hstarted = false;
-        if (c.region == MAP_FAILED || !c.buf) {
-            rc = -ENOMEM;
-            goto uout;
-        }
-        madvise(c.region, len, MADV_NOHUGEPAGE);
-        memset(c.buf, 0, window);
-        rc = cubench_uffd_open(0, NULL);
-        if (rc < 0) goto uout;
-        c.uffd = rc;
-        rc = cuffd_register(c.uffd, (uint64_t)(uintptr_t)c.region, len, UFFDIO_REGISTER_MODE_MISSING, NULL);
-        if (rc < 0) goto uout;
-        c.stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (c.stopfd < 0) {
-            rc = -errno;
-            goto uout;
-        }
-        if ((rc = -pthread_create(&h, NULL, load_handler, &c)) < 0) goto uout;
-        hstarted = true;
-        struct reader r = {.base = c.region, .len = len, .cpu = p->fault_cpu};
-        if ((rc = -pthread_create(&t, NULL, reader_main, &r)) < 0) goto uout;
-        struct timespec dl = cuffd_deadline_after_ms(timeout);
-        if (cubench_join_until(t, &dl) != 0) {
-            // Watchdog: stop the handler, unregister (wakes the reader), then join.
-            cubench_signal(c.stopfd);
-            pthread_join(h, NULL);
-            hstarted = false;
-            cuffd_unregister(c.uffd, (uint64_t)(uintptr_t)c.region, len);
-            pthread_join(t, NULL);
-            rc = -ETIMEDOUT;
-        }
-        out->ns = r.t1 > r.t0 ? r.t1 - r.t0 : 0;
-        out->checksum = r.sum;
-        out->faults = c.faults;
-        out->ioctls = c.faults;
-        if (rc == 0 && atomic_load(&c.first_error)) rc = -atomic_load(&c.first_error);
-    uout:
-        if (hstarted) {
-            cubench_signal(c.stopfd);
-            pthread_join(h, NULL);
-        }
-        if (c.uffd >= 0) close(c.uffd);
-        if (c.stopfd >= 0) close(c.stopfd);
-        if (c.region != MAP_FAILED && c.region) munmap(c.region, len);
-        if (c.buf) munmap(c.buf, window);
+        rc = load_uffd(p, fd, len, window, st.size, out);
     }
     close(fd);
     if (rc == 0 && out->checksum != expected_sum(len)) rc = -EILSEQ;

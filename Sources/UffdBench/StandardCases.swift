@@ -322,34 +322,101 @@ extension BenchmarkSuite {
                     ("pread-2m", CUBENCH_LOAD_PREAD, 2 << 20, "pread 2 MiB into a buffer, no mapping (I/O floor)"),
                 ]
                 for (vname, mode, window, note) in variants {
-                    let name = "file.\(short).\(state).\(vname)"
-                    let pl = mode == CUBENCH_LOAD_UFFD ? "H\(hc) F\(fc)" : "F\(fc)"
-                    cases.append(BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB",
-                                           baseline: vname == "mmap" ? nil : base, placement: pl,
-                                           note: note + (cold ? ", page cache dropped" : ""), prepare: prepare) {
-                        path.withCString { cpath in
-                            var p = cubench_load_params()
-                            p.path = cpath
-                            p.bytes = bytes
-                            p.mode = mode.rawValue
-                            p.drop_cache = cold ? 1 : 0
-                            p.window = window
-                            p.handler_cpu = hc
-                            p.fault_cpu = fc
-                            p.timeout_ms = 120000
-                            var r = cubench_result()
-                            let rc = cubench_file_load(&p, &r)
-                            guard rc == 0 else {
-                                return .failure(BenchFailure(errno: -rc, operation: "cubench_file_load(\(name))"))
-                            }
-                            return .success(BenchSample(ns: r.ns, pages: r.pages, bytes: r.bytes,
-                                                        counters: ["faults": Double(r.faults)]))
-                        }
+                    cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
+                                          baseline: vname == "mmap" ? nil : base, paired: false,
+                                          note: note + (cold ? ", page cache dropped" : ""), prepare: prepare,
+                                          mode: mode, window: window, cold: cold, hc: hc, fc: fc))
+                }
+                // Lazy loads at memory speed (issue 14), each interleaved with the row it is
+                // judged against: the installer (pread into a huge-page donor, UFFDIO_MOVE, a
+                // prefetch thread on the other CPU) and one-copy COPY from a mapping of the file.
+                let pread = "file.\(short).\(state).pread-2m"
+                let fast: [(String, cubench_load_mode, UInt32, UInt32, Bool, UInt32, String, String)] = [
+                    ("install-2m", CUBENCH_LOAD_INSTALL, 1, 1, false, 0, pread,
+                     "installer: pread into a THP donor + UFFDIO_MOVE, 1 prefetch thread"),
+                    ("install-2m-nofill", CUBENCH_LOAD_INSTALL, 0, 1, false, 0, pread,
+                     "installer without prefetch: pread + MOVE on the fault path only"),
+                    ("install-2m-random-2t", CUBENCH_LOAD_INSTALL, 1, 2, true, 0, pread,
+                     "installer, 2 faulting threads reading shuffled 2 MiB windows"),
+                    ("install-copy-2m", CUBENCH_LOAD_INSTALL, 1, 1, false, UInt32(CUFFD_INSTALL_COPY.rawValue), pread,
+                     "installer in COPY mode (no THP): pread into a donor + UFFDIO_COPY, 1 prefetch thread"),
+                    ("mapcopy-2m", CUBENCH_LOAD_MAPCOPY, 0, 1, false, 0, "bulk.copy-2m",
+                     "uffd: UFFDIO_COPY 2 MiB straight from a mmap of the file (one copy; the serve path)"),
+                ]
+                for (vname, mode, fillers, threads, random, flags, baseline, note) in fast {
+                    cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
+                                          baseline: baseline, paired: true,
+                                          note: note + (cold ? ", page cache dropped" : ""), prepare: prepare,
+                                          mode: mode, window: 2 << 20, cold: cold, hc: hc, fc: fc,
+                                          fillers: fillers, threads: threads, random: random, flags: flags))
+                }
+                // The same through UffdKit (Swift policy in a FaultHandler), interleaved with the
+                // C row of the same path: the library's cost on top of the kernel's.
+                let kits: [(String, KitFilePath, String, String)] = [
+                    ("install-2m", .install(prefetch: 1), "file.\(short).\(state).install-2m",
+                     "UffdKit InstallPolicy (WindowInstaller, 1 prefetch thread)"),
+                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).mapcopy-2m",
+                     "UffdKit ReadaheadPolicy(2 MiB) over CopyPolicy(FileSource .mapped): one copy"),
+                ]
+                for (vname, kind, baseline, note) in kits {
+                    let name = "kit.file.\(short).\(state).\(vname)"
+                    var pl = "H\(hc) F\(fc)"
+                    if case .install(let n) = kind, n > 0 { pl += " P\((hc + 1) % ncpu)" }
+                    cases.append(BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB", baseline: baseline,
+                                           placement: pl, note: note + (cold ? ", page cache dropped" : ""),
+                                           prepare: prepare, paired: true) {
+                        runKitFileLoad(kind, path: path, bytes: bytes, cold: cold, hc: hc, fc: fc)
                     })
                 }
             }
         }
         return cases
+    }
+}
+
+/// One lazy-file-load row.
+func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, paired: Bool, note: String,
+              prepare: @escaping @Sendable () -> BenchFailure?, mode: cubench_load_mode, window: UInt64,
+              cold: Bool, hc: Int32, fc: Int32, fillers: UInt32 = 0, threads: UInt32 = 1, random: Bool = false,
+              flags: UInt32 = 0) -> BenchCase {
+    let ncpu = Int32(cubench_ncpus())
+    let uffd = mode != CUBENCH_LOAD_MMAP && mode != CUBENCH_LOAD_PREAD
+    var pl = uffd ? "H\(hc) F\(fc)" : "F\(fc)"
+    if threads > 1 { pl += (1..<Int32(threads)).map { ",\((fc + $0) % ncpu)" }.joined() + "x\(threads)" }
+    if fillers > 0 { pl += " P\((hc + 1) % ncpu)" }
+    return BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB", baseline: baseline, placement: pl,
+                     note: note, prepare: prepare, paired: paired) {
+        path.withCString { cpath in
+            var p = cubench_load_params()
+            p.path = cpath
+            p.bytes = bytes
+            p.mode = mode.rawValue
+            p.drop_cache = cold ? 1 : 0
+            p.window = window
+            p.handler_cpu = hc
+            p.fault_cpu = fc
+            p.timeout_ms = 120000
+            p.threads = threads
+            p.random = random ? 1 : 0
+            p.fillers = fillers
+            p.filler_cpu = (hc + 1) % ncpu
+            p.install_flags = flags
+            var r = cubench_result()
+            let rc = cubench_file_load(&p, &r)
+            guard rc == 0 else {
+                return .failure(BenchFailure(errno: -rc, operation: "cubench_file_load(\(name))"))
+            }
+            var counters = ["faults": Double(r.faults)]
+            if mode == CUBENCH_LOAD_INSTALL {
+                counters["windows"] = Double(r.ioctls)
+                counters["hugeMiB"] = Double(p.huge_bytes >> 20)
+                // Where the installing threads' time went, ns per 4 KiB page (summed over threads).
+                counters["allocNsPerPage"] = Double(p.alloc_ns) / Double(r.pages)
+                counters["fillNsPerPage"] = Double(p.fill_ns) / Double(r.pages)
+                counters["placeNsPerPage"] = Double(p.place_ns) / Double(r.pages)
+            }
+            return .success(BenchSample(ns: r.ns, pages: r.pages, bytes: r.bytes, counters: counters))
+        }
     }
 }
 

@@ -79,20 +79,41 @@ public final class MemorySource: PageSource, @unchecked Sendable {
     }
 }
 
-/// A file read lazily with pread(2) into the reader's scratch memory (VM snapshot restore,
-/// post-copy): each fault reads only the pages it resolves. The tail past the file's end
-/// (a size that is not a page multiple) reads as zeros.
+/// A file read lazily (VM snapshot restore, post-copy): each fault reads only the pages it
+/// resolves. The tail past the file's end (a size that is not a page multiple) reads as zeros.
+///
+/// Two ways to read (``Access``): `.pread` reads into the reader's scratch memory, then the
+/// resolution copies scratch into the page (two copies of every byte); `.mapped` maps the file
+/// read-only once and hands the kernel a pointer into that mapping, so UFFDIO_COPY copies
+/// straight from the page cache into the new page (one copy). The library itself never reads
+/// the mapping (only the kernel does, inside the ioctl), so a file truncated under a mapped
+/// source cannot crash the process: the COPY of a page past the new end fails with EFAULT and
+/// the handler's fallback resolves the fault (with `.pread` such pages read as zeros).
 public final class FileSource: PageSource, Sendable {
+    /// How the bytes are read.
+    public enum Access: Sendable, Hashable {
+        /// pread(2) into scratch memory (two copies: file → scratch → page).
+        case pread
+        /// A read-only mmap(2) of the file, UFFDIO_COPY reads from it (one copy).
+        case mapped
+    }
+
     /// The file size.
     public let length: Int
     /// The open file (closed on deinit).
     public let fd: Int32
     /// Byte offset in the file where the image starts.
     public let fileOffset: Int
+    /// How the bytes are read.
+    public let access: Access
+    /// `.mapped`: address of image byte 0 inside the mapping (0 when not mapped).
+    private let image: UInt
+    private let mapBase: UInt
+    private let mapLength: Int
 
-    /// Opens `path` read-only.
-    /// - Throws: ``UffdError`` `.source` with the errno of open/fstat.
-    public init(path: String, offset: Int = 0) throws(UffdError) {
+    /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image).
+    /// - Throws: ``UffdError`` `.source` with the errno of open/fstat/mmap.
+    public init(path: String, offset: Int = 0, access: Access = .pread) throws(UffdError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw UffdError(.source, Errno(rawValue: errno), detail: "open \(path)") }
         var st = stat()
@@ -103,25 +124,58 @@ public final class FileSource: PageSource, Sendable {
         }
         self.fd = fd
         self.fileOffset = offset
-        self.length = Swift.max(0, Int(st.st_size) - offset)
+        let length = Swift.max(0, Int(st.st_size) - offset)
+        self.length = length
+        if access == .mapped && length > 0 {
+            // mmap needs a page-aligned file offset: map from the page holding `offset`.
+            let aligned = offset / basePageSize * basePageSize
+            let mlen = length + (offset - aligned)
+            guard let m = mmap(nil, mlen, PROT_READ, MAP_PRIVATE, fd, off_t(aligned)), m != MAP_FAILED else {
+                let e = errno
+                close(fd)
+                throw UffdError(.source, Errno(rawValue: e), detail: "mmap \(path) (\(mlen) bytes)")
+            }
+            mapBase = UInt(bitPattern: m)
+            mapLength = mlen
+            image = mapBase + UInt(offset - aligned)
+            self.access = .mapped
+        } else {
+            mapBase = 0
+            mapLength = 0
+            image = 0
+            self.access = .pread
+        }
     }
 
-    deinit { close(fd) }
+    deinit {
+        if mapBase != 0 { munmap(UnsafeMutableRawPointer(bitPattern: mapBase), mapLength) }
+        close(fd)
+    }
 
-    /// Reads into `scratch`; zero-fills past the end of the file.
+    /// `.mapped`: a pointer into the mapping when the range lies inside the file; otherwise (and
+    /// with `.pread`) reads into `scratch`, zero-filled past the end of the file.
     public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
+        if image != 0 && offset >= 0 && offset + count <= length {
+            return UnsafeRawPointer(bitPattern: image + UInt(offset))!
+        }
         guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "FileSource needs scratch memory") }
+        try read(into: scratch, at: offset, count: count)
+        return UnsafeRawPointer(scratch)
+    }
+
+    /// Reads `[offset, offset+count)` of the image into `dst` with pread(2), zeros past the end
+    /// of the file (also when it shrank meanwhile). The one copy of a window installer's fill.
+    public func read(into dst: UnsafeMutableRawPointer, at offset: Int, count: Int) throws(UffdError) {
         var got = 0
         let want = Swift.max(0, Swift.min(count, length - offset))
         while got < want {
-            let n = pread(fd, scratch + got, want - got, off_t(fileOffset + offset + got))
+            let n = pread(fd, dst + got, want - got, off_t(fileOffset + offset + got))
             if n > 0 { got += n; continue }
             if n < 0 && errno == EINTR { continue }
             if n == 0 { break } // the file shrank: the rest reads as zeros
             throw UffdError(.source, Errno(rawValue: errno), bytesDone: got, detail: "pread at \(offset + got)")
         }
-        zeroTail(scratch, offset: offset, count: count, filled: got)
-        return UnsafeRawPointer(scratch)
+        zeroTail(dst, offset: offset, count: count, filled: got)
     }
 }
 

@@ -18,7 +18,11 @@ struct ServeCommand: ParsableCommand {
             Firecracker's protocol (v1.1 through v1.16). Each is served in its own handler: \
             missing faults are copied from --memory-file at the region's offset (4 KiB or 2 MiB \
             hugetlbfs pages), removed ranges (balloon, UFFD_EVENT_REMOVE) read as zeros after. \
-            A bad hand-off is logged and its connection closed; the others go on. When a served \
+            A bad hand-off is logged and its connection closed; the others go on. \
+            --memory-file is a raw file, a packed snapshot (uffdctl snapshot pack), or either behind \
+            http(s):// or s3://BUCKET/KEY (--endpoint, AWS_* credentials): remote and packed memory \
+            is fetched in chunks through one cache shared by every VM, without stalling other \
+            faults; a chunk that cannot be fetched gets the fallback and is logged. When a served \
             process exits, a summary is logged (faults, bytes, time to first fault, latency).
 
             Restart without freezing VMs: the command you start is a small supervisor holding \
@@ -47,15 +51,19 @@ struct ServeCommand: ParsableCommand {
 
             Exit codes: 0 stopped by a signal, or with --once the VM was served cleanly; 1 a \
             failure (with --once: some faults got the fallback); 2 bad usage or input (memory \
-            file missing, unreadable or empty; with --once: the hand-off was refused).
+            file missing, unreadable or empty, a corrupt packed snapshot, a URL that cannot be \
+            opened; with --once: the hand-off was refused).
             """
     )
 
     @Option(help: ArgumentHelp("The Unix socket to listen on (Firecracker's mem_backend.backend_path).", valueName: "path"))
     var socket: String
 
-    @Option(name: .customLong("memory-file"), help: ArgumentHelp("The snapshot's memory file (mem_file_path).", valueName: "file"))
+    @Option(name: .customLong("memory-file"), help: ArgumentHelp("The snapshot's memory (mem_file_path): a raw file, a packed snapshot (uffdctl snapshot pack), or either behind http(s)://HOST/PATH or s3://BUCKET/KEY.", valueName: "file|url"))
     var memoryFile: String
+
+    @OptionGroup(title: "Remote and packed memory (http(s)://, s3://, packed snapshots)")
+    var remote: RemoteSourceOptions
 
     @Option(help: "Reader threads per served VM.")
     var readers: Int = 1
@@ -67,8 +75,19 @@ struct ServeCommand: ParsableCommand {
                                valueName: "size|adaptive"))
     var readahead: String?
 
+    @Option(name: .customLong("spin-polls"), help: ArgumentHelp("Busy-poll: non-blocking reads before each poll() (lower fault latency when the readers have a CPU of their own; 0 sleeps in poll).", valueName: "n"))
+    var spinPolls: UInt32 = 0
+
     @Flag(help: "Log one JSON object per line.")
     var json = false
+
+    @Option(name: .customLong("record-working-set"),
+            help: ArgumentHelp("When a VM goes away, write the order of its first faults (memory-file offset, time) here (the last VM's wins).", valueName: "file"))
+    var recordWorkingSet: String?
+
+    @Option(name: .customLong("prefetch"),
+            help: ArgumentHelp("Install the pages of this working set (recorded from this memory file) at hand-off, on a background thread per region; faults keep priority.", valueName: "file"))
+    var prefetch: String?
 
     @Flag(help: "Serve one VM, then exit with its outcome.")
     var once = false
@@ -84,6 +103,9 @@ struct ServeCommand: ParsableCommand {
 
     @Option(help: ArgumentHelp("What a page that cannot be read from the memory file gets: poison (a memory error; needs UFFD_FEATURE_POISON on the sender's uffd, which Firecracker does not enable: its pages get zeros) or zero. Always logged.", valueName: "poison|zero"))
     var fallback: String = "poison"
+
+    @Option(help: ArgumentHelp("How pages of a raw local file are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies). Remote and packed memory is read through the chunk cache.", valueName: "mmap|pread"))
+    var source: String = "mmap"
 
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
@@ -102,22 +124,83 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         try check()
+        if workerState == nil && supervisorState == nil, recordWorkingSet != nil || prefetch != nil {
+            // A recording that does not match the memory file is exit 2 here, before serving.
+            let image = try openImage()
+            var o = ServeOptions()
+            defer { if image.fd >= 0 { close(image.fd) } }
+            try workingSetOptions(&o, image: image)
+        }
         // A worker or a re-executed supervisor serves the file the first process opened (the
-        // path may name a new snapshot by now); only the first process opens --memory-file.
+        // path may name a new snapshot by now); only the first process opens a local
+        // --memory-file. A URL is reopened by each worker (there is no fd to inherit); the
+        // ETag the first process saw is inherited and checked, so a worker never serves a
+        // replaced object to VMs restored from the old one.
         if let workerState {
             let st = try WorkerState.read(fd: workerState)
-            try runWorker(inherited: st, memFD: st.memoryFD, memLength: try fileLength(st.memoryFD))
+            try runWorker(inherited: st, image: try inheritedImage(st))
         } else if let supervisorState {
             let st = try WorkerState.read(fd: supervisorState)
-            try runSupervisor(inherited: st, memFD: st.memoryFD)
+            try runSupervisor(inherited: st, memFD: st.memoryFD, etag: st.etag)
         } else {
-            let (memFD, memLength) = try openMemoryFile(memoryFile)
             if noSupervisor {
-                try runWorker(inherited: nil, memFD: memFD, memLength: memLength)
+                try runWorker(inherited: nil, image: try openImage())
             } else {
-                try runSupervisor(inherited: nil, memFD: memFD)
+                // Opened here to fail at start-up with one line; the worker opens its own (a
+                // URL's source is dropped here: the supervisor never reads pages).
+                let (fd, etag) = try { () throws(CLIError) -> (Int32, String?) in let i = try openImage(); return (i.fd, i.etag) }()
+                try runSupervisor(inherited: nil, memFD: fd, etag: etag)
             }
         }
+    }
+
+    /// What the served memory is: a raw local file (its fd: pread or mmap, the fast path) or an
+    /// image source (remote, or a packed file read through its inherited fd).
+    struct Image {
+        var fd: Int32 = -1
+        var length: Int
+        var source: (any PageSource)?
+        var etag: String? { (source as? ChunkedSource).map(\.etag) }
+    }
+
+    var isURL: Bool { memoryFile.contains("://") }
+
+    /// Opens --memory-file at start-up; every way it can be unusable (missing, unreadable,
+    /// empty, a corrupt packed snapshot, a URL that answers 404/403, an unknown host, a refused
+    /// connection) is one line and exit 2.
+    func openImage() throws(CLIError) -> Image {
+        if isURL { return Image(length: 0, source: try openShared(memoryFile)).withLength() }
+        let path = memoryFile.hasPrefix("file:") ? String(memoryFile.dropFirst(5)) : memoryFile
+        let (fd, length) = try openMemoryFile(path)
+        return try image(fd: fd, length: length)
+    }
+
+    /// A local file's image: raw (the fd) or packed (opened through /proc/self/fd, so a worker
+    /// serves the very file the first process opened).
+    func image(fd: Int32, length: Int) throws(CLIError) -> Image {
+        guard (try? PageSources.isPackedFile("/proc/self/fd/\(fd)")) == true else {
+            return Image(fd: fd, length: length, source: nil)
+        }
+        return Image(fd: fd, length: 0, source: try openShared("/proc/self/fd/\(fd)")).withLength()
+    }
+
+    func openShared(_ spec: String) throws(CLIError) -> any PageSource {
+        let o = try remote.options()
+        do { return try PageSources.shared(spec, options: o) } catch {
+            let reason = error.detail.isEmpty ? "\(error.errno)" : error.detail
+            throw CLIError.usage("--memory-file \(memoryFile): \(reason)")
+        }
+    }
+
+    /// A worker's image: the inherited fd, or the URL reopened (same ETag or refuse).
+    func inheritedImage(_ st: WorkerState) throws(CLIError) -> Image {
+        if st.memoryFD >= 0 { return try image(fd: st.memoryFD, length: try fileLength(st.memoryFD)) }
+        let img = try openImage()
+        if let want = st.etag, !want.isEmpty, let got = img.etag, got != want {
+            throw CLIError.failed("--memory-file \(memoryFile) changed since the VMs were restored (ETag \(got), was \(want)): "
+                                  + "serving it would mix two snapshots; restart the server after its VMs are gone")
+        }
+        return img
     }
 
     /// Option checks (not ArgumentParser's validate(): its errors are not CLIError lines).
@@ -126,6 +209,7 @@ struct ServeCommand: ParsableCommand {
         _ = try cpus()
         _ = try mode()
         _ = try serveOptions()
+        guard source == "mmap" || source == "pread" else { throw .usage("--source '\(source)': use mmap or pread") }
         guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
@@ -154,10 +238,14 @@ struct ServeCommand: ParsableCommand {
         var o = ServeOptions()
         o.readers = readers
         o.cpus = try cpus()
+        o.spinPolls = spinPolls
         switch fallback {
         case "poison": o.fallback = .poison
         case "zero": o.fallback = .zeroFill
         default: throw .usage("--fallback '\(fallback)': use poison or zero")
+        }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
         }
         if let readahead {
             if readahead == "adaptive" {
@@ -188,7 +276,8 @@ struct ServeCommand: ParsableCommand {
         return Int(st.st_size)
     }
 
-    func runWorker(inherited: WorkerState?, memFD: Int32, memLength: Int) throws {
+    func runWorker(inherited: WorkerState?, image: Image) throws {
+        let memFD = image.fd, memLength = image.length
         let log = makeServeLogger(json: json, label: "uffdctl serve")
         if let inherited {
             for vm in inherited.vms {
@@ -208,8 +297,16 @@ struct ServeCommand: ParsableCommand {
         }
         if let workerPidFile { try? "\(getpid())\n".write(toFile: workerPidFile, atomically: true, encoding: .utf8) }
         let control = inherited?.controlFD ?? -1
-        var config = SnapshotServer.Configuration(memoryFile: memFD, memoryFileLength: memLength)
+        var config = SnapshotServer.Configuration(memoryFile: image.source == nil ? memFD : -1, memoryFileLength: memLength)
         config.serve = try serveOptions()
+        config.serve.source = image.source
+        if image.source == nil && source == "mmap" {
+            do { config.serve.memoryFileMapping = try MemoryFileMapping(fd: memFD, length: memLength) } catch {
+                throw CLIError.failed("--source mmap: \(error)")
+            }
+        }
+        try workingSetOptions(&config.serve, image: image)
+        let recordPath = recordWorkingSet
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once
@@ -239,7 +336,16 @@ struct ServeCommand: ParsableCommand {
                     log.error("more faults not served (counted in the summary)", metadata: ["vm": "\(p.id)"])
                 }
             case .gone(let p, let s):
-                log.info("VM gone", metadata: summaryMeta(p, s))
+                log.info("VM gone", metadata: summaryMeta(p, s).merging(imageMeta(image.source)) { $1 })
+                if let recordPath, let ws = p.workingSet() {
+                    do {
+                        try ws.write(to: recordPath)
+                        log.info("working set recorded", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "pages": "\(ws.entries.count)",
+                                                                   "bytes": "\(ws.bytes)"])
+                    } catch {
+                        log.error("cannot write the working set", metadata: ["vm": "\(p.id)", "file": .string(recordPath), "error": "\(error)"])
+                    }
+                }
                 if control >= 0 { WorkerState.announceGone(p.id, over: control) }
             case .released(let p, let s):
                 log.info(control >= 0 ? "VM handed back to the supervisor" : "VM no longer served (server stopping)",
@@ -281,9 +387,45 @@ struct ServeCommand: ParsableCommand {
     }
 }
 
+extension ServeCommand {
+    /// The memory file's identity and the checked prefetch recording, into `o`.
+    func workingSetOptions(_ o: inout ServeOptions, image: Image) throws(CLIError) {
+        let memLength = image.length
+        guard recordWorkingSet != nil || prefetch != nil else { return }
+        if recordWorkingSet != nil && prefetch != nil {
+            throw .usage("--record-working-set and --prefetch cannot be combined: prefetched pages do not fault, so the recording would miss them (record on a run without --prefetch)")
+        }
+        let identity: WorkingSet.Identity
+        do {
+            identity = try WorkingSet.Identity(of: image.source ?? MemoryFileSource(fd: image.fd, fileOffset: 0, length: memLength))
+        } catch {
+            throw .usage("--memory-file \(memoryFile): cannot read it to identify it: \(error)")
+        }
+        o.imageIdentity = identity
+        o.recordWorkingSet = recordWorkingSet != nil
+        if let prefetch {
+            let ws = try loadWorkingSet(prefetch)
+            do {
+                try ws.check(against: identity, servedLength: memLength)
+            } catch {
+                throw .usage("--prefetch \(prefetch): \(error.detail)")
+            }
+            o.prefetch = ws
+        }
+    }
+}
+
 func peerMeta(_ peer: PeerCredentials?) -> Logger.Metadata {
     guard let peer else { return [:] }
     return ["peer_pid": "\(peer.pid)", "peer_uid": "\(peer.uid)", "peer_gid": "\(peer.gid)"]
+}
+
+/// The shared image's counters so far (every VM of this worker together): how much came from
+/// the server and how much from the chunk cache.
+func imageMeta(_ source: (any PageSource)?) -> Logger.Metadata {
+    guard let c = (source as? ChunkedSource)?.counters else { return [:] }
+    return ["image_requests": "\(c.requests)", "image_bytes_fetched": "\(c.bytes)", "image_cache_hits": "\(c.hits)",
+            "image_cache_misses": "\(c.misses)", "image_retries": "\(c.retries)"]
 }
 
 func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
@@ -298,8 +440,27 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["removes"] = "\(s.removeEvents)"
     m["removed_bytes"] = "\(s.removedBytes)"
     m["retries"] = "\(s.retries)"
+    if let pf = p.prefetchStats() {
+        m["prefetched_pages"] = "\(pf.prefetchedPages)"
+        m["prefetch_planned_pages"] = "\(pf.plannedPages)"
+        m["prefetch_already_present_pages"] = "\(pf.alreadyPresentPages)"
+        m["prefetch_skipped_pages"] = "\(pf.skippedPages)"
+        m["prefetch_faults_avoided"] = "\(pf.faultsAvoided ?? 0)"
+        m["prefetch_late_faults"] = "\(pf.faultsOnPrefetchedPages ?? 0)"
+        m["prefetch_ending"] = .string(pf.ending?.description ?? "running")
+        m["prefetch_last_page_ms"] = .string(pf.timeToLastPage.map { String(format: "%.1f", $0 * 1000) } ?? "-")
+    }
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))
     return m
+}
+
+extension ServeCommand.Image {
+    /// The source's length (the unpacked size for a packed snapshot).
+    func withLength() -> Self {
+        var c = self
+        c.length = source?.length ?? length
+        return c
+    }
 }

@@ -18,8 +18,11 @@ struct WorkerState: Codable {
     }
     var listenFD: Int32
     var controlFD: Int32
-    /// The memory file opened by the first process (served across every restart).
+    /// The memory file opened by the first process (served across every restart); -1 for a URL.
     var memoryFD: Int32
+    /// A URL's ETag when the first process opened it (each worker reopens the URL and refuses
+    /// to serve a replaced object); nil for files.
+    var etag: String? = nil
     var executable: String
     var vms: [VM]
 
@@ -80,7 +83,7 @@ private let termReceived = Atomic<Bool>(false)
 extension ServeCommand {
     /// The supervisor: holds the listening socket and duplicates of every served uffd, runs
     /// one worker at a time, restarts it when it dies, re-executes itself on SIGHUP.
-    func runSupervisor(inherited: WorkerState?, memFD: Int32) throws {
+    func runSupervisor(inherited: WorkerState?, memFD: Int32, etag: String?) throws {
         let log = makeServeLogger(json: json, label: "uffdctl serve")
         var vms: [Int: WorkerState.VM] = [:]
         let listenFD: Int32
@@ -117,7 +120,7 @@ extension ServeCommand {
             guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
                 throw CLIError.failed("socketpair: \(errnoName(errno))")
             }
-            let state = WorkerState(listenFD: listenFD, controlFD: pair[1], memoryFD: memFD, executable: executable, vms: Array(vms.values))
+            let state = WorkerState(listenFD: listenFD, controlFD: pair[1], memoryFD: memFD, etag: etag, executable: executable, vms: Array(vms.values))
             let stateFD = try state.write()
             let inheritedFDs = [listenFD, pair[1], memFD, stateFD] + state.vms.flatMap { [$0.uffdFD, $0.connectionFD] }
             let pid = try spawn(executable, baseArgs + ["--worker-state", "\(stateFD)"], keeping: inheritedFDs)
@@ -158,7 +161,7 @@ extension ServeCommand {
                 return
             }
             if reexec {
-                let st = WorkerState(listenFD: listenFD, controlFD: -1, memoryFD: memFD, executable: executable, vms: Array(vms.values))
+                let st = WorkerState(listenFD: listenFD, controlFD: -1, memoryFD: memFD, etag: etag, executable: executable, vms: Array(vms.values))
                 let fd = try st.write()
                 for f in [listenFD, memFD] + st.vms.flatMap({ [$0.uffdFD, $0.connectionFD] }) { _ = fcntl(f, F_SETFD, 0) }
                 let args = [executable] + baseArgs + ["--supervisor-state", "\(fd)"]

@@ -28,8 +28,10 @@ struct Uffdctl: ParsableCommand {
             WriteProtectCommand.self,
             PoisonCommand.self,
             BenchCommand.self,
+            WorkingSetCommand.self,
             ServeCommand.self,
             HandoffClientCommand.self,
+            SnapshotCommand.self,
         ]
     )
 

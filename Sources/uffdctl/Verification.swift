@@ -9,6 +9,8 @@ enum ExpectedContent {
     case pattern(seed: UInt64)
     /// The first `length` bytes of the file open on `fd`, zeros after.
     case file(fd: Int32, length: Int)
+    /// The bytes of a page source (an independent open of the one served: its own fetches).
+    case source(any PageSource)
 
     /// Fills `buffer` with the expected bytes of `[offset, offset+count)`.
     func fill(_ buffer: UnsafeMutableRawPointer, offset: Int, count: Int) throws(CLIError) {
@@ -28,6 +30,13 @@ enum ExpectedContent {
                 throw .failed("verification: reading the file at \(offset + got) failed: \(errnoName(errno))")
             }
             if got < count { memset(buffer + got, 0, count - got) }
+        case .source(let source):
+            do {
+                let p = try source.bytes(at: offset, count: count, scratch: buffer)
+                if p != UnsafeRawPointer(buffer) { buffer.copyMemory(from: p, byteCount: count) }
+            } catch {
+                throw .failed("verification: reading the source at \(offset) failed: \(error)")
+            }
         }
     }
 
@@ -36,6 +45,7 @@ enum ExpectedContent {
         case .zero: "zeros"
         case .pattern: "the pattern"
         case .file: "the file"
+        case .source: "the source"
         }
     }
 }

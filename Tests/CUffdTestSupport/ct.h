@@ -197,6 +197,18 @@ bool ct_wait_flag(atomic_int *flag, int timeout_ms);
 /// Reads one message, waiting up to timeout_ms: 1 read, 0 timeout, -errno.
 int ct_read_msg(int uffd, struct uffd_msg *m, int timeout_ms);
 
+/// The thread that reads the FORK message a fork() under EVENT_FORK waits for: set uffd and
+/// got = -1, start ct_fork_reader_main on it, ct_wait_flag(&running) before fork(), join, then
+/// got (1 read, 0 timeout, -errno) and m say what came.
+struct ct_fork_reader {
+    pthread_t th;
+    int uffd;
+    int got;
+    atomic_int running;
+    struct uffd_msg m;
+};
+void *ct_fork_reader_main(void *arg);
+
 /// The uffd-wp bit of a /proc/PID/pagemap entry ("Bit 57 pte is uffd-wp write-protected",
 /// Documentation/admin-guide/mm/pagemap.rst; no uapi header names it).
 #define CT_PM_UFFD_WP (1ull << 57)

@@ -25,21 +25,6 @@ static int wait_child(pid_t pid, int timeout_ms, int *status) {
     return -ETIMEDOUT;
 }
 
-struct fork_reader {
-    pthread_t th;
-    int uffd;
-    int got;
-    atomic_int running;
-    struct uffd_msg m;
-};
-
-static void *fork_reader_main(void *arg) {
-    struct fork_reader *r = arg;
-    atomic_store(&r->running, 1);
-    r->got = ct_read_msg(r->uffd, &r->m, CT_WAIT_MS);
-    return NULL;
-}
-
 // MARK: - SIGBUS mode
 
 // Every page: a read raises SIGBUS at that page and queues nothing; COPY (protected with wp)
@@ -48,7 +33,7 @@ static void *fork_reader_main(void *arg) {
 // uffd receives a fault message.
 static int sigbus(struct ct_fix *f, bool wp, char *msg, size_t msglen) {
     int rc = CUFFD_TEST_PASS;
-    struct fork_reader r = {.uffd = f->uffd, .got = -1};
+    struct ct_fork_reader r = {.uffd = f->uffd, .got = -1};
     bool reading = false;
     int child_uffd = -1;
     pid_t pid = -1;
@@ -79,7 +64,7 @@ static int sigbus(struct ct_fix *f, bool wp, char *msg, size_t msglen) {
     CT_CHECK(e == 0, "release: %s", ct_err(e));
     CT_CHECK(ct_touch_catch(f->base + f->ps + 1, 0, 0, NULL, NULL) == 1, "a released page did not raise SIGBUS again");
 
-    int e2 = pthread_create(&r.th, NULL, fork_reader_main, &r);
+    int e2 = pthread_create(&r.th, NULL, ct_fork_reader_main, &r);
     CT_CHECK(e2 == 0, "pthread_create: %s", ct_err(e2));
     reading = true;
     CT_CHECK(ct_wait_flag(&r.running, CT_WAIT_MS), "the FORK reader did not start");

@@ -94,6 +94,32 @@ static struct cuffd_sigbus_range range_of(const struct ct_fix *f, uint32_t polic
     return r;
 }
 
+// Two shared pages over a file of one: reading the second raises a SIGBUS that is not ours
+// (BUS_ADRERR outside every range). The file is unlinked; 0 with *fd and *map for the caller to
+// release, or -errno (*fd / *map left for the caller to release as well).
+static int map_past_eof(long ps, int *fd, char **map) {
+    char path[] = "/tmp/ct_sigbus_eof_XXXXXX";
+    *fd = mkstemp(path);
+    if (*fd < 0) return -errno;
+    unlink(path);
+    if (ftruncate(*fd, ps) != 0) return -errno;
+    *map = mmap(NULL, 2 * ps, PROT_READ, MAP_SHARED, *fd, 0);
+    return *map == MAP_FAILED ? -errno : 0;
+}
+
+// In a forked child (whose copy of the parent's range is not registered: no EVENT_FORK): a
+// SIGBUS-mode uffd of its own with one fresh anonymous page registered MISSING. The uffd, or -1.
+static int child_own_page(size_t ps, char **page) {
+    int u = cuffd_open(CUFFD_OPEN_NONBLOCK, NULL, NULL);
+    uint64_t granted = 0, io = 0;
+    if (u < 0 || cuffd_api(u, UFFD_FEATURE_SIGBUS, &granted, &io) < 0) return -1;
+    *page = mmap(NULL, ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (*page == MAP_FAILED ||
+        cuffd_register(u, (uint64_t)(uintptr_t)*page, ps, UFFDIO_REGISTER_MODE_MISSING, NULL) < 0)
+        return -1;
+    return u;
+}
+
 // MARK: - many threads, same and different pages ---------------------------------------------
 
 struct mt_arg {
@@ -182,7 +208,6 @@ out:
 static int sigbus_not_ours(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
-    char path[] = "/tmp/ct_sigbus_XXXXXX";
     int fd = -1;
     char *map = MAP_FAILED;
     long ps = sysconf(_SC_PAGESIZE);
@@ -192,13 +217,8 @@ static int sigbus_not_ours(int kind, char *msg, size_t msglen) {
     int id = cuffd_sigbus_add(&r);
     CT_CHECK(id >= 0, "cuffd_sigbus_add: %s", ct_err(id));
 
-    fd = mkstemp(path);
-    CT_CHECK(fd >= 0, "mkstemp: %s", ct_err(errno));
-    unlink(path);
-    CT_CHECK(ftruncate(fd, 2 * ps) == 0, "ftruncate");
-    map = mmap(NULL, 2 * ps, PROT_READ, MAP_SHARED, fd, 0);
-    CT_CHECK(map != MAP_FAILED, "mmap file: %s", ct_err(errno));
-    CT_CHECK(ftruncate(fd, ps) == 0, "truncate to one page");
+    int e = map_past_eof(ps, &fd, &map);
+    CT_CHECK(e == 0, "a file mapping past its end: %s", ct_err(e));
     uint8_t v = 0;
     CT_CHECK(read_or_prev(map, &v) == 0, "the page before the end raised SIGBUS");
     CT_CHECK(read_or_prev(map + ps + 5, &v) == 1, "reading past the truncated end did not raise SIGBUS");
@@ -255,12 +275,9 @@ static int sigbus_default_action(int kind, char *msg, size_t msglen) {
                 kill(getpid(), SIGBUS);
                 _exit(0);
             }
-            int u = cuffd_open(CUFFD_OPEN_NONBLOCK, NULL, NULL);
-            uint64_t g = 0, io = 0;
-            if (u < 0 || cuffd_api(u, UFFD_FEATURE_SIGBUS, &g, &io) < 0) _exit(10);
-            char *m = mmap(NULL, f.ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (m == MAP_FAILED || cuffd_register(u, (uint64_t)(uintptr_t)m, f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL) < 0)
-                _exit(11);
+            char *m = NULL;
+            int u = child_own_page(f.ps, &m);
+            if (u < 0) _exit(10);
             struct cuffd_sigbus_range cr = r;
             cr.uffd = u;
             cr.start = (uint64_t)(uintptr_t)m;
@@ -688,12 +705,9 @@ static int sigbus_fork(int kind, char *msg, size_t msglen) {
         for (size_t p = npages / 2; p < npages; p++)
             if (ct_check_zero(f.base + p * f.ps, f.ps) >= 0) _exit(22);
         // The child can serve its own ranges with its own uffd.
-        int u = cuffd_open(CUFFD_OPEN_NONBLOCK, NULL, NULL);
-        uint64_t g = 0, io = 0;
-        char *m = mmap(NULL, f.ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (u < 0 || cuffd_api(u, UFFD_FEATURE_SIGBUS, &g, &io) < 0 || m == MAP_FAILED ||
-            cuffd_register(u, (uint64_t)(uintptr_t)m, f.ps, UFFDIO_REGISTER_MODE_MISSING, NULL) < 0)
-            _exit(23);
+        char *m = NULL;
+        int u = child_own_page(f.ps, &m);
+        if (u < 0) _exit(23);
         struct cuffd_sigbus_range cr = r;
         cr.uffd = u, cr.start = (uint64_t)(uintptr_t)m, cr.len = f.ps;
         if (cuffd_sigbus_add(&cr) < 0) _exit(24);
@@ -732,7 +746,6 @@ static void above_handler(int sig, siginfo_t *si, void *uc) {
 static int sigbus_chained_from_above(int kind, char *msg, size_t msglen) {
     (void)kind;
     struct ct_fix f;
-    char path[] = "/tmp/ct_sigbus_above_XXXXXX";
     int fd = -1;
     char *map = MAP_FAILED;
     long ps = sysconf(_SC_PAGESIZE);
@@ -750,12 +763,8 @@ static int sigbus_chained_from_above(int kind, char *msg, size_t msglen) {
     uint8_t v = 0;
     CT_CHECK(read_or_prev(f.base + 5, &v) == 0 && v == ct_pat(0, 5), "our page did not resolve through the handler above");
     CT_CHECK(atomic_load(&above_calls) == 1, "above: %d calls", atomic_load(&above_calls));
-    fd = mkstemp(path);
-    CT_CHECK(fd >= 0, "mkstemp");
-    unlink(path);
-    CT_CHECK(ftruncate(fd, ps) == 0, "ftruncate");
-    map = mmap(NULL, 2 * ps, PROT_READ, MAP_SHARED, fd, 0);
-    CT_CHECK(map != MAP_FAILED, "mmap");
+    int e = map_past_eof(ps, &fd, &map);
+    CT_CHECK(e == 0, "a file mapping past its end: %s", ct_err(e));
     CT_CHECK(read_or_prev(map + ps, &v) == 1 && atomic_load(&prev_calls) == 1, "foreign SIGBUS: previous calls %d",
              atomic_load(&prev_calls));
     // Ours on top again: ours -> above -> ours (deeper: the cycle is cut) -> default action. In a child.

@@ -301,6 +301,13 @@ bool ct_wait_flag(atomic_int *flag, int timeout_ms) {
     return atomic_load(flag) != 0;
 }
 
+void *ct_fork_reader_main(void *arg) {
+    struct ct_fork_reader *r = arg;
+    atomic_store(&r->running, 1);
+    r->got = ct_read_msg(r->uffd, &r->m, CT_WAIT_MS);
+    return NULL;
+}
+
 bool ct_handler_wait(struct ct_handler *h, int n, int timeout_ms) {
     for (int i = 0; i < timeout_ms; i++) {
         if (atomic_load(&h->nlog) >= n) return true;

@@ -49,21 +49,6 @@ static int pin_pages(void *addr, size_t len) {
 
 // MARK: - fork
 
-struct fork_reader {
-    pthread_t th;
-    int uffd;
-    int got;
-    atomic_int running;
-    struct uffd_msg m;
-};
-
-static void *fork_reader_main(void *arg) {
-    struct fork_reader *r = arg;
-    atomic_store(&r->running, 1);
-    r->got = ct_read_msg(r->uffd, &r->m, CT_WAIT_MS);
-    return NULL;
-}
-
 // Forks a child that sends back its own pagemap entry for addr; with pin_in_child it first pins
 // that page long-term. With EVENT_FORK fork() waits until the FORK message is read: a thread
 // reads it, and the child's uffd is closed once the child is gone.
@@ -71,12 +56,12 @@ static int child_entry(struct ct_fix *f, char *addr, bool with_event, bool pin_i
                        uint64_t *entry, char *msg, size_t msglen) {
     int rc = CUFFD_TEST_PASS;
     int p[2] = {-1, -1};
-    struct fork_reader r = {.uffd = f->uffd, .got = -1};
+    struct ct_fork_reader r = {.uffd = f->uffd, .got = -1};
     bool reading = false;
     pid_t pid = -1;
     CT_CHECK(pipe2(p, O_CLOEXEC) == 0, "pipe: %s", ct_err(errno));
     if (with_event) {
-        int e = pthread_create(&r.th, NULL, fork_reader_main, &r);
+        int e = pthread_create(&r.th, NULL, ct_fork_reader_main, &r);
         CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
         reading = true;
         CT_CHECK(ct_wait_flag(&r.running, CT_WAIT_MS), "the FORK reader did not start");

@@ -32,6 +32,14 @@ func cCases(group: String) -> [CCase]? {
 let cCaseFilter: [String] = (ProcessInfo.processInfo.environment["UFFDKIT_CTEST"] ?? "")
     .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
 
+/// Runs one case in a forked child with a watchdog (`cuffd_test_run_case`): its CUFFD_TEST_*
+/// outcome and the case's message.
+func runCCase(_ c: CCase, timeout: Int32) -> (rc: Int32, message: String) {
+    var buf = [CChar](repeating: 0, count: 1024)
+    let rc = cuffd_test_run_case(c.row, c.memKind, timeout, &buf, buf.count)
+    return (rc, String(cString: buf))
+}
+
 /// The one path every C test takes: each case of `group` runs in a forked child with a watchdog
 /// (`cuffd_test_run_case`); the log gets one line per case (`C test copy_anon: passed`), a
 /// failure is recorded with the case's label, a skip prints its reason. When every case that
@@ -47,10 +55,8 @@ func runCGroup(_ group: String, timeout: Int32 = 30, file: StaticString = #fileP
         let label = c.label
         if !cCaseFilter.isEmpty && !cCaseFilter.contains(where: { label.contains($0) }) { continue }
         ran += 1
-        var buf = [CChar](repeating: 0, count: 1024)
         let start = Date()
-        let rc = cuffd_test_run_case(c.row, c.memKind, timeout, &buf, buf.count)
-        let message = String(cString: buf)
+        let (rc, message) = runCCase(c, timeout: timeout)
         let secs = String(format: "%.2f s", Date().timeIntervalSince(start))
         switch rc {
         case Int32(CUFFD_TEST_PASS.rawValue):

@@ -15,9 +15,7 @@ final class InThreadTests: HugetlbReservingTestCase {
         }) else {
             return XCTFail("the C table has no row sigbus_\(name) on memory \(kind.rawValue)", file: file, line: line)
         }
-        var buf = [CChar](repeating: 0, count: 1024)
-        let rc = cuffd_test_run_case(c.row, c.memKind, timeout, &buf, buf.count)
-        let message = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let (rc, message) = runCCase(c, timeout: timeout)
         switch rc {
         case Int32(CUFFD_TEST_PASS.rawValue): return
         case Int32(CUFFD_TEST_SKIP.rawValue): throw XCTSkip(message, file: file, line: line)

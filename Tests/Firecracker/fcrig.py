@@ -9,6 +9,7 @@ checks that the restored guest verified every page it read and printed the expec
   fcrig.py e2e --case NAME --uffdctl PATH     one end-to-end case, one JSON object on stdout
   fcrig.py bench --uffdctl PATH [--runs N]    restore benchmark, File vs serve, interleaved
                   [--mode sequential|scattered] [--readahead SIZE]... [--serve-variant LABEL=ARGS]...
+                  [--prefetch]  (a serve --prefetch row, recorded from one restore first)
 
 As a module (issue 12's working-set benchmark reuses it): make_snapshot() boots and snapshots the
 guest, write_mailbox(mem, mode=1, npages=8192) selects the fixed scattered 32 MiB working set of
@@ -674,6 +675,39 @@ def case_once(ctx):
     return {"vms": [res], "served": served, "serve_exit": code}
 
 
+def case_prefetch(ctx):
+    """Issue 12: a restore recorded once (`serve --record-working-set`), then a second restore of
+    the same snapshot served with `--prefetch` of that recording: the guest verifies every page it
+    reads, the filler installed the working set, and (nearly) no fault is left for the handler."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 1, npages)
+    ws = os.path.join(ctx.work, "vm.ws")
+    rec = Serve(ctx.uffdctl, ctx.work, mem, name="record", extra=["--once", "--record-working-set", ws])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": rec.sock})
+    first = verdict(fc, t0, 120, npages, 1)
+    fc.kill()
+    if rec.wait_event("working set recorded", 20) is None:
+        raise Failure(f"serve did not record the working set: {rec.out.text()[-2000:]}")
+    recorded = int(rec.events("working set recorded")[0]["pages"])
+    if recorded < npages:
+        raise Failure(f"the recording has {recorded} pages, the guest read {npages}")
+    rec.stop()
+    srv = Serve(ctx.uffdctl, ctx.work, mem, name="prefetch", extra=["--once", "--prefetch", ws])
+    fc, t0, _ = restore(ctx.fc, ctx.work, "vm1", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    second = verdict(fc, t0, 120, npages, 1)
+    fc.kill()
+    served = served_cleanly(srv, 1, 0)
+    g = srv.events("VM gone")[0]
+    installed = int(g["prefetched_pages"]) + int(g["prefetch_already_present_pages"])
+    if int(g["prefetch_planned_pages"]) != recorded or installed != recorded or int(g["prefetch_skipped_pages"]) != 0:
+        raise Failure(f"the prefetch did not install the recording ({recorded} pages): {g}")
+    if int(g["faults"]) > npages // 2:
+        raise Failure(f"the prefetch left most pages to faults: {g}")
+    return {"vms": [first, second], "served": served, "recorded_pages": recorded,
+            "prefetch": {k: g.get(k) for k in g if k.startswith("prefetch")} | {"faults": g.get("faults")}}
+
+
 def case_vm_killed(ctx):
     """A VM killed in the middle of its restore (faults in flight) must not harm the server or
     the next VM: a second VM restored from the same server afterwards verifies every page."""
@@ -736,6 +770,65 @@ def case_file(ctx):
     return {"vms": [res]}
 
 
+def start_nginx(workdir, www):
+    """nginx (Debian nginx-light) serving `www` with Range support on a free loopback port, in its
+    own process group (killed with the rig). Returns (process, base URL)."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        raise Skip("nginx not installed (make deps installs nginx-light)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = os.path.join(workdir, "nginx")
+    os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    user = "user root;\n" if os.getuid() == 0 else ""
+    conf = (f"{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{ access_log off; client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; "
+            f"fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp; "
+            f"server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n")
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(conf)
+    proc = subprocess.Popen([nginx, "-c", os.path.join(d, "nginx.conf"), "-p", d], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                            start_new_session=True)
+    proc.uffdkit_group = True
+    CHILDREN.append(proc)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise Skip(f"nginx did not start on port {port}")
+
+
+def case_http(ctx, packed):
+    """The memory file behind an http:// URL (nginx), raw or packed: `serve --memory-file URL`
+    fetches 2 MiB chunks on the deferred path; the guest verifies 32 MiB read in order."""
+    npages = 8192
+    state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, False)
+    write_mailbox(mem, 0, npages)
+    www = os.path.join(ctx.work, "www")
+    os.makedirs(www, exist_ok=True)
+    obj = os.path.join(www, "vm.mem")
+    if packed:
+        subprocess.run([ctx.uffdctl, "snapshot", "pack", mem, obj], check=True, stdout=subprocess.DEVNULL)
+    else:
+        shutil.copyfile(mem, obj)
+    nginx, base = start_nginx(ctx.work, www)
+    srv = Serve(ctx.uffdctl, ctx.work, f"{base}/vm.mem")
+    fc, t0, t1 = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
+    res = verdict(fc, t0, 120, npages, 0)
+    res["load_ms"] = round((t1 - t0) * 1000, 2)
+    fc.kill()
+    served = served_cleanly(srv, 1, 16)
+    code = srv.stop()
+    nginx.terminate()
+    return {"page_size": "4K", "vms": [res], "served": served, "serve_exit": code, "packed": packed}
+
+
 CASES = {
     "basic4k": lambda ctx: case_basic(ctx, False),
     "huge2m": lambda ctx: case_basic(ctx, True),
@@ -749,6 +842,9 @@ CASES = {
     "corrupt": case_corrupt,
     "once": case_once,
     "vmkilled": case_vm_killed,
+    "http4k": lambda ctx: case_http(ctx, False),
+    "httppacked": lambda ctx: case_http(ctx, True),
+    "prefetch": case_prefetch,
 }
 
 
@@ -780,6 +876,18 @@ def bench(ctx, args):
         variants.append((label, extra.split(), "4K"))
     if args.huge:
         variants.append(("serve, 2 MiB guest (huge_pages 2M)", [], "2M"))
+    if args.prefetch:
+        # Issue 12: record the working set of one restore of this snapshot (its first pass),
+        # then serve the measured restores with --prefetch of that recording.
+        ws = os.path.join(ctx.work, "vm.ws")
+        rec = Serve(ctx.uffdctl, ctx.work, mem, name="record", extra=["--record-working-set", ws], cpu=args.serve_cpu)
+        fc, t0, _ = restore(ctx.fc, ctx.work, "record", state, {"backend_type": "Uffd", "backend_path": rec.sock}, cpu=args.vm_cpu)
+        verdict(fc, t0, 300, npages, mode)
+        fc.kill()
+        if rec.wait_event("working set recorded", 20) is None:
+            raise Failure(f"serve did not record the working set: {rec.out.text()[-2000:]}")
+        rec.stop()
+        variants.append(("serve --prefetch (recorded once)", ["--prefetch", ws], "4K"))
     for name, extra, snap in variants:
         if extra is not None:
             servers[name] = Serve(ctx.uffdctl, ctx.work, snapshots[snap][1], name=f"s{len(servers)}", extra=extra,
@@ -814,7 +922,8 @@ def bench(ctx, args):
             if r > 0:
                 if gone is not None:
                     faults[name].append(int(gone["faults"]))
-                    p50[name].append(float(gone["p50_us"]))
+                    if gone["p50_us"] != "-":  # "-": no fault at all (e.g. everything prefetched)
+                        p50[name].append(float(gone["p50_us"]))
                 samples[name].append(res["to_verified_ms"])
                 loads[name].append(round((t1 - t0) * 1000, 2))
                 present[name].append(round((second[0] - first[0]) * 1000, 2))
@@ -864,6 +973,7 @@ def main():
     b.add_argument("--serve-variant", action="append", default=[], metavar="LABEL=ARGS",
                    help="another serve row with these extra arguments, e.g. 'prefetch=--prefetch ws.bin'")
     b.add_argument("--huge", action="store_true", help="add a row: a 2 MiB (hugetlbfs) guest served by serve")
+    b.add_argument("--prefetch", action="store_true", help="add a row: serve --prefetch of a working set recorded from one restore first")
     b.add_argument("--vm-cpu", type=int, default=0)
     b.add_argument("--serve-cpu", type=int, default=0)
     b.add_argument("--markdown", action="store_true")

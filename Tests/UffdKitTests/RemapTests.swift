@@ -54,11 +54,17 @@ final class RemapTests: XCTestCase {
 
     // MARK: Policies after a partial mremap
 
-    /// Maps `len` anonymous bytes and a PROT_NONE target of `targetLength` to remap into.
+    /// Maps `len` anonymous bytes and a PROT_NONE target of `targetLength` to remap into; both
+    /// whole ranges are unmapped when the test ends, wherever the remap left the pages.
     func anonAndTarget(_ len: Int, _ targetLength: Int) -> (UInt, UInt) {
         let raw = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
         let target = mmap(nil, targetLength, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
-        return (UInt(bitPattern: raw), UInt(bitPattern: target))
+        let (oldAddress, targetAddress) = (UInt(bitPattern: raw), UInt(bitPattern: target))
+        addTeardownBlock {
+            munmap(UnsafeMutableRawPointer(bitPattern: oldAddress), len)
+            munmap(UnsafeMutableRawPointer(bitPattern: targetAddress), targetLength)
+        }
+        return (oldAddress, targetAddress)
     }
 
     func zeroFillFallback() -> FaultHandler.Options {
@@ -87,7 +93,6 @@ final class RemapTests: XCTestCase {
         try require([.eventRemap, .eventUnmap])
         let pages = 64, len = pages * ps, moved = 16
         let (old, tgt) = anonAndTarget(len, moved * ps)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), moved * ps) }
         let policy = CopyPolicy(start: old, length: len, source: PatternSource(length: len, seed: 61))
         let ps = self.ps
         let rc = Box<Int32>(-1)
@@ -109,7 +114,6 @@ final class RemapTests: XCTestCase {
         try require([.eventRemap, .eventUnmap])
         let pages = 64, len = pages * ps, lo = 16, n = 16
         let (old, tgt) = anonAndTarget(len, n * ps)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), n * ps) }
         let zero = ZeroFillPolicy(start: old, length: len)
         let policy = ReadaheadPolicy(zero, window: .fixed(pages: 8))
         let ps = self.ps
@@ -142,7 +146,6 @@ final class RemapTests: XCTestCase {
         try require([.move, .eventRemap, .eventUnmap])
         let pages = 32, len = pages * ps, lo = 8, n = 16
         let (old, tgt) = anonAndTarget(len, n * ps)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), n * ps) }
         let donor = try MappedRegion.donor(length: len)
         fillPattern(donor.pointer, len, seed: 62)
         let policy = try MovePolicy(start: old, length: len, donor: donor)
@@ -169,7 +172,6 @@ final class RemapTests: XCTestCase {
         try require([.eventRemap, .eventUnmap])
         let pages = 32, len = pages * ps, half = len / 2
         let (old, tgt) = anonAndTarget(len, len)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), len) }
         let copy = CopyPolicy(start: old, length: half, source: PatternSource(length: half, seed: 63))
         let zero = ZeroFillPolicy(start: old + UInt(half), length: half)
         let router = try RouterPolicy([.init(start: old, length: half, policy: copy),
@@ -230,7 +232,6 @@ final class RemapTests: XCTestCase {
         try require([.pagefaultFlagWP, .eventRemap, .eventUnmap])
         let pages = 32, len = pages * ps, lo = 8, n = 8
         let (old, tgt) = anonAndTarget(len, n * ps)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), n * ps) }
         fillPattern(UnsafeMutableRawPointer(bitPattern: old)!, len, seed: 65)
         let snap = UnsafeMutableRawPointer.allocate(byteCount: len, alignment: ps)
         defer { snap.deallocate() }
@@ -271,7 +272,6 @@ final class RemapTests: XCTestCase {
         try require([.wpAsync, .wpUnpopulated])
         let pages = 32, len = pages * ps, lo = 8, n = 8
         let (old, tgt) = anonAndTarget(len, n * ps)
-        defer { munmap(UnsafeMutableRawPointer(bitPattern: old), len); munmap(UnsafeMutableRawPointer(bitPattern: tgt), n * ps) }
         memset(UnsafeMutableRawPointer(bitPattern: old)!, 1, len)
         let t = try AsyncWriteTracker(start: old, length: len)
         XCTAssertEqual(try t.collectPageCount(), 0)

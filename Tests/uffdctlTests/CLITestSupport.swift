@@ -84,3 +84,33 @@ func flag(_ object: [String: Any]?, _ key: String) -> Bool? {
     if let b = v as? Bool { return b }
     return (v as? NSNumber)?.boolValue
 }
+
+/// Free 2 MiB huge pages, and a reservation of more that is given back (tests that serve hugetlb
+/// guests; needs root).
+final class HugePageReservation {
+    private var saved: Int?
+
+    /// HugePages_Free from /proc/meminfo.
+    static func free() -> Int? {
+        guard let t = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return nil }
+        for l in t.split(separator: "\n") where l.hasPrefix("HugePages_Free:") {
+            return Int(l.split(separator: " ").last ?? "")
+        }
+        return nil
+    }
+
+    /// Raises nr_hugepages by `extra`; true when that many are free afterwards.
+    func add(_ extra: Int) -> Bool {
+        let path = "/proc/sys/vm/nr_hugepages"
+        guard let cur = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else { return false }
+        saved = cur
+        guard (try? "\(cur + extra)".write(toFile: path, atomically: false, encoding: .utf8)) != nil else { return false }
+        return (HugePageReservation.free() ?? 0) >= extra
+    }
+
+    /// Puts nr_hugepages back (when ``add(_:)`` changed it).
+    func restore() {
+        if let saved { try? "\(saved)".write(toFile: "/proc/sys/vm/nr_hugepages", atomically: false, encoding: .utf8) }
+        saved = nil
+    }
+}

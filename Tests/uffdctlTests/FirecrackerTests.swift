@@ -120,6 +120,17 @@ final class FirecrackerTests: XCTestCase {
         }
     }
 
+    /// Rig case `rigCase` restarts the server `times` times while one guest faults through
+    /// 128 MiB: the guest verifies every page, the server lives on, and each restart was mid-pass.
+    private func assertGuestSurvivesRestarts(_ rigCase: String, times: Int, file: StaticString = #filePath,
+                                             line: UInt = #line) throws {
+        let o = try run(rigCase, timeout: 300)
+        assertVerified(o, vms: 1, pages: 32768, file: file, line: line)
+        assertServed(o, vms: 1, faults: 1, file: file, line: line)
+        XCTAssertEqual(flag(o.json, "serve_alive_after"), true, file: file, line: line)
+        assertRestarted(o, times: times, file: file, line: line)
+    }
+
     /// The rig's own check can fail: one damaged page in the memory file is reported by address
     /// (File backend, no uffd involved).
     func testGuestDetectsADamagedPage() throws {
@@ -139,6 +150,21 @@ final class FirecrackerTests: XCTestCase {
         assertVerified(o, vms: 1, pages: 8192)
         assertServed(o, vms: 1, faults: 8192)
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
+    }
+
+    /// The memory file behind an http:// URL (nginx started by the rig): `serve --memory-file
+    /// http://…` restores the guest from 2 MiB chunks fetched on the deferred path; 32 MiB verified.
+    func testServeRestoresFromHTTPURL() throws {
+        let o = try run("http4k")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
+    }
+
+    /// The same from a packed snapshot (zstd chunks, zero chunks not stored) behind the URL.
+    func testServeRestoresFromPackedSnapshotURL() throws {
+        let o = try run("httppacked")
+        assertVerified(o, vms: 1, pages: 8192)
+        assertServed(o, vms: 1, faults: 16)
     }
 
     /// A hugetlbfs-backed guest (`huge_pages: "2M"`): Firecracker hands over 2 MiB regions; the rig
@@ -184,6 +210,22 @@ final class FirecrackerTests: XCTestCase {
         XCTAssertEqual(number(o.json, "serve_exit"), 0)
     }
 
+    /// Issue 12: one restore recorded (`serve --record-working-set`), a second restore of the same
+    /// snapshot served with `--prefetch` of that recording: both guests verify every page; the
+    /// filler installed every recorded page (none skipped) and left at most half to faults.
+    func testServePrefetchesARecordedWorkingSet() throws {
+        let o = try run("prefetch")
+        assertVerified(o, vms: 2, pages: 8192)
+        let recorded = number(o.json, "recorded_pages") ?? 0
+        XCTAssertGreaterThanOrEqual(recorded, 8192, "\(o.json)")
+        let p = o.json["prefetch"] as? [String: Any]
+        func n(_ k: String) -> Double? { (p?[k] as? String).flatMap(Double.init) ?? number(p, k) }
+        XCTAssertEqual(n("prefetch_planned_pages"), recorded, "\(o.json)")
+        XCTAssertEqual((n("prefetched_pages") ?? 0) + (n("prefetch_already_present_pages") ?? 0), recorded, "\(o.json)")
+        XCTAssertEqual(n("prefetch_skipped_pages"), 0, "\(o.json)")
+        XCTAssertLessThanOrEqual(n("faults") ?? .infinity, 4096, "\(o.json)")
+    }
+
     /// Restores that arrive while the server restarts: one hand-off right after SIGHUP, one right
     /// after `kill -9` of the worker; each waits in the inherited socket's backlog for the next
     /// worker, and both guests verify 32 MiB.
@@ -205,23 +247,9 @@ final class FirecrackerTests: XCTestCase {
 
     /// The server is restarted with SIGHUP twice while the restored guest is faulting its way
     /// through 128 MiB; the guest keeps running and verifies every page.
-    func testRestoreSurvivesServeRestartBySIGHUP() throws {
-        let o = try run("sighup", timeout: 300)
-        let restarts = 2
-        assertVerified(o, vms: 1, pages: 32768)
-        assertServed(o, vms: 1, faults: 1)
-        XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
-        assertRestarted(o, times: restarts)
-    }
+    func testRestoreSurvivesServeRestartBySIGHUP() throws { try assertGuestSurvivesRestarts("sighup", times: 2) }
 
     /// serve's worker is killed with SIGKILL three times mid-pass; the supervisor starts a new one
     /// each time and the guest still verifies every page.
-    func testRestoreSurvivesKill9OfServeWorker() throws {
-        let o = try run("kill9", timeout: 300)
-        let restarts = 3
-        assertVerified(o, vms: 1, pages: 32768)
-        assertServed(o, vms: 1, faults: 1)
-        XCTAssertEqual(flag(o.json, "serve_alive_after"), true)
-        assertRestarted(o, times: restarts)
-    }
+    func testRestoreSurvivesKill9OfServeWorker() throws { try assertGuestSurvivesRestarts("kill9", times: 3) }
 }

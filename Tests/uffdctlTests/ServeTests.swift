@@ -355,7 +355,15 @@ final class ServeTests: XCTestCase {
     }
 
     func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn() throws {
-        let server = try startServer()
+        try readErrorGivesFallback(source: "mmap")
+    }
+
+    func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn_pread() throws {
+        try readErrorGivesFallback(source: "pread")
+    }
+
+    func readErrorGivesFallback(source: String) throws {
+        let server = try startServer(["--source", source])
         // A hand-off past the file as it is now is refused (the file shrank since start-up).
         XCTAssertEqual(truncate(memFile, 4 << 20), 0)
         let refused = try client(["--size", "2M", "--offset", "6M", "--timeout", "5"], name: "refused")
@@ -411,25 +419,8 @@ final class ServeTests: XCTestCase {
         return false
     }
 
-    private var savedHuge: Int?
-
-    func hugeFree() -> Int? {
-        guard let t = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return nil }
-        for l in t.split(separator: "\n") where l.hasPrefix("HugePages_Free:") {
-            return Int(l.split(separator: " ").last ?? "")
-        }
-        return nil
-    }
-
-    func setHugePages(extra: Int) -> Bool {
-        let path = "/proc/sys/vm/nr_hugepages"
-        guard let cur = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else { return false }
-        savedHuge = cur
-        guard (try? "\(cur + extra)".write(toFile: path, atomically: false, encoding: .utf8)) != nil else { return false }
-        return (hugeFree() ?? 0) >= extra
-    }
-
-    func restoreHugePages() {
-        if let savedHuge { try? "\(savedHuge)".write(toFile: "/proc/sys/vm/nr_hugepages", atomically: false, encoding: .utf8) }
-    }
+    private let hugePages = HugePageReservation()
+    func hugeFree() -> Int? { HugePageReservation.free() }
+    func setHugePages(extra: Int) -> Bool { hugePages.add(extra) }
+    func restoreHugePages() { hugePages.restore() }
 }

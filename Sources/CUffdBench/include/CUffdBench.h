@@ -163,6 +163,10 @@ enum cubench_load_mode {
     CUBENCH_LOAD_MMAP = 0,  ///< mmap(PROT_READ, MAP_PRIVATE) the file, read every page
     CUBENCH_LOAD_UFFD = 1,  ///< anon region, MISSING; per fault pread(window) into a buffer + UFFDIO_COPY
     CUBENCH_LOAD_PREAD = 2, ///< pread(window) into a buffer, no mapping (the I/O floor)
+    CUBENCH_LOAD_MAPCOPY = 3, ///< anon region (NOHUGEPAGE), MISSING; per fault UFFDIO_COPY(window)
+                              ///< straight from a mmap of the file: one copy (the `serve` path)
+    CUBENCH_LOAD_INSTALL = 4, ///< anon region (THP-eligible), MISSING; cuffd_installer: pread into a
+                              ///< huge-page donor + UFFDIO_MOVE, `fillers` prefetch threads
 };
 
 struct cubench_load_params {
@@ -174,6 +178,13 @@ struct cubench_load_params {
     int32_t handler_cpu;
     int32_t fault_cpu;
     uint32_t timeout_ms;     ///< 0: 60000
+    uint32_t threads;        ///< faulting threads (0: 1); thread i on CPU (fault_cpu + i) % ncpus
+    uint32_t random;         ///< 1: the threads read whole windows in a shuffled order (shared)
+    uint32_t fillers;        ///< INSTALL: prefetch threads, filler i on CPU (filler_cpu + i) % ncpus
+    int32_t filler_cpu;
+    uint32_t install_flags;  ///< INSTALL: enum cuffd_install_flags (CUFFD_INSTALL_COPY: no MOVE)
+    uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
+    uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
 };
 
 /// Creates (or truncates) `path` with `bytes` of deterministic data. 0 or -errno.
@@ -181,7 +192,7 @@ int cubench_file_create(const char *path, uint64_t bytes);
 
 /// Loads the file as the mode says and reads every page. out->checksum is the sum of the first
 /// 8 bytes of each page: equal across modes for the same file.
-int cubench_file_load(const struct cubench_load_params *p, struct cubench_result *out);
+int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out);
 
 /// System-wide TLB shootdown interrupts so far (x86 /proc/interrupts "TLB" row, summed over
 /// CPUs); 0 when the row is not there.

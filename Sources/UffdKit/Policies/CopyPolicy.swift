@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Resolves missing faults by copying the page from a ``PageSource`` (UFFDIO_COPY): lazy
 /// loading of a snapshot, a file, or generated contents. Offset 0 of the source is the start
 /// of the served range. Follows remap events of all or part of the range (``ServedRange``).
@@ -10,6 +16,8 @@ public final class CopyPolicy: RangeFillingPolicy {
     public let source: any PageSource
     /// Map the copied pages write-protected (UFFDIO_COPY_MODE_WP), for tracking writes later.
     public let writeProtected: Bool
+    /// The source as a ``ZeroAwarePageSource`` (cast once here, not per fault).
+    private let zeroAware: (any ZeroAwarePageSource)?
 
     /// Serves `range` from `source`.
     public init(range: ServedRange, source: any PageSource, writeProtected: Bool = false) {
@@ -17,6 +25,7 @@ public final class CopyPolicy: RangeFillingPolicy {
         self.source = source
         self.pageSize = range.pageSize
         self.writeProtected = writeProtected
+        self.zeroAware = source as? any ZeroAwarePageSource
     }
 
     /// Serves `[start, start+length)` from `source`.
@@ -35,12 +44,25 @@ public final class CopyPolicy: RangeFillingPolicy {
 
     /// Copies the faulting page from the source.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        guard let at = range.locate(fault.address) else { return try goneOrOutside(fault, range) }
         let page = fault.address & ~UInt(pageSize - 1)
         if fault.kind == .writeProtect { return .unprotect(page, length: pageSize) }
         let offset = at.offset - Int(fault.address - page)
+        if let zero = zeroResolution(page, offset: offset, length: pageSize, context: context) { return zero }
         let p = try source.bytes(at: offset, count: pageSize, scratch: context.scratch)
         return .copy(from: UInt(bitPattern: p), to: page, length: pageSize, writeProtected: writeProtected)
+    }
+
+    /// For a source that knows `[offset, offset+length)` is all zeros (a packed snapshot's zero
+    /// chunks): ZEROPAGE, or a COPY of zeros where there is no zero page (hugetlb) or the copy
+    /// must be write-protected. nil: read the bytes.
+    @inline(__always)
+    private func zeroResolution(_ page: UInt, offset: Int, length: Int, context: borrowing FaultContext) -> Resolution? {
+        guard let zeroAware, zeroAware.isZero(at: offset, count: length) else { return nil }
+        if pageSize == basePageSize && !writeProtected { return .zeropage(page, length: length) }
+        guard let scratch = context.scratch else { return nil }
+        memset(scratch, 0, length)
+        return .copy(from: UInt(bitPattern: scratch), to: page, length: length, writeProtected: writeProtected)
     }
 
     /// Copies `[start, start+length)` from the source's matching offset.
@@ -48,6 +70,7 @@ public final class CopyPolicy: RangeFillingPolicy {
         guard let offset = range.offset(of: page) else {
             throw UffdError(.argument, .badAddress, detail: "fill at \(hex(page)) outside the policy's range \(range)")
         }
+        if let zero = zeroResolution(page, offset: offset, length: length, context: context) { return zero }
         let p = try source.bytes(at: offset, count: length, scratch: context.scratch)
         return .copy(from: UInt(bitPattern: p), to: page, length: length, writeProtected: writeProtected)
     }

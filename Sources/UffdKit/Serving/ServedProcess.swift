@@ -9,43 +9,6 @@ import Glibc
 import Musl
 #endif
 
-/// One region's bytes in a memory file, read with pread(2) into the reader's scratch memory.
-/// Unlike ``FileSource``, a short read is an error: the regions were checked against the file
-/// when the process was adopted, so a file that has shrunk since is a read error (the fault gets
-/// the handler's fallback and is reported), never silently zeros.
-public final class MemoryFileSource: PageSource, Sendable {
-    /// The region's length.
-    public let length: Int
-    /// The memory file (not owned: the server keeps it open).
-    public let fd: Int32
-    /// Where the region starts in the file.
-    public let fileOffset: Int
-
-    /// `length` bytes of `fd` from `fileOffset`.
-    public init(fd: Int32, fileOffset: Int, length: Int) {
-        self.fd = fd
-        self.fileOffset = fileOffset
-        self.length = length
-    }
-
-    /// Reads `[offset, offset+count)` of the region into `scratch`.
-    public func bytes(at offset: Int, count: Int, scratch: UnsafeMutableRawPointer?) throws -> UnsafeRawPointer {
-        guard let scratch else { throw UffdError(.source, .noBufferSpace, detail: "MemoryFileSource needs scratch memory") }
-        var got = 0
-        let want = Swift.max(0, Swift.min(count, length - offset))
-        while got < want {
-            let n = pread(fd, scratch + got, want - got, off_t(fileOffset + offset + got))
-            if n > 0 { got += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            let e: Errno = n == 0 ? .ioError : Errno(rawValue: errno)
-            throw UffdError(.source, e, bytesDone: got,
-                            detail: "memory file read at \(fileOffset + offset + got)" + (n == 0 ? " (file shorter than the regions)" : ""))
-        }
-        if got < count { memset(scratch + got, 0, count - got) }
-        return UnsafeRawPointer(scratch)
-    }
-}
-
 /// How a ``ServedProcess`` serves faults.
 public struct ServeOptions: Sendable {
     /// Reader threads per served process.
@@ -59,8 +22,30 @@ public struct ServeOptions: Sendable {
     public var adaptiveReadahead: Bool = false
     /// What a fault that cannot be served (a memory file read error) gets.
     public var fallback: FaultHandler.Fallback = .poison
+    /// A read-only shared mapping of the whole memory file: UFFDIO_COPY then copies straight
+    /// from the page cache (one copy instead of pread's two). nil: pread per fault.
+    public var memoryFileMapping: MemoryFileMapping? = nil
+    /// Serve from this image instead of the memory file (a remote or packed snapshot, from
+    /// ``PageSources/shared(_:options:)`` so that every VM restored from it shares one chunk
+    /// cache). A ``DeferredSource`` (``ChunkedSource``) is served on the deferred path: the
+    /// reader requests a region's chunk and goes on; a fetch that fails gets the fallback for
+    /// that chunk and is reported through ``onFailure``. Regions that do not start on a chunk
+    /// boundary, or whose pages are larger than a chunk, are read synchronously.
+    /// The readahead options do not apply to deferred regions (the chunk is the unit).
+    public var source: (any PageSource)? = nil
+    /// Non-blocking reads before each poll (busy polling: lower wake latency, a busy CPU).
+    public var spinPolls: UInt32 = 0
     /// Called on a reader thread for each fault that could not be served.
     public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
+    /// Record each region's first faults (``ServedProcess/workingSet()``); needs ``imageIdentity``.
+    public var recordWorkingSet: Bool = false
+    /// A working set recorded from this memory file, installed at start by a ``Prefetcher`` per
+    /// region beside the handler; needs ``imageIdentity``.
+    public var prefetch: WorkingSet? = nil
+    /// The filler's configuration.
+    public var prefetchOptions = Prefetcher.Options()
+    /// The memory file's identity (``WorkingSet/Identity/init(of:)``), taken once by the server.
+    public var imageIdentity: WorkingSet.Identity? = nil
 
     /// One reader, no readahead, poison fallback.
     public init() {}
@@ -89,9 +74,15 @@ public final class ServedProcess: Sendable {
     private let policy: ServingPolicy
     /// When serving started (CLOCK_MONOTONIC ns).
     public let startedNs: UInt64
+    /// Per region (same order as ``regions``) when recording or prefetching.
+    private let tracking: [(tracker: WorkingSetTracker, range: ServedRange, source: any PageSource)]
+    private let prefetchPlan: (WorkingSet, Prefetcher.Options, WorkingSet.Identity)?
+    private let identity: WorkingSet.Identity?
+    private let fillers = Mutex<[Prefetcher]>([])
 
     /// Adopts a received hand-off and builds its policy (not started). The regions must have
     /// been validated against the file (``GuestRegion/validate(_:memoryFileLength:)``).
+    /// `memoryFile` is unused (pass -1) when `options.source` is set.
     public init(id: Int, handoff: ReceivedHandoff, connection: Int32, memoryFile: Int32, options: ServeOptions,
                 peerStartTime: UInt64? = nil) throws(UffdError) {
         self.id = id
@@ -100,24 +91,62 @@ public final class ServedProcess: Sendable {
         self.peer = handoff.peer
         self.connection = connection
         self.peerStartTime = peerStartTime ?? ServedProcess.startTime(of: handoff.peer.pid)
+        let tracks = options.recordWorkingSet || options.prefetch != nil
+        if tracks && options.imageIdentity == nil {
+            throw UffdError(.argument, .invalidArgument, detail: "recording or prefetching a working set needs the memory file's identity (ServeOptions.imageIdentity)")
+        }
         var routes: [RouterPolicy.Route] = []
+        var tracking: [(tracker: WorkingSetTracker, range: ServedRange, source: any PageSource)] = []
         for r in handoff.regions {
-            let source = MemoryFileSource(fd: memoryFile, fileOffset: r.offset, length: r.size)
-            let copy = CopyPolicy(start: r.baseHostVirtAddr, length: r.size, source: source, pageSize: r.pageSize)
-            let p: any FaultPolicy
+            if let image = options.source as? any DeferredSource,
+               DeferredImageWindow.usable(image: image, offset: r.offset, pageSize: r.pageSize) {
+                let window = DeferredImageWindow(image: image, offset: r.offset, length: r.size)
+                let deferred = DeferredCopyPolicy(destination: r.baseHostVirtAddr, source: window, pageSize: r.pageSize)
+                var p: any FaultPolicy = deferred
+                if tracks, let whole = options.source {
+                    // Recorded like any region; a filler reads through the same shared cache.
+                    let range = ServedRange(start: r.baseHostVirtAddr, length: r.size, pageSize: r.pageSize)
+                    let tracker = try WorkingSetTracker(range: range, recording: options.recordWorkingSet, imageOffset: r.offset)
+                    p = WorkingSetPolicy(deferred, tracker: tracker)
+                    tracking.append((tracker, range, ImageWindow(image: whole, offset: r.offset, length: r.size)))
+                }
+                routes.append(.init(start: r.baseHostVirtAddr, length: r.size, policy: p))
+                continue
+            }
+            let source: any PageSource
+            if let image = options.source {
+                source = ImageWindow(image: image, offset: r.offset, length: r.size)
+            } else if let map = options.memoryFileMapping {
+                source = MappedFileSource(base: map.address + UInt(r.offset), length: r.size)
+            } else {
+                source = MemoryFileSource(fd: memoryFile, fileOffset: r.offset, length: r.size)
+            }
+            let range = ServedRange(start: r.baseHostVirtAddr, length: r.size, pageSize: r.pageSize)
+            let copy = CopyPolicy(range: range, source: source)
+            var p: any FaultPolicy
+            // Tracking wraps the region's concrete policy (first faults at file offsets).
+            let tracker = tracks ? try WorkingSetTracker(range: range, recording: options.recordWorkingSet, imageOffset: r.offset) : nil
             if let ra = options.readaheadBytes, ra > r.pageSize {
                 let pages = (ra + r.pageSize - 1) / r.pageSize
-                p = ReadaheadPolicy(copy, window: options.adaptiveReadahead ? .adaptive(minPages: 1, maxPages: pages) : .fixed(pages: pages))
+                let rp = ReadaheadPolicy(copy, window: options.adaptiveReadahead ? .adaptive(minPages: 1, maxPages: pages) : .fixed(pages: pages))
+                p = rp
+                if let tracker { p = WorkingSetPolicy(rp, tracker: tracker) }
             } else {
                 p = copy
+                if let tracker { p = WorkingSetPolicy(copy, tracker: tracker) }
             }
+            if let tracker { tracking.append((tracker, range, source)) }
             routes.append(.init(start: r.baseHostVirtAddr, length: r.size, policy: p))
         }
+        self.tracking = tracking
+        self.identity = options.imageIdentity
+        self.prefetchPlan = options.prefetch.map { ($0, options.prefetchOptions, options.imageIdentity!) }
         policy = ServingPolicy(router: try RouterPolicy(routes), regions: handoff.regions)
         var ho = FaultHandler.Options()
         ho.readers = Swift.max(1, options.readers)
         ho.cpus = options.cpus
         ho.fallback = options.fallback
+        ho.spinPolls = options.spinPolls
         ho.onFailure = options.onFailure
         ho.forkHandling = .release
         ho.threadName = "serve-\(id)"
@@ -125,8 +154,66 @@ public final class ServedProcess: Sendable {
         startedNs = cuffd_now_ns()
     }
 
-    /// Starts the readers.
-    public func start() throws(UffdError) { try handler.start() }
+    /// Starts the readers, then (with ``ServeOptions/prefetch``) a filler per region. A
+    /// recording that does not match the memory file fails here, before anything is installed.
+    public func start() throws(UffdError) {
+        for t in tracking { t.tracker.restartClock() }
+        try handler.start()
+        guard let (ws, o, identity) = prefetchPlan else { return }
+        var started: [Prefetcher] = []
+        for (i, t) in tracking.enumerated() {
+            var po = o
+            po.threadName = "prefetch-\(id)-\(i)"
+            do {
+                let p = try Prefetcher(uffd: uffd, range: t.range, source: t.source, workingSet: ws, tracker: t.tracker,
+                                       imageOffset: regions[i].offset, imageIdentity: identity, options: po)
+                try p.start(alongside: handler)
+                started.append(p)
+            } catch {
+                started.forEach { $0.stop() }
+                throw (error as? UffdError) ?? UffdError(.source, .ioError, detail: "prefetch: \(error)")
+            }
+        }
+        fillers.withLock { $0 = started }
+    }
+
+    /// This process's recording so far (``ServeOptions/recordWorkingSet``): every region's
+    /// first faults at memory-file offsets, in time order. nil when not recording.
+    public func workingSet() -> WorkingSet? {
+        guard let identity, !tracking.isEmpty, tracking[0].tracker.isRecording else { return nil }
+        return try? WorkingSet.combined(tracking.map { $0.tracker.workingSet(identity: identity) })
+    }
+
+    /// What the prefetch did, summed over the regions (nil without ``ServeOptions/prefetch``).
+    public func prefetchStats() -> Prefetcher.Stats? {
+        let fs = fillers.withLock { $0 }
+        guard prefetchPlan != nil, !fs.isEmpty else { return nil }
+        var total = Prefetcher.Stats()
+        var finished = true
+        for f in fs {
+            let s = f.stats()
+            total.pageSize = s.pageSize
+            total.plannedPages += s.plannedPages
+            total.prefetchedPages += s.prefetchedPages
+            total.alreadyPresentPages += s.alreadyPresentPages
+            total.skippedPages += s.skippedPages
+            total.faultsOnPrefetchedPages = (total.faultsOnPrefetchedPages ?? 0) + (s.faultsOnPrefetchedPages ?? 0)
+            total.faultsAvoided = (total.faultsAvoided ?? 0) + (s.faultsAvoided ?? 0)
+            total.batches += s.batches
+            total.copies += s.copies
+            total.wakes += s.wakes
+            total.yieldedToFaults += s.yieldedToFaults
+            total.runsSkippedAhead += s.runsSkippedAhead
+            total.retries += s.retries
+            total.sourceErrors += s.sourceErrors
+            total.lastError = s.lastError ?? total.lastError
+            total.seconds = Swift.max(total.seconds, s.seconds)
+            if s.ending != .finished { finished = false }
+            if total.ending == nil || s.ending != .finished { total.ending = s.ending }
+        }
+        if finished { total.timeToLastPage = total.seconds }
+        return total
+    }
 
     /// What a fault that cannot be served gets on this uffd: POISON only exists when the
     /// sender enabled UFFD_FEATURE_POISON (Firecracker does not); the loop zero-fills otherwise.
@@ -142,6 +229,7 @@ public final class ServedProcess: Sendable {
 
     /// Stops the readers (queued faults are resolved first), closes the connection and the uffd.
     public func stop() {
+        fillers.withLock { $0 }.forEach { $0.stop() }
         handler.stop()
         if connection >= 0 { Glibc.close(connection) }
         uffd.close()

@@ -43,6 +43,14 @@ public final class SnapshotServer: Sendable {
             self.memoryFile = memoryFile
             self.memoryFileLength = memoryFileLength
         }
+
+        /// Serving from an image source (``ServeOptions/source``): a remote or packed snapshot
+        /// from ``PageSources/shared(_:options:)``, one chunk cache for every VM served.
+        public init(source: any PageSource) {
+            memoryFile = -1
+            memoryFileLength = source.length
+            serve.source = source
+        }
     }
 
     /// What happened, for the owner's log.
@@ -173,7 +181,7 @@ public final class SnapshotServer: Sendable {
                                           allowedUIDs: cfg.allowedUIDs)
             // The file's size now (it may have changed since start-up).
             var st = stat()
-            let length = fstat(cfg.memoryFile, &st) == 0 ? Int(st.st_size) : cfg.memoryFileLength
+            let length = cfg.serve.source == nil && cfg.memoryFile >= 0 && fstat(cfg.memoryFile, &st) == 0 ? Int(st.st_size) : cfg.memoryFileLength
             try GuestRegion.validate(handoff.regions, memoryFileLength: length)
         } catch {
             refuse(c, error)
