@@ -87,7 +87,7 @@ stress: deps
 # case). TSan: the Swift handler tests. detect_leaks=0: XCTest's own objects trip the leak checker.
 # Also the UffdKitTests classes that drive C beyond CUffd's tests: CUffdNet (curl fetches, packed
 # frames, truncated and corrupt responses) and the window installer and prefetcher (~25 s).
-SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests|UffdKitTests\.(RemoteSourceTests|RemoteDeferredTests|InstallPolicyTests|PrefetchTests|DeferredResolutionTests)
+SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests|UffdKitTests\.(RemoteSourceTests|RemoteDeferredTests|InstallPolicyTests|PrefetchTests|Deferred(Resolution|Prefetch|ClaimTable)Tests)
 # TSan: the Swift handler tests, the reliability suites above, and uffdctlTests.ServeTests (the
 # in-process SnapshotServer, and `uffdctl serve` children built with TSan, whose races make them
 # exit 66: seen where a test checks the child's exit status).
