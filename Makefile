@@ -100,6 +100,8 @@ SANITIZE_ASAN_FILTER ?= CUffdTests|ReliabilityTests|UffdKitTests\.(RemoteSourceT
 # testServedProcessExitingMidway (UffdKitTests is not isolated: a deadlock would hang the run),
 # and MoveTests' testForkedChildNeverBlocksAGranuleForTheParentOrItself (isolated: it would fail
 # by its watchdog). They all run under `make test`, the ReliabilityTests ones also under ASan.
+# ReliabilityTests.ForkStormTests (EVENT_FORK fork storms) stay out by the filter: under TSan they
+# hung past 150 s in 4 of 4 runs here, while they pass under `make test` and ASan.
 SANITIZE_TSAN_SKIP ?= HandlerTests/testFork|PrefetchTests/testServedProcessExitingMidway|MoveTests/testForkedChild
 SANITIZE_TSAN_FILTER ?= UffdKitTests|ReliabilityTests\.(StressTests|PolicyFailureTests|RegionChangeTests|MoveTests)|ReliabilityTests\.LifecycleTests/test(Stop|Close)|uffdctlTests\.ServeTests
 UBSAN_FLAGS := -Xcc -fsanitize=undefined -Xcc -fno-sanitize=function
