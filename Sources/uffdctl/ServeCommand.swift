@@ -447,6 +447,20 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
         m["prefetch_skipped_pages"] = "\(pf.skippedPages)"
         m["prefetch_faults_avoided"] = "\(pf.faultsAvoided ?? 0)"
         m["prefetch_late_faults"] = "\(pf.faultsOnPrefetchedPages ?? 0)"
+        m["prefetched_bytes"] = "\(pf.prefetchedBytes)"
+        // A guest's reads of a present page never reach the handler: which prefetched pages it
+        // used is unknown to a server, so these two say so ("-") rather than guess.
+        m["prefetched_and_used_pages"] = .string(pf.usedPages.map { "\($0)" } ?? "-")
+        m["prefetch_wasted_bytes"] = .string(pf.wastedBytes.map { "\($0)" } ?? "-")
+        m["prefetch_deferred_chunks"] = "\(pf.deferredChunks)"
+        m["prefetch_faults_joined"] = "\(pf.faultsJoined)"
+        m["prefetch_chunks_taken_by_faults"] = "\(pf.chunksTakenByFaults)"
+        m["prefetch_dropped_fetches"] = "\(pf.droppedFetches)"
+        m["prefetch_extra_pages"] = "\(pf.extraPages)"
+        // Every page the filler installed (recorded + extra): faults avoided counts over these.
+        m["prefetch_installed_pages"] = "\(pf.prefetchedPages + pf.extraPages)"
+        m["prefetch_source_errors"] = "\(pf.sourceErrors)"
+        m["prefetch_seconds"] = .string(String(format: "%.3f", pf.seconds))
         m["prefetch_ending"] = .string(pf.ending?.description ?? "running")
         m["prefetch_last_page_ms"] = .string(pf.timeToLastPage.map { String(format: "%.1f", $0 * 1000) } ?? "-")
     }
