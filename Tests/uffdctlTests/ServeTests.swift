@@ -1,3 +1,4 @@
+import CUffdTestSupport
 import Foundation
 import UffdKit
 import Synchronization
@@ -295,14 +296,30 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(server.process.isRunning)
     }
 
+    /// The server checks SO_PEERCRED before reading anything, so a refused peer's close races
+    /// its sendmsg: EPIPE (`.closed`) when the close came first, else the send succeeds and the
+    /// connection then ends unread. Both are the refusal; an allowed peer is served meanwhile.
     func testServeRefusesPeerNotInAllowedUIDs() throws {
-        let server = try startServer(["--allow-uid", "4242"])
-        let uffd = try Userfaultfd(features: [], options: [.nonBlocking, .kernelFaults])
-        let s = try Handoff.connect(to: sock)
+        chmod(dir.path, 0o755)
+        let server = try startServer(["--allow-uid", "0", "--socket-mode", "0666"])
+        let s = rel_connect_as(4242, 4242, sock, 10_000)
+        if s == -EACCES { throw XCTSkip("uid 4242 cannot reach \(sock) (a parent folder is not searchable by others)") }
+        XCTAssertGreaterThanOrEqual(s, 0, "connect as uid 4242: \(s)")
+        guard s >= 0 else { return }
         defer { close(s) }
-        try Handoff.send(fd: uffd.fd, body: GuestRegion.encode([GuestRegion(baseHostVirtAddr: 1 << 20, size: 4096, offset: 0, pageSize: 4096)]), over: s)
+        let uffd = try Userfaultfd(features: [], options: [.nonBlocking, .kernelFaults])
+        do {
+            try Handoff.send(fd: uffd.fd, body: GuestRegion.encode([GuestRegion(baseHostVirtAddr: 1 << 20, size: 4096, offset: 0, pageSize: 4096)]), over: s)
+            XCTAssertTrue(closedByPeer(s), "the refused connection must end")
+        } catch {
+            XCTAssertEqual(error.kind, .closed, "\(error)")
+            XCTAssertTrue(error.message.contains("refused"), "\(error)")
+        }
         XCTAssertTrue(server.waitFor("is not an allowed uid"), server.log)
-        XCTAssertTrue(closedByPeer(s))
+        XCTAssertTrue(server.log.contains("uid=4242"), server.log)
+        let c = try client(["--size", "1M"], name: "allowed")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
     }
 
     func testServeMemoryFileMissingUnreadableOrEmptyExits2() throws {
