@@ -371,6 +371,22 @@ static void expire_deferred(const struct cuffd_loop_config *cfg) {
     } while (k == 8);
 }
 
+// Waits before kept faults are retried, longer the more rounds in a row found nothing new
+// (see the end of cuffd_loop_run). Sets *stopping when the stop fd fires during the wait.
+static void retry_backoff(struct pollfd *pfd, nfds_t npfd, uint32_t idle_rounds, bool *stopping) {
+    if (idle_rounds <= 2) {
+        sched_yield();
+        return;
+    }
+    uint32_t shift = idle_rounds - 3 < 6 ? idle_rounds - 3 : 6;
+    long us = 16L << shift;
+    if (us > 1000) us = 1000;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = us * 1000L};
+    if (ppoll(pfd, npfd, &ts, NULL) > 0 && npfd == 2 &&
+        (pfd[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)))
+        *stopping = true;
+}
+
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
 #define LOOP_CAP (2 * CUFFD_MAX_BATCH)
 // While stopping, the number of rounds that may still find messages before the loop gives up
@@ -394,6 +410,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
     bool stopping = false;
     int drain_rounds = 0;
     uint32_t spins = 0;
+    uint32_t idle_retries = 0; // consecutive rounds that only retried kept faults
 
     for (;;) {
         // Wait for work, unless retries are pending (their event is already queued).
@@ -504,6 +521,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         }
         if (last_round) return 0;
         pending = kept;
-        if (pending) sched_yield();
+        // Faults kept for a retry wait for the address-space change that made them meet EAGAIN.
+        // Reading its event is not always enough: the changing thread (MADV_DONTNEED, fork,
+        // mremap) still has to run to finish it, and until it does every retry meets EAGAIN
+        // again. So a round that read nothing new backs off: a yield or two, then a wait on the
+        // uffd and the stop fd that grows from 16 µs to 1 ms. New messages (the next event or
+        // fault) end the wait at once; a stop is seen there too. No spinning storm of ioctls.
+        idle_retries = (pending && n == 0) ? idle_retries + 1 : 0;
+        if (pending) retry_backoff(pfd, npfd, idle_retries, &stopping);
     }
 }

@@ -363,9 +363,8 @@ struct ServeCommand: ParsableCommand {
                 }
             }
         }
-        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening",
-                 metadata: ["socket": .string(socket), "memory_file": .string(memoryFile), "memory_bytes": "\(memLength)",
-                            "worker_pid": "\(getpid())"])
+        // Stopping on SIGINT/SIGTERM is in place before "listening" is logged: whoever waits
+        // for that line may signal at once (until then the default action would kill us).
         for sig in [SIGINT, SIGTERM] { signal(sig, SIG_IGN) }
         let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
@@ -373,6 +372,9 @@ struct ServeCommand: ParsableCommand {
             s.resume()
             return s
         }
+        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening",
+                 metadata: ["socket": .string(socket), "memory_file": .string(memoryFile), "memory_bytes": "\(memLength)",
+                            "worker_pid": "\(getpid())"])
         let outcome = server.run()
         sources.forEach { $0.cancel() }
         if inherited == nil && control < 0 { listener.close() }
