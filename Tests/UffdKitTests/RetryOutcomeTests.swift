@@ -21,6 +21,8 @@ final class RetryOutcomeTests: XCTestCase {
         let trigger: UInt, triggerLength: Int
         let fails: Bool
         let started = Box(false)
+        /// The uffd whose queue the REMOVE lands in.
+        var uffdFD: Int32 = -1
         let remover = DispatchSemaphore(value: 0)
         /// failed() calls per faulting page address, with their errno.
         let failedCalls = Box<[UInt: [Errno]]>([:])
@@ -39,8 +41,9 @@ final class RetryOutcomeTests: XCTestCase {
                     _ = madvise(UnsafeMutableRawPointer(bitPattern: t), n, MADV_DONTNEED)
                     done.signal()
                 }
-                // The REMOVE is queued almost at once; the madvise then waits for a reader.
-                usleep(200_000)
+                // The madvise queues the REMOVE and waits for a reader: wait until the uffd has
+                // it (the only message: the one faulting thread is asleep on this fault).
+                if uffdFD >= 0 { _ = cuffd_wait_readable(uffdFD, 10_000) } else { usleep(200_000) }
             }
             if fails {
                 throw UffdError(.handler, .ioError, detail: "test policy fails every fault at \(hex(fault.address))")
@@ -68,7 +71,7 @@ final class RetryOutcomeTests: XCTestCase {
         var o = FaultHandler.Options()
         o.fallback = .zeroFill
         let policy = RemoveWhileDeciding(ZeroFillPolicy(region: r), trigger: trig.address, triggerLength: ps, fails: true)
-        let s = try Session(r, features: [.eventRemove], options: o) { _ in policy }
+        let s = try Session(r, features: [.eventRemove], options: o) { u in policy.uffdFD = u.fd; return policy }
         try s.uffd.register(trig, modes: .missing)
         let base = r.address
         XCTAssertTrue(s.run(20) { _ = touch(base, length: len, threads: 1) })
@@ -102,7 +105,7 @@ final class RetryOutcomeTests: XCTestCase {
         let trig = try MappedRegion(.anonymous(), length: ps)
         let move = try MovePolicy(region: r, donor: donor)
         let policy = RemoveWhileDeciding(move, trigger: trig.address, triggerLength: ps, fails: false)
-        let s = try Session(r, features: [.move, .eventRemove]) { _ in policy }
+        let s = try Session(r, features: [.move, .eventRemove]) { u in policy.uffdFD = u.fd; return policy }
         try s.uffd.register(trig, modes: .missing)
         let base = r.address
         XCTAssertTrue(s.run(20) { _ = touch(base, length: len, threads: 1) }, "the kept move was woken forever")
