@@ -209,6 +209,10 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     }
     // Someone else resolved the page meanwhile: that unblocks the thread as well.
     if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);
+    // An event (fork, REMOVE) is changing the address space: the fault is kept and decided
+    // again once it is read, as for any EAGAIN. A wake here would only make the thread
+    // re-fault into the same failure, once per round, for as long as the events keep coming.
+    if (rc == -EAGAIN && msg) return rc;
     if (rc < 0) {
         // Last resort: a wake. The thread re-faults and the fault is delivered again.
         cuffd_wake(uffd, start, len);
@@ -285,8 +289,11 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         if (res->len) cuffd_wake(uffd, res->dst, res->len);
         outcome = CUFFD_OUTCOME_GONE;
     } else {
-        outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
-                      ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
+        int frc = apply_fallback(uffd, msg, res, fallback, features);
+        // The op failed (res->error says why) and its fallback met EAGAIN: a retry, like the
+        // op's own EAGAIN, with the op's error kept so the caller can tell the two apart.
+        if (frc == -EAGAIN) return CUFFD_OUTCOME_RETRY;
+        outcome = frc == 0 ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
     // Whatever the outcome, the wakes above covered the decider's range only. A range that
     // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
@@ -475,8 +482,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 st->retries++;
                 // The bytes done before the EAGAIN are in place: count them now.
                 st->bytes += (uint64_t)(r->done > 0 ? r->done : 0);
-                r->outcome = CUFFD_OUTCOME_NONE;
-                r->error = EAGAIN;
+                // In the batch as RETRY: `complete` tells the decider its decision did not
+                // happen (error EAGAIN: the op met it; another error: the op failed and its
+                // fallback met EAGAIN), so what it marked when deciding (a granule "moving")
+                // is undone before the fault is decided again. Not a failure report: the
+                // fault has not ended.
+                r->outcome = CUFFD_OUTCOME_RETRY;
+                if (!r->error) r->error = EAGAIN;
                 if (!last_round && kept < CUFFD_MAX_BATCH) {
                     retry[i] = 1;
                     kept++;
