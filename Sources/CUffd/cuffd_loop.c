@@ -209,6 +209,10 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     }
     // Someone else resolved the page meanwhile: that unblocks the thread as well.
     if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);
+    // An event (fork, REMOVE) is changing the address space: the fault is kept and decided
+    // again once it is read, as for any EAGAIN. A wake here would only make the thread
+    // re-fault into the same failure, once per round, for as long as the events keep coming.
+    if (rc == -EAGAIN && msg) return rc;
     if (rc < 0) {
         // Last resort: a wake. The thread re-faults and the fault is delivered again.
         cuffd_wake(uffd, start, len);
@@ -285,8 +289,11 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         if (res->len) cuffd_wake(uffd, res->dst, res->len);
         outcome = CUFFD_OUTCOME_GONE;
     } else {
-        outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
-                      ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
+        int frc = apply_fallback(uffd, msg, res, fallback, features);
+        // The op failed (res->error says why) and its fallback met EAGAIN: a retry, like the
+        // op's own EAGAIN, with the op's error kept so the caller can tell the two apart.
+        if (frc == -EAGAIN) return CUFFD_OUTCOME_RETRY;
+        outcome = frc == 0 ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
     // Whatever the outcome, the wakes above covered the decider's range only. A range that
     // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
@@ -364,6 +371,22 @@ static void expire_deferred(const struct cuffd_loop_config *cfg) {
     } while (k == 8);
 }
 
+// Waits before kept faults are retried, longer the more rounds in a row found nothing new
+// (see the end of cuffd_loop_run). Sets *stopping when the stop fd fires during the wait.
+static void retry_backoff(struct pollfd *pfd, nfds_t npfd, uint32_t idle_rounds, bool *stopping) {
+    if (idle_rounds <= 2) {
+        sched_yield();
+        return;
+    }
+    uint32_t shift = idle_rounds - 3 < 6 ? idle_rounds - 3 : 6;
+    long us = 16L << shift;
+    if (us > 1000) us = 1000;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = us * 1000L};
+    if (ppoll(pfd, npfd, &ts, NULL) > 0 && npfd == 2 &&
+        (pfd[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)))
+        *stopping = true;
+}
+
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
 #define LOOP_CAP (2 * CUFFD_MAX_BATCH)
 // While stopping, the number of rounds that may still find messages before the loop gives up
@@ -387,6 +410,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
     bool stopping = false;
     int drain_rounds = 0;
     uint32_t spins = 0;
+    uint32_t idle_retries = 0; // consecutive rounds that only retried kept faults
 
     for (;;) {
         // Wait for work, unless retries are pending (their event is already queued).
@@ -458,8 +482,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 st->retries++;
                 // The bytes done before the EAGAIN are in place: count them now.
                 st->bytes += (uint64_t)(r->done > 0 ? r->done : 0);
-                r->outcome = CUFFD_OUTCOME_NONE;
-                r->error = EAGAIN;
+                // In the batch as RETRY: `complete` tells the decider its decision did not
+                // happen (error EAGAIN: the op met it; another error: the op failed and its
+                // fallback met EAGAIN), so what it marked when deciding (a granule "moving")
+                // is undone before the fault is decided again. Not a failure report: the
+                // fault has not ended.
+                r->outcome = CUFFD_OUTCOME_RETRY;
+                if (!r->error) r->error = EAGAIN;
                 if (!last_round && kept < CUFFD_MAX_BATCH) {
                     retry[i] = 1;
                     kept++;
@@ -492,6 +521,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         }
         if (last_round) return 0;
         pending = kept;
-        if (pending) sched_yield();
+        // Faults kept for a retry wait for the address-space change that made them meet EAGAIN.
+        // Reading its event is not always enough: the changing thread (MADV_DONTNEED, fork,
+        // mremap) still has to run to finish it, and until it does every retry meets EAGAIN
+        // again. So a round that read nothing new backs off: a yield or two, then a wait on the
+        // uffd and the stop fd that grows from 16 µs to 1 ms. New messages (the next event or
+        // fault) end the wait at once; a stop is seen there too. No spinning storm of ioctls.
+        idle_retries = (pending && n == 0) ? idle_retries + 1 : 0;
+        if (pending) retry_backoff(pfd, npfd, idle_retries, &stopping);
     }
 }

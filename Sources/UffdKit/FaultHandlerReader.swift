@@ -251,6 +251,13 @@ final class Reader: @unchecked Sendable {
             p.loop = loopStats.pointee
             for i in 0..<n where res[i].op != 0 && res[i].outcome != 0 {
                 let o = res[i].outcome
+                // A kept fault (EAGAIN) has not ended: the policy hears that its decision did
+                // not happen, the owner hears nothing yet (at most one report per fault, when
+                // it ends).
+                if o == UInt32(CUFFD_OUTCOME_RETRY.rawValue) {
+                    failed = true
+                    continue
+                }
                 // A deferred fault waits on: its latency is not this batch's.
                 if o == UInt32(CUFFD_OUTCOME_DEFERRED.rawValue) { continue }
                 // Clamped: growing the histogram allocates (see the fork notes of FaultHandler),
@@ -269,9 +276,10 @@ final class Reader: @unchecked Sendable {
     func reportFailures(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
         for i in 0..<n {
             let o = res[i].outcome
-            guard o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
-            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
-            // The policy undoes what it marked when it decided (e.g. a granule "moving").
+            let kept = o == UInt32(CUFFD_OUTCOME_RETRY.rawValue)
+            guard kept || o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
+            // The policy undoes what it marked when it decided (e.g. a granule "moving"), once
+            // per decision: a kept fault is decided again next round.
             let r = res[i]
             let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
             let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
@@ -279,6 +287,8 @@ final class Reader: @unchecked Sendable {
             var ctx = context
             ctx.batchIndex = i
             policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
+            if kept { continue }
+            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
             // The report allocates (the log, the callback): the service thread makes it.
             if let service {
                 var rec = HandlerService.Record()

@@ -34,9 +34,12 @@ final class HandlerService: @unchecked Sendable {
         var res = cuffd_resolution()
     }
 
-    private let readFD: Int32
-    private let writeFD: Int32
+    /// The pipe (internal for tests: a forked child must not keep the parent's).
+    let readFD: Int32
+    let writeFD: Int32
     private let pid: pid_t
+    /// Set in a forked child once the parent's pipe is closed: its fd numbers may be reused.
+    private let closed = Atomic<Bool>(false)
     /// Records posted and not yet handled.
     private let queued = Atomic<Int>(0)
     /// How many failure records may be queued at once.
@@ -51,7 +54,11 @@ final class HandlerService: @unchecked Sendable {
     static func running() -> HandlerService? {
         current.withLock { s in
             if let live = s, live.pid == getpid() { return live }
-            // First use, or a forked child (the service thread did not survive the fork).
+            // First use, or a forked child (the service thread did not survive the fork). The
+            // parent's pipe came along with the fork (O_CLOEXEC closes on exec only): nothing
+            // in this process reads or writes it any more, so close it rather than leak two fds
+            // for every generation of handlers.
+            s?.closeInForkedChild()
             s = HandlerService()
             return s
         }
@@ -82,6 +89,16 @@ final class HandlerService: @unchecked Sendable {
         pthread_detach(t)
     }
 
+    /// In a forked child: closes the parent's service pipe (its thread is not in the child).
+    /// Called with the `current` lock held, once per service. A post or flush on this service
+    /// afterwards (a parent's handler used in the child) does the work inline as when the pipe
+    /// is full, instead of writing to an fd number that may now be someone else's.
+    fileprivate func closeInForkedChild() {
+        guard pid != getpid(), !closed.exchange(true, ordering: .relaxed) else { return }
+        Glibc.close(readFD)
+        Glibc.close(writeFD)
+    }
+
     /// Whether the calling thread is a reader or this service (which must not wait for it).
     var callerMustNotWait: Bool { pthread_getspecific(threadKey) != nil }
 
@@ -94,6 +111,7 @@ final class HandlerService: @unchecked Sendable {
     @inline(__always)
     func post(_ record: inout Record) -> Bool {
         if record.kind == Record.Kind.failure.rawValue && queued.load(ordering: .relaxed) >= failureLimit { return false }
+        if closed.load(ordering: .relaxed) { return false }
         let size = MemoryLayout<Record>.size
         queued.add(1, ordering: .relaxed)
         for _ in 0..<3 {
@@ -109,7 +127,7 @@ final class HandlerService: @unchecked Sendable {
     /// Waits until every record posted before this call was handled. No-op on a reader or the
     /// service thread (the work may be waiting for them).
     func flush() {
-        if callerMustNotWait { return }
+        if callerMustNotWait || closed.load(ordering: .relaxed) { return }
         let sem = UnsafeMutablePointer<sem_t>.allocate(capacity: 1)
         sem_init(sem, 0, 0)
         defer {

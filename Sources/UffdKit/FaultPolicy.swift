@@ -200,7 +200,9 @@ public protocol FaultPolicy: Sendable {
     /// failed it (`resolution` is ``Resolution/fail`` over the range; `context.reader` is -1 and there is no
     /// scratch). On a reader it should not allocate (see ``FaultHandler``'s notes on fork).
     /// A policy that marks state when it decides (a granule "moving") must undo it here, so a
-    /// failure never blocks the page for good. Default: nothing.
+    /// failure never blocks the page for good. Also called, with no fallback and no failure
+    /// report, when the ioctl (errno EAGAIN) or its fallback (errno the ioctl's) met EAGAIN: an
+    /// event is pending, and the fault is decided again once the events are read. Default: nothing.
     func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext)
 
     /// The policy serving a forked child's faults (``FaultHandler/ForkHandling/serveWithSamePolicy``):
