@@ -75,7 +75,16 @@ static void minimal_resolve(struct uctx *c, uint64_t addr) {
     }
     case CUBENCH_OP_MOVE: {
         struct uffdio_move a = {.dst = dst, .src = (uint64_t)(uintptr_t)(c->src + off), .len = len, .mode = 0};
-        rc = ioctl(c->uffd, UFFDIO_MOVE, &a);
+        // A THP source moved into a NOHUGEPAGE destination is split first, and the split fails
+        // with EBUSY while a transient reference is held (the folio still in a per-CPU LRU
+        // batch, a concurrent compaction scan). Seen once in a full bench run; a few retries
+        // settle it. A donor that stays shared (fork, KSM) still ends as the EBUSY error.
+        for (int tries = 0; tries < 64; tries++) {
+            a.move = 0;
+            rc = ioctl(c->uffd, UFFDIO_MOVE, &a);
+            if (rc == 0 || errno != EBUSY || a.move != 0) break;
+            sched_yield();
+        }
         break;
     }
     }
