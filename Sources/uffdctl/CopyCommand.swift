@@ -173,13 +173,10 @@ struct CopyCommand: ParsableCommand {
         plan.thpAligned = installMode != nil && memory == .anon
         if memory == .anon, installMode == .automatic || installMode == .move {
             // Ask for huge pages (THP "madvise" is the common setting): the moved windows are
-            // huge pages only in a MADV_HUGEPAGE (or THP "always") region; THP "never" still
-            // wins, and the windows are then copied from the donor.
-            plan.prepare = { region in
-                do { try region.advise(MADV_HUGEPAGE) } catch {
-                    throw CLIError.failed("madvise(MADV_HUGEPAGE) of the region: \(error)")
-                }
-            }
+            // huge pages only in a MADV_HUGEPAGE (or THP "always") region. THP "never" still
+            // wins, and a kernel without THP refuses the advice (EINVAL): either way the
+            // installer finds the region not THP-eligible and copies the windows from the donor.
+            plan.prepare = { region in try? region.advise(MADV_HUGEPAGE) }
         }
         plan.reportHugePages = true
         plan.armed = { s in if let served { try ws.armed(s, range: served, source: pageSource) } }
