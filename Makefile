@@ -29,6 +29,8 @@ deps:
 
 # Remote and packed sources: libcurl (OpenSSL flavour) and libzstd to build; nginx-light and
 # moto's S3 server for the tests that start them (they skip with the reason when missing).
+# Where moto's virtual environment lives (outside the repo; the S3 tests look there too).
+MOTO_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/uffdkit/moto-venv
 APT_INSTALL = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(1); \
 	else sudo apt-get update -qq && sudo apt-get install -y -qq $(1); fi
 deps-remote:
@@ -38,7 +40,14 @@ deps-remote:
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || pkgs="$$pkgs nginx-light"; \
 	command -v curl >/dev/null || pkgs="$$pkgs curl"; \
 	if [ -n "$$pkgs" ]; then echo "installing$$pkgs"; $(call APT_INSTALL,$$pkgs); fi
-	@command -v moto_server >/dev/null || { echo "installing moto[server]"; python3 -m pip install -q 'moto[server]'; }
+	@# moto goes into a virtual environment of its own (Debian's python3 refuses pip installs into
+	@# the system, PEP 668); best effort: the S3 tests skip with the reason when it is missing.
+	@if ! command -v moto_server >/dev/null && [ ! -x "$(MOTO_VENV)/bin/moto_server" ]; then \
+		echo "installing moto[server] into $(MOTO_VENV)"; \
+		python3 -c 'import ensurepip' 2>/dev/null || { $(call APT_INSTALL,python3-venv); }; \
+		{ python3 -m venv "$(MOTO_VENV)" && "$(MOTO_VENV)/bin/pip" install -q 'moto[server]'; } \
+			|| echo "warning: moto[server] could not be installed: the S3 tests will skip with the reason"; \
+	fi
 
 build: deps
 	$(SWIFT) build $(CONFIG_FLAGS)
@@ -110,7 +119,7 @@ docs: deps
 clean:
 	rm -rf .build .build-*
 
-# The real-Firecracker rig (Tests/Firecracker; README "Testing against a real Firecracker").
+# The real-Firecracker rig (Tests/Firecracker; docs/firecracker-tests.md).
 # Firecracker v1.12.1 is fetched from PyPI into ~/.cache/uffdkit (never into the repo); the
 # guest is assembled at test time. The e2e tests are part of `make test` (uffdctlTests.FirecrackerTests).
 .PHONY: firecracker test-firecracker bench-firecracker

@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { E_FREE = 0, E_IN_FLIGHT, E_BUSY };
@@ -24,6 +25,7 @@ struct entry {
     uint32_t late_joins;   // faults that joined while it was being finished
     uint32_t waiters;
     struct uffd_msg msg;   // the first fault: its flags choose the fallback's kind
+    struct cuffd_prefetch_result *slot; // a prefetch claim's result; NULL for a fault's fetch
 };
 
 struct cuffd_deferred {
@@ -40,6 +42,10 @@ struct cuffd_deferred {
     uint32_t *active;      // indices in flight or busy (dense: a scan touches only these)
     uint32_t *freelist;
 };
+
+// A prefetch claim (cuffd_deferred_claim) has a result slot and no fault of its own (its msg
+// stays zeroed); a fault's fetch has no slot. finish() tells them apart by it.
+static bool is_prefetch(const struct entry *x) { return x->slot != NULL; }
 
 static uint64_t token_of(const struct cuffd_deferred *d, const struct entry *x) {
     return ((uint64_t)x->gen << 32) | (uint64_t)(x - d->e);
@@ -136,6 +142,7 @@ int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, u
     x->late_joins = 0;
     x->waiters = 1;
     x->msg = *msg;
+    x->slot = NULL;
     d->active[d->nactive++] = idx;
     if (deadline_ns < atomic_load_explicit(&d->next_deadline, memory_order_relaxed))
         atomic_store_explicit(&d->next_deadline, deadline_ns, memory_order_relaxed);
@@ -249,6 +256,9 @@ static int perform_claimed(struct cuffd_deferred *d, struct entry *x, struct cuf
     return outcome;
 }
 
+static int finish_prefetch(struct cuffd_deferred *d, struct entry *x, uint32_t op, uint64_t src, int error,
+                           struct uffd_msg *msg_out, struct cuffd_resolution *res_out);
+
 static int finish(struct cuffd_deferred *d, uint64_t token, uint32_t op, uint64_t src, int error,
                   struct uffd_msg *msg_out, struct cuffd_resolution *res_out) {
     if (!d) return -EINVAL;
@@ -258,6 +268,7 @@ static int finish(struct cuffd_deferred *d, uint64_t token, uint32_t op, uint64_
     if (!x) d->st.late++;
     pthread_mutex_unlock(&d->mu);
     if (!x) return -why;
+    if (is_prefetch(x)) return finish_prefetch(d, x, op, src, error, msg_out, res_out);
     struct cuffd_resolution r = {.op = op, .dst = x->dst, .len = x->len, .src = src, .start_ns = x->start_ns};
     uint64_t retries = 0;
     int outcome = perform_claimed(d, x, &r, &retries);
@@ -364,4 +375,182 @@ void cuffd_deferred_get_stats(struct cuffd_deferred *d, struct cuffd_deferred_st
     *out = d->st;
     out->in_flight = d->nactive;
     pthread_mutex_unlock(&d->mu);
+}
+
+// MARK: - Prefetch claims (see "Prefetch through the table" in CUffd.h)
+
+int cuffd_deferred_claim(struct cuffd_deferred *d, uint64_t dst, uint64_t len, uint64_t page_size,
+                         uint32_t keep_free, struct cuffd_prefetch_result *slot, uint64_t *token) {
+    if (!d || !token || !slot) return -EINVAL;
+    uint64_t ps = page_size ? page_size : cuffd_page_size();
+    if (ps & (ps - 1)) return -EINVAL;
+    if (!len || ((dst | len) & (ps - 1)) || dst + len < dst) return -EINVAL;
+    memset(slot, 0, sizeof *slot);
+    pthread_mutex_lock(&d->mu);
+    int rc;
+    if (atomic_load_explicit(&d->closed, memory_order_relaxed)) {
+        rc = -ESHUTDOWN;
+        goto out;
+    }
+    for (uint32_t i = 0; i < d->nactive; i++) {
+        struct entry *x = &d->e[d->active[i]];
+        if (x->dst < dst + len && dst < x->dst + x->len) {
+            rc = 0; // a fault's fetch (or another claim) has it: it wakes its own waiters
+            goto out;
+        }
+    }
+    // Faults come first: a prefetch never takes the slots they may need.
+    if (d->nfree <= keep_free) {
+        rc = -ENOSPC;
+        goto out;
+    }
+    uint32_t idx = d->freelist[--d->nfree];
+    struct entry *x = &d->e[idx];
+    x->dst = dst;
+    x->len = len;
+    // The table's deadline applies the fallback, which is for faults; a claim is abandoned by
+    // its owner instead (cuffd_deferred_abandon), so the loop never expires it.
+    x->deadline_ns = UINT64_MAX;
+    x->page = ps;
+    x->start_ns = cuffd_now_ns();
+    x->state = E_IN_FLIGHT;
+    x->late_joins = 0;
+    x->waiters = 0;
+    memset(&x->msg, 0, sizeof x->msg);
+    x->slot = slot;
+    d->active[d->nactive++] = idx;
+    *token = token_of(d, x);
+    rc = 1;
+out:
+    pthread_mutex_unlock(&d->mu);
+    return rc;
+}
+
+// Installs a claim's bytes (op COPY) or drops it (op FAIL), never with the fallback: waiting
+// faults are woken (by the COPY, or by a WAKE over the range) and re-fault when their page is
+// still missing, to be decided as any fault is. Returns RESOLVED/EXISTED/GONE, or -ECANCELED
+// when the claim was dropped or its bytes could not be placed (the slot says why).
+static int finish_prefetch(struct cuffd_deferred *d, struct entry *x, uint32_t op, uint64_t src, int error,
+                           struct uffd_msg *msg_out, struct cuffd_resolution *res_out) {
+    const uint64_t dst = x->dst, len = x->len, ps = x->page;
+    uint64_t pos = 0, existed = 0;
+    int64_t copied = 0;
+    int outcome = CUFFD_OUTCOME_RESOLVED, err = 0;
+    if (op != CUFFD_OP_COPY) {
+        err = error > 0 ? error : EIO;
+        outcome = -ECANCELED;
+    }
+    const uint64_t give_up = cuffd_now_ns() + 1000000000ull; // EAGAIN for 1 s: drop it
+    for (unsigned spin = 0; outcome == CUFFD_OUTCOME_RESOLVED && pos < len;) {
+        int64_t done = 0;
+        int rc = cuffd_copy(d->uffd, dst + pos, src + pos, len - pos, 0, &done);
+        if (done > 0) {
+            pos += (uint64_t)done;
+            copied += done;
+        }
+        if (rc == 0) break;
+        switch (-rc) {
+        case EEXIST: // a fault (or the filler) got there first: keep it, go on after it
+            existed++;
+            pos += ps;
+            break;
+        case EAGAIN:
+            if (atomic_load_explicit(&d->closed, memory_order_relaxed) || cuffd_now_ns() >= give_up) {
+                err = EAGAIN;
+                outcome = -ECANCELED;
+            } else if (spin++ < 64) {
+                sched_yield();
+            } else {
+                usleep(100);
+            }
+            break;
+        case ENOENT:
+        case ESRCH:
+            err = -rc;
+            outcome = CUFFD_OUTCOME_GONE;
+            break;
+        default:
+            err = -rc;
+            outcome = -ECANCELED;
+            break;
+        }
+    }
+    if (outcome == CUFFD_OUTCOME_RESOLVED && existed) outcome = CUFFD_OUTCOME_EXISTED;
+    // Pages not copied by this call have threads that the COPY did not wake.
+    if (outcome != CUFFD_OUTCOME_RESOLVED && d->uffd >= 0) cuffd_wake(d->uffd, dst, len);
+    struct cuffd_resolution r = {.op = op, .dst = dst, .len = len, .src = src, .start_ns = x->start_ns,
+                                 .done = copied, .error = err, .end_ns = cuffd_now_ns()};
+    r.outcome = outcome > 0 ? (uint32_t)outcome : CUFFD_OUTCOME_NONE;
+    if (msg_out) memset(msg_out, 0, sizeof *msg_out);
+    pthread_mutex_lock(&d->mu);
+    struct cuffd_prefetch_result *s = x->slot;
+    s->copied = copied;
+    s->existed_pages = existed;
+    s->joined = x->waiters;
+    s->error = err;
+    s->outcome = outcome > 0 ? outcome : CUFFD_OUTCOME_FAILED;
+    s->end_ns = r.end_ns;
+    s->done = 1;
+    x->slot = NULL;
+    bool late = release(d, x, op == CUFFD_OP_COPY ? EALREADY : ECANCELED);
+    pthread_mutex_unlock(&d->mu);
+    if (late) cuffd_wake(d->uffd, dst, len);
+    if (res_out) *res_out = r;
+    return outcome;
+}
+
+int cuffd_deferred_abandon(struct cuffd_deferred *d, uint64_t token, int error) {
+    if (!d) return -EINVAL;
+    uint32_t idx = (uint32_t)token, gen = (uint32_t)(token >> 32);
+    pthread_mutex_lock(&d->mu);
+    // Being delivered right now: let that finish (its slot is written before it is freed).
+    while (idx < d->cap && d->e[idx].gen == gen && d->e[idx].state == E_BUSY)
+        pthread_cond_wait(&d->idle, &d->mu);
+    int why = 0;
+    struct entry *x = claim(d, token, &why);
+    pthread_mutex_unlock(&d->mu);
+    if (!x) return -why;
+    if (!is_prefetch(x)) { // not a claim: the fault's fetch keeps its own outcome model
+        pthread_mutex_lock(&d->mu);
+        x->state = E_IN_FLIGHT;
+        d->nbusy--;
+        pthread_cond_broadcast(&d->idle);
+        pthread_mutex_unlock(&d->mu);
+        return -EINVAL;
+    }
+    finish_prefetch(d, x, CUFFD_OP_FAIL, 0, error, NULL, NULL);
+    return 0;
+}
+
+int cuffd_deferred_claims_wait(struct cuffd_deferred *d, uint32_t below, uint64_t timeout_ns) {
+    if (!d) return -EINVAL;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until); // the table's condition variable keeps the default clock
+    uint64_t ns = (uint64_t)until.tv_nsec + timeout_ns;
+    until.tv_sec += (time_t)(ns / 1000000000ull);
+    until.tv_nsec = (long)(ns % 1000000000ull);
+    pthread_mutex_lock(&d->mu);
+    int n;
+    for (;;) {
+        if (atomic_load_explicit(&d->closed, memory_order_relaxed)) {
+            n = -ESHUTDOWN;
+            break;
+        }
+        n = 0;
+        for (uint32_t i = 0; i < d->nactive; i++)
+            if (is_prefetch(&d->e[d->active[i]])) n++;
+        if ((uint32_t)n < below) break;
+        if (pthread_cond_timedwait(&d->idle, &d->mu, &until) == ETIMEDOUT) break;
+    }
+    pthread_mutex_unlock(&d->mu);
+    return n;
+}
+
+int cuffd_deferred_claim_result(struct cuffd_deferred *d, const struct cuffd_prefetch_result *slot,
+                                struct cuffd_prefetch_result *out) {
+    if (!d || !slot || !out) return -EINVAL;
+    pthread_mutex_lock(&d->mu);
+    *out = *slot;
+    pthread_mutex_unlock(&d->mu);
+    return out->done;
 }

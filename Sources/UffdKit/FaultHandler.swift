@@ -131,6 +131,10 @@ public final class FaultHandler: Sendable {
     /// Whether the reader threads run.
     public var isRunning: Bool { state.withLock { $0.run != nil } }
 
+    /// The current run's table of deferred resolutions (nil when stopped or disabled): a
+    /// ``Prefetcher`` claims ranges in it so that faults join its fetches.
+    var deferredTable: DeferredTable? { state.withLock { $0.run?.deferred } }
+
     /// Starts the reader threads and returns once every one of them waits for faults (so the
     /// owner may fork right away), or throws. Sets O_NONBLOCK on the fd (the loop needs it). A
     /// handler may be started again after ``stop()``; its stats keep counting across runs.

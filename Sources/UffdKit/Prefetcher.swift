@@ -32,6 +32,15 @@ import Musl
 ///   (ENOENT, or no longer in the ``ServedRange``) and a source that fails for a page skip
 ///   those pages: the fault path serves them if they are touched, with its own error handling.
 ///   No faulting thread ever waits on the filler.
+/// - Remote and packed sources (a ``DeferredSource``, started with ``start(alongside:)``): the
+///   filler does not read; it claims each recorded chunk in the handler's table of deferred
+///   resolutions (``Options/deferredFetches`` in flight, in recorded order, yielding to queued
+///   faults before each claim and leaving half the table to faults) and the source's thread
+///   installs the chunk when it arrives, waking the faults that joined the claim (a fault on a
+///   claimed chunk waits for that fetch instead of starting its own). A fetch that fails, is
+///   older than the handler's ``FaultHandler/Options/deferredDeadline``, or is still out when
+///   the filler stops is dropped: its range is woken, never given the fallback, and a joined
+///   fault re-faults to be served (or given the fallback) as any fault.
 public final class Prefetcher: @unchecked Sendable {
     /// Filler configuration.
     public struct Options: Sendable {
@@ -49,6 +58,11 @@ public final class Prefetcher: @unchecked Sendable {
         /// filler (`ChunkedSource.prefetch(chunk:)`: into its cache, joining fetches in flight,
         /// the source's own connection limit bounding the concurrency). 0: none.
         public var chunksAhead: Int = 16
+        /// For a ``DeferredSource`` started with ``Prefetcher/start(alongside:)``: chunks of the
+        /// list fetched at once through the handler's table of deferred resolutions (a fault on
+        /// a chunk being prefetched joins that fetch instead of starting its own). 0: the
+        /// synchronous filler (`bytes(at:count:scratch:)` on the filler thread).
+        public var deferredFetches: Int = 16
 
         /// The defaults: 256 KiB batches, 2 ms of yielding to faults at most, not pinned.
         public init() {}
@@ -82,7 +96,8 @@ public final class Prefetcher: @unchecked Sendable {
         public var plannedPages = 0
         /// The memory's page size.
         public var pageSize = 0
-        /// Pages the filler installed.
+        /// Recorded pages the filler installed (through the deferred path a chunk's other
+        /// pages come with it: ``extraPages``).
         public var prefetchedPages = 0
         /// Pages a fault took first: already present when the filler got there (EEXIST), or
         /// seen faulting by the shared tracker and passed over without an ioctl. Normal.
@@ -113,6 +128,14 @@ public final class Prefetcher: @unchecked Sendable {
         public var sourceErrors = 0
         /// The last error, if any.
         public var lastError: String? = nil
+        /// Through the handler's deferred table: chunks the filler fetched, faults that joined
+        /// one of those fetches, chunks a fault's own fetch already had (left to it), and
+        /// fetches dropped (source failure, deadline, stop: their range is woken, never given
+        /// the fallback; joined faults re-fault and are served as any fault).
+        public var deferredChunks = 0, faultsJoined = 0, chunksTakenByFaults = 0, droppedFetches = 0
+        /// Through the handler's deferred table: pages outside the recording installed with
+        /// their chunk (the source's unit, as a fault's fetch would); unused ones are wasted.
+        public var extraPages = 0
         /// Seconds from the filler's start to the last recorded page present (nil unless finished).
         public var timeToLastPage: Double? = nil
         /// Seconds the filler ran so far.
@@ -148,6 +171,13 @@ public final class Prefetcher: @unchecked Sendable {
     /// Whether the handler's faults report how far down the list they are (shared tracker).
     private let followsFaults: Bool
     private let planned: Int
+    /// For a DeferredSource: its chunks in list order (each once, clipped to the source and the
+    /// range) and, per chunk, its recorded pages (`chunkPages[pageSpan]`).
+    private let deferredChunks: [(offset: Int, length: Int, pageSpan: Range<Int>)]
+    /// The source as a DeferredSource: itself, or the deferred view of a serve region's
+    /// ``ImageWindow`` over a deferred image (what the region's ``DeferredCopyPolicy`` fetches).
+    private let deferredSource: (any DeferredSource)?
+    private let chunkPages: [Int]
     private let state = Mutex<State>(State())
     private let stopRequested = Atomic<Bool>(false)
     private let counters = Counters()
@@ -166,6 +196,8 @@ public final class Prefetcher: @unchecked Sendable {
         let batches = Atomic<Int>(0), copies = Atomic<Int>(0), wakes = Atomic<Int>(0)
         let yielded = Atomic<Int>(0), retries = Atomic<Int>(0), sourceErrors = Atomic<Int>(0)
         let skippedAhead = Atomic<Int>(0)
+        let deferredChunks = Atomic<Int>(0), faultsJoined = Atomic<Int>(0), takenByFaults = Atomic<Int>(0)
+        let dropped = Atomic<Int>(0), extra = Atomic<Int>(0)
     }
 
     /// Prepares a filler of `range` from `source` with the pages of `workingSet`.
@@ -231,6 +263,32 @@ public final class Prefetcher: @unchecked Sendable {
             }
         }
         self.chunkOrder = order
+        var dchunks: [(offset: Int, length: Int, pageSpan: Range<Int>)] = []
+        var dpages: [Int] = []
+        var deferred = source as? any DeferredSource
+        if deferred == nil, let w = source as? ImageWindow, let image = w.image as? any DeferredSource,
+           DeferredImageWindow.usable(image: image, offset: w.offset, pageSize: ps) {
+            deferred = DeferredImageWindow(image: image, offset: w.offset, length: w.length)
+        }
+        deferredSource = deferred
+        if let ds = deferred, ds.chunkSize > 0, ds.chunkSize % ps == 0 {
+            let cs = ds.chunkSize
+            let limit = Swift.min(range.length, (ds.length + ps - 1) / ps * ps)
+            var byChunk: [Int: [Int]] = [:]
+            var firsts: [Int] = []
+            for off in offsets where off < limit {
+                let c = off / cs
+                if byChunk[c] == nil { firsts.append(c) }
+                byChunk[c, default: []].append(off / ps)
+            }
+            for c in firsts {
+                let pages = byChunk[c]!
+                dchunks.append((c * cs, Swift.min(cs, limit - c * cs), dpages.count..<(dpages.count + pages.count)))
+                dpages += pages
+            }
+        }
+        self.deferredChunks = dchunks
+        self.chunkPages = dpages
         self.runChunkPosition = positions
         followsFaults = tracker?.publishRanks(offsets.map { $0 / ps }) ?? false
     }
@@ -241,6 +299,10 @@ public final class Prefetcher: @unchecked Sendable {
     /// between batches (e.g. whether the handler still runs).
     /// - Throws: ``UffdError`` `.handler` when the thread or its descriptor cannot be made.
     public func start(stopWhen: (@Sendable () -> Bool)? = nil) throws(UffdError) {
+        try start(stopWhen: stopWhen, table: nil, keepFree: 0)
+    }
+
+    private func start(stopWhen: (@Sendable () -> Bool)?, table: DeferredTable?, keepFree: Int) throws(UffdError) {
         let result: Result<Void, UffdError> = state.withLock { st in
             guard !st.started else { return .success(()) }
             let userFD = uffd.fd
@@ -249,7 +311,7 @@ public final class Prefetcher: @unchecked Sendable {
             // use a reused fd number.
             let fd = fcntl(userFD, F_DUPFD_CLOEXEC, 0)
             guard fd >= 0 else { return .failure(UffdError(.handler, Errno(rawValue: errno), detail: "dup of the userfaultfd")) }
-            let job = Filler(owner: self, fd: fd, stopWhen: stopWhen)
+            let job = Filler(owner: self, fd: fd, stopWhen: stopWhen, table: table, keepFree: keepFree)
             st.startNs = monotonicNanoseconds()
             var t = pthread_t()
             let arg = Unmanaged.passRetained(job).toOpaque()
@@ -266,9 +328,15 @@ public final class Prefetcher: @unchecked Sendable {
         try result.get()
     }
 
-    /// Starts the filler alongside `handler`: it ends when the handler stops.
+    /// Starts the filler alongside `handler`: it ends when the handler stops. A
+    /// ``DeferredSource`` (e.g. a remote or packed ``ChunkedSource``) served by the handler's
+    /// ``DeferredCopyPolicy`` is prefetched through the handler's table of deferred resolutions
+    /// (``Options/deferredFetches`` chunks in flight, in recorded order, never taking more than
+    /// half the table from the faults): a fault on a chunk being prefetched joins that fetch.
     public func start(alongside handler: FaultHandler) throws(UffdError) {
-        try start(stopWhen: { [weak handler] in !(handler?.isRunning ?? false) })
+        let table = options.deferredFetches > 0 && !deferredChunks.isEmpty ? handler.deferredTable : nil
+        try start(stopWhen: { [weak handler] in !(handler?.isRunning ?? false) }, table: table,
+                  keepFree: handler.options.maxDeferredFetches / 2)
     }
 
     /// Stops the filler after its current ioctl and waits for it. Idempotent.
@@ -311,6 +379,11 @@ public final class Prefetcher: @unchecked Sendable {
         s.retries = counters.retries.load(ordering: .relaxed)
         s.runsSkippedAhead = counters.skippedAhead.load(ordering: .relaxed)
         s.sourceErrors = counters.sourceErrors.load(ordering: .relaxed)
+        s.deferredChunks = counters.deferredChunks.load(ordering: .relaxed)
+        s.faultsJoined = counters.faultsJoined.load(ordering: .relaxed)
+        s.chunksTakenByFaults = counters.takenByFaults.load(ordering: .relaxed)
+        s.droppedFetches = counters.dropped.load(ordering: .relaxed)
+        s.extraPages = counters.extra.load(ordering: .relaxed)
         s.lastError = st.lastError
         s.ending = st.ending
         let end = st.endNs != 0 ? st.endNs : monotonicNanoseconds()
@@ -340,10 +413,15 @@ public final class Prefetcher: @unchecked Sendable {
         let owner: Prefetcher
         let fd: Int32
         let stopWhen: (@Sendable () -> Bool)?
-        init(owner: Prefetcher, fd: Int32, stopWhen: (@Sendable () -> Bool)?) {
+        /// The handler's deferred table, when the source is prefetched through it.
+        let table: DeferredTable?
+        let keepFree: Int
+        init(owner: Prefetcher, fd: Int32, stopWhen: (@Sendable () -> Bool)?, table: DeferredTable?, keepFree: Int) {
             self.owner = owner
             self.fd = fd
             self.stopWhen = stopWhen
+            self.table = table
+            self.keepFree = keepFree
         }
     }
 
@@ -373,6 +451,10 @@ public final class Prefetcher: @unchecked Sendable {
             return
         }
         let fd = job.fd
+        if let table = job.table, let ds = deferredSource {
+            fillDeferred(job, table, ds, &ending, &lastError)
+            return
+        }
         // The list, then the parts skipped because the faults went past them (most of those
         // pages faulted meanwhile and are passed over without an ioctl).
         var requestedChunks = 0
@@ -431,6 +513,167 @@ public final class Prefetcher: @unchecked Sendable {
             }
             q += 1
         }
+    }
+
+    /// The list through the handler's deferred table: each chunk claimed (a fault on it joins
+    /// the claim), fetched by the source, delivered by its thread with one UFFDIO_COPY that
+    /// wakes the joined faults. At most ``Options/deferredFetches`` in flight; before each claim
+    /// the filler yields to queued faults; chunks whose recorded pages all faulted are passed
+    /// over, chunks a fault's fetch has are left to it. A claim in flight longer than the
+    /// handler's deadline, and every claim left when the filler ends early, is dropped: its range
+    /// is woken (no fallback), so a joined fault re-faults and gets its own fetch.
+    private func fillDeferred(_ job: Filler, _ table: DeferredTable, _ ds: any DeferredSource,
+                              _ ending: inout Ending, _ lastError: inout String?) {
+        let ps = range.pageSize
+        let n = Swift.max(1, options.deferredFetches)
+        let slots = UnsafeMutablePointer<cuffd_prefetch_result>.allocate(capacity: n)
+        slots.initialize(repeating: cuffd_prefetch_result(), count: n)
+        var pending = [(token: UInt64, chunk: Int, startNs: UInt64)?](repeating: nil, count: n)
+        var inFlight = 0
+        var gone = false
+        let keepFree = UInt32(clamping: job.keepFree)
+
+        func account(_ r: cuffd_prefetch_result, _ chunk: Int) {
+            let c = deferredChunks[chunk]
+            counters.faultsJoined.add(Int(r.joined), ordering: .relaxed)
+            switch r.outcome {
+            case Int32(CUFFD_OUTCOME_RESOLVED.rawValue), Int32(CUFFD_OUTCOME_EXISTED.rawValue):
+                // The recorded pages count as installed or found present (a fault took them
+                // first); the chunk's other pages came with it (the source's unit).
+                let recorded = c.pageSpan.count
+                var present = chunkPages[c.pageSpan].reduce(0) { $0 + (tracker.faulted(page: $1) ? 1 : 0) }
+                if present == 0 { present = Swift.min(recorded, Int(r.existed_pages)) }
+                counters.existed.add(present, ordering: .relaxed)
+                counters.prefetched.add(recorded - present, ordering: .relaxed)
+                counters.extra.add(Swift.max(0, Int(r.copied) / ps - (recorded - present)), ordering: .relaxed)
+                counters.copies.add(1, ordering: .relaxed)
+                var p = c.offset / ps
+                let end = (c.offset + c.length) / ps
+                while p < end {
+                    if tracker.faulted(page: p) { p += 1; continue }
+                    var q = p + 1
+                    while q < end && !tracker.faulted(page: q) { q += 1 }
+                    tracker.notePrefetched(firstPage: p, count: q - p)
+                    p = q
+                }
+            case Int32(CUFFD_OUTCOME_GONE.rawValue):
+                if r.error == ESRCH { gone = true }
+                counters.skipped.add(c.pageSpan.count, ordering: .relaxed)
+            default:
+                counters.dropped.add(1, ordering: .relaxed)
+                counters.skipped.add(c.pageSpan.count, ordering: .relaxed)
+                if r.error != ECANCELED { counters.sourceErrors.add(1, ordering: .relaxed) }
+                lastError = "prefetch of offset \(c.offset)+\(c.length): \(Errno(rawValue: r.error))"
+            }
+        }
+        /// Takes in what finished; drops claims older than the handler's deadline.
+        func reap() {
+            let now = monotonicNanoseconds()
+            for i in 0..<n {
+                guard let p = pending[i] else { continue }
+                var r = cuffd_prefetch_result()
+                if cuffd_deferred_claim_result(table.raw, slots + i, &r) == 0 {
+                    guard now &- p.startNs > table.deadlineNanos else { continue }
+                    _ = cuffd_deferred_abandon(table.raw, p.token, ETIMEDOUT)
+                    guard cuffd_deferred_claim_result(table.raw, slots + i, &r) != 0 else { continue }
+                }
+                account(r, p.chunk)
+                pending[i] = nil
+                inFlight -= 1
+            }
+        }
+        defer {
+            // Claims still out are dropped (a delivery in progress ends first); after a
+            // handler's cancel nothing writes the slots any more.
+            for i in 0..<n {
+                guard let p = pending[i] else { continue }
+                _ = cuffd_deferred_abandon(table.raw, p.token, ECANCELED)
+                var r = cuffd_prefetch_result()
+                if cuffd_deferred_claim_result(table.raw, slots + i, &r) != 0 {
+                    account(r, p.chunk)
+                } else {
+                    // Cancelled with the handler: woken, nothing installed.
+                    counters.dropped.add(1, ordering: .relaxed)
+                    counters.skipped.add(deferredChunks[p.chunk].pageSpan.count, ordering: .relaxed)
+                }
+            }
+            slots.deallocate()
+        }
+        /// Waits until some claim in the table ends (the fillers of other regions of the
+        /// same handler claim in it too), at most `timeout` ns.
+        func awaitAClaim(timeout: UInt64 = 20_000_000) -> Int32 {
+            let now = cuffd_deferred_claims_wait(table.raw, UInt32.max, 0)
+            guard now > 0 else { return now }
+            return cuffd_deferred_claims_wait(table.raw, UInt32(now), timeout)
+        }
+        func shouldEnd() -> Bool {
+            if stopRequested.load(ordering: .relaxed) { ending = .stopped; return true }
+            if let stopWhen = job.stopWhen, stopWhen() { ending = .handlerStopped; return true }
+            if gone { ending = .processGone; return true }
+            return false
+        }
+
+        var ci = 0
+        while ci < deferredChunks.count {
+            if shouldEnd() { return }
+            reap()
+            if inFlight >= n {
+                if awaitAClaim() == -ESHUTDOWN {
+                    ending = .handlerStopped
+                    return
+                }
+                continue
+            }
+            let c = deferredChunks[ci]
+            if chunkPages[c.pageSpan].allSatisfy({ tracker.faulted(page: $0) }) {
+                counters.existed.add(c.pageSpan.count, ordering: .relaxed)
+                ci += 1
+                continue
+            }
+            guard let addr = range.address(ofOffset: c.offset), let at = range.locate(addr),
+                  Int(at.segmentEnd - addr) >= c.length else {
+                counters.skipped.add(c.pageSpan.count, ordering: .relaxed)  // unmapped or split since
+                ci += 1
+                continue
+            }
+            yieldToFaults(job.fd)
+            let slot = pending.firstIndex(where: { $0 == nil })!
+            var token: UInt64 = 0
+            let rc = cuffd_deferred_claim(table.raw, UInt64(addr), UInt64(c.length), UInt64(ps), keepFree, slots + slot, &token)
+            switch rc {
+            case 1:
+                pending[slot] = (token, ci, monotonicNanoseconds())
+                inFlight += 1
+                counters.deferredChunks.add(1, ordering: .relaxed)
+                counters.batches.add(1, ordering: .relaxed)
+                ds.fetch(offset: c.offset, length: c.length, into: DeferredFetch(table: table, token: token, address: addr, length: c.length))
+                ci += 1
+            case 0:
+                // A fault's fetch has the chunk: its recorded pages are the fault's.
+                counters.takenByFaults.add(1, ordering: .relaxed)
+                counters.existed.add(c.pageSpan.count, ordering: .relaxed)
+                ci += 1
+            case -ENOSPC:
+                // The faults' share of the table is in use: they come first.
+                if inFlight == 0 { usleep(200) } else { _ = awaitAClaim(timeout: 1_000_000) }
+            case -ESHUTDOWN:
+                ending = .handlerStopped
+                return
+            default:
+                counters.skipped.add(c.pageSpan.count, ordering: .relaxed)
+                lastError = "prefetch claim of \(hex(addr))+\(c.length): \(Errno(rawValue: -rc))"
+                ci += 1
+            }
+        }
+        while inFlight > 0 {
+            if shouldEnd() { return }
+            reap()
+            if inFlight > 0, awaitAClaim() == -ESHUTDOWN {
+                ending = .handlerStopped
+                return
+            }
+        }
+        if gone { ending = .processGone }
     }
 
     /// Installs one run: pages a fault already took are passed over (no source read, no

@@ -6,12 +6,12 @@ import UffdKit
 struct ContinueCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "continue",
-        abstract: "Minor faults on shmem, shmem-private or hugetlb resolved with UFFDIO_CONTINUE.",
+        abstract: "Minor faults on shmem, hugetlb or their private mappings resolved with UFFDIO_CONTINUE.",
         discussion: """
             Fills the page cache through a second shared view of the memfd (the pattern), \
             registers the first view for minor faults, and maps each faulting page with \
             UFFDIO_CONTINUE; every byte is then compared with the pattern. With \
-            --memory shmem-private the registered view is a private mapping of the memfd: \
+            --memory shmem-private or hugetlb-private the registered view is a private mapping of the memfd: \
             CONTINUE maps the page cache into it and writes copy the page, so the second \
             view keeps the pattern. \
             Default session: 64 MiB shmem, 2 threads.
@@ -28,12 +28,13 @@ struct ContinueCommand: ParsableCommand {
         let memory = session.memoryChoice ?? .shmem
         try session.validateCommon()
         guard memory != .anon else {
-            throw CLIError.usage("continue needs --memory shmem or hugetlb (or shmem-private): minor faults need a page cache, not \(memory.rawValue)")
+            throw CLIError.usage("continue needs --memory shmem or hugetlb (or shmem-private, hugetlb-private): minor faults need a page cache, not \(memory.rawValue)")
         }
         // A private view's writes land in private copies of the pages, not in the page cache.
-        let privateView = memory == .shmemPrivate
+        let privateView = memory.kind.isPrivateFile
         let size = try session.regionSize(pageSize: memory.pageSize, memory: memory)
-        try session.checkHugePages(size, memory: memory)
+        // hugetlb-private: the page cache, and a private copy of each page written.
+        try session.checkHugePages(size, regions: privateView && session.write ? 2 : 1, memory: memory)
 
         var plan = SessionPlan("continue", options: session, memory: memory, size: size, handling: .handler(
             features: SessionSteps.memoryFeatures(memory, minor: true), modes: .minor, needed: .continue,

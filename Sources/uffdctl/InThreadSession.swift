@@ -105,7 +105,7 @@ extension CopyCommand {
         case .named(let spec):
             throw .usage("--in-thread reads local raw files only: --source \(spec) is remote or packed (drop --in-thread)")
         }
-        let zeroNeeds: Ioctls = memory == .hugetlb ? .copy : .zeropage
+        let zeroNeeds: Ioctls = memory.isHugetlb ? .copy : .zeropage
         return .inThread(features: SessionSteps.memoryFeatures(memory), modes: .missing,
                          needed: policy.isZero ? zeroNeeds : .copy, unit: nil, policy: { _ in policy })
     }

@@ -12,7 +12,7 @@ func cliError(_ e: UffdError, memory: MemoryType? = nil, what: String) -> CLIErr
                            fix: "EVENT_FORK needs CAP_SYS_PTRACE: run as root or grant it (e.g. setcap cap_sys_ptrace+ep uffdctl)")
     case (.api, _):
         return .notAllowed("\(what): \(e)", fix: "this kernel lacks the feature; see `uffdctl features` (a newer kernel offers it)")
-    case (.map, .noMemory) where memory == .hugetlb, (.map, .invalidArgument) where memory == .hugetlb:
+    case (.map, .noMemory) where memory?.isHugetlb == true, (.map, .invalidArgument) where memory?.isHugetlb == true:
         let total = meminfoValue("HugePages_Total") ?? 0
         return .notAllowed("\(what): cannot map hugetlb memory (\(e.errno))",
                            fix: "reserve huge pages as root: echo \(total + 64) > /proc/sys/vm/nr_hugepages")
@@ -42,7 +42,7 @@ enum SessionSteps {
         switch memory {
         case .anon: return []
         case .shmem, .shmemPrivate: return minor ? .minorShmem : .missingShmem
-        case .hugetlb: return minor ? .minorHugetlbfs : .missingHugetlbfs
+        case .hugetlb, .hugetlbPrivate: return minor ? .minorHugetlbfs : .missingHugetlbfs
         }
     }
 

@@ -8,6 +8,7 @@ enum MemoryType: String, ExpressibleByArgument, CaseIterable, Sendable, Codable 
     case shmem
     case shmemPrivate = "shmem-private"
     case hugetlb
+    case hugetlbPrivate = "hugetlb-private"
 
     var kind: MappedRegion.Kind {
         switch self {
@@ -15,11 +16,15 @@ enum MemoryType: String, ExpressibleByArgument, CaseIterable, Sendable, Codable 
         case .shmem: .shmem
         case .shmemPrivate: .shmemPrivate
         case .hugetlb: .hugetlb
+        case .hugetlbPrivate: .hugetlbPrivate
         }
     }
 
+    /// Whether huge pages back it (hugetlb, mapped shared or private).
+    var isHugetlb: Bool { self == .hugetlb || self == .hugetlbPrivate }
+
     /// The page size of this memory (the huge page size for hugetlb).
-    var pageSize: Int { self == .hugetlb ? (UffdKit.hugePageSize ?? 2 << 20) : basePageSize }
+    var pageSize: Int { isHugetlb ? (UffdKit.hugePageSize ?? 2 << 20) : basePageSize }
 }
 
 /// The order in which workers touch their pages.
@@ -35,7 +40,7 @@ struct SessionOptions: ParsableArguments {
     var size: String?
 
     @Option(name: .customLong("memory"),
-            help: ArgumentHelp("Memory type: anon, shmem, shmem-private or hugetlb (default anon; continue: shmem).",
+            help: ArgumentHelp("Memory type: anon, shmem, shmem-private, hugetlb or hugetlb-private (default anon; continue: shmem).",
                                valueName: "memory"))
     var memoryChoice: MemoryType?
 
@@ -114,7 +119,7 @@ struct SessionOptions: ParsableArguments {
 
     /// Exit 3 with the sysctl fix when hugetlb memory of `bytes` cannot be backed.
     func checkHugePages(_ bytes: Int, regions: Int = 1, memory: MemoryType? = nil) throws(CLIError) {
-        guard (memory ?? self.memory) == .hugetlb else { return }
+        guard (memory ?? self.memory).isHugetlb else { return }
         guard let hp = UffdKit.hugePageSize else {
             throw .notAllowed("this kernel reports no huge page size (hugetlb unavailable)",
                               fix: "use --memory anon or shmem, or a kernel with CONFIG_HUGETLBFS")

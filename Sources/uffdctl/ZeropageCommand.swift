@@ -29,7 +29,7 @@ struct ZeropageCommand: ParsableCommand {
         try session.checkHugePages(size)
 
         // hugetlb has no UFFDIO_ZEROPAGE: the policy copies zeros there.
-        let copiesZeros = memory == .hugetlb
+        let copiesZeros = memory.isHugetlb
         var plan = SessionPlan("zeropage", options: session, memory: memory, size: size, handling: .handler(
             features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: copiesZeros ? .copy : .zeropage,
             policy: { ZeroFillPolicy(region: $0.region) }), expected: .zero)

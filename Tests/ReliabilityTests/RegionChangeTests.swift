@@ -25,9 +25,26 @@ final class RegionChangeTests: XCTestCase {
 
     /// Decided: threads blocked on pages that get unmapped are released (the handler's COPY
     /// finds no VMA: ENOENT → `gone`, and the waiters are woken, or the fault was resolved
-    /// before the unmap); a thread that then retries the access gets SIGSEGV, as for any
-    /// access to unmapped memory. The handler keeps running and reports no failure.
+    /// before the unmap; with EVENT_UNMAP a fault decided after the event is on memory the
+    /// policy's range no longer holds: its gone answer meets no VMA either); a thread that then
+    /// retries the access gets SIGSEGV, as for any access to unmapped memory. The handler keeps
+    /// running and reports no failure.
+    ///
+    /// The hole is held by a PROT_NONE mapping placed right after munmap returns, so no other
+    /// mapping of this process (the sanitizer's allocator, a thread stack) can land there later
+    /// and hand a woken thread its bytes instead of SIGSEGV; should one have taken it in the
+    /// instant before, the attempt proves nothing and is run again (``attempts(_:_:)``). The kernel treats it as unmapped
+    /// memory for both sides: the handler's ioctls find no registered VMA (ENOENT → `gone`), a
+    /// retried access faults (SIGSEGV). Right after munmap, not after the policy has handled
+    /// the UNMAP event: munmap returns only once the handler has read the event, and waiting
+    /// longer would only widen the window in which another mapping can take the hole.
     func munmapInFlight(features: Features) throws {
+        try attempts("munmap features=\(features)") { try munmapInFlightAttempt(features: features) }
+    }
+
+    /// One run of ``munmapInFlight(features:)``; false (nothing asserted on the pages) when
+    /// another mapping took the hole before the test could hold it.
+    func munmapInFlightAttempt(features: Features) throws -> Bool {
         let ps = basePageSize, len = pages * ps
         let base = rawAnon(len)
         let uffd = try Userfaultfd(features: features)
@@ -44,8 +61,11 @@ final class RegionChangeTests: XCTestCase {
         }
         usleep(60_000) // some faults resolved, most queued
         XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
+        let hold = holdHole(base, len)
+        defer { if let hold { munmap(hold, len) } }
         XCTAssertTrue(waitFor(done, 25), "a thread is still blocked after the unmap")
         h.stop()
+        guard hold != nil else { return false }
         let got = results.withLock { $0 }
         assertPages(got, Array(0..<pages)) { p in
             got?[p] == .sigsegv ? .sigsegv : .value(patternWord(p))
@@ -56,6 +76,89 @@ final class RegionChangeTests: XCTestCase {
         XCTAssertEqual(st.failures, 0, "\(h.failures().prefix(3))")
         if features.contains(.eventUnmap) { XCTAssertEqual(st.unmapEvents, 1, "\(st)") }
         report("munmap features=\(features) sigsegv=\(segv) gone=\(st.gone) fallbacks=\(st.fallbacks) resolved=\(st.resolutions[.copy] ?? 0)")
+        return true
+    }
+
+    /// Runs `attempt` until it could hold its hole (at most 3 times): an attempt whose hole
+    /// another mapping took first (the sanitizer's allocator, mapping on another thread in the
+    /// instant between munmap and the hold) says nothing either way and is run again.
+    func attempts(_ what: String, _ attempt: () throws -> Bool) throws {
+        for n in 1...3 {
+            if try attempt() { return }
+            report("\(what): attempt \(n): another mapping took the unmapped hole before the test held it; running again")
+        }
+        XCTFail("\(what): in 3 attempts another mapping always took the unmapped hole before the test could hold it")
+    }
+
+    /// Holds the unmapped `[base, base+len)` with a PROT_NONE mapping (accesses: SIGSEGV; the
+    /// handler's ioctls: no registered VMA, ENOENT). nil when another mapping took (part of) the
+    /// hole first: what a woken thread reads there is then not ours to assert.
+    func holdHole(_ base: UInt, _ len: Int) -> UnsafeMutableRawPointer? {
+        let want = UnsafeMutableRawPointer(bitPattern: base)
+        let p = mmap(want, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        guard let p, p != MAP_FAILED else { return nil }
+        guard p == want else { munmap(p, len); return nil }
+        return p
+    }
+
+    /// Decided, and made deterministic: a fault read before an UNMAP event and decided after
+    /// the policy followed it (its range no longer holds the page) is `gone`, not a policy
+    /// failure; its thread is woken and its retry gets SIGSEGV. One reader holds the fault in
+    /// the policy while the other reads the event. Before: "outside the policy's range", a
+    /// failure and a fallback.
+    func testFaultDecidedAfterItsUnmapIsGone() throws {
+        try isolated {
+            try requireFeatures([.eventUnmap])
+            try attempts("fault decided after its unmap") { try faultDecidedAfterItsUnmapAttempt() }
+        }
+    }
+
+    /// One run of ``testFaultDecidedAfterItsUnmapIsGone()``; false when the hole was taken.
+    func faultDecidedAfterItsUnmapAttempt() throws -> Bool {
+        let ps = basePageSize, len = pages * ps, page = 5
+        let base = rawAnon(len)
+        let uffd = try Userfaultfd(features: [.eventUnmap])
+        try uffd.register(base, length: len, modes: .missing)
+        let copy = CopyPolicy(start: base, length: len, source: PatternSource(length: len))
+        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+        let policy = ClosurePolicy(inner: copy) { f, ctx in
+            entered.signal()
+            _ = proceed.wait(timeout: .now() + 20) // watchdog: never holds the reader for good
+            return try copy.resolve(f, context: ctx)
+        }
+        let h = FaultHandler(uffd: uffd, policy: policy, options: options(.zeroFill, readers: 2, batch: 1))
+        try h.start()
+        let done = DispatchSemaphore(value: 0)
+        let access = Locked<Int32>(-1)
+        spawn {
+            var v: UInt64 = 0
+            let rc = rel_read_u64(UnsafePointer<UInt64>(bitPattern: base + UInt(page * ps))!, &v)
+            access.withLock { $0 = rc }
+            done.signal()
+        }
+        XCTAssertTrue(waitFor(entered, 10), "the fault never reached the policy")
+        // Returns once the other reader has read the UNMAP event.
+        XCTAssertEqual(munmap(UnsafeMutableRawPointer(bitPattern: base), len), 0)
+        let hold = holdHole(base, len)
+        defer { if let hold { munmap(hold, len) } }
+        guard hold != nil else {
+            proceed.signal()
+            XCTAssertTrue(waitFor(done, 20), "the faulting thread is still blocked")
+            h.stop()
+            return false
+        }
+        let deadline = Date().addingTimeInterval(10)
+        while copy.range.contains(base), Date() < deadline { usleep(1_000) }
+        XCTAssertFalse(copy.range.contains(base), "the policy did not follow the UNMAP event")
+        proceed.signal()
+        XCTAssertTrue(waitFor(done, 20), "the faulting thread is still blocked")
+        h.stop()
+        XCTAssertEqual(access.withLock { $0 }, Int32(REL_ACCESS_SIGSEGV.rawValue), "the retry did not get SIGSEGV")
+        let st = h.stats()
+        XCTAssertEqual(st.failures + st.fallbacks, 0, "\(h.failures().prefix(3))")
+        XCTAssertEqual(st.gone, 1, "\(st)")
+        XCTAssertEqual(st.unmapEvents, 1, "\(st)")
+        return true
     }
 
     func testMunmapWhileFaultsInFlight() throws {
@@ -125,8 +228,9 @@ final class RegionChangeTests: XCTestCase {
     /// Decided: with EVENT_REMAP the policy follows the move (CopyPolicy updates its start);
     /// every page read through the new address has the source's data. A thread still using
     /// the old address gets SIGSEGV (as without userfaultfd); a fault queued at the old address
-    /// is answered (its COPY finds no VMA, or the policy rejects it and the fallback acts on
-    /// the faulting page) and its thread woken. Nothing blocks.
+    /// is answered (its COPY finds no VMA; decided after the REMAP event, the policy's range
+    /// remembers the old address as gone and its ZEROPAGE finds no VMA: `gone` either way, no
+    /// failure, no fallback) and its thread woken. Nothing blocks.
     func testMremapWhileFaultsInFlight() throws {
         try isolated {
             try requireFeatures([.eventRemap])
@@ -180,6 +284,7 @@ final class RegionChangeTests: XCTestCase {
             let zeros = after?.values.filter { $0 == .value(0) }.count ?? 0
             XCTAssertLessThanOrEqual(zeros, h.stats().fallbacks == 0 ? 0 : pages)
             XCTAssertEqual(h.stats().remapEvents, 1)
+            XCTAssertEqual(h.stats().fallbacks + h.stats().failures, 0, "\(h.failures().prefix(3))")
             report("mremap remapEvents=\(h.stats().remapEvents) fallbacks=\(h.stats().fallbacks) gone=\(h.stats().gone) zeroPagesAfter=\(zeros)")
         }
     }

@@ -48,6 +48,13 @@ public func freePort() -> Int {
     return Int(UInt16(bigEndian: addr.sin_port))
 }
 
+/// Where `make deps` puts moto's virtual environment (the Makefile's MOTO_VENV).
+public var motoVenvBin: String {
+    let env = ProcessInfo.processInfo.environment
+    let cache = env["XDG_CACHE_HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? ((env["HOME"] ?? "/root") + "/.cache")
+    return cache + "/uffdkit/moto-venv/bin"
+}
+
 /// Waits until something accepts connections on the port.
 public func waitForPort(_ port: Int, seconds: Double = 10) -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
@@ -175,8 +182,8 @@ public final class MotoS3: @unchecked Sendable {
     public var endpoint: String { "http://127.0.0.1:\(port)" }
 
     public init() throws {
-        guard let moto = findExecutable("moto_server") else {
-            throw XCTSkip("moto_server not installed (make deps: pip install 'moto[server]')")
+        guard let moto = findExecutable("moto_server", extra: [motoVenvBin]) else {
+            throw XCTSkip("moto_server not installed (neither on PATH nor in \(motoVenvBin); make deps installs it)")
         }
         guard findExecutable("curl") != nil else { throw XCTSkip("curl not installed") }
         let dir = try makeTempDir("moto")

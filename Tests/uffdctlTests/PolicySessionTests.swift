@@ -42,4 +42,41 @@ final class PolicySessionTests: XCTestCase {
         XCTAssertEqual(number(r.json, "fallbacks"), 0)
         XCTAssertNotNil((r.json?["resolutions"] as? [String: Any]).flatMap { number($0, "copy") })
     }
+
+    /// `--memory hugetlb-private` (a hugetlb memfd mapped private) in every session that
+    /// supports it: copy, zeropage (zeros copied; also --in-thread), continue (the page cache through the shared
+    /// view; --write copies stay private), writeprotect, poison; move says it needs anon.
+    /// Before: exit 2, "hugetlb-private" was not a --memory value.
+    func testHugetlbPrivateSessions() throws {
+        let path = "/proc/sys/vm/nr_hugepages"
+        guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
+            throw XCTSkip("cannot read \(path)")
+        }
+        do { try "\(old + 8)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
+            throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
+        }
+        defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let sessions: [[String]] = [["copy"], ["zeropage"], ["zeropage", "--in-thread"], ["continue", "--write"], ["writeprotect"], ["poison"]]
+        for args in sessions {
+            let r = try runUffdctl(args + ["--memory", "hugetlb-private", "--size", "4M", "--json"], timeout: 60)
+            if r.code == 3, r.stderr.contains("huge pages") {
+                throw XCTSkip("huge pages were taken by another process: \(r.stderr)")
+            }
+            XCTAssertEqual(r.code, 0, "\(args): \(r.stderr)")
+            XCTAssertEqual(r.json?["memory"] as? String, "hugetlb-private", "\(args)")
+            XCTAssertEqual(flag(r.json, "verified"), true, "\(args)")
+            XCTAssertEqual(number(r.json, "page_size"), Double(2 << 20), "\(args)")
+            XCTAssertEqual(number(r.json, "failures"), 0, "\(args)")
+            if args[0] == "zeropage" { XCTAssertEqual(r.json?["zero_fill"] as? String, "copy") }
+            if args[0] == "continue" {
+                XCTAssertEqual((r.json?["checks"] as? [String: Any]).flatMap { flag($0, "second_view_agrees") }, true,
+                               "private writes reached the page cache")
+            }
+        }
+        let move = try runUffdctl(["move", "--memory", "hugetlb-private", "--size", "4M"])
+        XCTAssertEqual(move.code, 2, move.stderr)
+        XCTAssertTrue(move.stderr.contains("anonymous memory only"), move.stderr)
+        let help = try runUffdctl(["copy", "--help"])
+        XCTAssertTrue(help.stdout.contains("hugetlb-private"), help.stdout)
+    }
 }

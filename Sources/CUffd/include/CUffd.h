@@ -350,6 +350,56 @@ size_t cuffd_deferred_cancel(struct cuffd_deferred *d);
 /// A snapshot of the counters.
 void cuffd_deferred_get_stats(struct cuffd_deferred *d, struct cuffd_deferred_stats *out);
 
+// MARK: Prefetch through the table
+//
+// A prefetcher claims a range in the same table without a fault, so that a fault arriving on
+// it joins the prefetch's fetch instead of starting its own (single flight for both):
+//
+//   prefetcher      cuffd_deferred_claim(range, slot) == 1 -> start a fetch with `token`
+//   fetcher (once)  cuffd_deferred_complete(token, bytes)  -> COPY (waking joined faults), EEXIST
+//                                                             pages kept and counted
+//                   cuffd_deferred_fail(token, errno)      -> dropped, same as _abandon
+//   prefetcher      cuffd_deferred_abandon(token, errno)   -> dropped: the range is woken, NO fallback
+//   prefetcher      cuffd_deferred_claims_wait(N)          -> bounds the claims in flight
+//
+// A prefetch failure is not a fault failure: a dropped claim wakes its range and the threads
+// that joined it re-fault, to get their own fetch (or the fallback) as any fault would. The
+// loop never expires a claim (its owner abandons it); cuffd_deferred_cancel wakes claims like
+// fetches. The result of a claim is written to its slot, under the table's mutex, before the
+// claim is freed; after a cancel a claim's slot is never written.
+
+/// How a prefetch claim ended (written once by the table; done = 1 when it is final).
+struct cuffd_prefetch_result {
+    int32_t done;          ///< 1 when finished by complete/fail/abandon (0: in flight, or cancelled)
+    int32_t outcome;       ///< RESOLVED, EXISTED, GONE, or FAILED (dropped: fail, abandon, a failed COPY)
+    int32_t error;         ///< the errno of a drop or of the COPY's failure, else 0
+    uint32_t joined;       ///< faults that joined the claim while it was in flight
+    int64_t copied;        ///< bytes installed
+    uint64_t existed_pages;///< pages someone filled first (EEXIST), kept
+    uint64_t end_ns;       ///< CLOCK_MONOTONIC time it ended
+};
+
+/// Claims `[dst, dst+len)` (aligned to `page_size`, 0: the base page) for a prefetch, leaving at
+/// least `keep_free` entries of the table to faults. Returns 1: claimed, finish `*token` once
+/// (complete, fail or abandon; `slot` receives the result and must live until then, or until
+/// the table is cancelled); 0: overlaps a range in flight (nothing claimed); -ENOSPC: fewer
+/// than keep_free + 1 entries free; -ESHUTDOWN: cancelled; -EINVAL: bad range.
+int cuffd_deferred_claim(struct cuffd_deferred *d, uint64_t dst, uint64_t len, uint64_t page_size,
+                         uint32_t keep_free, struct cuffd_prefetch_result *slot, uint64_t *token);
+
+/// Drops the prefetch claim `token` (waiting for a delivery of it in progress to end) without
+/// the fallback: wakes its range; `error` goes to its slot. Returns 0, -EINVAL when `token` is
+/// a fault's fetch (left alone), or -ECANCELED/-ESTALE/-EALREADY when it had already ended.
+int cuffd_deferred_abandon(struct cuffd_deferred *d, uint64_t token, int error);
+
+/// Waits (up to timeout_ns) until fewer than `below` prefetch claims are in flight. Returns
+/// how many are in flight then, or -ESHUTDOWN when the table was cancelled.
+int cuffd_deferred_claims_wait(struct cuffd_deferred *d, uint32_t below, uint64_t timeout_ns);
+
+/// Copies `slot` (of a claim of this table) to *out under the table's mutex; returns out->done.
+int cuffd_deferred_claim_result(struct cuffd_deferred *d, const struct cuffd_prefetch_result *slot,
+                                struct cuffd_prefetch_result *out);
+
 // MARK: - Dirty tracking (WP_ASYNC + PAGEMAP_SCAN) ------------------------------------------
 
 /// Opens /proc/self/pagemap read-only (close with close()).

@@ -38,7 +38,7 @@ public final class ContinuePolicy: FaultPolicy {
     /// Runs the hook on the page, then continues it. Missing faults (a page not in the page
     /// cache, when also registered for MISSING) are an error: the fallback applies.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        guard let at = range.locate(fault.address) else { return try goneOrOutside(fault, range) }
         let page = fault.address & ~UInt(pageSize - 1)
         switch fault.kind {
         case .minor:

@@ -44,7 +44,7 @@ public final class CopyPolicy: RangeFillingPolicy {
 
     /// Copies the faulting page from the source.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        guard let at = range.locate(fault.address) else { return try goneOrOutside(fault, range) }
         let page = fault.address & ~UInt(pageSize - 1)
         if fault.kind == .writeProtect { return .unprotect(page, length: pageSize) }
         let offset = at.offset - Int(fault.address - page)

@@ -15,6 +15,14 @@ import Synchronization
 /// `.wake` fallback the next fault on the granule tries the move again instead of being woken
 /// forever.
 ///
+/// A huge granule's move may fail part-way: with the donor in base pages the kernel moves page
+/// after page and stops at the first it cannot move (a hole: ENOENT; a shared page: EBUSY),
+/// leaving the pages before it moved. The granule is then "partly moved", and each later fault
+/// on it moves its own base page: what was moved stays (a whole move again would meet the first
+/// moved page, EEXIST, and only wake: the thread would re-fault forever), what can still be
+/// moved is moved, and only a page that cannot be gets the handler's fallback (a move of the
+/// rest of the granule would hand its fallback the donor pages after a hole as well).
+///
 /// A forked child (``forkedChild()``) has no donor (MADV_DONTFORK keeps it out of the child),
 /// so nothing can be moved into it: its faults on the range are errors, resolved by the child
 /// handler's fallback (default: SIGBUS in the child), and never touch this policy's state.
@@ -31,8 +39,9 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
     /// The donor region (kept alive).
     public let donor: MappedRegion
     // Per granule: notMoved, moving (the move was decided, its outcome not known yet: a failure
-    // resets it), or dropped after the move (zero-fill).
-    private static let notMoved: UInt8 = 0, moved: UInt8 = 1, dropped: UInt8 = 2
+    // resets it), dropped after the move (zero-fill), or partly moved (a huge granule's move
+    // failed part-way: base pages move one by one).
+    private static let notMoved: UInt8 = 0, moved: UInt8 = 1, dropped: UInt8 = 2, partial: UInt8 = 3
     private let state: UnsafeMutablePointer<Atomic<UInt8>>
     private let granules: Int
 
@@ -67,9 +76,15 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
         (0..<granules).reduce(0) { $0 + (state[$1].load(ordering: .relaxed) != MovePolicy.notMoved ? 1 : 0) }
     }
 
-    /// Moves the faulting granule the first time; zero-fills dropped ones; wakes duplicates.
+    /// Moves the faulting granule the first time; zero-fills dropped ones; moves the faulting base
+    /// page of a partly moved one; wakes duplicates; answers memory that is gone (unmapped).
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        guard let at = range.locate(fault.address) else {
+            // Gone: the faulting base page only (the granule may be a huge one, and a zeropage
+            // meeting a populated page first would only wake).
+            guard range.isGone(fault.address) else { throw outsideRange(fault, range) }
+            return .zeropage()
+        }
         if fault.kind == .writeProtect { return .unprotect() }
         let g = at.offset / granule
         let inGranule = at.offset - g * granule
@@ -85,15 +100,25 @@ public final class MovePolicy: FaultPolicy, @unchecked Sendable {
             }
             return .move(from: donorStart + UInt(g * granule), to: dst, length: granule)
         }
-        return old == MovePolicy.dropped ? .zeropage() : .wake()
+        switch old {
+        case MovePolicy.dropped: return .zeropage()
+        case MovePolicy.partial:
+            // The faulting base page was not moved (it faulted): move it alone.
+            let page = fault.address & ~UInt(basePageSize - 1)
+            return .move(from: donorStart + UInt(at.offset - Int(fault.address - page)), to: page, length: basePageSize)
+        default: return .wake()
+        }
     }
 
-    /// A move that did not happen: the granule is "not moved" again, so the next fault on it
-    /// moves it (the donor still holds it) instead of being woken forever.
+    /// A move that did not happen: a base-page granule is "not moved" again, so the next fault
+    /// on it moves it (the donor still holds it) instead of being woken forever. A huge
+    /// granule's move may have moved the pages before the one it stopped at: the granule is
+    /// "partly moved", its later faults move their own base page.
     public func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {
         guard resolution.operation == .move, let at = range.locate(resolution.start) else { return }
-        _ = state[at.offset / granule].compareExchange(expected: MovePolicy.moved, desired: MovePolicy.notMoved,
-                                                        ordering: .relaxed)
+        _ = state[at.offset / granule].compareExchange(
+            expected: MovePolicy.moved, desired: resolution.length > basePageSize ? MovePolicy.partial : MovePolicy.notMoved,
+            ordering: .relaxed)
     }
 
     /// Follows a remap of (part of) the range; marks granules touched by a remove/unmap as dropped.

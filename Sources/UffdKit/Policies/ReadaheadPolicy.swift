@@ -60,7 +60,7 @@ public final class ReadaheadPolicy<Inner: RangeFillingPolicy>: FaultPolicy {
         let page = fault.address & ~UInt(ps - 1)
         // The window stays inside the segment holding the page: after a partial remap the
         // next logical page may live elsewhere.
-        guard let at = inner.range.locate(page) else { throw outsideRange(fault, inner.range) }
+        guard let at = inner.range.locate(page) else { return try goneOrOutside(fault, inner.range) }
         let end = at.segmentEnd
         var pages = minPages
         var slot = -1

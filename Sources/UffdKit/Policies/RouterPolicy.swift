@@ -43,12 +43,16 @@ public final class RouterPolicy: FaultPolicy {
         self.routes = sorted
         self.starts = sorted.map(\.range.start)
         self.otherwise = otherwise
-        if sorted.contains(where: { $0.range.segments.count != 1 }) { moved.store(true, ordering: .relaxed) }
+        if sorted.contains(where: { $0.range.segments.count != 1 || !$0.range.leftBehind.isEmpty }) { moved.store(true, ordering: .relaxed) }
     }
 
     /// The policy of the route containing the fault.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
         if let r = route(for: fault.address) { return try r.policy.resolve(fault, context: context) }
+        // A route's memory that was unmapped or remapped away: gone, not the other policy's.
+        if moved.load(ordering: .acquiring), let r = routes.first(where: { $0.range.isGone(fault.address) }) {
+            return r.range.goneAnswer(fault)
+        }
         if let otherwise { return try otherwise.resolve(fault, context: context) }
         throw UffdError(.argument, .badAddress, detail: "no route for \(hex(fault.address))")
     }

@@ -11,6 +11,10 @@ import Synchronization
 /// are rare and run on the event path: they build a new segment table under a lock and publish
 /// it; the old tables stay allocated until the range is released, so a reader still scanning
 /// one never sees freed memory.
+///
+/// The range also remembers the addresses its bytes left (an unmapped part, the old place of a
+/// remapped part): a fault read before such an event but decided after it is on memory that is
+/// gone, not a routing mistake (``isGone(_:)``), and policies answer it with ``goneAnswer(_:)``.
 public final class ServedRange: @unchecked Sendable {
     /// A contiguous piece of the range: logical bytes `[offset, offset+length)` at `start`.
     public struct Segment: Sendable, Hashable {
@@ -43,14 +47,20 @@ public final class ServedRange: @unchecked Sendable {
     private let table: Atomic<UnsafeMutablePointer<Segment>>
     /// Every table ever published (freed on deinit); guards changes.
     private let tables: Mutex<[UnsafeMutablePointer<Segment>]>
+    /// The published table of addresses the range's bytes left (unmapped, or remapped away),
+    /// as segments (`offset` unused) sorted by address, terminated by a segment of length 0.
+    /// Written under `tables`' lock; its old tables are kept in `tables` as well.
+    private let left: Atomic<UnsafeMutablePointer<Segment>>
 
     /// A range of `length` bytes at `start`.
     public init(start: UInt, length: Int, pageSize: Int = basePageSize) {
         self.length = length
         self.pageSize = pageSize
         let first = ServedRange.makeTable(length > 0 ? [Segment(start: start, offset: 0, length: length)] : [])
+        let noneLeft = ServedRange.makeTable([])
         table = Atomic(first)
-        tables = Mutex([first])
+        left = Atomic(noneLeft)
+        tables = Mutex([first, noneLeft])
     }
 
     /// The range of a whole region.
@@ -58,10 +68,19 @@ public final class ServedRange: @unchecked Sendable {
         self.init(start: region.address, length: region.length, pageSize: region.pageSize)
     }
 
-    /// A new range with the same layout (a forked child's address space starts as a copy).
+    /// A new range with the same layout and the same addresses left behind (a forked child's
+    /// address space starts as a copy).
     public func copy() -> ServedRange {
         let r = ServedRange(start: 0, length: length, pageSize: pageSize)
         r.publish(segments)
+        let gone = leftBehind
+        if !gone.isEmpty {
+            r.tables.withLock { all in
+                let t = ServedRange.makeTable(gone)
+                all.append(t)
+                r.left.store(t, ordering: .releasing)
+            }
+        }
         return r
     }
 
@@ -96,6 +115,40 @@ public final class ServedRange: @unchecked Sendable {
     /// Whether `address` is in the range.
     @inline(__always)
     public func contains(_ address: UInt) -> Bool { locate(address) != nil }
+
+    /// Whether `address` held bytes of the range that were unmapped or remapped elsewhere since
+    /// (and no part of the range lives there now): a fault there, read before the event and
+    /// decided after it, is on memory that is gone. False for an address the range never
+    /// covered (that is a routing or registration mistake).
+    @inline(__always)
+    public func isGone(_ address: UInt) -> Bool {
+        if locate(address) != nil { return false }
+        var p = left.load(ordering: .acquiring)
+        while p.pointee.length != 0 {
+            if address >= p.pointee.start && address &- p.pointee.start < UInt(p.pointee.length) { return true }
+            p += 1
+        }
+        return false
+    }
+
+    /// The answer to a fault on memory that is gone (``isGone(_:)``): UFFDIO_ZEROPAGE on its
+    /// page. The kernel finds no registered VMA there and says ENOENT, which the handler counts
+    /// as `gone` and answers by waking the thread (whose retry then meets whatever is at the
+    /// address now: SIGSEGV where nothing is). Not a bare wake: should the address have been
+    /// mapped and registered on the same userfaultfd again since, the new memory gets a zero
+    /// page (what fresh memory reads) instead of re-faulting onto this answer forever.
+    @inline(__always)
+    public func goneAnswer(_ fault: Fault) -> Resolution {
+        .zeropage(fault.address & ~UInt(pageSize - 1), length: pageSize)
+    }
+
+    /// The address ranges the range's bytes left (unmapped, or remapped away), sorted by address.
+    public var leftBehind: [Segment] {
+        var out: [Segment] = []
+        var p = left.load(ordering: .acquiring)
+        while p.pointee.length != 0 { out.append(p.pointee); p += 1 }
+        return out
+    }
 
     /// The logical offset of `address`, or nil when it is outside the range.
     @inline(__always)
@@ -189,15 +242,63 @@ public final class ServedRange: @unchecked Sendable {
     }
 
     /// Applies `edit` to the current segments under the lock and publishes the result (sorted
-    /// by offset, neighbours that are contiguous in both address and offset merged).
+    /// by offset, neighbours that are contiguous in both address and offset merged). The
+    /// addresses that held bytes before and hold none after join the left-behind table.
     private func change(_ edit: ([Segment]) -> [Segment]?) -> Bool {
         tables.withLock { all in
-            guard let edited = edit(segments) else { return false }
-            let t = ServedRange.makeTable(ServedRange.normalized(edited))
+            let before = segments
+            guard let edited = edit(before) else { return false }
+            let after = ServedRange.normalized(edited)
+            let served = after.map { $0.start..<$0.end }
+            let vacated = ServedRange.subtract(before.map { $0.start..<$0.end }, served)
+            let oldLeft = leftBehind.map { $0.start..<$0.end }
+            let grown = ServedRange.merged(oldLeft + vacated)
+            // What the range holds again (a part remapped back) is no longer left behind.
+            let final = ServedRange.merged(ServedRange.subtract(grown, served))
+            func publishLeft(_ ranges: [Range<UInt>]) {
+                let l = ServedRange.makeTable(ranges.map { Segment(start: $0.lowerBound, offset: 0, length: Int($0.upperBound - $0.lowerBound)) })
+                all.append(l)
+                left.store(l, ordering: .releasing)
+            }
+            // Order matters to a reader that finds an address in no segment and then asks the
+            // left-behind table: addresses vacated are published as left behind before the
+            // segments lose them, and addresses served again are dropped from it only after
+            // the segments gain them. So a reader that saw the new segments sees the new table.
+            if grown != oldLeft { publishLeft(grown) }
+            let t = ServedRange.makeTable(after)
             all.append(t)
             table.store(t, ordering: .releasing)
+            if final != grown { publishLeft(final) }
             return true
         }
+    }
+
+    /// `a` without the addresses in `b`.
+    private static func subtract(_ a: [Range<UInt>], _ b: [Range<UInt>]) -> [Range<UInt>] {
+        var out = a
+        for cut in b {
+            out = out.flatMap { r -> [Range<UInt>] in
+                guard r.overlaps(cut) else { return [r] }
+                var pieces: [Range<UInt>] = []
+                if r.lowerBound < cut.lowerBound { pieces.append(r.lowerBound..<cut.lowerBound) }
+                if cut.upperBound < r.upperBound { pieces.append(cut.upperBound..<r.upperBound) }
+                return pieces
+            }
+        }
+        return out
+    }
+
+    /// Sorted by start, overlapping or touching ranges joined.
+    private static func merged(_ a: [Range<UInt>]) -> [Range<UInt>] {
+        var out: [Range<UInt>] = []
+        for r in a.sorted(by: { $0.lowerBound < $1.lowerBound }) where !r.isEmpty {
+            if let last = out.last, r.lowerBound <= last.upperBound {
+                out[out.count - 1] = last.lowerBound..<Swift.max(last.upperBound, r.upperBound)
+            } else {
+                out.append(r)
+            }
+        }
+        return out
     }
 
     private func publish(_ segs: [Segment]) {
@@ -233,4 +334,12 @@ extension ServedRange: CustomStringConvertible {
 /// A fault outside the memory a policy serves (a routing or registration mistake).
 func outsideRange(_ fault: Fault, _ range: ServedRange) -> UffdError {
     UffdError(.argument, .badAddress, detail: "fault at \(hex(fault.address)) outside the policy's range \(range)")
+}
+
+/// The answer to a fault the range does not hold: gone (``ServedRange/goneAnswer(_:)``) where
+/// the range's bytes were unmapped or remapped away, else an error (outside the range).
+@inline(never)
+func goneOrOutside(_ fault: Fault, _ range: ServedRange) throws(UffdError) -> Resolution {
+    guard range.isGone(fault.address) else { throw outsideRange(fault, range) }
+    return range.goneAnswer(fault)
 }

@@ -63,7 +63,7 @@ public final class WriteTrackerPolicy: FaultPolicy, @unchecked Sendable {
 
     /// Logs the page (saving it first in snapshot mode) and unprotects it.
     public func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
-        guard let at = range.locate(fault.address) else { throw outsideRange(fault, range) }
+        guard let at = range.locate(fault.address) else { return try goneOrOutside(fault, range) }
         let idx = at.offset / pageSize
         let page = fault.address & ~UInt(pageSize - 1)
         guard fault.kind == .writeProtect else { return .zeropage(page, length: pageSize) }
