@@ -347,7 +347,7 @@ enum InstallChoice: String, ExpressibleByArgument, CaseIterable {
             case .anon: break
             case .shmem, .shmemPrivate:
                 if self == .move { throw .usage("--install move needs --memory anon (UFFDIO_MOVE moves private anonymous pages); use --install copy") }
-            case .hugetlb:
+            case .hugetlb, .hugetlbPrivate:
                 throw .usage("\(name) does not apply to hugetlb memory (its pages are already huge); use --install off")
             }
             return self == .move ? .move : .copy
