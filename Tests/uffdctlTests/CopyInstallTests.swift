@@ -119,6 +119,44 @@ final class CopyInstallTests: XCTestCase {
         XCTAssertNotNil(number(a.json, "huge_page_bytes"))
     }
 
+    /// THP unavailable to the process (PR_SET_THP_DISABLE, inherited across exec): the default
+    /// install copies the windows from the donor, without error, and no huge page backs the region.
+    func testTHPDisabledProcessCopiesWindows() throws {
+        let python = "/usr/bin/python3"
+        guard FileManager.default.isExecutableFile(atPath: python) else { throw XCTSkip("needs \(python) to exec uffdctl with PR_SET_THP_DISABLE") }
+        let url = try makeFile(length)
+        defer { try? FileManager.default.removeItem(at: url) }
+        let exe = try uffdctlURL()
+        let script = """
+            import ctypes, os, sys
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(41, 1, 0, 0, 0) != 0: sys.exit("PR_SET_THP_DISABLE: errno %d" % ctypes.get_errno())
+            os.execv(sys.argv[1], sys.argv[1:])
+            """
+        let watchdog = "/usr/bin/timeout" // a hang fails the test (exit 137), never the suite
+        guard FileManager.default.isExecutableFile(atPath: watchdog) else { throw XCTSkip("needs \(watchdog) as the watchdog") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: watchdog)
+        p.arguments = ["-s", "KILL", "60", python, "-c", script, exe.path, "copy", "--source", "file:\(url.path)", "--json"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        XCTAssertEqual(p.terminationStatus, 0, text)
+        let j = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any]
+        XCTAssertEqual(flag(j, "verified"), true, text)
+        let i = install(j)
+        XCTAssertEqual(i?["mode"] as? String, "copy", text)
+        XCTAssertEqual(number(i, "moved"), 0)
+        XCTAssertEqual(number(i, "copied"), 3)
+        XCTAssertNotNil(i?["note"] as? String, "the report says why the windows are copied")
+        XCTAssertEqual(number(j, "huge_page_bytes"), 0, text)
+        XCTAssertEqual(number(j, "resolved_bytes"), Double(region))
+    }
+
     func testInstallBadInput() throws {
         let cases: [([String], String)] = [
             (["copy", "--install", "fast"], "--install"),
