@@ -377,6 +377,9 @@ func reportInstall(_ p: InstallPolicy, into notes: inout SessionNotes) {
         "mode": .string(mode), "moved": .int(s.moved), "copied": .int(s.copied), "fallbacks": .int(s.fallbacks),
         "prefetched": .int(s.prefetched), "joined": .int(s.joined), "stale": .int(s.stale), "failed": .int(s.failed),
         "bytes": .int(s.bytes), "window": .int(p.installer?.window ?? 0), "windows": .int(p.installer?.windows ?? 0),
+        // Where the installing threads' time went (summed over them): populating donors,
+        // reading the image into them, moving/copying them into place.
+        "alloc_ns": .int(Int(s.allocNs)), "fill_ns": .int(Int(s.fillNs)), "place_ns": .int(Int(s.placeNs)),
     ]
     if let why = p.fastPathUnavailable { object["note"] = .string(why) }
     notes.details["install"] = .object(object)
