@@ -187,7 +187,9 @@ struct CopyCommand: ParsableCommand {
                 let first = page * pageSize / basePageSize
                 return (first..<min(actions.count, first + pageSize / basePageSize)).contains { actions[$0] != .skip }
             })
-            let ra = readaheadName(window, pageSize: pageSize)
+            // With the installer, the faults it does not take get its copy path's window
+            // (--readahead, else adaptive up to a window).
+            let ra = readaheadName(installPolicy.map { $0.copyPath.window } ?? window, pageSize: pageSize)
             notes.details["source"] = .string(source)
             notes.details["readahead"] = .string(ra)
             var line = "source       \(source), readahead \(ra)"
