@@ -56,7 +56,7 @@ public final class WindowInstaller: @unchecked Sendable {
         public var stale: Int
         /// Installs that failed (source or ioctl error).
         public var failed: Int
-        /// Bytes installed.
+        /// Bytes installed (moved or copied; pages found in place are not counted).
         public var bytes: Int
         /// Nanoseconds the installing threads spent populating donors (zeroed huge pages),
         /// reading the image into them, and moving/copying them into place.
