@@ -18,8 +18,8 @@ struct CopyCommand: ParsableCommand {
             read of the source. \
             A raw file on anon memory is installed 2 MiB window at a time by default \
             (--install auto: read once into a huge-page donor and moved into place with \
-            UFFDIO_MOVE where THP can back the region, else copied from the donor; a stream is \
-            prefetched ahead on a second thread); the report gives the windows and the bytes \
+            UFFDIO_MOVE where THP can back the region, else copied from the donor; \
+            --install-prefetch N threads install ahead of a stream); the report gives the windows and the bytes \
             backed by huge pages. --install off, or an explicit --readahead, keeps the \
             per-fault copy path. \
             Default session: 64 MiB anon, pattern source, 2 threads.
@@ -43,8 +43,10 @@ struct CopyCommand: ParsableCommand {
     var install: InstallChoice = .auto
 
     @Option(name: .customLong("install-prefetch"),
-            help: ArgumentHelp("Threads installing the windows ahead of a sequential stream (0...4).", valueName: "n"))
-    var installPrefetch: Int = 1
+            help: ArgumentHelp("Threads installing the windows ahead of a sequential stream (0...4; they overlap reading with installing when a CPU is free).", valueName: "n"))
+    // 0 by default: on a shared 2-CPU machine a prefetch thread's donor population stalled in
+    // some runs (BENCHMARKS.md, "Lazy loads at memory speed"); the fault path alone was steady.
+    var installPrefetch: Int = 0
 
     @Option(name: .customLong("record-working-set"),
             help: ArgumentHelp("Record the order of first faults (page offset, time) to this file when the session ends.", valueName: "file"))

@@ -79,7 +79,7 @@ final class CopyInstallTests: XCTestCase {
         XCTAssertEqual(install(ra.json)?["mode"] as? String, "off", "an explicit --readahead keeps its per-fault meaning")
         XCTAssertEqual(ra.json?["readahead"] as? String, "64.0 KiB")
 
-        let copy = try runUffdctl(src + ["--install", "copy", "--threads", "2", "--access", "random"])
+        let copy = try runUffdctl(src + ["--install", "copy", "--threads", "2", "--access", "random", "--install-prefetch", "2"])
         XCTAssertEqual(copy.code, 0, copy.stderr + copy.stdout)
         XCTAssertEqual(flag(copy.json, "verified"), true)
         XCTAssertEqual(install(copy.json)?["mode"] as? String, "copy")
