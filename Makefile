@@ -141,3 +141,10 @@ bench-firecracker: release
 		--readahead 64K --readahead 2M --readahead adaptive --huge --mode sequential
 	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs $(FC_BENCH_RUNS) --markdown \
 		--readahead 64K --mode scattered
+
+# Issue 12's remote rows (BENCHMARKS.md "Real Firecracker restore from a remote server"): the snapshot
+# from nginx behind a proxy adding 1 ms per request, on demand vs --prefetch (~11 s per 4 KiB on-demand restore).
+.PHONY: bench-firecracker-remote
+bench-firecracker-remote: release
+	python3 Tests/Firecracker/fcrig.py bench --uffdctl .build/release/uffdctl --runs 5 --markdown \
+		--mode scattered --prefetch --remote-latency-ms 1

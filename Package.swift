@@ -92,7 +92,7 @@ let package = Package(
         // End-to-end tests that run the built uffdctl binary.
         .testTarget(
             name: "uffdctlTests",
-            dependencies: ["uffdctl", "UffdKit", "TestServers"]
+            dependencies: ["uffdctl", "UffdKit", "CUffdTestSupport", "TestServers"]
         ),
     ]
 )

@@ -3,6 +3,7 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <sched.h>
@@ -34,6 +35,22 @@ int cuffd_wait_readable(int fd, int timeout_ms) {
         if (rc >= 0) return rc > 0 ? 1 : 0;
         if (errno != EINTR) return -errno;
     }
+}
+
+int cuffd_service_pipe(int fds[2], size_t bytes) {
+    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+    int fl = fcntl(fds[1], F_GETFL);
+    if (fl < 0 || fcntl(fds[1], F_SETFL, fl | O_NONBLOCK) != 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    // Above /proc/sys/fs/pipe-max-size this fails (EPERM without CAP_SYS_RESOURCE): the
+    // default size stays, and the caller sees the capacity it got.
+    if (bytes <= INT_MAX) (void)fcntl(fds[1], F_SETPIPE_SZ, (int)bytes);
+    int cap = fcntl(fds[1], F_GETPIPE_SZ);
+    return cap > 0 ? cap : 4096;
 }
 
 // Cached on first use by whichever reader thread gets there: relaxed atomics, since several
@@ -192,6 +209,10 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     }
     // Someone else resolved the page meanwhile: that unblocks the thread as well.
     if (rc == -EEXIST) rc = cuffd_wake(uffd, start, len);
+    // An event (fork, REMOVE) is changing the address space: the fault is kept and decided
+    // again once it is read, as for any EAGAIN. A wake here would only make the thread
+    // re-fault into the same failure, once per round, for as long as the events keep coming.
+    if (rc == -EAGAIN && msg) return rc;
     if (rc < 0) {
         // Last resort: a wake. The thread re-faults and the fault is delivered again.
         cuffd_wake(uffd, start, len);
@@ -199,28 +220,56 @@ static int apply_fallback(int uffd, const struct uffd_msg *msg, const struct cuf
     return rc;
 }
 
+// ENOENT for a range wider than the faulting page may only mean that the range crosses a VMA
+// boundary (an mprotect or mmap split inside the registered range): the kernel refuses the
+// whole range while the faulting page itself is fine. Calling that "gone" would wake the
+// thread onto the same window forever. Retry the faulting page alone (base page; the huge
+// page when hugetlb refuses that); returns the retry's 0 or -errno, its bytes added to *done,
+// or the original -ENOENT when there is nothing narrower to try.
+static int retry_fault_page(int uffd, const struct uffd_msg *msg, const struct cuffd_resolution *res,
+                            int64_t *done) {
+    if (!msg || msg->event != UFFD_EVENT_PAGEFAULT || res->op == CUFFD_OP_MOVE || !covers_fault(msg, res))
+        return -ENOENT;
+    uint64_t a = msg->arg.pagefault.address;
+    uint64_t prior = *done > 0 ? (uint64_t)*done : 0;
+    // The fault's page was placed before the ENOENT: it is resolved.
+    if (a < res->dst + prior) return 0;
+    uint64_t sizes[2] = {base_page(), huge_page()};
+    int rc = -ENOENT;
+    for (int k = 0; k < 2; k++) {
+        uint64_t ps = sizes[k];
+        if (!ps || (k == 1 && ps <= sizes[0])) break;
+        uint64_t page = a & ~(ps - 1);
+        if (page < res->dst || page + ps > res->dst + res->len) break;
+        if (page == res->dst && ps == res->len) break; // what failed already
+        struct cuffd_resolution one = *res;
+        one.dst = page;
+        one.len = ps;
+        if (one.op == CUFFD_OP_COPY) one.src = res->src + (page - res->dst);
+        int64_t d = 0;
+        rc = perform(uffd, &one, &d);
+        if (d > 0) *done += d;
+        if (rc != -EINVAL) break;
+    }
+    return rc == -EINVAL ? -ENOENT : rc;
+}
+
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features) {
     int64_t done = 0;
     int rc = perform(uffd, res, &done);
-    if (rc == -ENOENT && done == 0 && res->op != CUFFD_OP_MOVE && msg && msg->event == UFFD_EVENT_PAGEFAULT &&
-        res->len > base_page() && covers_fault(msg, res)) {
-        // A range wider than the faulting page may cross a VMA boundary inside the registered
-        // memory (an mprotect of one page splits the VMA): the kernel then says ENOENT with no
-        // progress although the faulting page's own VMA is there. Calling it gone would wake
-        // the thread into the same fault forever: resolve the faulting page alone first.
-        struct cuffd_resolution one = *res;
-        one.dst = fault_page(msg);
-        one.len = base_page();
-        if (res->op == CUFFD_OP_COPY) one.src = res->src + (one.dst - res->dst);
-        int rc1 = perform(uffd, &one, &done);
-        if (rc1 != -ENOENT && rc1 != -EINVAL) {
-            // (EINVAL: a huge-page range, which has no base-page resolution: keep the ENOENT.)
-            *res = one;
-            rc = rc1;
-        } else {
-            done = 0;
+    if (rc == -ENOENT) {
+        int r1 = retry_fault_page(uffd, msg, res, &done);
+        if (r1 == 0) {
+            // The faulting page is in; the rest of the range is not (another VMA): wake the
+            // range so threads waiting elsewhere in it re-fault and are decided again.
+            cuffd_wake(uffd, res->dst, res->len);
+            res->done = done;
+            res->error = 0;
+            res->outcome = CUFFD_OUTCOME_RESOLVED;
+            return CUFFD_OUTCOME_RESOLVED;
         }
+        if (r1 != -ENOENT) rc = r1;
     }
     res->done = done;
     res->error = rc < 0 ? -rc : 0;
@@ -240,8 +289,11 @@ int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolut
         if (res->len) cuffd_wake(uffd, res->dst, res->len);
         outcome = CUFFD_OUTCOME_GONE;
     } else {
-        outcome = apply_fallback(uffd, msg, res, fallback, features) == 0
-                      ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
+        int frc = apply_fallback(uffd, msg, res, fallback, features);
+        // The op failed (res->error says why) and its fallback met EAGAIN: a retry, like the
+        // op's own EAGAIN, with the op's error kept so the caller can tell the two apart.
+        if (frc == -EAGAIN) return CUFFD_OUTCOME_RETRY;
+        outcome = frc == 0 ? CUFFD_OUTCOME_FALLBACK : CUFFD_OUTCOME_FAILED;
     }
     // Whatever the outcome, the wakes above covered the decider's range only. A range that
     // missed the faulting page would leave its thread asleep: wake it, so it re-faults (and is
@@ -319,6 +371,22 @@ static void expire_deferred(const struct cuffd_loop_config *cfg) {
     } while (k == 8);
 }
 
+// Waits before kept faults are retried, longer the more rounds in a row found nothing new
+// (see the end of cuffd_loop_run). Sets *stopping when the stop fd fires during the wait.
+static void retry_backoff(struct pollfd *pfd, nfds_t npfd, uint32_t idle_rounds, bool *stopping) {
+    if (idle_rounds <= 2) {
+        sched_yield();
+        return;
+    }
+    uint32_t shift = idle_rounds - 3 < 6 ? idle_rounds - 3 : 6;
+    long us = 16L << shift;
+    if (us > 1000) us = 1000;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = us * 1000L};
+    if (ppoll(pfd, npfd, &ts, NULL) > 0 && npfd == 2 &&
+        (pfd[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)))
+        *stopping = true;
+}
+
 // Room for one full read plus faults deferred by EAGAIN from the previous round.
 #define LOOP_CAP (2 * CUFFD_MAX_BATCH)
 // While stopping, the number of rounds that may still find messages before the loop gives up
@@ -342,6 +410,7 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
     bool stopping = false;
     int drain_rounds = 0;
     uint32_t spins = 0;
+    uint32_t idle_retries = 0; // consecutive rounds that only retried kept faults
 
     for (;;) {
         // Wait for work, unless retries are pending (their event is already queued).
@@ -413,8 +482,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
                 st->retries++;
                 // The bytes done before the EAGAIN are in place: count them now.
                 st->bytes += (uint64_t)(r->done > 0 ? r->done : 0);
-                r->outcome = CUFFD_OUTCOME_NONE;
-                r->error = EAGAIN;
+                // In the batch as RETRY: `complete` tells the decider its decision did not
+                // happen (error EAGAIN: the op met it; another error: the op failed and its
+                // fallback met EAGAIN), so what it marked when deciding (a granule "moving")
+                // is undone before the fault is decided again. Not a failure report: the
+                // fault has not ended.
+                r->outcome = CUFFD_OUTCOME_RETRY;
+                if (!r->error) r->error = EAGAIN;
                 if (!last_round && kept < CUFFD_MAX_BATCH) {
                     retry[i] = 1;
                     kept++;
@@ -447,6 +521,13 @@ int cuffd_loop_run(const struct cuffd_loop_config *cfg, struct cuffd_loop_stats 
         }
         if (last_round) return 0;
         pending = kept;
-        if (pending) sched_yield();
+        // Faults kept for a retry wait for the address-space change that made them meet EAGAIN.
+        // Reading its event is not always enough: the changing thread (MADV_DONTNEED, fork,
+        // mremap) still has to run to finish it, and until it does every retry meets EAGAIN
+        // again. So a round that read nothing new backs off: a yield or two, then a wait on the
+        // uffd and the stop fd that grows from 16 µs to 1 ms. New messages (the next event or
+        // fault) end the wait at once; a stop is seen there too. No spinning storm of ioctls.
+        idle_retries = (pending && n == 0) ? idle_retries + 1 : 0;
+        if (pending) retry_backoff(pfd, npfd, idle_retries, &stopping);
     }
 }

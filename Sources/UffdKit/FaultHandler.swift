@@ -26,6 +26,13 @@ import Musl
 /// - Deferred resolution: a policy may answer "not yet" (``FaultContext/deferFill(_:length:pageSize:)``
 ///   and ``Resolution/deferred``) and deliver the bytes later from any thread; see
 ///   ``DeferredFetch`` and ``DeferredSource``.
+/// - Fork: with EVENT_FORK a reader only reads fork events; a service thread (one per process,
+///   see `FaultHandlerService.swift`) adopts the child's fd, calls ``FaultPolicy/handle(event:context:)``
+///   with `.fork` and starts the child's handler, because fork() holds the malloc locks until
+///   its event is read, and a reader that allocates would deadlock with the next fork. The
+///   same thread reports failures (``Options/onFailure``). A policy's own work on the reader
+///   (resolve, events other than fork, ``FaultPolicy/failed(_:resolution:errno:context:)``)
+///   should not allocate either, or a concurrent fork can deadlock with it.
 /// - Stats: each reader counts privately; once per batch it publishes its counters and records
 ///   the batch's latencies under its own, otherwise uncontended, lock; ``stats()`` merges them.
 ///
@@ -81,8 +88,10 @@ public final class FaultHandler: Sendable {
         public var spinPolls: UInt32 = 0
         /// What happens to the child's fd on fork events.
         public var forkHandling: ForkHandling = .serveWithSamePolicy
-        /// Called on the reader thread (or a deferred source's thread) for each failure (keep
-        /// it short; it may allocate).
+        /// Called for each failure (keep it short; it may allocate), after the faulting thread
+        /// was released: on the reader thread, before it reads the next fault; with EVENT_FORK
+        /// on the process's handler service thread instead (see ``FaultHandler``'s notes on
+        /// fork); on a deferred source's thread for a fetch the source failed.
         public var onFailure: (@Sendable (HandlerFailure) -> Void)? = nil
         /// How many failures ``FaultHandler/failures()`` keeps (the oldest are dropped).
         public var failureLogCapacity: Int = 256
@@ -111,6 +120,10 @@ public final class FaultHandler: Sendable {
     /// The configuration.
     public let options: Options
     private let sink: HandlerSink
+    /// EVENT_FORK: a fork waits (holding the malloc locks) for a reader to read its event, so
+    /// readers hand allocating work to the service thread. Without it no fork waits for a
+    /// reader, and readers report failures themselves, in order with the faults.
+    private var forksPossible: Bool { uffd.features.contains(.eventFork) }
     private let state = Mutex(State())
 
     private struct State: @unchecked Sendable {
@@ -161,12 +174,15 @@ public final class FaultHandler: Sendable {
         if fl >= 0 && fl & O_NONBLOCK == 0 { _ = fcntl(userFD, F_SETFL, fl | O_NONBLOCK) }
         let files = try ReaderFiles(dupOf: userFD)
         let deferred = options.maxDeferredFetches > 0
-            ? try DeferredTable(uffd: files.uffd, options: options, features: uffd.features, sink: sink) : nil
+            ? try DeferredTable(uffd: files.uffd, options: options, features: uffd.features, sink: sink,
+                                   policy: policy) : nil
         let page = basePageSize
         let slot = (policy.scratchBytes + page - 1) / page * page
         let perRead = options.readers > 1 ? options.sharedBatch : options.batch
         var batch = Swift.min(Swift.max(perRead, 1), Int(CUFFD_MAX_BATCH))
         if slot > 0 { batch = Swift.max(1, Swift.min(batch, (64 << 20) / slot)) }
+        // Up before any reader: fork events and failure reports go there (see HandlerService).
+        let service = forksPossible ? HandlerService.running() : nil
         let ready = ReadySignal()
         var readers: [Reader] = []
         for i in 0..<Swift.max(1, options.readers) {
@@ -174,7 +190,7 @@ public final class FaultHandler: Sendable {
             if let cpus = options.cpus, !cpus.isEmpty { cpu = cpus[i % cpus.count] }
             guard let r = Reader(index: i, files: files, ready: ready, deferred: deferred, features: uffd.features,
                                  userModeOnly: uffd.userModeOnly, policy: policy, batch: batch, slot: slot,
-                                 cpu: cpu, options: options, sink: sink) else {
+                                 cpu: cpu, options: options, sink: sink, service: service) else {
                 deferred?.cancel()
                 throw UffdError(.handler, .noMemory, detail: "scratch memory")
             }
@@ -224,6 +240,15 @@ public final class FaultHandler: Sendable {
             if pthread_equal(t, me) != 0 { pthread_detach(t) } else { pthread_join(t, nil) }
         }
         run.deferred?.cancel()
+        // The readers' last fork events and failure reports are handled (children adopted)
+        // before the children are stopped and the stats summed. Not from a reader or the
+        // service thread: that work may be waiting for them.
+        if forksPossible { HandlerService.running()?.flush() }
+        let dropped = sink.droppedReports.exchange(0, ordering: .relaxed)
+        if dropped > 0 {
+            sink.reportLoop(UffdError(.handler, .noBufferSpace,
+                                      detail: "\(dropped) failure reports were dropped: the handler's service thread fell behind (failures() misses them; the stats count them)"))
+        }
         var s = HandlerStats()
         for r in run.readers { r.merge(into: &s) }
         run.deferred?.merge(into: &s)
@@ -252,8 +277,16 @@ public final class FaultHandler: Sendable {
     }
 
     /// The most recent failures (at most ``Options/failureLogCapacity``).
-    public func failures() -> [HandlerFailure] { sink.failureLog() }
+    /// With EVENT_FORK, failures are reported by the service thread, after the faulting thread
+    /// was released: this waits for the reports of faults already resolved (except on a reader
+    /// or in an `onFailure` callback).
+    public func failures() -> [HandlerFailure] {
+        if forksPossible { HandlerService.running()?.flush() }
+        return sink.failureLog()
+    }
 
-    /// Errors that ended a reader's loop early (poll/read failures), if any.
+    /// Errors that ended a reader's loop early (poll/read failures), a child handler that could
+    /// not start, and (ENOBUFS, at ``stop()``) how many failure reports were dropped because
+    /// the service thread fell behind.
     public func loopErrors() -> [UffdError] { sink.loopErrorLog() }
 }

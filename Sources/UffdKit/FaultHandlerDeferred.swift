@@ -17,11 +17,16 @@ final class DeferredTable: @unchecked Sendable {
     let sink: HandlerSink
     let features: Features
     let deadlineNanos: UInt64
+    /// Told of fetches that failed on the source's thread (expiries reach it on the reader).
+    let policy: any FaultPolicy
+    /// The context those calls get: no reader (index -1), no scratch.
+    let failureContext: FaultContext
     /// From claiming a range to finishing it, one sample per finished fetch (finishes run on
     /// any thread: a lock per fetch, never per fault).
     let latency = Mutex(HandlerStats.makeHistogram())
 
-    init(uffd: Int32, options: FaultHandler.Options, features: Features, sink: HandlerSink) throws(UffdError) {
+    init(uffd: Int32, options: FaultHandler.Options, features: Features, sink: HandlerSink,
+         policy: any FaultPolicy) throws(UffdError) {
         var p: OpaquePointer? = nil
         let rc = cuffd_deferred_create(uffd, UInt32(clamping: options.maxDeferredFetches), options.fallback.rawValue,
                                        features.rawValue, &p)
@@ -29,6 +34,8 @@ final class DeferredTable: @unchecked Sendable {
         raw = p
         self.sink = sink
         self.features = features
+        self.policy = policy
+        failureContext = FaultContext(fd: uffd, features: features, reader: -1, scratchBase: nil, slotSize: 0)
         let (s, atto) = options.deferredDeadline.components
         deadlineNanos = UInt64(clamping: s) &* 1_000_000_000 &+ UInt64(clamping: atto / 1_000_000_000)
     }
@@ -45,9 +52,19 @@ final class DeferredTable: @unchecked Sendable {
         latency.withLock { s.latency.add($0) }
     }
 
-    /// Records a finish and reports it to the owner when it ended in the fallback (or worse).
+    /// Records a finish; when it ended in the fallback (or worse) tells the policy (as a reader
+    /// does for a failure it saw), then the owner.
     func finished(_ m: uffd_msg, _ r: cuffd_resolution, error: (any Error)?) {
         latency.withLock { _ = $0.record(r.end_ns &- r.start_ns) }
+        let o = r.outcome
+        if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) {
+            let page = UInt(basePageSize)
+            let fault = Fault(m, pageMask: ~(page - 1), exact: features.contains(.exactAddress),
+                              threadIDs: features.contains(.threadID))
+            let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
+                                        length: Int(r.len), source: UInt(r.src), mode: r.mode)
+            policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: failureContext)
+        }
         sink.report(m, r, features: features, policyError: error)
     }
 }

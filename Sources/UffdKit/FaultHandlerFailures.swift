@@ -7,7 +7,7 @@ public struct HandlerFailure: Sendable, CustomStringConvertible {
     /// The fault (for a deferred fetch: the first fault that waited for it).
     public let fault: Fault
     /// What the policy asked for (`.fail` when it threw; `.deferred` for a fetch that missed
-    /// its deadline; `.copy` of the range for a deferred fetch that failed).
+    /// its deadline; `.fail` over the fetch's range for a deferred fetch the source failed).
     public let resolution: Resolution
     /// The error the policy (or the deferred source) threw, if it did.
     public let policyError: (any Error)?
@@ -31,6 +31,8 @@ final class HandlerSink: Sendable {
     private let log = Mutex<[HandlerFailure]>([])
     private let loopErrs = Mutex<[UffdError]>([])
     private let kids = Mutex<[FaultHandler]>([])
+    /// Failure reports readers dropped because the service thread was too far behind.
+    let droppedReports = Atomic<Int>(0)
 
     init(options: FaultHandler.Options) { self.options = options }
 

@@ -62,11 +62,16 @@ final class Reader: @unchecked Sendable {
     let published = Mutex(Published())
     /// Errors thrown by the policy in the current batch (index in the batch, error).
     var pendingErrors: [(Int, any Error)] = []
+    /// Where fork events and failure reports go (nil: this reader does that work itself).
+    let service: HandlerService?
+    /// Policy errors on their way to the service.
+    let errorSlots = Mutex(ErrorSlots())
 
     init?(index: Int, files: ReaderFiles?, ready: ReadySignal?, deferred: DeferredTable?, features: Features,
           userModeOnly: Bool, policy: any FaultPolicy, batch: Int, slot: Int, cpu: Int?,
-          options: FaultHandler.Options, sink: HandlerSink) {
+          options: FaultHandler.Options, sink: HandlerSink, service: HandlerService? = nil) {
         self.index = index
+        self.service = service
         self.files = files
         self.ready = ready
         self.deferred = deferred
@@ -112,6 +117,7 @@ final class Reader: @unchecked Sendable {
     func run() {
         if let cpu { _ = cuffd_pin_self(Int32(cpu)) }
         _ = cuffd_set_thread_name(name)
+        service?.markNoWait()
         startHook?()
         guard let files else { return }
         var cfg = cuffd_loop_config()
@@ -125,12 +131,50 @@ final class Reader: @unchecked Sendable {
         cfg.complete = completeTrampoline
         cfg.ctx = Unmanaged.passUnretained(self).toOpaque()
         cfg.deferred = deferred?.raw
+        warmUp()
         // Tell start() this thread is past its start-up (which may allocate; see start()).
         ready?.signal()
         let rc = cuffd_loop_run(&cfg, loopStats)
         if rc < 0 { sink.reportLoop(UffdError(.faultLoop, rc: rc, detail: name)) }
         published.withLock { $0.loop = loopStats.pointee }
         // The files close when the last reader of the run (and the handler) let go of them.
+    }
+
+    /// Runs this reader's own fault-path code once, with no effect, before the thread reports
+    /// ready. The Swift runtime instantiates generic metadata (the histogram's, the mutexes',
+    /// the records') the first time code needs it, and that allocates: done for the first time
+    /// while a fork waits for this reader, it deadlocks (see HandlerService). The policy's own
+    /// first calls are the policy's affair.
+    @inline(never)
+    func warmUp() {
+        var h = HandlerStats.makeHistogram()
+        _ = h.record(Swift.min(UInt64(basePage), h.highestTrackableValue))
+        _ = h.record(h.highestTrackableValue)
+        published.withLock { p in _ = p.loop.reads }
+        pendingErrors.append((-1, UffdError(.handler, .ioError, detail: "warm-up")))
+        _ = pendingErrors.first(where: { $0.0 == -1 })
+        pendingErrors.removeAll(keepingCapacity: true)
+        var ctx = context
+        ctx.batchIndex = 0
+        ctx.message = nil
+        var ev = uffd_msg()
+        ev.event = UInt8(UFFD_EVENT_REMOVE)
+        _ = Event(ev, features: features, userModeOnly: userModeOnly)
+        var m = uffd_msg()
+        m.event = UInt8(UFFD_EVENT_PAGEFAULT)
+        var r = cuffd_resolution()
+        r.op = Resolution.Operation.fail.rawValue
+        _ = Fault(m, pageMask: pageMask, exact: exact, threadIDs: threadIDs)
+        _ = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst), length: Int(r.len),
+                       source: UInt(r.src), mode: r.mode)
+        _ = Errno(rawValue: r.error)
+        var rec = HandlerService.Record()
+        rec.msg = m
+        rec.res = r
+        _ = withUnsafeBytes(of: &rec) { $0.count }
+        _ = errorSlots.withLock { $0.take(-1) }
+        let u = Unmanaged.passRetained(self)
+        u.release()
     }
 
     /// Fills `res[i]` for each fault of the batch; events go to the policy in order.
@@ -166,12 +210,36 @@ final class Reader: @unchecked Sendable {
         }
     }
 
-    /// Events are rare: decoding one may allocate (a fork's child fd becomes a `Userfaultfd`).
+    /// Events other than fork go to the policy here, in order with the faults. A fork event
+    /// goes to the service thread: decoding it allocates (the child fd becomes a `Userfaultfd`,
+    /// its handler threads), and the next fork may hold the malloc locks while it waits for
+    /// this reader to read its event (see ``HandlerService``).
     @inline(never)
     func deliver(_ m: uffd_msg, _ ctx: FaultContext) {
+        if m.event == UInt8(UFFD_EVENT_FORK), let service {
+            var r = HandlerService.Record()
+            r.kind = HandlerService.Record.Kind.fork.rawValue
+            r.msg = m
+            r.target = Unmanaged.passRetained(self).toOpaque()
+            if service.post(&r) { return }
+            Unmanaged<Reader>.fromOpaque(r.target!).release()
+        }
         let event = Event(m, features: features, userModeOnly: userModeOnly)
         policy.handle(event: event, context: ctx)
         if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// On the service thread: a fork event this reader read.
+    func deliverFork(_ m: uffd_msg) {
+        let event = Event(m, features: features, userModeOnly: userModeOnly)
+        policy.handle(event: event, context: context)
+        if case .fork(let child) = event { sink.adopt(child: child, policy: policy) }
+    }
+
+    /// On the service thread: a failure this reader resolved with the fallback (or could not).
+    func reportFailure(_ m: uffd_msg, _ r: cuffd_resolution, slot: Int32) {
+        let error = slot >= 0 ? errorSlots.withLock { $0.take(slot) } : nil
+        sink.report(m, r, features: features, policyError: error)
     }
 
     /// Publishes counters and latencies of the batch; reports failures. Also called by the
@@ -183,9 +251,18 @@ final class Reader: @unchecked Sendable {
             p.loop = loopStats.pointee
             for i in 0..<n where res[i].op != 0 && res[i].outcome != 0 {
                 let o = res[i].outcome
+                // A kept fault (EAGAIN) has not ended: the policy hears that its decision did
+                // not happen, the owner hears nothing yet (at most one report per fault, when
+                // it ends).
+                if o == UInt32(CUFFD_OUTCOME_RETRY.rawValue) {
+                    failed = true
+                    continue
+                }
                 // A deferred fault waits on: its latency is not this batch's.
                 if o == UInt32(CUFFD_OUTCOME_DEFERRED.rawValue) { continue }
-                _ = p.latency.record(res[i].end_ns &- res[i].start_ns)
+                // Clamped: growing the histogram allocates (see the fork notes of FaultHandler),
+                // and an expiry's latency is the whole deadline, which may exceed its range.
+                _ = p.latency.record(Swift.min(res[i].end_ns &- res[i].start_ns, p.latency.highestTrackableValue))
                 if o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) { failed = true }
             }
         }
@@ -199,9 +276,10 @@ final class Reader: @unchecked Sendable {
     func reportFailures(_ msgs: UnsafePointer<uffd_msg>, _ res: UnsafePointer<cuffd_resolution>, _ n: Int) {
         for i in 0..<n {
             let o = res[i].outcome
-            guard o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
-            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
-            // The policy undoes what it marked when it decided (e.g. a granule "moving").
+            let kept = o == UInt32(CUFFD_OUTCOME_RETRY.rawValue)
+            guard kept || o == UInt32(CUFFD_OUTCOME_FALLBACK.rawValue) || o == UInt32(CUFFD_OUTCOME_FAILED.rawValue) else { continue }
+            // The policy undoes what it marked when it decided (e.g. a granule "moving"), once
+            // per decision: a kept fault is decided again next round.
             let r = res[i]
             let fault = Fault(msgs[i], pageMask: pageMask, exact: exact, threadIDs: threadIDs)
             let resolution = Resolution(Resolution.Operation(rawValue: r.op) ?? .fail, start: UInt(r.dst),
@@ -209,6 +287,24 @@ final class Reader: @unchecked Sendable {
             var ctx = context
             ctx.batchIndex = i
             policy.failed(fault, resolution: resolution, errno: Errno(rawValue: r.error), context: ctx)
+            if kept { continue }
+            let policyError = pendingErrors.first(where: { $0.0 == i })?.1
+            // The report allocates (the log, the callback): the service thread makes it.
+            if let service {
+                var rec = HandlerService.Record()
+                rec.kind = HandlerService.Record.Kind.failure.rawValue
+                rec.msg = msgs[i]
+                rec.res = r
+                if let policyError { rec.slot = errorSlots.withLock { $0.put(policyError) } }
+                rec.target = Unmanaged.passRetained(self).toOpaque()
+                if service.post(&rec) { continue }
+                // The service is far behind: reporting here could deadlock with a fork (see
+                // HandlerService); count it, the handler says how many at stop().
+                Unmanaged<Reader>.fromOpaque(rec.target!).release()
+                if rec.slot >= 0 { _ = errorSlots.withLock { $0.take(rec.slot) } }
+                sink.droppedReports.add(1, ordering: .relaxed)
+                continue
+            }
             sink.report(msgs[i], r, features: features, policyError: policyError)
         }
         pendingErrors.removeAll(keepingCapacity: true)

@@ -131,7 +131,7 @@ public struct FaultContext: @unchecked Sendable {
     public let fd: Int32
     /// The features enabled on that fd.
     public let features: Features
-    /// The reader thread's index (0 ..< readers).
+    /// The reader thread's index (0 ..< readers; -1 where no reader calls, see ``FaultPolicy/failed(_:resolution:errno:context:)``).
     public let reader: Int
     /// The index of the fault within the current batch (0 ..< batch size).
     public internal(set) var batchIndex: Int
@@ -195,8 +195,14 @@ public protocol FaultPolicy: Sendable {
     /// failed with `errno` (or the policy threw; `resolution` is then ``Resolution/fail``) and
     /// the handler's fallback took over. Called on the reader thread after the batch, before
     /// that reader decides another fault; not on the fast path (only failures are reported).
+    /// Deferred fetches get it too: one that missed its deadline on the reader (`resolution` is
+    /// ``Resolution/deferred``, errno ETIMEDOUT); one the source failed on the thread that
+    /// failed it (`resolution` is ``Resolution/fail`` over the range; `context.reader` is -1 and there is no
+    /// scratch). On a reader it should not allocate (see ``FaultHandler``'s notes on fork).
     /// A policy that marks state when it decides (a granule "moving") must undo it here, so a
-    /// failure never blocks the page for good. Default: nothing.
+    /// failure never blocks the page for good. Also called, with no fallback and no failure
+    /// report, when the ioctl (errno EAGAIN) or its fallback (errno the ioctl's) met EAGAIN: an
+    /// event is pending, and the fault is decided again once the events are read. Default: nothing.
     func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext)
 
     /// The policy serving a forked child's faults (``FaultHandler/ForkHandling/serveWithSamePolicy``):

@@ -104,8 +104,9 @@ public final class Prefetcher: @unchecked Sendable {
         public var alreadyPresentPages = 0
         /// Pages skipped: unmapped since, a source error, or a failed ioctl.
         public var skippedPages = 0
-        /// Faults on pages the filler had installed (queued before it got there). nil when the
-        /// tracker is not shared with the handler's ``WorkingSetPolicy``.
+        /// Faults on pages the filler installed (queued before it got there, or noted while its
+        /// copy was in flight; each such fault's own copy meets EEXIST). nil when the tracker is
+        /// not shared with the handler's ``WorkingSetPolicy``.
         public var faultsOnPrefetchedPages: Int? = nil
         /// Prefetched pages that never faulted (and were used, when the used pages are known):
         /// faults the prefetch saved. nil without a shared tracker.

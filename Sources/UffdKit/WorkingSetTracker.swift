@@ -131,12 +131,17 @@ public final class WorkingSetTracker: @unchecked Sendable {
     /// Marks pages `[first, first+count)` as installed by the prefetch filler.
     func notePrefetched(firstPage: Int, count: Int) {
         for i in firstPage..<Swift.min(pages, firstPage + count) {
-            _ = cuffd_page_state_set(states, i, UInt8(CUFFD_PAGE_PREFETCHED))
+            let old = cuffd_page_state_set(states, i, UInt8(CUFFD_PAGE_PREFETCHED))
+            // A fault noted between the filler's check and its UFFDIO_COPY, whose own COPY then
+            // meets EEXIST: as late as one noted after the copy. Both sides OR their bit into
+            // the same byte, so exactly one of them sees the other's and counts it.
+            if old & UInt8(CUFFD_PAGE_FAULTED) != 0 { late.add(1, ordering: .relaxed) }
         }
     }
 
-    /// Faults on pages the filler had already installed (queued before it got there; resolved
-    /// with EEXIST).
+    /// Faults on pages the filler installed: queued before it got there, or noted while its
+    /// copy was in flight (either way the fault's own copy meets EEXIST and wakes). With one
+    /// fault per page, faults + prefetched pages - this = the pages made present.
     public var faultsOnPrefetchedPages: Int { late.load(ordering: .relaxed) }
 
     /// Whether page `index` faulted.

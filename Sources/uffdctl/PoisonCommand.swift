@@ -53,8 +53,7 @@ struct PoisonCommand: ParsableCommand {
             let goodWord = session.write ? Workload.marker(good * perPage) : PatternSource.word(at: good * pageSize, seed: 0x5EED)
             var sigbus = 0
             var children: [JSONValue] = []
-            for (forked, page) in chosen.enumerated() {
-                try awaitForkEvents(forked, handler: s.handler!)
+            for page in chosen {
                 let result = try touchInChild(good: s.region.address + UInt(good * pageSize), goodWord: goodWord,
                                               poisoned: s.region.address + UInt(page * pageSize))
                 if result == "SIGBUS" { sigbus += 1 }
@@ -73,22 +72,6 @@ struct PoisonCommand: ParsableCommand {
                                       ok: sigbus == chosen.count))
         }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
-    }
-
-    /// Waits until the handler has dealt with the fork events of the children forked so far.
-    /// fork() holds the C library's malloc locks while the kernel waits for a reader to read
-    /// its fork event; a reader still setting up the previous child's handler (which
-    /// allocates) would wait for those locks: both would wait forever. The child's handler
-    /// serves it (and the child dies of SIGBUS) before that set-up is over, so the next fork
-    /// can come that fast.
-    private func awaitForkEvents(_ forked: Int, handler: FaultHandler) throws(CLIError) {
-        let deadline = Date().addingTimeInterval(min(session.timeout, 30))
-        while handler.stats().forkEvents < UInt64(forked) {
-            guard Date() < deadline else {
-                throw .failed("poison: the handler did not take the fork event of child \(forked) within \(Int(min(session.timeout, 30))) s")
-            }
-            usleep(1000)
-        }
     }
 
     private func poisonedPages(count: Int) throws(CLIError) -> [Int] {

@@ -363,9 +363,8 @@ struct ServeCommand: ParsableCommand {
                 }
             }
         }
-        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening",
-                 metadata: ["socket": .string(socket), "memory_file": .string(memoryFile), "memory_bytes": "\(memLength)",
-                            "worker_pid": "\(getpid())"])
+        // Stopping on SIGINT/SIGTERM is in place before "listening" is logged: whoever waits
+        // for that line may signal at once (until then the default action would kill us).
         for sig in [SIGINT, SIGTERM] { signal(sig, SIG_IGN) }
         let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
@@ -373,6 +372,9 @@ struct ServeCommand: ParsableCommand {
             s.resume()
             return s
         }
+        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening",
+                 metadata: ["socket": .string(socket), "memory_file": .string(memoryFile), "memory_bytes": "\(memLength)",
+                            "worker_pid": "\(getpid())"])
         let outcome = server.run()
         sources.forEach { $0.cancel() }
         if inherited == nil && control < 0 { listener.close() }
@@ -447,6 +449,20 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
         m["prefetch_skipped_pages"] = "\(pf.skippedPages)"
         m["prefetch_faults_avoided"] = "\(pf.faultsAvoided ?? 0)"
         m["prefetch_late_faults"] = "\(pf.faultsOnPrefetchedPages ?? 0)"
+        m["prefetched_bytes"] = "\(pf.prefetchedBytes)"
+        // A guest's reads of a present page never reach the handler: which prefetched pages it
+        // used is unknown to a server, so these two say so ("-") rather than guess.
+        m["prefetched_and_used_pages"] = .string(pf.usedPages.map { "\($0)" } ?? "-")
+        m["prefetch_wasted_bytes"] = .string(pf.wastedBytes.map { "\($0)" } ?? "-")
+        m["prefetch_deferred_chunks"] = "\(pf.deferredChunks)"
+        m["prefetch_faults_joined"] = "\(pf.faultsJoined)"
+        m["prefetch_chunks_taken_by_faults"] = "\(pf.chunksTakenByFaults)"
+        m["prefetch_dropped_fetches"] = "\(pf.droppedFetches)"
+        m["prefetch_extra_pages"] = "\(pf.extraPages)"
+        // Every page the filler installed (recorded + extra): faults avoided counts over these.
+        m["prefetch_installed_pages"] = "\(pf.prefetchedPages + pf.extraPages)"
+        m["prefetch_source_errors"] = "\(pf.sourceErrors)"
+        m["prefetch_seconds"] = .string(String(format: "%.3f", pf.seconds))
         m["prefetch_ending"] = .string(pf.ending?.description ?? "running")
         m["prefetch_last_page_ms"] = .string(pf.timeToLastPage.map { String(format: "%.1f", $0 * 1000) } ?? "-")
     }

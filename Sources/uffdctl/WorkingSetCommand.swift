@@ -250,6 +250,14 @@ final class WorkingSetSession: @unchecked Sendable {
             o["retries"] = .int(s.retries)
             o["runs_skipped_ahead"] = .int(s.runsSkippedAhead)
             o["source_errors"] = .int(s.sourceErrors)
+            o["deferred_chunks"] = .int(s.deferredChunks)
+            o["faults_joined"] = .int(s.faultsJoined)
+            o["chunks_taken_by_faults"] = .int(s.chunksTakenByFaults)
+            o["dropped_fetches"] = .int(s.droppedFetches)
+            o["extra_pages"] = .int(s.extraPages)
+            // Every page the filler installed: used, wasted and faults avoided count over these.
+            o["installed_pages"] = .int(s.prefetchedPages + s.extraPages)
+            o["seconds"] = .double(s.seconds)
             o["time_to_last_page_seconds"] = s.timeToLastPage.map { JSONValue.double($0) } ?? .null
             o["ending"] = .string(s.ending?.description ?? "running")
             o["last_error"] = s.lastError.map { JSONValue.string($0) } ?? .null
@@ -257,8 +265,13 @@ final class WorkingSetSession: @unchecked Sendable {
             let ending: String = s.timeToLastPage.map { String(format: "last page at %.3f s", $0) } ?? "ended: \(s.ending?.description ?? "running")"
             var line = "prefetch     \(s.prefetchedPages) of \(s.plannedPages) pages installed (\(formatBytes(s.prefetchedBytes))), "
             line += "\(s.alreadyPresentPages) already present, \(s.skippedPages) skipped; faults avoided \(s.faultsAvoided ?? 0), "
-            line += "late faults \(s.faultsOnPrefetchedPages ?? 0), wasted \(formatBytes(s.wastedBytes ?? 0)); " + ending
+            line += "used \(s.usedPages.map(String.init) ?? "-"), late faults \(s.faultsOnPrefetchedPages ?? 0), "
+            line += "wasted \(formatBytes(s.wastedBytes ?? 0)); " + ending
             notes.lines.append(line)
+            if s.deferredChunks + s.chunksTakenByFaults + s.droppedFetches > 0 {
+                notes.lines.append("prefetch     deferred: \(s.deferredChunks) chunks fetched, \(s.faultsJoined) faults joined them, "
+                    + "\(s.chunksTakenByFaults) left to faults, \(s.droppedFetches) dropped, \(s.extraPages) extra pages with their chunk")
+            }
             let why = s.lastError.map { ": " + $0 } ?? ""
             notes.checks.append(SessionNotes.Check(key: "prefetch_no_skips", text: "the prefetch skipped no page (\(s.skippedPages) skipped\(why))",
                                                    ok: s.skippedPages == 0))

@@ -25,6 +25,8 @@ struct lctx {
     int outcomes[8];
     int fail_error;
     int fail_outcome;
+    int kept;       // faults seen kept for the next round (outcome RETRY)
+    int kept_error; // the error of the latest kept one
 };
 
 static void decide(void *c, const struct uffd_msg *msgs, struct cuffd_resolution *res, size_t n) {
@@ -63,6 +65,11 @@ static void complete(void *c, const struct uffd_msg *msgs, const struct cuffd_re
     for (size_t i = 0; i < n; i++) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT || res[i].op == CUFFD_OP_NONE) continue;
         if (res[i].outcome < 8) x->outcomes[res[i].outcome]++;
+        if (res[i].outcome == CUFFD_OUTCOME_RETRY) {
+            x->kept++;
+            x->kept_error = res[i].error;
+            continue;
+        }
         if (res[i].op == CUFFD_OP_FAIL) {
             x->fail_error = res[i].error;
             x->fail_outcome = (int)res[i].outcome;
@@ -352,6 +359,62 @@ out:
     return rc;
 }
 
+// A fault whose decision fails (OP_FAIL) while a REMOVE is queued: the fallback's ZEROPAGE meets
+// EAGAIN. The fault is kept (outcome RETRY in the batch, error the op's EIO), decided again after
+// the event is read, and ends with one fallback. Before, it ended FAILED and was woken: a second
+// fault on the same page, a second failure.
+static int t_loop_fallback_eagain(struct ct_fix *f, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    struct lctx x;
+    struct lthread l = {0};
+    struct dontneed d = {0};
+    bool dstarted = false;
+    int stop = -1;
+    int64_t done;
+    int e = cuffd_register(f->uffd, U(f->base), 4 * f->ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
+    CT_CHECK(e == 0, "register: %s", ct_err(e));
+    e = cuffd_copy(f->uffd, U(f->base + 3 * f->ps), U(f->src + 3 * f->ps), f->ps, 0, &done);
+    CT_CHECK(e == 0, "COPY page 3: %s", ct_err(e));
+    stop = eventfd(0, EFD_CLOEXEC);
+    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
+    lctx_init(&x, f, 0);
+    struct ct_toucher t = {.addr = f->base, .count = 1};
+    e = ct_touch_start(&t);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    pid_t tid = t.tid;
+    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "faulting thread did not block");
+    d = (struct dontneed){.addr = f->base + 3 * f->ps, .len = f->ps};
+    e = pthread_create(&d.th, NULL, dontneed_main, &d);
+    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
+    dstarted = true;
+    while (!atomic_load(&d.started)) usleep(1000);
+    tid = d.tid;
+    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "MADV_DONTNEED did not block on its REMOVE event");
+    e = lthread_start(&l, f, &x, stop, 1, CUFFD_FALLBACK_ZEROPAGE);
+    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
+    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "the fault was lost: its thread is still blocked");
+    CT_CHECK(ct_join(d.th, CT_WAIT_MS) == 0, "MADV_DONTNEED still blocked");
+    dstarted = false;
+    e = lthread_stop(&l, stop);
+    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    const struct cuffd_loop_stats *s = &l.st;
+    CT_CHECK(s->retries >= 1 && x.kept == (int)s->retries, "retries %llu, kept faults seen %d: the fallback's EAGAIN was not kept",
+             (unsigned long long)s->retries, x.kept);
+    CT_CHECK(x.kept_error == EIO, "a kept fault's error is %s, want the op's EIO", ct_err(x.kept_error));
+    CT_CHECK(s->faults_missing == 1 && s->fallbacks == 1 && s->failures == 0,
+             "stats: %llu faults, %llu fallbacks, %llu failures (want 1, 1, 0: one fault, one fallback)",
+             (unsigned long long)s->faults_missing, (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
+    CT_CHECK(x.outcomes[CUFFD_OUTCOME_FALLBACK] == 1 && x.outcomes[CUFFD_OUTCOME_FAILED] == 0,
+             "outcomes: %d FALLBACK, %d FAILED", x.outcomes[CUFFD_OUTCOME_FALLBACK], x.outcomes[CUFFD_OUTCOME_FAILED]);
+    CT_CHECK(ct_present(f->base) == 1, "page 0 was never filled");
+    for (size_t k = 0; k < f->ps; k++) CT_CHECK(f->base[k] == 0, "page 0 byte %zu is not zero", k);
+out:
+    if (l.running) lthread_stop(&l, stop);
+    if (dstarted) ct_join(d.th, 1000);
+    if (stop >= 0) close(stop);
+    return rc;
+}
+
 // A decider that answers every fault with one COPY of two pages, [dst, dst+2ps) from src, and
 // records what the loop made of each attempt.
 struct pctx {
@@ -374,8 +437,10 @@ static void partial_decide(void *c, const struct uffd_msg *msgs, struct cuffd_re
 static void partial_complete(void *c, const struct uffd_msg *msgs, const struct cuffd_resolution *res, size_t n) {
     struct pctx *x = c;
     for (size_t i = 0; i < n; i++) {
-        // A kept fault (EAGAIN) shows up with outcome NONE; only finished attempts count.
-        if (msgs[i].event != UFFD_EVENT_PAGEFAULT || res[i].outcome == CUFFD_OUTCOME_NONE) continue;
+        // A kept fault (EAGAIN) shows up with outcome RETRY; only finished attempts count.
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT || res[i].outcome == CUFFD_OUTCOME_NONE ||
+            res[i].outcome == CUFFD_OUTCOME_RETRY)
+            continue;
         x->attempts++;
         x->last = res[i];
     }
@@ -875,6 +940,8 @@ CT_CASES(loop) = {
      "Faults queued before the stop are drained and resolved (stop_drained counts them)."},
     {"loop_eagain_retry", t_loop_eagain_retry, CT_M_ANON, UFFD_FEATURE_EVENT_REMOVE, 4,
      "A REMOVE queued behind a fault: the COPY gets EAGAIN, the loop reads the event and retries."},
+    {"loop_fallback_eagain", t_loop_fallback_eagain, CT_M_ANON, UFFD_FEATURE_EVENT_REMOVE, 4,
+     "OP_FAIL while a REMOVE is queued: the fallback meets EAGAIN, the fault is kept (RETRY, error EIO) and ends with one fallback."},
     {"loop_eagain_partial", t_loop_eagain_partial, CT_M_ANON, UFFD_FEATURE_EVENT_REMOVE, 4,
      "EAGAIN after partial progress (a COPY whose source faults while a REMOVE is queued): the retry continues at start+done and the first attempt's bytes count."},
     {"loop_eexist_wakes", t_loop_eexist_wakes, CT_M_ANON, 0, 2,

@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/statvfs.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -180,6 +182,67 @@ int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms) {
         kill(pid, SIGKILL);
     }
     close(p[0]);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    return result;
+}
+
+int rel_connect_as(uid_t uid, gid_t gid, const char *path, int timeout_ms) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
+    strcpy(addr.sun_path, path);
+    int sp[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sp) < 0) return -errno;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(sp[0]);
+        close(sp[1]);
+        return -e;
+    }
+    if (pid == 0) {
+        int result = 0, s = -1;
+        if (setgroups(0, NULL) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0) {
+            result = -(1000 + errno);
+        } else if ((s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0 ||
+                   connect(s, (struct sockaddr *)&addr, sizeof addr) < 0) {
+            result = -errno;
+        }
+        union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } ctl;
+        memset(&ctl, 0, sizeof ctl);
+        struct iovec iov = {.iov_base = &result, .iov_len = sizeof result};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (result == 0) {
+            m.msg_control = ctl.b;
+            m.msg_controllen = sizeof ctl.b;
+            struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(c), &s, sizeof s);
+        }
+        (void)!sendmsg(sp[1], &m, 0);
+        _exit(0);
+    }
+    close(sp[1]);
+    int result = -EIO;
+    struct pollfd pf = {.fd = sp[0], .events = POLLIN};
+    if (poll(&pf, 1, timeout_ms) > 0) {
+        union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } ctl;
+        int r = -EIO;
+        struct iovec iov = {.iov_base = &r, .iov_len = sizeof r};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+        if (recvmsg(sp[0], &m, MSG_CMSG_CLOEXEC) == sizeof r) {
+            result = r;
+            struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+            if (r == 0 && c && c->cmsg_type == SCM_RIGHTS) memcpy(&result, CMSG_DATA(c), sizeof result);
+            else if (r == 0) result = -EIO;
+        }
+    } else {
+        result = -ETIMEDOUT;
+        kill(pid, SIGKILL);
+    }
+    close(sp[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
     }
     return result;

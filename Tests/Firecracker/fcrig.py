@@ -804,6 +804,57 @@ def start_nginx(workdir, www):
     raise Skip(f"nginx did not start on port {port}")
 
 
+class DelayProxy:
+    """A TCP proxy on loopback in front of `upstream` (host, port) that holds every piece of a
+    request `delay_ms` before forwarding it: each HTTP request (one segment on a keep-alive
+    connection) pays the added latency once, as from a server that far away."""
+
+    def __init__(self, upstream, delay_ms):
+        self.upstream, self.delay = upstream, delay_ms / 1000.0
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pipe(self, src, dst, delay):
+        try:
+            while True:
+                data = src.recv(1 << 20)
+                if not data:
+                    break
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(self.upstream)
+            except OSError:
+                c.close()
+                continue
+            for x in (c, u):
+                x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pipe, args=(c, u, self.delay), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, 0), daemon=True).start()
+
+    def close(self):
+        self.lsock.close()
+
+
 def case_http(ctx, packed):
     """The memory file behind an http:// URL (nginx), raw or packed: `serve --memory-file URL`
     fetches 2 MiB chunks on the deferred path; the guest verifies 32 MiB read in order."""
@@ -888,9 +939,36 @@ def bench(ctx, args):
             raise Failure(f"serve did not record the working set: {rec.out.text()[-2000:]}")
         rec.stop()
         variants.append(("serve --prefetch (recorded once)", ["--prefetch", ws], "4K"))
+    remote = None
+    if args.remote_latency_ms is not None:
+        # Issue 12: the same snapshot from a remote server: nginx behind a proxy adding
+        # --remote-latency-ms to every request; raw (2 MiB chunks on the deferred path) and
+        # packed with 4 KiB chunks (one request per faulting page), on demand and prefetched.
+        www = os.path.join(ctx.work, "www")
+        os.makedirs(www, exist_ok=True)
+        shutil.copyfile(mem, os.path.join(www, "vm.mem"))
+        subprocess.run([ctx.uffdctl, "snapshot", "pack", "--chunk-size", "4K", mem, os.path.join(www, "vm4k.pack")],
+                       check=True, stdout=subprocess.DEVNULL)
+        nginx, base = start_nginx(ctx.work, www)
+        host, port = base.rsplit("//", 1)[1].split(":")
+        proxy = DelayProxy((host, int(port)), args.remote_latency_ms)
+        remote = f"http://127.0.0.1:{proxy.port}"
+        lat = f"+{args.remote_latency_ms:g} ms"
+        variants.append((f"remote {lat}, on demand (2 MiB chunks)", ["@URL", f"{remote}/vm.mem"], "4K"))
+        variants.append((f"remote {lat}, on demand (packed, 4 KiB chunks)", ["@URL", f"{remote}/vm4k.pack"], "4K"))
+        if args.prefetch:
+            variants.append((f"remote {lat}, --prefetch (2 MiB chunks)", ["@URL", f"{remote}/vm.mem", "--prefetch", ws], "4K"))
+            variants.append((f"remote {lat}, --prefetch (packed, 4 KiB chunks)", ["@URL", f"{remote}/vm4k.pack", "--prefetch", ws], "4K"))
+    # A remote row gets a new serve per restore: a server keeps its chunk cache across VMs, so a
+    # second restore from the same one would be served from memory, not from the remote server.
+    fresh = {}
     for name, extra, snap in variants:
         if extra is not None:
-            servers[name] = Serve(ctx.uffdctl, ctx.work, snapshots[snap][1], name=f"s{len(servers)}", extra=extra,
+            source = snapshots[snap][1]
+            if extra[:1] == ["@URL"]:
+                source, extra = extra[1], extra[2:]
+                fresh[name] = (source, extra)
+            servers[name] = Serve(ctx.uffdctl, ctx.work, source, name=f"s{len(servers)}", extra=extra,
                                   cpu=args.serve_cpu)
     variants = [(name, snap) for name, _, snap in variants]
     samples = {name: [] for name, _ in variants}
@@ -899,9 +977,15 @@ def bench(ctx, args):
     faults = {name: [] for name, _ in variants}
     p50 = {name: [] for name, _ in variants}
     served = {name: 0 for name, _ in variants}
+    requests = {}
     run = 0
     for r in range(args.runs + 1):           # run 0 warms everything up and is dropped
         for name, snap in (variants if r % 2 == 0 else list(reversed(variants))):
+            if name in fresh and served[name] > 0:
+                servers[name].stop()
+                source, extra = fresh[name]
+                servers[name] = Serve(ctx.uffdctl, ctx.work, source, name=f"f{run}", extra=extra, cpu=args.serve_cpu)
+                served[name] = 0
             backend = ({"backend_type": "File", "backend_path": mem} if name == "file"
                        else {"backend_type": "Uffd", "backend_path": servers[name].sock})
             fc, t0, t1 = restore(ctx.fc, ctx.work, f"b{run}", snapshots[snap][0], backend, cpu=args.vm_cpu)
@@ -922,6 +1006,8 @@ def bench(ctx, args):
             if r > 0:
                 if gone is not None:
                     faults[name].append(int(gone["faults"]))
+                    if "image_requests" in gone:
+                        requests.setdefault(name, []).append(int(gone["image_requests"]))
                     if gone["p50_us"] != "-":  # "-": no fault at all (e.g. everything prefetched)
                         p50[name].append(float(gone["p50_us"]))
                 samples[name].append(res["to_verified_ms"])
@@ -929,6 +1015,9 @@ def bench(ctx, args):
                 present[name].append(round((second[0] - first[0]) * 1000, 2))
     for s in servers.values():
         s.stop()
+    if remote is not None:
+        proxy.close()
+        nginx.terminate()
     base = statistics.median(samples["file"])
     rows = []
     for name, _ in variants:
@@ -940,7 +1029,8 @@ def bench(ctx, args):
                      "min_ratio_to_file": round(min(samples[name]) / min(samples["file"]), 2),
                      "samples_ms": samples[name],
                      "faults_median": statistics.median(faults[name]) if faults[name] else None,
-                     "serve_p50_us_median": statistics.median(p50[name]) if p50[name] else None})
+                     "serve_p50_us_median": statistics.median(p50[name]) if p50[name] else None,
+                     "remote_requests_median": statistics.median(requests[name]) if name in requests else None})
     return {"mode": args.mode, "pages": npages, "runs": args.runs, "vm_cpu": args.vm_cpu,
             "serve_cpu": args.serve_cpu, "rows": rows}
 
@@ -974,6 +1064,8 @@ def main():
                    help="another serve row with these extra arguments, e.g. 'prefetch=--prefetch ws.bin'")
     b.add_argument("--huge", action="store_true", help="add a row: a 2 MiB (hugetlbfs) guest served by serve")
     b.add_argument("--prefetch", action="store_true", help="add a row: serve --prefetch of a working set recorded from one restore first")
+    b.add_argument("--remote-latency-ms", type=float, default=None,
+                   help="add rows: the snapshot from nginx behind a proxy adding this latency per request (with --prefetch, prefetched too)")
     b.add_argument("--vm-cpu", type=int, default=0)
     b.add_argument("--serve-cpu", type=int, default=0)
     b.add_argument("--markdown", action="store_true")

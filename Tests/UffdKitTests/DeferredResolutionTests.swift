@@ -358,3 +358,95 @@ final class DeferredResolutionTests: XCTestCase {
         }
     }
 }
+
+/// Records the failures the handler tells its policy about (``FaultPolicy/failed``).
+private struct FailureRecordingPolicy: FaultPolicy {
+    let inner: DeferredCopyPolicy
+    let calls = Box<[(op: Resolution.Operation, errno: Errno, reader: Int, start: UInt, length: Int)]>([])
+    func resolve(_ fault: Fault, context: borrowing FaultContext) throws -> Resolution {
+        try inner.resolve(fault, context: context)
+    }
+    func failed(_ fault: Fault, resolution: Resolution, errno: Errno, context: borrowing FaultContext) {
+        let entry = (op: resolution.operation, errno: errno, reader: context.reader, start: resolution.start,
+                     length: resolution.length)
+        calls.update { $0.append(entry) }
+    }
+}
+
+/// Follow-ups: the failure hook for deferred outcomes, the deferred path on hugetlb.
+final class DeferredFollowUpTests: XCTestCase {
+    /// A fetch failed by the source (on its own thread) reaches the policy's `failed` like a
+    /// failure on the reader does, once, before the owner hears of it; so does an expiry.
+    func testDeferredFailuresReachThePolicyFailedHook() throws {
+        let chunk = 4 * basePageSize, len = 4 * chunk
+        let r = try MappedRegion(.anonymous(), length: len)
+        // Chunk 0 fails on the source's thread; chunk 1 is held until its deadline passes.
+        let failing = TestSource(length: len, chunkSize: chunk, mode: .immediate, failFrom: 0)
+        let policy = FailureRecordingPolicy(inner: DeferredCopyPolicy(destination: r.address, source: failing))
+        let base = r.address
+        var o = FaultHandler.Options()
+        o.fallback = .zeroFill
+        o.deferredDeadline = .milliseconds(300)
+        let s = try Session(r, options: o) { _ in policy }
+        XCTAssertTrue(s.run(30) { XCTAssertEqual(readByte(base + 3), 0, "the fallback was not applied") })
+        XCTAssertTrue(eventually { policy.calls.value.count == 1 }, "failed() was not called for the source's failure")
+        let first = policy.calls.value.first
+        XCTAssertEqual(first?.op, .fail)
+        XCTAssertEqual(first?.start, base)
+        XCTAssertEqual(first?.length, chunk)
+        XCTAssertEqual(first?.errno, .ioError)
+        XCTAssertEqual(first?.reader, -1, "a source-side failure is not on a reader")
+        // An expiry (reader-side) calls it as well.
+        failing.mode.withLock { $0 = .hold }
+        XCTAssertTrue(s.run(30) { XCTAssertEqual(readByte(base + UInt(chunk) + 3), 0, "the fallback was not applied") })
+        _ = s.finish()
+        let calls = policy.calls.value
+        XCTAssertEqual(calls.count, 2, "\(calls)")
+        XCTAssertEqual(calls.last?.op, .deferred)
+        XCTAssertEqual(calls.last?.errno, .timedOut)
+        XCTAssertEqual(s.handler.failures().count, 2)
+        XCTAssertEqual(failing.finishHeld(), [.expired])
+    }
+
+    /// Deferred fetches of huge pages: chunks of one huge page are copied in whole; chunks the
+    /// source fails get the fallback over the whole huge page (zeros are copied: hugetlb has no
+    /// zero page).
+    func testDeferredFetchesOnHugetlb() throws {
+        try require([.missingHugetlbfs])
+        guard let huge = hugePageSize else { throw XCTSkip("no huge page size reported") }
+        let len = 4 * huge
+        var ran = false
+        let ok = try withHugePages(len / huge + 1) {
+            ran = true
+            let r: MappedRegion
+            do {
+                r = try MappedRegion(.hugetlb, length: len)
+            } catch let error as UffdError where error.errno == .noMemory {
+                // Another process took the free huge pages between the reservation and the map.
+                throw XCTSkip("huge pages reserved but taken before the map (shared machine): \(error)")
+            }
+            // The last two huge pages fail at the source.
+            let src = TestSource(length: len, chunkSize: huge, mode: .immediate, failFrom: 2 * huge)
+            var o = FaultHandler.Options()
+            o.fallback = .zeroFill
+            let s = try Session(r, options: o) { _ in
+                DeferredCopyPolicy(destination: r.address, source: src, pageSize: huge)
+            }
+            let base = r.address
+            // One thread: each chunk faults once (with several, a fault read after its chunk was
+            // filled claims a second fetch, which ends in EEXIST).
+            XCTAssertTrue(s.run(60) { _ = touch(base, length: len, threads: 1) })
+            let st = s.finish()
+            XCTAssertEqual(memcmp(UnsafeRawPointer(bitPattern: base)!, src.data, 2 * huge), 0, "wrong bytes in the delivered huge pages")
+            let tail = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: base + UInt(2 * huge))!, count: 2 * huge)
+            XCTAssertTrue(tail.allSatisfy { $0 == 0 }, "the failed huge pages do not read zeros")
+            XCTAssertEqual(st.deferredFetches, 4, "\(st)")
+            XCTAssertEqual(st.deferredResolved, 2, "\(st)")
+            XCTAssertEqual(st.fallbacks, 2, "\(st)")
+            XCTAssertEqual(st.failures, 0, "\(st)")
+            XCTAssertEqual(s.handler.failures().count, 2)
+        }
+        if !ok { throw XCTSkip("cannot reserve \(len / huge + 1) huge pages (vm.nr_hugepages)") }
+        XCTAssertTrue(ran)
+    }
+}

@@ -145,4 +145,27 @@ final class WorkingSetTests: XCTestCase {
         XCTAssertEqual(ws.entries.map(\.nanoseconds), ws.entries.map(\.nanoseconds).sorted())
         XCTAssertEqual(tracker.faultedPages, 100)
     }
+
+    /// A fault on a page the filler installs is "late" whichever side marks the page first:
+    /// noted after the copy (queued before it), or noted between the filler's check and its
+    /// UFFDIO_COPY (the fault's own copy then meets EEXIST). The second order once went
+    /// uncounted, so faults + prefetched - late overcounted the pages present by one.
+    func testLateFaultCountedWhicheverSideMarksThePageFirst() throws {
+        let region = try MappedRegion(.anonymous(), length: 8 * ps)
+        let range = ServedRange(region: region)
+        let tracker = try WorkingSetTracker(range: range, recording: true)
+        let base = region.address
+        tracker.notePrefetched(firstPage: 1, count: 1)
+        tracker.noteFault(base + UInt(1 * ps))          // queued before the copy
+        XCTAssertEqual(tracker.faultsOnPrefetchedPages, 1)
+        tracker.noteFault(base + UInt(2 * ps))          // noted while the copy was in flight
+        tracker.notePrefetched(firstPage: 2, count: 2)  // page 3: no fault, not late
+        XCTAssertEqual(tracker.faultsOnPrefetchedPages, 2)
+        tracker.noteFault(base + UInt(5 * ps))          // resolved by its fault alone
+        let faults = 3, prefetched = 3
+        let present = (0..<8).filter { tracker.faulted(page: $0) || tracker.prefetched(page: $0) }.count
+        XCTAssertEqual(faults + prefetched - tracker.faultsOnPrefetchedPages, present)
+        XCTAssertEqual(tracker.workingSet(identity: try WorkingSet.Identity(of: PatternSource(length: 8 * ps))).entries.map { $0.offset / ps }, [1, 2, 5],
+                       "the recording holds each faulted page once")
+    }
 }

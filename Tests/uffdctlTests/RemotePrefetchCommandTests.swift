@@ -36,5 +36,28 @@ final class RemotePrefetchCommandTests: XCTestCase {
         XCTAssertEqual(number(pf, "planned_pages"), 512, r.stdout)
         XCTAssertEqual((number(pf, "prefetched_pages") ?? 0) + (number(pf, "already_present_pages") ?? 0), 512, r.stdout)
         XCTAssertEqual(number(pf, "skipped_pages"), 0, r.stdout)
+        // The deferred path's fields are reported: the filler's pages came through chunk
+        // fetches, each chunk holding its recorded pages and (unrecorded) extra ones.
+        let prefetched = number(pf, "prefetched_pages") ?? 0
+        let chunks = number(pf, "deferred_chunks") ?? -1
+        let extra = number(pf, "extra_pages") ?? -1
+        XCTAssertNotNil(number(pf, "faults_joined"), r.stdout)
+        XCTAssertNotNil(number(pf, "chunks_taken_by_faults"), r.stdout)
+        XCTAssertEqual(number(pf, "dropped_fetches"), 0, r.stdout)
+        if prefetched > 0 { XCTAssertGreaterThan(chunks, 0, r.stdout) }
+        XCTAssertGreaterThanOrEqual(extra, 0, r.stdout)
+        XCTAssertLessThanOrEqual(prefetched + extra, chunks * Double(2 << 20) / Double(ps), r.stdout)
+        // Used, wasted and avoided count over the installed pages (the chunks' extra ones too)
+        // that no fault took first: the workload reads every page, so none is wasted. (The
+        // installed count comes from the ioctls, used from the per-page marks: a page a fault
+        // raced for can be in the first and not the second.)
+        let installed = number(pf, "installed_pages") ?? -1
+        XCTAssertEqual(installed, prefetched + extra, r.stdout)
+        let used = number(pf, "prefetched_and_used_pages") ?? -1
+        XCTAssertLessThanOrEqual(used, installed, r.stdout)
+        if installed > 0 { XCTAssertGreaterThan(used, 0, r.stdout) }
+        XCTAssertEqual(number(pf, "wasted_bytes"), 0, r.stdout)
+        XCTAssertLessThanOrEqual(number(pf, "faults_avoided") ?? .infinity, prefetched + extra, r.stdout)
+        XCTAssertNotNil(number(pf, "time_to_last_page_seconds"), r.stdout)
     }
 }

@@ -72,5 +72,22 @@ final class ServeRemotePrefetchTests: XCTestCase {
         XCTAssertTrue(ending == "finished" || ending == "stopped" || ending == "process-gone", s2.log)
         if ending == "finished" { XCTAssertEqual(int(g, "prefetch_skipped_pages"), 0, s2.log) }
         XCTAssertEqual(int(g, "fallbacks"), 0, s2.log)
+        // The stats and the deferred path's are in the per-VM line.
+        let prefetched = int(g, "prefetched_pages") ?? -1
+        XCTAssertEqual(int(g, "prefetched_bytes"), prefetched * 4096, s2.log)
+        let installed = int(g, "prefetch_installed_pages") ?? -1
+        XCTAssertEqual(installed, prefetched + (int(g, "prefetch_extra_pages") ?? -1), s2.log)
+        XCTAssertLessThanOrEqual(int(g, "prefetch_faults_avoided") ?? .max, installed, s2.log)
+        // A server cannot see a guest's reads of present pages: unknown, said so.
+        XCTAssertEqual(g?["prefetched_and_used_pages"] as? String, "-", s2.log)
+        XCTAssertEqual(g?["prefetch_wasted_bytes"] as? String, "-", s2.log)
+        XCTAssertNotNil(g?["prefetch_last_page_ms"], s2.log)
+        XCTAssertGreaterThanOrEqual(number(g, "prefetch_seconds") ?? -1, 0, s2.log)
+        for k in ["prefetch_faults_joined", "prefetch_chunks_taken_by_faults", "prefetch_dropped_fetches", "prefetch_source_errors"] {
+            XCTAssertGreaterThanOrEqual(int(g, k) ?? -1, 0, "\(k): \(s2.log)")
+        }
+        let chunks = int(g, "prefetch_deferred_chunks") ?? -1
+        if prefetched > 0 { XCTAssertGreaterThan(chunks, 0, s2.log) }
+        XCTAssertLessThanOrEqual(prefetched + (int(g, "prefetch_extra_pages") ?? 0), chunks * 512, s2.log)
     }
 }

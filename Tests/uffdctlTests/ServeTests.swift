@@ -1,3 +1,4 @@
+import CUffdTestSupport
 import Foundation
 import UffdKit
 import Synchronization
@@ -255,7 +256,18 @@ final class ServeTests: XCTestCase {
         let wpid = dir.appendingPathComponent("w.pid").path
         let server = try startServer(["--receive-timeout", "300", "--worker-pid-file", wpid])
         let worker = try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
-        func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(worker)/fd").count) ?? -1 }
+        // The fds a refused hand-off could leave behind: connections, received userfaultfds, and
+        // the non-uffd fd sent ("not a uffd" sends our fd 0). Not all fds: the worker's signal
+        // sources open signalfds lazily (libdispatch), which once raced the baseline (9 vs 11).
+        let sentTarget = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/0")) ?? "?"
+        func openFDs() -> Int {
+            let fdDir = "/proc/\(worker)/fd"
+            guard let names = try? FileManager.default.contentsOfDirectory(atPath: fdDir) else { return -1 }
+            return names.filter { name in
+                guard let t = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(name)") else { return false }
+                return t.hasPrefix("socket:") || t == "anon_inode:[userfaultfd]" || t == sentTarget
+            }.count
+        }
         let fdsBefore = openFDs()
         let uffd = try Userfaultfd(features: [.eventRemove], options: [.nonBlocking, .kernelFaults])
         let good = #"[{"base_host_virt_addr":1048576,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}]"#
@@ -295,14 +307,30 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(server.process.isRunning)
     }
 
+    /// The server checks SO_PEERCRED before reading anything, so a refused peer's close races
+    /// its sendmsg: EPIPE (`.closed`) when the close came first, else the send succeeds and the
+    /// connection then ends unread. Both are the refusal; an allowed peer is served meanwhile.
     func testServeRefusesPeerNotInAllowedUIDs() throws {
-        let server = try startServer(["--allow-uid", "4242"])
-        let uffd = try Userfaultfd(features: [], options: [.nonBlocking, .kernelFaults])
-        let s = try Handoff.connect(to: sock)
+        chmod(dir.path, 0o755)
+        let server = try startServer(["--allow-uid", "0", "--socket-mode", "0666"])
+        let s = rel_connect_as(4242, 4242, sock, 10_000)
+        if s == -EACCES { throw XCTSkip("uid 4242 cannot reach \(sock) (a parent folder is not searchable by others)") }
+        XCTAssertGreaterThanOrEqual(s, 0, "connect as uid 4242: \(s)")
+        guard s >= 0 else { return }
         defer { close(s) }
-        try Handoff.send(fd: uffd.fd, body: GuestRegion.encode([GuestRegion(baseHostVirtAddr: 1 << 20, size: 4096, offset: 0, pageSize: 4096)]), over: s)
+        let uffd = try Userfaultfd(features: [], options: [.nonBlocking, .kernelFaults])
+        do {
+            try Handoff.send(fd: uffd.fd, body: GuestRegion.encode([GuestRegion(baseHostVirtAddr: 1 << 20, size: 4096, offset: 0, pageSize: 4096)]), over: s)
+            XCTAssertTrue(closedByPeer(s), "the refused connection must end")
+        } catch {
+            XCTAssertEqual(error.kind, .closed, "\(error)")
+            XCTAssertTrue(error.message.contains("refused"), "\(error)")
+        }
         XCTAssertTrue(server.waitFor("is not an allowed uid"), server.log)
-        XCTAssertTrue(closedByPeer(s))
+        XCTAssertTrue(server.log.contains("uid=4242"), server.log)
+        let c = try client(["--size", "1M"], name: "allowed")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
     }
 
     func testServeMemoryFileMissingUnreadableOrEmptyExits2() throws {

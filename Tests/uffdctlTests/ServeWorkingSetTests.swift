@@ -73,6 +73,9 @@ final class ServeWorkingSetTests: XCTestCase {
         XCTAssertEqual(int(g, "prefetch_planned_pages"), 1024, s2.log)
         XCTAssertEqual((int(g, "prefetched_pages") ?? 0) + (int(g, "prefetch_already_present_pages") ?? 0), 1024, s2.log)
         XCTAssertEqual(int(g, "prefetch_skipped_pages"), 0, s2.log)
+        // One fault per page (one touching thread): every page present came from a fault or
+        // the filler, and a page both had (the filler's copy won; the fault met EEXIST) is a
+        // late fault whichever of the two noted the page first.
         XCTAssertEqual((int(g, "faults") ?? -1) + (int(g, "prefetched_pages") ?? -1) - (int(g, "prefetch_late_faults") ?? 0), 1024, s2.log)
     }
 

@@ -45,6 +45,26 @@ final class WorkingSetCommandTests: XCTestCase {
         XCTAssertEqual(pf?["ending"] as? String, "finished", p.stdout)
         XCTAssertEqual(number(pf, "wasted_bytes"), 0, p.stdout)
         XCTAssertEqual(flag(p.json, "verified"), true, p.stdout)
+        // Every stat of the issue and of the deferred path is in the JSON, and they agree.
+        for k in ["prefetched_pages", "prefetched_bytes", "prefetched_and_used_pages", "faults_avoided", "wasted_bytes",
+                  "time_to_last_page_seconds", "deferred_chunks", "faults_joined", "chunks_taken_by_faults",
+                  "dropped_fetches", "extra_pages", "seconds"] {
+            XCTAssertNotNil(pf?[k], "\(k) missing: \(p.stdout)")
+        }
+        let prefetched = number(pf, "prefetched_pages") ?? -1
+        XCTAssertEqual(number(pf, "prefetched_bytes"), prefetched * 4096, p.stdout)
+        // The workload reads every page: every prefetched page was used.
+        XCTAssertEqual(number(pf, "prefetched_and_used_pages"), prefetched, p.stdout)
+        XCTAssertLessThanOrEqual(number(pf, "faults_avoided") ?? .infinity, prefetched, p.stdout)
+        let last = number(pf, "time_to_last_page_seconds") ?? -1
+        XCTAssertGreaterThanOrEqual(last, 0, p.stdout)
+        XCTAssertLessThanOrEqual(last, number(pf, "seconds") ?? -1, p.stdout)
+        // A local file is not fetched through the deferred table.
+        XCTAssertEqual(number(pf, "deferred_chunks"), 0, p.stdout)
+        XCTAssertEqual(number(pf, "extra_pages"), 0, p.stdout)
+        let text = try runUffdctl(["copy", "--source", "file:" + image, "--access", "random", "--prefetch", "\(dir)/m.ws", "--quiet"])
+        XCTAssertEqual(text.code, 0, text.stderr + text.stdout)
+        XCTAssertTrue(text.stdout.contains("prefetch ") && text.stdout.contains(" used "), text.stdout)
     }
 
     /// A recording from another image, or one whose pages lie past the region, is exit 2 at

@@ -118,6 +118,11 @@ ssize_t cuffd_read_msgs(int fd, struct uffd_msg *msgs, size_t max);
 /// Waits until the fd is readable or `timeout_ms` passes (-1: forever). 1 readable, 0 timeout.
 int cuffd_wait_readable(int fd, int timeout_ms);
 
+/// Makes the pipe a handler's readers hand work to a service thread through: close-on-exec,
+/// the write end non-blocking (a reader never waits), room for at least `bytes` if the system
+/// allows (else the default). Returns its capacity in bytes, with `fds` set, or -errno.
+int cuffd_service_pipe(int fds[2], size_t bytes);
+
 // MARK: - Fault loop ------------------------------------------------------------------------
 
 /// What the fault loop does for one message.
@@ -176,8 +181,9 @@ enum cuffd_outcome {
     CUFFD_OUTCOME_FALLBACK,       ///< failed; the fallback resolved it (error says why)
     CUFFD_OUTCOME_FAILED,         ///< failed and the fallback failed too (error says why)
     CUFFD_OUTCOME_DEFERRED,       ///< OP_DEFER: left waiting for its fetch (see cuffd_deferred_*)
-    /// cuffd_resolve_one only (never in a batch): EAGAIN with no progress; drain events, then
-    /// go on from dst + done.
+    /// EAGAIN: drain events, then go on from dst + done. error is EAGAIN when the op met it,
+    /// or the op's own errno when the op failed and its fallback met EAGAIN. In a batch (seen
+    /// by `complete`): the fault is kept and decided again in the next round.
     CUFFD_OUTCOME_RETRY = 100,
 };
 
@@ -256,8 +262,8 @@ int cuffd_loop_run(const struct cuffd_loop_config *config, struct cuffd_loop_sta
 
 /// Performs one resolution with the loop's semantics (EEXIST -> wake, partial -> continue,
 /// failure -> fallback). `msg` is the fault it answers (for the fallback), may be NULL.
-/// Returns the outcome, CUFFD_OUTCOME_RETRY for EAGAIN with no progress (nothing was woken:
-/// drain events, then go on from dst + done); fills res->done / res->error.
+/// Returns the outcome, CUFFD_OUTCOME_RETRY for EAGAIN met by the op or by its fallback
+/// (nothing was woken: drain events, then go on from dst + done); fills res->done / res->error.
 int cuffd_resolve_one(int uffd, const struct uffd_msg *msg, struct cuffd_resolution *res,
                       int fallback, uint64_t features);
 

@@ -13,7 +13,9 @@ import Synchronization
 /// A move that fails (its ioctl's error, reported through ``failed(_:resolution:errno:context:)``)
 /// marks its granule "not moved" again: the handler's fallback resolved the fault, and with the
 /// `.wake` fallback the next fault on the granule tries the move again instead of being woken
-/// forever.
+/// forever. A move that meets EAGAIN (an event such as REMOVE or FORK is pending) is reported
+/// the same way, errno EAGAIN, before the handler decides the kept fault again: the new
+/// decision moves the granule instead of seeing its own "moving" mark and only waking.
 ///
 /// A huge granule's move may fail part-way: with the donor in base pages the kernel moves page
 /// after page and stops at the first it cannot move (a hole: ENOENT; a shared page: EBUSY),

@@ -149,7 +149,9 @@ public struct HandoffError: Error, Sendable, CustomStringConvertible {
         case socket
         /// The peer sent nothing within the timeout.
         case timeout
-        /// The peer closed the connection before sending.
+        /// The peer closed the connection before the message: the sender sent nothing (at the
+        /// receiver), or the server refused the hand-off before reading it (at the sender:
+        /// `sendmsg` met EPIPE or ECONNRESET).
         case closed
         /// The peer's uid is not allowed.
         case notAllowed

@@ -61,7 +61,13 @@ public enum Handoff {
     /// Connects to `path` and sends `uffd` (its fd) with `regions`; returns the connected
     /// socket, which the caller keeps open for as long as it wants its memory served (closing
     /// it tells the server the process may be gone).
-    /// - Throws: ``HandoffError`` `.socket` with the failing call and errno.
+    ///
+    /// A refusal has no reply in this protocol: the server closes the connection. When it
+    /// closed before the `sendmsg`, this throws `.closed`; when after, the send succeeded and
+    /// the end of the returned socket (EOF or ECONNRESET) is the refusal, and faults on the
+    /// regions stay unserved, as with Firecracker.
+    /// - Throws: ``HandoffError`` `.closed` when the server refused first, `.socket` with the
+    ///   failing call and errno otherwise.
     public static func send(_ uffd: Userfaultfd, regions: [GuestRegion], to path: String) throws(HandoffError) -> Int32 {
         let s = try connect(to: path)
         do {
@@ -118,7 +124,15 @@ public enum Handoff {
                 }
             }
         }
-        guard n >= 0 else { throw HandoffError(.socket, "sendmsg: \(Errno(rawValue: errno))") }
+        guard n >= 0 else {
+            let e = Errno(rawValue: errno)
+            // A server refuses before reading (e.g. a uid not in --allow-uid: nothing of an
+            // untrusted peer is read); when its close comes first, this is how it shows here.
+            if e == .brokenPipe || e == .connectionReset {
+                throw HandoffError(.closed, "sendmsg: the server closed the connection before the hand-off (\(e)): it refused this process, its log says why")
+            }
+            throw HandoffError(.socket, "sendmsg: \(e)")
+        }
         guard n == body.count else { throw HandoffError(.socket, "sendmsg sent \(n) of \(body.count) bytes") }
     }
 

@@ -206,6 +206,11 @@ public final class ServedProcess: Sendable {
             total.runsSkippedAhead += s.runsSkippedAhead
             total.retries += s.retries
             total.sourceErrors += s.sourceErrors
+            total.deferredChunks += s.deferredChunks
+            total.faultsJoined += s.faultsJoined
+            total.chunksTakenByFaults += s.chunksTakenByFaults
+            total.droppedFetches += s.droppedFetches
+            total.extraPages += s.extraPages
             total.lastError = s.lastError ?? total.lastError
             total.seconds = Swift.max(total.seconds, s.seconds)
             if s.ending != .finished { finished = false }

@@ -109,6 +109,13 @@ int rel_resolvers_stop(struct rel_resolvers *r, struct rel_resolver_counts *out)
 /// -(1000 + errno). Waits at most `timeout_ms` (then -ETIMEDOUT).
 int rel_open_as(uid_t uid, gid_t gid, int flags, int timeout_ms);
 
+/// Forks a child that drops to `uid`/`gid` (as rel_open_as) and connects a Unix stream socket
+/// to `path`; the connected socket comes back to this process (SCM_RIGHTS), so its peer
+/// credentials (SO_PEERCRED, taken at connect) are `uid`/`gid` while this process uses it.
+/// Returns the socket (close-on-exec) or -errno (the connect's, or -(1000 + errno) for the
+/// privilege drop); -ETIMEDOUT after `timeout_ms`.
+int rel_connect_as(uid_t uid, gid_t gid, const char *path, int timeout_ms);
+
 /// 1 when the file system holding `path` is mounted noexec, 0 when not, -errno on error.
 int rel_mounted_noexec(const char *path);
 
