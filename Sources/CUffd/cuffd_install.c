@@ -114,13 +114,17 @@ static int install_claimed(struct cuffd_installer *in, uint64_t w) {
     uint64_t t2 = cuffd_now_ns();
     add(&in->alloc_ns, t1 - t0);
     add(&in->fill_ns, t2 - t1);
+    uint64_t placed = 0; // bytes moved or copied (pages that were there already not counted)
     if (rc == 0) {
         uint64_t moved = 0;
         if (!(c->flags & CUFFD_INSTALL_COPY) && len == win) {
             int64_t d = 0;
             rc = cuffd_move(c->uffd, dst, (uint64_t)(uintptr_t)donor, len, 0, &d);
             moved = (uint64_t)d;
-            if (rc == 0) add(&in->moved, 1);
+            if (rc == 0) {
+                add(&in->moved, 1);
+                placed = len;
+            }
         } else {
             rc = 1; // not tried
         }
@@ -131,6 +135,7 @@ static int install_claimed(struct cuffd_installer *in, uint64_t w) {
             uint64_t done = 0;
             rc = rc == -EAGAIN ? -EAGAIN : copy_rest(in, dst, donor, moved, len, &done);
             if (rc == 0) add(&in->copied, 1);
+            placed = moved + done;
             // A move that failed leaves pages in the donor: drop them, so the next fill gets a
             // whole huge page to move. In COPY mode the donor is a reused buffer, kept (hot).
             dirty = !(c->flags & CUFFD_INSTALL_COPY);
@@ -138,7 +143,7 @@ static int install_claimed(struct cuffd_installer *in, uint64_t w) {
     }
     add(&in->place_ns, cuffd_now_ns() - t2);
     if (rc == 0) {
-        add(&in->bytes, len);
+        add(&in->bytes, placed);
         atomic_store_explicit(&in->state[w], W_INSTALLED, memory_order_release);
     } else {
         if (rc != -EAGAIN) add(&in->failed, 1);

@@ -16,6 +16,12 @@ struct CopyCommand: ParsableCommand {
             credentials and --endpoint for S3-compatible stores) is read in cached chunks; \
             its size decides the region and every byte is compared with a second, independent \
             read of the source. \
+            A raw file on anon memory is installed 2 MiB window at a time by default \
+            (--install auto: read once into a huge-page donor and moved into place with \
+            UFFDIO_MOVE where THP can back the region, else copied from the donor; \
+            --install-prefetch N threads install ahead of a stream); the report gives the windows and the bytes \
+            backed by huge pages. --install off, or an explicit --readahead, keeps the \
+            per-fault copy path. \
             Default session: 64 MiB anon, pattern source, 2 threads.
             """ + exitCodesHelp
     )
@@ -31,6 +37,16 @@ struct CopyCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Pages resolved per fault: a size (e.g. 64K, a multiple of the page size) or adaptive.",
                                valueName: "size|adaptive"))
     var readahead: String?
+
+    @Option(help: ArgumentHelp("Whole-window installs (2 MiB): auto (raw file sources on anon memory, unless --readahead, --in-thread or a working-set option is given), move (UFFDIO_MOVE of a huge-page donor, anon memory), copy (UFFDIO_COPY from the donor, anon or shmem) or off.",
+                               valueName: "auto|move|copy|off"))
+    var install: InstallChoice = .auto
+
+    @Option(name: .customLong("install-prefetch"),
+            help: ArgumentHelp("Threads installing the windows ahead of a sequential stream (0...4; they overlap reading with installing when a CPU is free).", valueName: "n"))
+    // 0 by default: on a shared 2-CPU machine a prefetch thread's donor population stalled in
+    // some runs (BENCHMARKS.md, "Lazy loads at memory speed"); the fault path alone was steady.
+    var installPrefetch: Int = 0
 
     @Option(name: .customLong("record-working-set"),
             help: ArgumentHelp("Record the order of first faults (page offset, time) to this file when the session ends.", valueName: "file"))
@@ -60,6 +76,14 @@ struct CopyCommand: ParsableCommand {
         let pageSize = memory.pageSize
         var parsed = try CopySource(parsing: source)
         if case .file(let path) = parsed, (try? PageSources.isPackedFile(path)) == true { parsed = .named(source) }
+        let isFile: Bool
+        if case .file = parsed { isFile = true } else { isFile = false }
+        let installMode = try install.resolve(memory: memory, rawFile: isFile, readahead: readahead != nil,
+                                              inThread: inThread, workingSet: recordWorkingSet != nil || prefetch != nil,
+                                              failPages: failPages != nil)
+        guard (0...4).contains(installPrefetch) else {
+            throw CLIError.usage("--install-prefetch \(installPrefetch): use 0 to 4 threads")
+        }
         // Remote and packed sources (PageSources.open); raw files keep the pread path below.
         var named: (any PageSource)?
         if case .named(let spec) = parsed { named = try remote.open(spec) }
@@ -122,11 +146,21 @@ struct CopyCommand: ParsableCommand {
         let ws = try WorkingSetSession(record: recordWorkingSet, prefetch: prefetch, batch: prefetchBatch,
                                        source: pageSource, size: size, pageSize: pageSize)
         var served: ServedRange?
+        var installPolicy: InstallPolicy?
+        let prefetchThreads = installPrefetch
+        let prefetchCPUs = installPrefetchCPUs(pin: session.pin)
         var plan = SessionPlan("copy", options: session, memory: memory, size: size, handling: .handler(
             features: SessionSteps.memoryFeatures(memory), modes: .missing, needed: .copy,
             policy: { s in
                 let range = ServedRange(region: s.region)
                 served = range
+                if let installMode, let uffd = s.uffd {
+                    let p = InstallPolicy(range: range, uffd: uffd, source: pageSource, mode: installMode,
+                                          prefetchThreads: prefetchThreads, prefetchCPUs: prefetchCPUs,
+                                          copyWindow: window)
+                    installPolicy = p
+                    return p
+                }
                 let inner = CopyPolicy(range: range, source: pageSource)
                 if let failing {
                     let policy: any FaultPolicy = window.map { ReadaheadPolicy(inner, window: $0) } ?? inner
@@ -136,6 +170,17 @@ struct CopyCommand: ParsableCommand {
                 if let window { return try ws.wrap(ReadaheadPolicy(inner, window: window), range: range) }
                 return try ws.wrap(inner, range: range)
             }), expected: expected)
+        // A huge page can back the whole region only if it starts on a 2 MiB boundary; the
+        // installer's windows start at the first boundary.
+        plan.thpAligned = installMode != nil && memory == .anon
+        if memory == .anon, installMode == .automatic || installMode == .move {
+            // Ask for huge pages (THP "madvise" is the common setting): the moved windows are
+            // huge pages only in a MADV_HUGEPAGE (or THP "always") region. THP "never" still
+            // wins, and a kernel without THP refuses the advice (EINVAL): either way the
+            // installer finds the region not THP-eligible and copies the windows from the donor.
+            plan.prepare = { region in try? region.advise(MADV_HUGEPAGE) }
+        }
+        plan.reportHugePages = true
         plan.armed = { s in if let served { try ws.armed(s, range: served, source: pageSource) } }
         let source = self.source
         let actions = plan.actions
@@ -144,10 +189,13 @@ struct CopyCommand: ParsableCommand {
                 let first = page * pageSize / basePageSize
                 return (first..<min(actions.count, first + pageSize / basePageSize)).contains { actions[$0] != .skip }
             })
-            let ra = readaheadName(window, pageSize: pageSize)
+            // With the installer, the faults it does not take get its copy path's window
+            // (--readahead, else adaptive up to a window).
+            let ra = readaheadName(installPolicy.map { $0.copyPath.window } ?? window, pageSize: pageSize)
             notes.details["source"] = .string(source)
             notes.details["readahead"] = .string(ra)
             var line = "source       \(source), readahead \(ra)"
+            if installPolicy == nil { notes.details["install"] = .object(["mode": "off"]) }
             if case .file = parsed {
                 notes.details["file_bytes"] = .int(fileLength)
                 line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
@@ -168,6 +216,13 @@ struct CopyCommand: ParsableCommand {
                     + "\(c.misses) fetched, \(c.joined) joined; \(c.requests) requests, \(c.retries) retries)"
             }
             notes.lines.append(line)
+        }
+        plan.stopped = { notes in
+            guard let installPolicy else { return }
+            // The load is over: the filler threads end here; with the handler's threads
+            // stopped too, no install is still adding to the counters it woke before.
+            installPolicy.stopPrefetching()
+            reportInstall(installPolicy, into: &notes)
         }
         if inThread { plan.handling = try inThreadHandling(parsed, size: size, fileFD: fileFD, window: window) }
         try SessionRunner.run(plan, options: session).emit(json: session.json)
@@ -270,4 +325,74 @@ final class FailingPolicy: FaultPolicy {
         return try otherwise.resolve(fault, context: context)
     }
     var scratchBytes: Int { otherwise.scratchBytes }
+}
+
+/// `--install`: whether the window installer (``InstallPolicy``) serves the session.
+enum InstallChoice: String, ExpressibleByArgument, CaseIterable {
+    case auto, move, copy, off
+
+    /// The policy's mode, or nil for the per-fault copy path. `auto` takes the fast path where
+    /// it applies without being asked (a raw file loaded into anon memory by the handler) and
+    /// stays off where the user chose a per-fault tool (--readahead, --in-thread, working sets,
+    /// --fail-pages); an explicit choice that cannot apply is a usage error.
+    func resolve(memory: MemoryType, rawFile: Bool, readahead: Bool, inThread: Bool, workingSet: Bool,
+                 failPages: Bool) throws(CLIError) -> InstallPolicy.Mode? {
+        switch self {
+        case .off:
+            return nil
+        case .auto:
+            return rawFile && memory == .anon && !readahead && !inThread && !workingSet && !failPages ? .automatic : nil
+        case .move, .copy:
+            let name = "--install \(rawValue)"
+            if inThread { throw .usage("\(name) cannot be combined with --in-thread (the installer needs the handler thread); drop one") }
+            if workingSet { throw .usage("\(name) cannot be combined with --record-working-set or --prefetch (they work page by page); use --install off") }
+            if failPages { throw .usage("\(name) cannot be combined with --fail-pages; use --install off") }
+            switch memory {
+            case .anon: break
+            case .shmem, .shmemPrivate:
+                if self == .move { throw .usage("--install move needs --memory anon (UFFDIO_MOVE moves private anonymous pages); use --install copy") }
+            case .hugetlb, .hugetlbPrivate:
+                throw .usage("\(name) does not apply to hugetlb memory (its pages are already huge); use --install off")
+            }
+            return self == .move ? .move : .copy
+        }
+    }
+}
+
+/// The prefetch threads' CPUs: beside the pinned session (the next CPU), else not pinned.
+func installPrefetchCPUs(pin: Int32?) -> [Int32] {
+    guard let pin else { return [] }
+    let cpus = Int32(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    return cpus > 1 ? [(pin + 1) % cpus] : []
+}
+
+/// The installer's counters in the report: JSON `install` and one summary line. Its installed
+/// bytes count as resolved (the handler's resolutions do not see them: the installer wakes the
+/// windows itself).
+func reportInstall(_ p: InstallPolicy, into notes: inout SessionNotes) {
+    let s = p.stats
+    let mode: String
+    switch p.installer?.mode {
+    case .move?: mode = "move"
+    case .copy?: mode = "copy"
+    case nil: mode = "unavailable"
+    }
+    var object: [String: JSONValue] = [
+        "mode": .string(mode), "moved": .int(s.moved), "copied": .int(s.copied), "fallbacks": .int(s.fallbacks),
+        "prefetched": .int(s.prefetched), "joined": .int(s.joined), "stale": .int(s.stale), "failed": .int(s.failed),
+        "bytes": .int(s.bytes), "window": .int(p.installer?.window ?? 0), "windows": .int(p.installer?.windows ?? 0),
+        // Where the installing threads' time went (summed over them): populating donors,
+        // reading the image into them, moving/copying them into place.
+        "alloc_ns": .int(Int(s.allocNs)), "fill_ns": .int(Int(s.fillNs)), "place_ns": .int(Int(s.placeNs)),
+    ]
+    if let why = p.fastPathUnavailable { object["note"] = .string(why) }
+    notes.details["install"] = .object(object)
+    notes.resolvedBytes += UInt64(s.bytes)
+    var line = "install      \(mode)"
+    if let i = p.installer {
+        line += ", \(formatBytes(i.window)) windows: \(s.moved) moved, \(s.copied) copied (\(s.fallbacks) after a failed move), "
+            + "\(s.prefetched) prefetched, \(s.joined) joined, \(s.stale) single pages, \(s.failed) failed"
+    }
+    if let why = p.fastPathUnavailable { line += " (\(why))" }
+    notes.lines.append(line)
 }

@@ -38,6 +38,9 @@ struct SessionPlan {
     var expectedName: String
     /// Whether the report calls the workload a write (defaults to --write).
     var write: Bool
+    /// Report the bytes of the region backed by huge pages after the workload (JSON
+    /// `huge_page_bytes`, PAGEMAP_SCAN with PAGE_IS_HUGE: transparent huge pages and hugetlb).
+    var reportHugePages = false
     /// Read the handler's stats before stopping it (the handlers of forked children are
     /// forgotten by stop()).
     var statsWhileRunning = false
@@ -51,6 +54,9 @@ struct SessionPlan {
     /// After the workload and the verification, while the handler still runs: the
     /// operation-specific checks, JSON details and summary lines.
     var finish: (SessionContext, inout SessionNotes) throws -> Void = { _, _ in }
+    /// After the handler stopped (its threads joined): counters the resolving threads update
+    /// after they woke the faulting threads (e.g. a ``WindowInstaller``'s) are final here.
+    var stopped: (inout SessionNotes) -> Void = { _ in }
 
     /// A plan with the session's defaults: `size` bytes of `memory`, each page read (or written
     /// with --write), the memory's page size.
@@ -97,6 +103,9 @@ struct SessionNotes {
     /// Summary lines after the common ones.
     var lines: [String] = []
     var checks: [Check] = []
+    /// Bytes resolved outside the handler's resolutions (e.g. windows a ``WindowInstaller``
+    /// installed and woke itself), added to the report's `resolved_bytes`.
+    var resolvedBytes: UInt64 = 0
 }
 
 /// Runs a ``SessionPlan`` with the CLI's options and error mapping.
@@ -135,12 +144,14 @@ enum SessionRunner {
         context.inThread = inThread?.end()
         var notes = SessionNotes()
         try plan.finish(context, &notes)
+        if plan.reportHugePages { SessionSteps.reportHugePages(region, length: plan.size, into: &notes) }
         var stats = plan.statsWhileRunning ? handler?.stats() : nil
         handler?.stop()
         if !plan.statsWhileRunning { stats = handler?.stats() }
+        plan.stopped(&notes)
         if let s = context.inThread { stats = InThreadSession.report(s, minor: plan.handling.minor, into: &notes) }
 
-        return SessionReport(
+        var report = SessionReport(
             summary: SessionSummary(
                 operation: plan.operation, memory: plan.memory, size: plan.size, pageSize: plan.pageSize,
                 threads: options.threads, access: options.access, write: plan.write,
@@ -150,5 +161,22 @@ enum SessionRunner {
                     ?? context.inThread?.firstError.map { "first failed in-thread resolution: \($0)" },
                 checks: notes.checks),
             details: notes.details, notes: notes)
+        report.summary.resolvedBytes += notes.resolvedBytes
+        return report
+    }
+}
+
+extension SessionSteps {
+    /// Huge-page coverage of the region now: JSON `huge_page_bytes` and a summary line (an
+    /// unreadable page map leaves both out and says why).
+    static func reportHugePages(_ region: MappedRegion, length: Int, into notes: inout SessionNotes) {
+        do throws(UffdError) {
+            let huge = try WindowInstaller.hugePageBytes(start: region.address, length: length)
+            notes.details["huge_page_bytes"] = .int(huge)
+            let percent = length > 0 ? huge * 100 / length : 0
+            notes.lines.append("huge pages   \(formatBytes(huge)) of \(formatBytes(length)) backed by huge pages (\(percent)%)")
+        } catch {
+            notes.lines.append("huge pages   unknown (\(error))")
+        }
     }
 }

@@ -58,7 +58,7 @@ struct cuffd_installer_stats {
     uint64_t joined;      ///< faults on a window another thread was installing (nothing to do)
     uint64_t stale;       ///< faults on an installed window (a page dropped later): one page copied
     uint64_t failed;      ///< installs that failed (fill or ioctl error); the window was woken
-    uint64_t bytes;       ///< bytes installed
+    uint64_t bytes;       ///< bytes installed (moved or copied; pages found in place not counted)
     uint64_t alloc_ns;    ///< time populating donors (MADV_POPULATE_WRITE: a zeroed huge page each)
     uint64_t fill_ns;     ///< time in the fill callback (reading the image into donors)
     uint64_t place_ns;    ///< time moving/copying donors into place (and fallbacks)

@@ -50,25 +50,26 @@ public final class InstallPolicy: FaultPolicy, @unchecked Sendable {
     ///   - prefetchThreads: installer threads ahead of sequential streams (0...4).
     ///   - ahead: windows a stream is prefetched ahead.
     ///   - prefetchCPUs: their CPUs (pin them beside the faulting threads' CPUs).
+    ///   - copyWindow: the copy path's readahead (nil: adaptive, up to `window`).
     public convenience init(region: MappedRegion, uffd: Userfaultfd, source: any PageSource, mode: Mode = .automatic,
                             window: Int = 2 << 20, prefetchThreads: Int = 1, ahead: Int = 8,
-                            prefetchCPUs: [Int32] = []) {
+                            prefetchCPUs: [Int32] = [], copyWindow: ReadaheadPolicy<CopyPolicy>.Window? = nil) {
         var anon = false
         if case .anonymous = region.kind { anon = true }
         self.init(range: ServedRange(region: region), uffd: uffd, source: source,
                   mode: anon ? mode : .copy, window: window, prefetchThreads: prefetchThreads,
-                  ahead: ahead, prefetchCPUs: prefetchCPUs, hugetlb: region.kind == .hugetlb)
+                  ahead: ahead, prefetchCPUs: prefetchCPUs, copyWindow: copyWindow, hugetlb: region.kind == .hugetlb)
     }
 
     /// Serves `range` (registered MISSING on `uffd`, anonymous memory for MOVE) from `source`;
     /// `hugetlb` memory is served by the copy path only. The other parameters are those of
-    /// ``init(region:uffd:source:mode:window:prefetchThreads:ahead:prefetchCPUs:)``.
+    /// ``init(region:uffd:source:mode:window:prefetchThreads:ahead:prefetchCPUs:copyWindow:)``.
     public init(range: ServedRange, uffd: Userfaultfd, source: any PageSource, mode: Mode = .automatic,
                 window: Int = 2 << 20, prefetchThreads: Int = 1, ahead: Int = 8, prefetchCPUs: [Int32] = [],
-                hugetlb: Bool = false) {
+                copyWindow: ReadaheadPolicy<CopyPolicy>.Window? = nil, hugetlb: Bool = false) {
         let page = range.pageSize
         copyPath = ReadaheadPolicy(CopyPolicy(range: range, source: source),
-                                   window: .adaptive(minPages: 1, maxPages: Swift.max(1, window / page)))
+                                   window: copyWindow ?? .adaptive(minPages: 1, maxPages: Swift.max(1, window / page)))
         let start = range.start
         let first = (start + UInt(window) - 1) / UInt(window) * UInt(window)
         let end = start + UInt(range.length)

@@ -56,7 +56,7 @@ public final class WindowInstaller: @unchecked Sendable {
         public var stale: Int
         /// Installs that failed (source or ioctl error).
         public var failed: Int
-        /// Bytes installed.
+        /// Bytes installed (moved or copied; pages found in place are not counted).
         public var bytes: Int
         /// Nanoseconds the installing threads spent populating donors (zeroed huge pages),
         /// reading the image into them, and moving/copying them into place.
@@ -204,7 +204,9 @@ public final class WindowInstaller: @unchecked Sendable {
     /// Stops and joins the prefetch threads (installs on the fault path keep working).
     public func stopPrefetching() { cuffd_installer_stop(raw) }
 
-    /// The counters so far.
+    /// The counters so far. An install adds to them after its ioctl woke the faulting threads:
+    /// for final totals read them once the installing threads are done (the handler stopped,
+    /// ``stopPrefetching()`` returned).
     public var stats: Stats {
         var s = cuffd_installer_stats()
         cuffd_installer_stats(raw, &s)
