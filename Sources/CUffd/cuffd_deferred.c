@@ -100,6 +100,32 @@ static void recompute_deadline(struct cuffd_deferred *d) {
     atomic_store_explicit(&d->next_deadline, m, memory_order_relaxed);
 }
 
+// Takes a free slot (caller holds mu and has checked nfree) and makes it an in-flight entry:
+// a fault's (msg set, its faulting thread is the one waiter) or a prefetch claim's (slot set).
+static struct entry *take_entry(struct cuffd_deferred *d, uint64_t dst, uint64_t len, uint64_t ps,
+                                uint64_t deadline_ns, const struct uffd_msg *msg,
+                                struct cuffd_prefetch_result *slot) {
+    uint32_t idx = d->freelist[--d->nfree];
+    struct entry *x = &d->e[idx];
+    x->dst = dst;
+    x->len = len;
+    x->deadline_ns = deadline_ns;
+    x->page = ps;
+    x->start_ns = cuffd_now_ns();
+    x->state = E_IN_FLIGHT;
+    x->late_joins = 0;
+    if (msg) {
+        x->waiters = 1;
+        x->msg = *msg;
+    } else {
+        x->waiters = 0;
+        memset(&x->msg, 0, sizeof x->msg);
+    }
+    x->slot = slot;
+    d->active[d->nactive++] = idx;
+    return x;
+}
+
 int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, uint64_t dst,
                          uint64_t len, uint64_t page_size, uint64_t deadline_ns, uint64_t *token) {
     if (!d || !msg || !token) return -EINVAL;
@@ -131,19 +157,7 @@ int cuffd_deferred_begin(struct cuffd_deferred *d, const struct uffd_msg *msg, u
         rc = -ENOSPC;
         goto out;
     }
-    uint32_t idx = d->freelist[--d->nfree];
-    struct entry *x = &d->e[idx];
-    x->dst = dst;
-    x->len = len;
-    x->deadline_ns = deadline_ns;
-    x->page = ps;
-    x->start_ns = cuffd_now_ns();
-    x->state = E_IN_FLIGHT;
-    x->late_joins = 0;
-    x->waiters = 1;
-    x->msg = *msg;
-    x->slot = NULL;
-    d->active[d->nactive++] = idx;
+    struct entry *x = take_entry(d, dst, len, ps, deadline_ns, msg, NULL);
     if (deadline_ns < atomic_load_explicit(&d->next_deadline, memory_order_relaxed))
         atomic_store_explicit(&d->next_deadline, deadline_ns, memory_order_relaxed);
     d->st.fetches++;
@@ -404,21 +418,9 @@ int cuffd_deferred_claim(struct cuffd_deferred *d, uint64_t dst, uint64_t len, u
         rc = -ENOSPC;
         goto out;
     }
-    uint32_t idx = d->freelist[--d->nfree];
-    struct entry *x = &d->e[idx];
-    x->dst = dst;
-    x->len = len;
     // The table's deadline applies the fallback, which is for faults; a claim is abandoned by
     // its owner instead (cuffd_deferred_abandon), so the loop never expires it.
-    x->deadline_ns = UINT64_MAX;
-    x->page = ps;
-    x->start_ns = cuffd_now_ns();
-    x->state = E_IN_FLIGHT;
-    x->late_joins = 0;
-    x->waiters = 0;
-    memset(&x->msg, 0, sizeof x->msg);
-    x->slot = slot;
-    d->active[d->nactive++] = idx;
+    struct entry *x = take_entry(d, dst, len, ps, UINT64_MAX, NULL, slot);
     *token = token_of(d, x);
     rc = 1;
 out:
