@@ -60,8 +60,8 @@ public struct KitTuning: Sendable {
     }
 }
 
-/// What the watchdog needs to unblock the faulting threads.
-private final class KitWatch: @unchecked Sendable {
+/// What the watchdog needs to unblock the faulting threads (kit.* and kit.file.* rows).
+final class KitWatch: @unchecked Sendable {
     let handler: FaultHandler
     let uffd: Userfaultfd
     let start: UInt
@@ -74,7 +74,7 @@ private final class KitWatch: @unchecked Sendable {
     }
 }
 
-private let kitUnblock: cubench_unblock_fn = { ctx in
+let kitUnblock: cubench_unblock_fn = { ctx in
     let w = Unmanaged<KitWatch>.fromOpaque(ctx!).takeUnretainedValue()
     w.handler.stop()
     try? w.uffd.unregister(w.start, length: w.length)

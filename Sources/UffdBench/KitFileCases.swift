@@ -18,25 +18,6 @@ enum KitFilePath: Sendable {
     case copyMapped
 }
 
-private final class FileWatch: @unchecked Sendable {
-    let handler: FaultHandler
-    let uffd: Userfaultfd
-    let start: UInt
-    let length: Int
-    init(handler: FaultHandler, uffd: Userfaultfd, start: UInt, length: Int) {
-        self.handler = handler
-        self.uffd = uffd
-        self.start = start
-        self.length = length
-    }
-}
-
-private let fileUnblock: cubench_unblock_fn = { ctx in
-    let w = Unmanaged<FileWatch>.fromOpaque(ctx!).takeUnretainedValue()
-    w.handler.stop()
-    try? w.uffd.unregister(w.start, length: w.length)
-}
-
 /// One run: `bytes` of the file at `path` loaded lazily through `path`, every page's tag checked.
 func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool, hc: Int32, fc: Int32)
     -> Result<BenchSample, BenchFailure> {
@@ -78,12 +59,12 @@ func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool
         opts.failureLogCapacity = 4
         let handler = FaultHandler(uffd: uffd, policy: policy, options: opts)
         try handler.start()
-        let watch = FileWatch(handler: handler, uffd: uffd, start: region.address, length: len)
+        let watch = KitWatch(handler: handler, uffd: uffd, start: region.address, length: len)
         var pl = cubench_placement(handler_cpu: hc, fault_cpu: fc, fault_threads: 1, handler_threads: 1,
                                    spread_handlers: 0, spread_faults: 0)
         var r = cubench_result()
         let rc = withExtendedLifetime(watch) {
-            cubench_touch(region.pointer, UInt64(len), 2 << 20, &pl, 0, 120000, fileUnblock,
+            cubench_touch(region.pointer, UInt64(len), 2 << 20, &pl, 0, 120000, kitUnblock,
                           Unmanaged.passUnretained(watch).toOpaque(), &r)
         }
         handler.stop()
