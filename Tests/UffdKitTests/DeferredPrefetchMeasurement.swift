@@ -19,22 +19,12 @@ final class DeferredPrefetchMeasurement: XCTestCase {
         guard ProcessInfo.processInfo.environment["UFFDKIT_MEASURE"] != nil else {
             throw XCTSkip("set UFFDKIT_MEASURE=1 to measure (takes ~20 s)")
         }
-        let dir = try makeTempDir("deferredprefetchbench")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let image = makeImage(chunks: 4, zeroEvery: 100, tail: 0)     // 8 MiB, 2048 pages
-        let file = dir.appendingPathComponent("img")
-        try image.write(to: file)
-        let server = try MisbehavingServer(serving: file)
-        defer { server.stop() }
+        let rig = try ScatteredRemoteRig("deferredprefetchbench")
+        defer { rig.stop() }
+        let image = rig.image, server = rig.server
         let url = server.url("latency-1")
         let ps = basePageSize
-        var x: UInt64 = 0x2545_F491_4F6C_DD1D
-        var all = Array(0..<(image.count / ps))
-        for i in stride(from: all.count - 1, to: 0, by: -1) {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            all.swapAt(i, Int(x % UInt64(i + 1)))
-        }
-        let order = Array(all.prefix(1024))
+        let order = rig.order
         func options(_ chunk: Int) -> RemoteOptions {
             var o = RemoteOptions()
             o.rawChunkSize = chunk

@@ -14,13 +14,9 @@ final class RemotePrefetchMeasurement: XCTestCase {
         guard ProcessInfo.processInfo.environment["UFFDKIT_MEASURE"] != nil else {
             throw XCTSkip("set UFFDKIT_MEASURE=1 to measure (takes ~10 s)")
         }
-        let dir = try makeTempDir("remoteprefetch")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let image = makeImage(chunks: 4, zeroEvery: 100, tail: 0)     // 8 MiB, 2048 pages
-        let file = dir.appendingPathComponent("img")
-        try image.write(to: file)
-        let server = try MisbehavingServer(serving: file)
-        defer { server.stop() }
+        let rig = try ScatteredRemoteRig("remoteprefetch")
+        defer { rig.stop() }
+        let image = rig.image, server = rig.server
         var o = RemoteOptions()
         o.rawChunkSize = basePageSize
         o.readaheadChunks = 0
@@ -28,13 +24,7 @@ final class RemotePrefetchMeasurement: XCTestCase {
         o.cacheBytes = 16 << 20
         let url = server.url("latency-1")
         let ps = basePageSize
-        var x: UInt64 = 0x2545_F491_4F6C_DD1D
-        var all = Array(0..<(image.count / ps))
-        for i in stride(from: all.count - 1, to: 0, by: -1) {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            all.swapAt(i, Int(x % UInt64(i + 1)))
-        }
-        let order = Array(all.prefix(1024))
+        let order = rig.order
         let identity = try WorkingSet.Identity(of: try PageSources.open(url, options: o))
         let ws = WorkingSet(identity: identity, pageSize: ps, entries: order.map { .init(offset: $0 * ps, nanoseconds: 0) })
         var seconds: [String: [Double]] = ["on demand": [], "prefetched": []]
@@ -75,5 +65,42 @@ final class RemotePrefetchMeasurement: XCTestCase {
         let a = seconds["on demand"]!, b = seconds["prefetched"]!
         print(String(format: "remote 1 ms: on demand median %.3f s (min %.3f), prefetched median %.3f s (min %.3f): %.2fx (min %.2fx)",
                      med(a), a.min()!, med(b), b.min()!, med(a) / med(b), a.min()! / b.min()!))
+    }
+}
+
+/// The remote measurements' shared rig: an 8 MiB raw image (2048 pages) in a temporary
+/// directory, served by a MisbehavingServer, and the scattered working set read from it (1024
+/// pages in a fixed xorshift-shuffled order, the same every run so rounds compare).
+struct ScatteredRemoteRig {
+    let dir: URL
+    let image: Data
+    let server: MisbehavingServer
+    let order: [Int]
+
+    init(_ name: String) throws {
+        dir = try makeTempDir(name)
+        image = makeImage(chunks: 4, zeroEvery: 100, tail: 0)
+        let file = dir.appendingPathComponent("img")
+        do {
+            try image.write(to: file)
+            server = try MisbehavingServer(serving: file)
+        } catch {
+            try? FileManager.default.removeItem(at: dir)
+            throw error
+        }
+        let ps = basePageSize
+        var x: UInt64 = 0x2545_F491_4F6C_DD1D
+        var all = Array(0..<(image.count / ps))
+        for i in stride(from: all.count - 1, to: 0, by: -1) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            all.swapAt(i, Int(x % UInt64(i + 1)))
+        }
+        order = Array(all.prefix(1024))
+    }
+
+    /// Stops the server, then removes the directory (the order the two defers had).
+    func stop() {
+        server.stop()
+        try? FileManager.default.removeItem(at: dir)
     }
 }
