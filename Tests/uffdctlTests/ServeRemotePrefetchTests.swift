@@ -5,39 +5,12 @@ import XCTest
 /// `uffdctl serve --memory-file http://… --record-working-set / --prefetch` with real hand-offs
 /// (every page verified by the client): the recording is prefetched from nginx through the
 /// handler's deferred table (the regions are chunk-aligned: the deferred path).
-final class ServeRemotePrefetchTests: XCTestCase {
-    var dir: URL!
-    var memFile: String { dir.appendingPathComponent("mem").path }
-    var sock: String { dir.appendingPathComponent("s.sock").path }
-    var servers: [BackgroundUffdctl] = []
+final class ServeRemotePrefetchTests: ServeWorkingSetTestCase {
+    override var dirPrefix: String { "serve-rpf" }
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("serve-rpf-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try super.setUpWithError()
         try makeImage(chunks: 8, tail: 0).write(to: URL(fileURLWithPath: memFile))   // 16 MiB
-    }
-
-    override func tearDown() {
-        servers.forEach { $0.stop() }
-        try? FileManager.default.removeItem(at: dir)
-    }
-
-    func serve(_ memory: String, _ extra: [String]) throws -> BackgroundUffdctl {
-        let s = try BackgroundUffdctl(["serve", "--socket", sock, "--memory-file", memory, "--once", "--json"] + extra,
-                                      dir: dir, name: "server\(servers.count)")
-        servers.append(s)
-        XCTAssertTrue(s.waitFor("listening"), "server did not start: \(s.log)")
-        return s
-    }
-
-    func gone(_ s: BackgroundUffdctl) -> [String: Any]? {
-        let line = s.log.split(separator: "\n").first { $0.contains("\"VM gone\"") }
-        return line.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-    }
-
-    func int(_ o: [String: Any]?, _ k: String) -> Int? {
-        if let s = o?[k] as? String { return Int(s) }
-        return number(o, k).map { Int($0) }
     }
 
     func testServeFromURLRecordsThenPrefetches() throws {
@@ -47,7 +20,7 @@ final class ServeRemotePrefetchTests: XCTestCase {
         let ws = dir.appendingPathComponent("vm.ws").path
         let clientArgs = ["handoff-client", "--socket", sock, "--memory-file", memFile, "--size", "4M", "--offset", "4M",
                           "--regions", "2", "--timeout", "60"]
-        let s1 = try serve(url, ["--record-working-set", ws])
+        let s1 = try serve(["--record-working-set", ws], memory: url)
         let c1 = try BackgroundUffdctl(clientArgs, dir: dir, name: "c1")
         XCTAssertEqual(c1.wait(), 0, c1.output + c1.log)
         XCTAssertEqual(s1.wait(timeout: 30), 0, s1.log)
@@ -57,7 +30,7 @@ final class ServeRemotePrefetchTests: XCTestCase {
         // A deferred region faults once per 2 MiB chunk (the chunk comes whole): one page each.
         XCTAssertGreaterThan(planned, 0, info.stdout)
 
-        let s2 = try serve(url, ["--prefetch", ws])
+        let s2 = try serve(["--prefetch", ws], memory: url)
         let c2 = try BackgroundUffdctl(clientArgs, dir: dir, name: "c2")
         XCTAssertEqual(c2.wait(), 0, c2.output + c2.log)
         XCTAssertTrue(c2.output.contains("\"ok\":true"), c2.output)

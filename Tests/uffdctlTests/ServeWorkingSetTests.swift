@@ -1,34 +1,25 @@
 import Foundation
 import XCTest
 
-/// `uffdctl serve --record-working-set / --prefetch` with real hand-offs from
-/// `uffdctl handoff-client` processes (every page verified by the client).
-final class ServeWorkingSetTests: XCTestCase {
+/// The set-up both working-set serve test classes share: a temporary directory holding the
+/// memory file and the socket, `uffdctl serve --once --json` servers stopped at tear-down, and
+/// readers of the "VM gone" log line. Subclasses write `memFile` in their set-up.
+class ServeWorkingSetTestCase: XCTestCase {
     var dir: URL!
     var memFile: String { dir.appendingPathComponent("mem").path }
     var sock: String { dir.appendingPathComponent("s.sock").path }
     var servers: [BackgroundUffdctl] = []
+    /// The temporary directory's name prefix.
+    var dirPrefix: String { "serve-ws" }
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("serve-ws-\(UUID().uuidString.prefix(8))")
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(dirPrefix)-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        try memory(seed: 1).write(to: URL(fileURLWithPath: memFile))
     }
 
     override func tearDown() {
         servers.forEach { $0.stop() }
         try? FileManager.default.removeItem(at: dir)
-    }
-
-    /// 16 MiB of bytes that differ per page.
-    func memory(seed: UInt64) -> Data {
-        var bytes = [UInt8](repeating: 0, count: 16 << 20)
-        var x: UInt64 = 0x9E37_79B9_7F4A_7C15 &* seed
-        for i in stride(from: 0, to: bytes.count, by: 8) {
-            x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-            withUnsafeBytes(of: x) { for j in 0..<8 { bytes[i + j] = $0[j] } }
-        }
-        return Data(bytes)
     }
 
     func serve(_ extra: [String], memory: String? = nil) throws -> BackgroundUffdctl {
@@ -48,6 +39,26 @@ final class ServeWorkingSetTests: XCTestCase {
     func int(_ o: [String: Any]?, _ k: String) -> Int? {
         if let s = o?[k] as? String { return Int(s) }
         return number(o, k).map { Int($0) }
+    }
+}
+
+/// `uffdctl serve --record-working-set / --prefetch` with real hand-offs from
+/// `uffdctl handoff-client` processes (every page verified by the client).
+final class ServeWorkingSetTests: ServeWorkingSetTestCase {
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        try memory(seed: 1).write(to: URL(fileURLWithPath: memFile))
+    }
+
+    /// 16 MiB of bytes that differ per page.
+    func memory(seed: UInt64) -> Data {
+        var bytes = [UInt8](repeating: 0, count: 16 << 20)
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15 &* seed
+        for i in stride(from: 0, to: bytes.count, by: 8) {
+            x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            withUnsafeBytes(of: x) { for j in 0..<8 { bytes[i + j] = $0[j] } }
+        }
+        return Data(bytes)
     }
 
     func testServeRecordsThenPrefetchesAVM() throws {
