@@ -51,23 +51,6 @@ private final class HeldSource: PageSource, DeferredSource, @unchecked Sendable 
     func failHeld() -> [DeferredOutcome] { take().map { $0.fetch.fail(Errno.ioError) } }
 }
 
-private let sink = Atomic<Int>(0)
-@inline(never)
-private func readByte(_ addr: UInt) -> UInt8 {
-    let v = UnsafePointer<UInt8>(bitPattern: addr)!.pointee
-    sink.add(Int(v), ordering: .relaxed)
-    return v
-}
-
-private func eventually(_ seconds: Double = 10, _ cond: () -> Bool) -> Bool {
-    let end = Date().addingTimeInterval(seconds)
-    while Date() < end {
-        if cond() { return true }
-        usleep(1000)
-    }
-    return cond()
-}
-
 /// Reads one byte in another thread; `done` is signalled when the read returned.
 private func faultInThread(_ addr: UInt, _ got: Box<Int>) -> DispatchSemaphore {
     let done = DispatchSemaphore(value: 0)

@@ -60,16 +60,16 @@ private final class TestSource: DeferredSource, @unchecked Sendable {
 
 private let readSink = Atomic<Int>(0)
 
-/// Reads the byte at `addr` (a load the optimizer cannot drop).
+/// Reads the byte at `addr` (a load the optimizer cannot drop). Shared by the deferred tests.
 @inline(never)
-private func readByte(_ addr: UInt) -> UInt8 {
+func readByte(_ addr: UInt) -> UInt8 {
     let v = UnsafePointer<UInt8>(bitPattern: addr)!.pointee
     readSink.add(Int(v), ordering: .relaxed)
     return v
 }
 
-/// Waits (bounded) until `cond` holds.
-private func eventually(_ seconds: Double = 10, _ cond: () -> Bool) -> Bool {
+/// Waits (bounded) until `cond` holds. Shared by the deferred tests.
+func eventually(_ seconds: Double = 10, _ cond: () -> Bool) -> Bool {
     let end = Date().addingTimeInterval(seconds)
     while Date() < end {
         if cond() { return true }
