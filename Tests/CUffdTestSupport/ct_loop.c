@@ -305,10 +305,14 @@ static void *dontneed_main(void *a) {
     return NULL;
 }
 
-static int t_loop_eagain_retry(struct ct_fix *f, char *msg, size_t msglen) {
+// The EAGAIN scenario both tests below run: page 0's fault is queued, then a REMOVE (an
+// MADV_DONTNEED of the populated page 3) behind it; the loop (decider context x, one message per
+// read, ZEROPAGE fallback) reads the fault first (faults are dequeued before events), its
+// resolution meets EAGAIN, and the fault must be kept and retried, not lost. Returns once the
+// faulting thread and the madvise have both finished and the loop has stopped; *l holds its stats.
+static int run_fault_behind_remove(struct ct_fix *f, struct lctx *x, struct lthread *l, char *msg,
+                                   size_t msglen) {
     int rc = CUFFD_TEST_PASS;
-    struct lctx x;
-    struct lthread l = {0};
     struct dontneed d = {0};
     bool dstarted = false;
     int stop = -1;
@@ -319,9 +323,6 @@ static int t_loop_eagain_retry(struct ct_fix *f, char *msg, size_t msglen) {
     CT_CHECK(e == 0, "COPY page 3: %s", ct_err(e));
     stop = eventfd(0, EFD_CLOEXEC);
     CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
-    lctx_init(&x, f, -1);
-    // Queue a fault, then a REMOVE behind it: the loop reads the fault first (faults are
-    // dequeued before events), its COPY meets EAGAIN, and the fault must be retried, not lost.
     struct ct_toucher t = {.addr = f->base, .count = 1};
     e = ct_touch_start(&t);
     CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
@@ -334,14 +335,28 @@ static int t_loop_eagain_retry(struct ct_fix *f, char *msg, size_t msglen) {
     while (!atomic_load(&d.started)) usleep(1000);
     tid = d.tid;
     CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "MADV_DONTNEED did not block on its REMOVE event");
-    e = lthread_start(&l, f, &x, stop, 1, CUFFD_FALLBACK_ZEROPAGE);
+    e = lthread_start(l, f, x, stop, 1, CUFFD_FALLBACK_ZEROPAGE);
     CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
     CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "the fault was lost: its thread is still blocked");
     CT_CHECK(ct_join(d.th, CT_WAIT_MS) == 0, "MADV_DONTNEED still blocked");
     dstarted = false;
     CT_CHECK(d.ret == 0, "madvise: %s", ct_err(d.ret));
-    e = lthread_stop(&l, stop);
+    e = lthread_stop(l, stop);
     CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+out:
+    if (l->running) lthread_stop(l, stop);
+    if (dstarted) ct_join(d.th, 1000);
+    if (stop >= 0) close(stop);
+    return rc;
+}
+
+static int t_loop_eagain_retry(struct ct_fix *f, char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_PASS;
+    struct lctx x;
+    struct lthread l = {0};
+    lctx_init(&x, f, -1);
+    rc = run_fault_behind_remove(f, &x, &l, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
     const struct cuffd_loop_stats *s = &l.st;
     CT_CHECK(s->retries >= 1, "no EAGAIN retry counted: the race was not exercised (reads %llu)",
              (unsigned long long)s->reads);
@@ -353,9 +368,6 @@ static int t_loop_eagain_retry(struct ct_fix *f, char *msg, size_t msglen) {
              (unsigned long long)s->bytes, (unsigned long long)s->fallbacks, (unsigned long long)s->failures);
     CT_CHECK(ct_check_pattern(f->base, f->ps, 0) < 0, "page 0 wrong");
 out:
-    if (l.running) lthread_stop(&l, stop);
-    if (dstarted) ct_join(d.th, 1000);
-    if (stop >= 0) close(stop);
     return rc;
 }
 
@@ -367,36 +379,9 @@ static int t_loop_fallback_eagain(struct ct_fix *f, char *msg, size_t msglen) {
     int rc = CUFFD_TEST_PASS;
     struct lctx x;
     struct lthread l = {0};
-    struct dontneed d = {0};
-    bool dstarted = false;
-    int stop = -1;
-    int64_t done;
-    int e = cuffd_register(f->uffd, U(f->base), 4 * f->ps, UFFDIO_REGISTER_MODE_MISSING, NULL);
-    CT_CHECK(e == 0, "register: %s", ct_err(e));
-    e = cuffd_copy(f->uffd, U(f->base + 3 * f->ps), U(f->src + 3 * f->ps), f->ps, 0, &done);
-    CT_CHECK(e == 0, "COPY page 3: %s", ct_err(e));
-    stop = eventfd(0, EFD_CLOEXEC);
-    CT_CHECK(stop >= 0, "eventfd: %s", ct_err(errno));
     lctx_init(&x, f, 0);
-    struct ct_toucher t = {.addr = f->base, .count = 1};
-    e = ct_touch_start(&t);
-    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
-    pid_t tid = t.tid;
-    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "faulting thread did not block");
-    d = (struct dontneed){.addr = f->base + 3 * f->ps, .len = f->ps};
-    e = pthread_create(&d.th, NULL, dontneed_main, &d);
-    CT_CHECK(e == 0, "pthread_create: %s", ct_err(e));
-    dstarted = true;
-    while (!atomic_load(&d.started)) usleep(1000);
-    tid = d.tid;
-    CT_CHECK(ct_wait_blocked(&tid, 1, CT_WAIT_MS), "MADV_DONTNEED did not block on its REMOVE event");
-    e = lthread_start(&l, f, &x, stop, 1, CUFFD_FALLBACK_ZEROPAGE);
-    CT_CHECK(e == 0, "loop thread: %s", ct_err(e));
-    CT_CHECK(ct_touch_join(&t, CT_WAIT_MS) == 0, "the fault was lost: its thread is still blocked");
-    CT_CHECK(ct_join(d.th, CT_WAIT_MS) == 0, "MADV_DONTNEED still blocked");
-    dstarted = false;
-    e = lthread_stop(&l, stop);
-    CT_CHECK(e == 0, "loop did not stop: %s", ct_err(e));
+    rc = run_fault_behind_remove(f, &x, &l, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
     const struct cuffd_loop_stats *s = &l.st;
     CT_CHECK(s->retries >= 1 && x.kept == (int)s->retries, "retries %llu, kept faults seen %d: the fallback's EAGAIN was not kept",
              (unsigned long long)s->retries, x.kept);
@@ -409,9 +394,6 @@ static int t_loop_fallback_eagain(struct ct_fix *f, char *msg, size_t msglen) {
     CT_CHECK(ct_present(f->base) == 1, "page 0 was never filled");
     for (size_t k = 0; k < f->ps; k++) CT_CHECK(f->base[k] == 0, "page 0 byte %zu is not zero", k);
 out:
-    if (l.running) lthread_stop(&l, stop);
-    if (dstarted) ct_join(d.th, 1000);
-    if (stop >= 0) close(stop);
     return rc;
 }
 
