@@ -1,7 +1,8 @@
 // Lazy file load: the same file read through a plain mmap, through userfaultfd (pread a
 // readahead window into a buffer, UFFDIO_COPY it; UFFDIO_COPY straight from a mapping of the
 // file; the window installer: pread into a huge-page donor, UFFDIO_MOVE, prefetch threads), and
-// through pread alone (the I/O floor).
+// through pread alone (the I/O floor), and through pread into freshly populated huge-page windows
+// (the physical limit of a load into fresh memory).
 #include "cubench_internal.h"
 
 #include <errno.h>
@@ -14,6 +15,13 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 // The first 8 bytes of page i hold i * K + 1, so every mode can check what it read.
 #define PAGE_TAG(i) ((uint64_t)(i) * 0x9e3779b97f4a7c15ull + 1)
@@ -124,10 +132,12 @@ static void *load_handler(void *arg) {
     return NULL;
 }
 
-// The installer's fill: pread, zeros past the end of the file.
+// The installer's fill: pread (or memcpy from `map`, a read-only mapping of the file), zeros
+// past the end of the file.
 struct fillctx {
     int fd;
     uint64_t size;
+    const char *map;
 };
 
 static int fill_pread(void *ctx, uint64_t off, void *dst, uint64_t n) {
@@ -136,6 +146,19 @@ static int fill_pread(void *ctx, uint64_t off, void *dst, uint64_t n) {
     int rc = have ? pread_full(f->fd, dst, have, off) : 0;
     if (rc == 0 && have < n) memset((char *)dst + have, 0, n - have);
     return rc;
+}
+
+// The variant: one MADV_POPULATE_READ maps the window's page-cache folios (instead of a fault
+// per 16 pages of fault-around), then a user-space copy.
+static int fill_mapped(void *ctx, uint64_t off, void *dst, uint64_t n) {
+    struct fillctx *f = ctx;
+    uint64_t have = off >= f->size ? 0 : (f->size - off < n ? f->size - off : n);
+    if (have) {
+        if (madvise((void *)(f->map + off), have, MADV_POPULATE_READ) < 0) return -errno;
+        memcpy(dst, f->map + off, have);
+    }
+    if (have < n) memset((char *)dst + have, 0, n - have);
+    return 0;
 }
 
 struct reader {
@@ -171,6 +194,76 @@ static void *reader_main(void *arg) {
 
 enum { MAX_READERS = 8 };
 
+// PREAD_FRESH: one thread of the fresh-memory limit.
+struct fresh_reader {
+    char *region;
+    int fd, cpu;
+    uint64_t len, window;
+    _Atomic uint64_t *next;
+    uint64_t t0, t1, sum;
+    int rc;
+};
+
+static void *fresh_main(void *arg) {
+    struct fresh_reader *r = arg;
+    cubench_pin(r->cpu);
+    uint64_t sum = 0;
+    r->t0 = cuffd_now_ns();
+    for (;;) {
+        uint64_t off = atomic_fetch_add(r->next, 1) * r->window;
+        if (off >= r->len) break;
+        uint64_t n = r->len - off < r->window ? r->len - off : r->window;
+        // What the installer does per window minus userfaultfd: a zeroed huge page, the bytes
+        // read into it once.
+        if (madvise(r->region + off, n, MADV_POPULATE_WRITE) < 0) {
+            r->rc = -errno;
+            break;
+        }
+        if ((r->rc = pread_full(r->fd, r->region + off, n, off)) < 0) break;
+        for (uint64_t q = 0; q < n; q += CUBENCH_PAGE) sum += *(volatile uint64_t *)(r->region + off + q);
+    }
+    r->t1 = cuffd_now_ns();
+    r->sum = sum;
+    return NULL;
+}
+
+static int load_fresh(const struct cubench_load_params *p, int fd, uint64_t len, uint64_t window,
+                      struct cubench_result *out) {
+    uint32_t nthreads = p->threads ? p->threads : 1;
+    if (nthreads > MAX_READERS) return -EINVAL;
+    int ncpu = cubench_ncpus();
+    uint64_t maplen = (len + CUBENCH_2M - 1) & ~(CUBENCH_2M - 1);
+    char *region = cuffd_map_anon_aligned(maplen, CUBENCH_2M);
+    if (!region) return -ENOMEM;
+    madvise(region, maplen, MADV_HUGEPAGE);
+    _Atomic uint64_t next = 0;
+    struct fresh_reader r[MAX_READERS];
+    pthread_t t[MAX_READERS];
+    uint32_t started = 0;
+    int rc = 0;
+    for (uint32_t i = 0; i < nthreads; i++) {
+        r[i] = (struct fresh_reader){.region = region, .fd = fd, .len = len, .window = window, .next = &next,
+                                     .cpu = p->fault_cpu >= 0 ? (p->fault_cpu + (int)i) % ncpu : -1};
+        if ((rc = -pthread_create(&t[i], NULL, fresh_main, &r[i])) < 0) break;
+        started++;
+    }
+    // pread of a regular file and populating anonymous memory cannot block forever: join plainly.
+    uint64_t t0 = UINT64_MAX, t1 = 0, sum = 0;
+    for (uint32_t i = 0; i < started; i++) {
+        pthread_join(t[i], NULL);
+        if (r[i].rc < 0 && rc == 0) rc = r[i].rc;
+        if (r[i].t0 < t0) t0 = r[i].t0;
+        if (r[i].t1 > t1) t1 = r[i].t1;
+        sum += r[i].sum;
+    }
+    if (rc == 0) {
+        out->ns = t1 > t0 ? t1 - t0 : 0;
+        out->checksum = sum;
+    }
+    munmap(region, maplen);
+    return rc;
+}
+
 // UFFD, MAPCOPY and INSTALL: a region registered MISSING, one handler, `threads` readers.
 static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64_t window, uint64_t fsize,
                      struct cubench_result *out) {
@@ -185,6 +278,8 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
     struct lctx c = {.uffd = -1, .stopfd = -1, .fd = fd, .mode = p->mode, .len = len, .window = window,
                      .cpu = p->handler_cpu};
     struct fillctx fc = {.fd = fd, .size = fsize};
+    char *fillmap = NULL;
+    uint64_t fillmap_len = (fsize + CUBENCH_2M - 1) & ~(CUBENCH_2M - 1);
     uint32_t *order = NULL;
     _Atomic uint32_t cursor = 0;
     pthread_t h, t[MAX_READERS];
@@ -236,9 +331,18 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
     c.uffd = rc;
     rc = cuffd_register(c.uffd, (uint64_t)(uintptr_t)c.region, len, UFFDIO_REGISTER_MODE_MISSING, NULL);
     if (rc < 0) goto uout;
+    if (install && p->fill_mapped) {
+        // 2 MiB-aligned, so a PMD-sized page-cache folio can be mapped by one PMD.
+        fillmap = cuffd_map_anon_aligned(fillmap_len, CUBENCH_2M);
+        if (!fillmap || mmap(fillmap, fsize, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+            rc = fillmap ? -errno : -ENOMEM;
+            goto uout;
+        }
+        fc.map = fillmap;
+    }
     if (install) {
         struct cuffd_installer_config ic = {.uffd = c.uffd, .start = (uint64_t)(uintptr_t)c.region, .len = len,
-                                            .window = window, .fill = fill_pread, .ctx = &fc,
+                                            .window = window, .fill = fc.map ? fill_mapped : fill_pread, .ctx = &fc,
                                             .flags = p->install_flags, .fillers = p->fillers};
         for (uint32_t i = 0; i < 4; i++) ic.filler_cpus[i] = ncpu > 0 ? (int32_t)((p->filler_cpu + (int)i) % ncpu) : -1;
         rc = cuffd_installer_create(&ic, &c.inst);
@@ -309,13 +413,14 @@ uout:
     if (c.region) munmap(c.region, len);
     if (c.buf) munmap(c.buf, window);
     if (c.fmap) munmap((void *)c.fmap, len);
+    if (fillmap) munmap(fillmap, fillmap_len);
     free(order);
     return rc;
 }
 
 int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out) {
     memset(out, 0, sizeof *out);
-    if (!p->path || p->mode > CUBENCH_LOAD_INSTALL) return -EINVAL;
+    if (!p->path || p->mode > CUBENCH_LOAD_PREAD_FRESH) return -EINVAL;
     uint64_t window = p->window ? p->window : (2u << 20);
     if (window < CUBENCH_PAGE || window % CUBENCH_PAGE) return -EINVAL;
     uint64_t len = p->bytes & ~(CUBENCH_PAGE - 1);
@@ -334,6 +439,12 @@ int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out)
     int rc = 0;
     out->bytes = len;
     out->pages = len / CUBENCH_PAGE;
+    // Every mode alike, just before its timed section (the set-up below allocates nothing of
+    // this size): the region's memory, and with a cold cache the page cache's as much again.
+    if (!p->no_prime && (rc = cubench_prime_memory(p->drop_cache ? 2 * len : len)) < 0) {
+        close(fd);
+        return rc;
+    }
 
     if (p->mode == CUBENCH_LOAD_PREAD) {
         char *buf = cuffd_map_anon_aligned(window, CUBENCH_PAGE);
@@ -370,6 +481,8 @@ int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out)
             out->checksum = r.sum;
         }
         munmap(m, len);
+    } else if (p->mode == CUBENCH_LOAD_PREAD_FRESH) {
+        rc = load_fresh(p, fd, len, window, out);
     } else {
         rc = load_uffd(p, fd, len, window, st.size, out);
     }

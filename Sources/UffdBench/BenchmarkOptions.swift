@@ -28,6 +28,10 @@ public struct BenchmarkOptions: Sendable {
     public var faultCPU: Int32
     /// See `faultCPU`.
     public var handlerCPU: Int32
+    /// Prime free memory right before the timed section of the file rows, the UffdKit file rows
+    /// and the 2 MiB bulk rows (cubench_prime_memory: free page reporting hands idle free memory
+    /// back to the host, and its next use then costs host faults). Off only to see that effect.
+    public var prime: Bool = true
 
     /// Creates options; `nil` sizes follow `full`.
     public init(full: Bool = false, repeats: Int = 5, pages: Int? = nil, bulkPages: Int? = nil,

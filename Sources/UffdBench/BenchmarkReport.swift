@@ -56,6 +56,11 @@ public struct MachineInfo: Sendable, Codable {
     public var cpuModel: String
     /// /sys/kernel/mm/transparent_hugepage/enabled.
     public var thp: String
+    /// Free page reporting: "order 9" (/sys/module/page_reporting/parameters/page_reporting_order)
+    /// when a virtio balloon that negotiated VIRTIO_BALLOON_F_REPORTING is bound, "off" otherwise,
+    /// nil in reports from before the field. When on, free memory idle for ~2 s goes back to the
+    /// host and costs host faults on its next use (the file and 2 MiB bulk rows prime against it).
+    public var pageReporting: String? = nil
 }
 
 /// A finished benchmark run.
@@ -84,9 +89,11 @@ public struct BenchmarkReport: Sendable, Codable {
     public var table: String {
         var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x base = median / baseline's median, x min = min / baseline's min)\n"
         out += "(interleaved) rows: the baseline ran before each run of the row (B A B A ...) and the ratios use those baseline runs\n"
-        out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)\n"
+        out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)"
+        out += machine.pageReporting.map { ", page reporting \($0)" } ?? ""
+        out += "\n"
         out += "sizes: \(pages) pages per-fault, \(bulkPages) pages bulk, \(compactionPages) to-space pages, file \(fileBytes >> 20) MiB\n"
-        let header = [pad("case", 38), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
+        let header = [pad("case", 46), pad("place", 12), lpad("min", 9), lpad("median", 9), lpad("GB/s", 7),
                       lpad("x base", 7), lpad("x min", 7), "  baseline"].joined()
         var group = ""
         for r in results {
@@ -94,7 +101,7 @@ public struct BenchmarkReport: Sendable, Codable {
                 group = r.group
                 out += "\n[\(group)]\n" + header + "\n"
             }
-            var line = pad(r.name, 38) + pad(r.placement, 12)
+            var line = pad(r.name, 46) + pad(r.placement, 12)
             if let mn = r.minNsPerPage, let md = r.medianNsPerPage {
                 line += lpad(fmt(mn), 9) + lpad(fmt(md), 9) + lpad(r.medianGBps.map { fmt($0, 2) } ?? "-", 7)
                 line += lpad(r.ratioMedian.map { fmt($0, 2) } ?? "-", 7)

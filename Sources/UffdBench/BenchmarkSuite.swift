@@ -150,7 +150,25 @@ extension MachineInfo {
             .flatMap { $0.split(separator: ":", maxSplits: 1).last }
             .map { String($0).trimmedLine } ?? "unknown"
         let thp = readText("/sys/kernel/mm/transparent_hugepage/enabled").trimmedLine
-        return MachineInfo(cpus: Int(cubench_ncpus()), kernel: kernel, cpuModel: model, thp: thp)
+        return MachineInfo(cpus: Int(cubench_ncpus()), kernel: kernel, cpuModel: model, thp: thp,
+                           pageReporting: pageReportingState())
+    }
+
+    /// "order N" when a bound virtio balloon negotiated VIRTIO_BALLOON_F_REPORTING (feature bit 5)
+    /// and the page_reporting module parameter is there; "off" otherwise.
+    static func pageReportingState() -> String {
+        let order = readText("/sys/module/page_reporting/parameters/page_reporting_order").trimmedLine
+        guard !order.isEmpty else { return "off" }
+        for i in 0..<64 {
+            let dev = "/sys/bus/virtio/devices/virtio\(i)"
+            let id = readText(dev + "/device").trimmedLine
+            if id.isEmpty && access(dev, F_OK) != 0 { break }
+            // virtio device id 5: the memory balloon; "features" is one '0'/'1' per bit.
+            guard id == "0x0005", access(dev + "/driver", F_OK) == 0 else { continue }
+            let features = Array(readText(dev + "/features").utf8)
+            if features.count > 5, features[5] == UInt8(ascii: "1") { return "order \(order)" }
+        }
+        return "off"
     }
 }
 

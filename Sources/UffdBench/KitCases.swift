@@ -96,7 +96,7 @@ func handlerCPUs(_ pl: BenchPlacement) -> [Int]? {
 /// shows up in the counters instead of killing the run), touches every page from the pinned
 /// faulting threads, and checks one byte per page afterwards.
 public func runKitCase(_ kind: KitPolicyKind, pages: Int, placement: BenchPlacement,
-                       tuning: KitTuning = KitTuning()) -> Result<BenchSample, BenchFailure> {
+                       tuning: KitTuning = KitTuning(), prime: Bool = true) -> Result<BenchSample, BenchFailure> {
     let window = kind.window
     let big = window >= 2 << 20
     let len = (pages * 4096 + window - 1) / window * window
@@ -173,6 +173,14 @@ public func runKitCase(_ kind: KitPolicyKind, pages: Int, placement: BenchPlacem
         opts.failureLogCapacity = 4
         let handler = FaultHandler(uffd: uffd, policy: policy, options: opts)
         try handler.start()
+        // The 2 MiB rows' C baselines prime the memory (CUBENCH_PRIME): so do they.
+        if big && prime {
+            let rc = cubench_prime_memory(UInt64(len))
+            if rc < 0 {
+                handler.stop()
+                return .failure(BenchFailure(errno: -rc, operation: "kit.\(kind.label): priming memory"))
+            }
+        }
         let watch = KitWatch(handler: handler, uffd: uffd, start: region.address, length: len)
         var pl = placement.c
         var r = cubench_result()

@@ -19,7 +19,7 @@ enum KitFilePath: Sendable {
 }
 
 /// One run: `bytes` of the file at `path` loaded lazily through `path`, every page's tag checked.
-func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool, hc: Int32, fc: Int32)
+func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool, hc: Int32, fc: Int32, prime: Bool = true)
     -> Result<BenchSample, BenchFailure> {
     let len = Int(bytes) & ~4095
     let ncpu = Int32(cubench_ncpus())
@@ -59,6 +59,13 @@ func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool
         opts.failureLogCapacity = 4
         let handler = FaultHandler(uffd: uffd, policy: policy, options: opts)
         try handler.start()
+        // As cubench_file_load: primed right before the timed section (free page reporting).
+        let primed = prime ? cubench_prime_memory(UInt64(len) * (cold ? 2 : 1)) : 0
+        if primed < 0 {
+            handler.stop()
+            install?.stopPrefetching()
+            return .failure(BenchFailure(errno: -primed, operation: "kit.file: priming memory"))
+        }
         let watch = KitWatch(handler: handler, uffd: uffd, start: region.address, length: len)
         var pl = cubench_placement(handler_cpu: hc, fault_cpu: fc, fault_threads: 1, handler_threads: 1,
                                    spread_handlers: 0, spread_faults: 0)

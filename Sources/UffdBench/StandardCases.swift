@@ -152,11 +152,14 @@ extension BenchmarkSuite {
         }
 
         // Bulk: one ioctl per window.
-        let thp2m = UInt32(CUBENCH_THP_SOURCE.rawValue | CUBENCH_THP_DEST.rawValue)
-        let nohuge2m = UInt32(CUBENCH_THP_SOURCE.rawValue | CUBENCH_NOHUGE_DEST.rawValue)
+        // The 2 MiB COPY/MOVE rows are the baselines of file loads, which prime their memory
+        // against free page reporting: these do too (CUBENCH_PRIME), so ratios compare like with like.
+        let prime = o.prime ? UInt32(CUBENCH_PRIME.rawValue) : 0
+        let thp2m = UInt32(CUBENCH_THP_SOURCE.rawValue | CUBENCH_THP_DEST.rawValue) | prime
+        let nohuge2m = UInt32(CUBENCH_THP_SOURCE.rawValue | CUBENCH_NOHUGE_DEST.rawValue) | prime
         let bulkCases: [(String, BenchOp, UInt64, UInt32, String)] = [
             ("bulk.copy-64k", .copy, 64 << 10, 0, "COPY 64 KiB readahead window per fault"),
-            ("bulk.copy-2m", .copy, 2 << 20, 0, "COPY 2 MiB window per fault"),
+            ("bulk.copy-2m", .copy, 2 << 20, prime, "COPY 2 MiB window per fault"),
             ("bulk.continue-64k", .continue, 64 << 10, 0, "CONTINUE 64 KiB of shmem page cache per fault"),
             ("bulk.continue-2m", .continue, 2 << 20, 0, "CONTINUE 2 MiB of shmem page cache per fault"),
             ("bulk.move-2m-thp-dst", .move, 2 << 20, thp2m, "MOVE 2 MiB from a THP donor into a THP-eligible dst"),
@@ -227,7 +230,7 @@ extension BenchmarkSuite {
         for (name, kind, base, note) in bulkRows {
             cases.append(BenchCase(name: name, group: "UffdKit: bulk", baseline: base, placement: same.label, note: note,
                                    paired: true, repeats: 11) {
-                runKitCase(kind, pages: bulk, placement: same)
+                runKitCase(kind, pages: bulk, placement: same, prime: o.prime)
             })
         }
         for (name, pl) in placements {
@@ -325,13 +328,19 @@ extension BenchmarkSuite {
                     cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
                                           baseline: vname == "mmap" ? nil : base, paired: false,
                                           note: note + (cold ? ", page cache dropped" : ""), prepare: prepare,
-                                          mode: mode, window: window, cold: cold, hc: hc, fc: fc))
+                                          mode: mode, window: window, cold: cold, hc: hc, fc: fc, prime: o.prime))
                 }
                 // Lazy loads at memory speed (issue 14), each interleaved with the row it is
                 // judged against: the installer (pread into a huge-page donor, UFFDIO_MOVE, a
                 // prefetch thread on the other CPU) and one-copy COPY from a mapping of the file.
                 let pread = "file.\(short).\(state).pread-2m"
+                let fresh = pread + "-fresh", fresh2t = pread + "-fresh-2t"
                 let fast: [(String, cubench_load_mode, UInt32, UInt32, Bool, UInt32, String, String)] = [
+                    // The physical limit: the bytes read once into fresh huge-page memory.
+                    ("pread-2m-fresh", CUBENCH_LOAD_PREAD_FRESH, 0, 1, false, 0, pread,
+                     "per window: MADV_POPULATE_WRITE of a fresh THP window, pread into it (fresh-memory limit)"),
+                    ("pread-2m-fresh-2t", CUBENCH_LOAD_PREAD_FRESH, 0, 2, false, 0, pread,
+                     "the same, 2 threads (CPUs 0 and 1) taking windows from a shared counter"),
                     ("install-2m", CUBENCH_LOAD_INSTALL, 1, 1, false, 0, pread,
                      "installer: pread into a THP donor + UFFDIO_MOVE, 1 prefetch thread"),
                     ("install-2m-nofill", CUBENCH_LOAD_INSTALL, 0, 1, false, 0, pread,
@@ -343,13 +352,32 @@ extension BenchmarkSuite {
                     ("mapcopy-2m", CUBENCH_LOAD_MAPCOPY, 0, 1, false, 0, "bulk.copy-2m",
                      "uffd: UFFDIO_COPY 2 MiB straight from a mmap of the file (one copy; the serve path)"),
                 ]
-                for (vname, mode, fillers, threads, random, flags, baseline, note) in fast {
+                // The install rows again, judged against the fresh-memory limit with as many CPUs
+                // (the prefetch thread or a second faulting thread uses CPU 1), and the installer
+                // filling its donors by memcpy from a mapping of the file instead of pread.
+                let install = "file.\(short).\(state).install-2m"
+                let limits: [(String, cubench_load_mode, UInt32, UInt32, Bool, UInt32, String, String)] = [
+                    ("install-2m.vs-fresh", CUBENCH_LOAD_INSTALL, 1, 1, false, 0, fresh2t,
+                     "install-2m against the 2-thread fresh-memory limit"),
+                    ("install-2m-nofill.vs-fresh", CUBENCH_LOAD_INSTALL, 0, 1, false, 0, fresh,
+                     "install-2m-nofill against the 1-thread fresh-memory limit"),
+                    ("install-2m-random-2t.vs-fresh", CUBENCH_LOAD_INSTALL, 1, 2, true, 0, fresh2t,
+                     "install-2m-random-2t against the 2-thread fresh-memory limit"),
+                ]
+                for (vname, mode, fillers, threads, random, flags, baseline, note) in fast + limits {
                     cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
                                           baseline: baseline, paired: true,
                                           note: note + (cold ? ", page cache dropped" : ""), prepare: prepare,
                                           mode: mode, window: 2 << 20, cold: cold, hc: hc, fc: fc,
-                                          fillers: fillers, threads: threads, random: random, flags: flags))
+                                          fillers: fillers, threads: threads, random: random, flags: flags,
+                                          prime: o.prime))
                 }
+                cases.append(fileCase(name: "file.\(short).\(state).install-2m-mapfill", bytes: bytes, path: path,
+                                      baseline: install, paired: true,
+                                      note: "install-2m filling donors by memcpy from a mapping of the file (POPULATE_READ per window)"
+                                          + (cold ? ", page cache dropped" : ""), prepare: prepare,
+                                      mode: CUBENCH_LOAD_INSTALL, window: 2 << 20, cold: cold, hc: hc, fc: fc,
+                                      fillers: 1, fillMapped: true, prime: o.prime))
                 // The same through UffdKit (Swift policy in a FaultHandler), interleaved with the
                 // C row of the same path: the library's cost on top of the kernel's.
                 let kits: [(String, KitFilePath, String, String)] = [
@@ -365,7 +393,7 @@ extension BenchmarkSuite {
                     cases.append(BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB", baseline: baseline,
                                            placement: pl, note: note + (cold ? ", page cache dropped" : ""),
                                            prepare: prepare, paired: true) {
-                        runKitFileLoad(kind, path: path, bytes: bytes, cold: cold, hc: hc, fc: fc)
+                        runKitFileLoad(kind, path: path, bytes: bytes, cold: cold, hc: hc, fc: fc, prime: o.prime)
                     })
                 }
             }
@@ -378,9 +406,9 @@ extension BenchmarkSuite {
 func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, paired: Bool, note: String,
               prepare: @escaping @Sendable () -> BenchFailure?, mode: cubench_load_mode, window: UInt64,
               cold: Bool, hc: Int32, fc: Int32, fillers: UInt32 = 0, threads: UInt32 = 1, random: Bool = false,
-              flags: UInt32 = 0) -> BenchCase {
+              flags: UInt32 = 0, fillMapped: Bool = false, prime: Bool = true) -> BenchCase {
     let ncpu = Int32(cubench_ncpus())
-    let uffd = mode != CUBENCH_LOAD_MMAP && mode != CUBENCH_LOAD_PREAD
+    let uffd = mode != CUBENCH_LOAD_MMAP && mode != CUBENCH_LOAD_PREAD && mode != CUBENCH_LOAD_PREAD_FRESH
     var pl = uffd ? "H\(hc) F\(fc)" : "F\(fc)"
     if threads > 1 { pl += (1..<Int32(threads)).map { ",\((fc + $0) % ncpu)" }.joined() + "x\(threads)" }
     if fillers > 0 { pl += " P\((hc + 1) % ncpu)" }
@@ -401,6 +429,8 @@ func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, pair
             p.fillers = fillers
             p.filler_cpu = (hc + 1) % ncpu
             p.install_flags = flags
+            p.fill_mapped = fillMapped ? 1 : 0
+            p.no_prime = prime ? 0 : 1
             var r = cubench_result()
             let rc = cubench_file_load(&p, &r)
             guard rc == 0 else {

@@ -60,6 +60,9 @@ struct BenchCommand: ParsableCommand {
     @Flag(name: .customLong("no-uffdkit"), help: "Only the UffdBench suite, without the UffdKit session rows.")
     var noUffdKit = false
 
+    @Flag(name: .customLong("no-prime"), help: "Do not prime free memory before the file and 2 MiB bulk rows (shows the cost of free page reporting).")
+    var noPrime = false
+
     func run() throws {
         guard repeats >= 1, repeats <= 1000 else { throw CLIError.usage("--repeats must be 1...1000") }
         if let pages, pages < 1 || pages > 1 << 22 { throw CLIError.usage("--pages must be 1...\(1 << 22)") }
@@ -81,6 +84,7 @@ struct BenchCommand: ParsableCommand {
                                        filter: filter.flatMap { $0.split(separator: ",").map(String.init) },
                                        json: json, faultCPU: faultCPU, handlerCPU: handlerCPU)
         if !fileDirs.isEmpty { options.fileDirectories = fileDirs }
+        options.prime = !noPrime
 
         var suite = BenchmarkSuite(options: options)
         if !noUffdKit {

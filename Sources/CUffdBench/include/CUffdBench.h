@@ -75,6 +75,7 @@ enum cubench_flags {
     CUBENCH_THP_SOURCE = 1 << 0,  ///< MOVE donor: 2 MiB-aligned, MADV_HUGEPAGE, populated
     CUBENCH_THP_DEST = 1 << 1,    ///< destination 2 MiB-aligned and MADV_HUGEPAGE
     CUBENCH_NOHUGE_DEST = 1 << 2, ///< destination MADV_NOHUGEPAGE (the default for 4 KiB cases)
+    CUBENCH_PRIME = 1 << 3,       ///< cubench_prime_memory(region bytes) right before the timed section
 };
 
 /// One userfaultfd resolution benchmark.
@@ -167,6 +168,10 @@ enum cubench_load_mode {
                               ///< straight from a mmap of the file: one copy (the `serve` path)
     CUBENCH_LOAD_INSTALL = 4, ///< anon region (THP-eligible), MISSING; cuffd_installer: pread into a
                               ///< huge-page donor + UFFDIO_MOVE, `fillers` prefetch threads
+    CUBENCH_LOAD_PREAD_FRESH = 5, ///< no uffd: per window MADV_POPULATE_WRITE of a fresh window of a
+                                  ///< 2 MiB-aligned MADV_HUGEPAGE region, pread into it; `threads`
+                                  ///< threads take windows from a shared counter (the physical
+                                  ///< limit of a load into fresh memory)
 };
 
 struct cubench_load_params {
@@ -185,13 +190,18 @@ struct cubench_load_params {
     uint32_t install_flags;  ///< INSTALL: enum cuffd_install_flags (CUFFD_INSTALL_COPY: no MOVE)
     uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
     uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
+    uint32_t fill_mapped;    ///< INSTALL: 1: the fill memcpys from a read-only mapping of the file
+                             ///< instead of pread
+    uint32_t no_prime;       ///< 1: skip cubench_prime_memory before the timed section
 };
 
 /// Creates (or truncates) `path` with `bytes` of deterministic data. 0 or -errno.
 int cubench_file_create(const char *path, uint64_t bytes);
 
 /// Loads the file as the mode says and reads every page. out->checksum is the sum of the first
-/// 8 bytes of each page: equal across modes for the same file.
+/// 8 bytes of each page: equal across modes for the same file. Unless `no_prime`, the memory is
+/// primed (cubench_prime_memory: the bytes, twice that with a cold cache) right before the
+/// timed section, whatever the mode.
 int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out);
 
 /// System-wide TLB shootdown interrupts so far (x86 /proc/interrupts "TLB" row, summed over
@@ -200,6 +210,12 @@ uint64_t cubench_tlb_shootdowns(void);
 
 /// The number of online CPUs.
 int cubench_ncpus(void);
+
+/// Primes the guest's free memory against free page reporting: MADV_POPULATE_WRITE of `bytes`
+/// plus a margin (1/16 + 64 MiB) of 2 MiB-aligned MADV_HUGEPAGE memory, then munmap. Call right
+/// before a timed section that allocates about `bytes`: the blocks it gets were just in use,
+/// not handed back to the host. 0 or -errno (-ENOMEM: the memory is not there).
+int cubench_prime_memory(uint64_t bytes);
 
 #ifdef __cplusplus
 }
