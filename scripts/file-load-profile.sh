@@ -1,0 +1,67 @@
+#!/bin/sh
+# Where the time of a lazy file load goes (issue 14): builds scripts/file-load-profile.c against
+# the benchmark kernels, creates a 1 GiB file in each DIR, and for each MODE runs it RUNS times
+# under `perf record -e cpu-clock -a -g` (software events only: this VM has no hardware counters),
+# then prints the process's top kernel and user symbols in ns of CPU time per 4 KiB page (samples
+# x sample period / pages loaded) and the same summed by kind (zeroing, copy, allocation, MOVE,
+# fault entry, ...). Idle time is not sampled here (cpu-clock stops in idle): idle = CPUs x wall
+# - CPU time.
+#
+#   scripts/file-load-profile.sh [RUNS] [DIR...]      (default: 10 /var/tmp /dev/shm)
+#   MODES="install pread fresh" scripts/file-load-profile.sh
+#
+# Priming is off in the profiled runs (NO_PRIME=1): its huge-page zeroing would be counted with
+# the load; back-to-back runs reuse the memory the previous run freed before it is reported.
+set -eu
+RUNS=${1:-10}
+[ $# -gt 0 ] && shift
+DIRS=${*:-/var/tmp /dev/shm}
+MODES=${MODES:-install install-nofill pread fresh fresh-2t}
+BYTES=$((1 << 30))
+FREQ=${FREQ:-4000}
+TOP=${TOP:-14}
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$here/.build-profile}
+mkdir -p "$out"
+bin=$out/file-load-profile
+cc -O2 -g -std=gnu11 -D_GNU_SOURCE -I "$here/Sources/CUffd/include" -I "$here/Sources/CUffdBench/include" \
+    -o "$bin" "$here/scripts/file-load-profile.c" "$here"/Sources/CUffdBench/*.c "$here"/Sources/CUffd/*.c -lpthread
+pages=$((RUNS * BYTES / 4096))
+for dir in $DIRS; do
+    file=$dir/file-load-profile-$$.dat
+    "$bin" "$file" $BYTES create 1
+    for mode in $MODES; do
+        "$bin" "$file" $BYTES "$mode" 2 >/dev/null # warm the page cache and the allocator
+        data=$out/perf-$(basename "$dir")-$mode.data
+        NO_PRIME=1 perf record -q -F "$FREQ" -e cpu-clock -a -g -o "$data" -- "$bin" "$file" $BYTES "$mode" "$RUNS" \
+            >"$out/runs-$(basename "$dir")-$mode.txt" 2>/dev/null
+        med=$(sort -n -k2 "$out/runs-$(basename "$dir")-$mode.txt" | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
+        echo "== $dir $mode: median $med ns/page over $RUNS runs (perf: ns per page = samples x $((1000000000 / FREQ)) ns / $pages pages)"
+        perf report -i "$data" --comms file-load-profi --no-children --sort sym -n --stdio -g none 2>/dev/null |
+            awk -v per=$((1000000000 / FREQ)) -v pages=$pages -v top="$TOP" -v wall="$med" '
+                /^#/ || NF < 4 { next }
+                {
+                    sym = $4; for (i = 5; i <= NF; i++) sym = sym " " $i
+                    ns = $2 * per / pages; total += ns
+                    if (n++ < top) printf "  %-44s %7.1f ns/page (%s)\n", sym, ns, $1
+                    s = $4
+                    if (s ~ /clear_page|folio_zero_user|clear_huge|zero_user/) c = "zeroing"
+                    else if (s ~ /copy_to_iter|copy_user|copy_page|rep_movs|memcpy|memmove|copy_mc|filemap_read|filemap_get/) c = "copy (page cache -> memory)"
+                    else if (s ~ /move_pages|move_huge|uffd|userfault|move_present|UFFDIO/) c = "UFFDIO_MOVE/uffd"
+                    else if (s ~ /freelist|rmqueue|alloc_pages|__alloc|prep_new|post_alloc|vma_alloc|folio_alloc|prep_compound|clear_page_ext|try_charge|charge/) c = "page allocation"
+                    else if (s ~ /free_|release_pages|tlb_finish|tlb_batch|zap_|unmap_|folios_put|__folio_put|uncharge/) c = "freeing (munmap)"
+                    else if (s ~ /smp_call|flush_tlb|native_write_msr|send_IPI|x2apic|native_flush|flush_smp|llist/) c = "TLB flush IPIs"
+                    else if (s ~ /page_fault|handle_mm_fault|do_anonymous|do_huge_pmd|do_user_addr|handle_pte|lock_vma|__handle_mm|do_fault|filemap_map|next_uptodate|set_pte_range|exc_/) c = "fault entry"
+                    else if (s ~ /schedule|switch|spin_unlock_irq|try_to_wake|wake_up|futex|ttwu|enqueue|dequeue|update_|pick_|newidle|idle/) c = "scheduling/wakeups"
+                    else if (s ~ /^\[\.\]|reader_main|fresh_main|expected_sum|load_handler|pread_full/) c = "user space"
+                    else c = "other kernel"
+                    cat[c] += ns
+                }
+                END {
+                    printf "  -- by kind (CPU ns per page, both CPUs; wall %s ns/page; not timed: set-up and munmap are in the profile)\n", wall
+                    for (c in cat) printf "  %-44s %7.1f\n", c, cat[c]
+                    printf "  %-44s %7.1f\n", "total CPU", total
+                }'
+    done
+    rm -f "$file"
+done
