@@ -5,13 +5,38 @@
 //   file-load-profile FILE BYTES MODE RUNS
 //   MODE: pread | fresh | fresh-2t | install | install-nofill | install-mapfill | uffd, or create
 //   (writes FILE with the benchmark's tagged data, BYTES long)
-// NO_PRIME=1 in the environment skips the priming. Prints one line per run: mode, ns per 4 KiB page; exits non-zero on the first failed run.
+// NO_PRIME=1 in the environment skips the priming; PERF_CTL_FIFO and PERF_ACK_FIFO (perf record
+// --control fifo:CTL,ACK) make perf count only cubench_file_load, not the priming, which runs
+// here before it; SLEEP_MS=N sleeps N ms before each run (freed
+// memory idle for ~2 s is handed back to the host by free page reporting). Prints one line per run: mode, ns per 4 KiB page; exits non-zero on the first failed run.
 #include "CUffdBench.h"
 
 #include <errno.h>
+#include <stdbool.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+// "enable" / "disable" to perf's control fifo, then waits for its ack. No-op without the fifos.
+static void perf_ctl(const char *cmd) {
+    const char *c = getenv("PERF_CTL_FIFO"), *a = getenv("PERF_ACK_FIFO");
+    if (!c || !a) return;
+    int fd = open(c, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ssize_t w = write(fd, cmd, strlen(cmd));
+    close(fd);
+    int af = open(a, O_RDONLY | O_CLOEXEC);
+    if (af < 0 || w < 0) {
+        if (af >= 0) close(af);
+        return;
+    }
+    char buf[16];
+    ssize_t n = read(af, buf, sizeof buf);
+    (void)n;
+    close(af);
+}
 
 int main(int argc, char **argv) {
     if (argc != 5) {
@@ -37,15 +62,26 @@ int main(int argc, char **argv) {
         fprintf(stderr, "unknown mode %s: pread, fresh, fresh-2t, install, install-nofill, install-mapfill, uffd\n", m);
         return 2;
     }
-    p.no_prime = getenv("NO_PRIME") != NULL;
+    bool prime = getenv("NO_PRIME") == NULL;
+    p.no_prime = 1; // primed here, outside what perf counts
     int runs = atoi(argv[4]);
     if (p.bytes == 0 || runs <= 0) {
         fprintf(stderr, "BYTES and RUNS must be positive\n");
         return 2;
     }
+    const char *sl = getenv("SLEEP_MS");
+    unsigned sleep_ms = sl ? (unsigned)strtoul(sl, NULL, 10) : 0;
     for (int i = 0; i < runs; i++) {
+        if (sleep_ms) usleep(sleep_ms * 1000u);
+        perf_ctl("disable\n");
+        if (prime && cubench_prime_memory(p.bytes) < 0) {
+            fprintf(stderr, "priming %llu bytes failed\n", (unsigned long long)p.bytes);
+            return 1;
+        }
+        perf_ctl("enable\n");
         struct cubench_result r;
         int rc = cubench_file_load(&p, &r);
+        perf_ctl("disable\n");
         if (rc < 0) {
             fprintf(stderr, "%s: run %d: %s\n", m, i, strerror(-rc));
             return 1;

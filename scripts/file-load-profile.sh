@@ -10,8 +10,10 @@
 #   scripts/file-load-profile.sh [RUNS] [DIR...]      (default: 10 /var/tmp /dev/shm)
 #   MODES="install pread fresh" scripts/file-load-profile.sh
 #
-# Priming is off in the profiled runs (NO_PRIME=1): its huge-page zeroing would be counted with
-# the load; back-to-back runs reuse the memory the previous run freed before it is reported.
+# Each run is primed as in the benchmark (cubench_prime_memory), by the driver, with perf
+# disabled through its control fifo, so the profile holds the load (with its set-up and munmap),
+# not the priming's huge-page zeroing. NO_PRIME=1: no priming (see the host faults of free page
+# reporting land in clear_page_erms).
 set -eu
 RUNS=${1:-10}
 [ $# -gt 0 ] && shift
@@ -33,8 +35,13 @@ for dir in $DIRS; do
     for mode in $MODES; do
         "$bin" "$file" $BYTES "$mode" 2 >/dev/null # warm the page cache and the allocator
         data=$out/perf-$(basename "$dir")-$mode.data
-        NO_PRIME=1 perf record -q -F "$FREQ" -e cpu-clock -a -g -o "$data" -- "$bin" "$file" $BYTES "$mode" "$RUNS" \
-            >"$out/runs-$(basename "$dir")-$mode.txt" 2>/dev/null
+        rm -f "$out/ctl.fifo" "$out/ack.fifo"
+        mkfifo "$out/ctl.fifo" "$out/ack.fifo"
+        exec 3<>"$out/ctl.fifo" 4<>"$out/ack.fifo"
+        PERF_CTL_FIFO=$out/ctl.fifo PERF_ACK_FIFO=$out/ack.fifo \
+            perf record -q -F "$FREQ" -e cpu-clock -a -g --control "fifo:$out/ctl.fifo,$out/ack.fifo" -o "$data" \
+            -- "$bin" "$file" $BYTES "$mode" "$RUNS" >"$out/runs-$(basename "$dir")-$mode.txt" 2>/dev/null
+        exec 3>&- 4>&-
         med=$(sort -n -k2 "$out/runs-$(basename "$dir")-$mode.txt" | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
         echo "== $dir $mode: median $med ns/page over $RUNS runs (perf: ns per page = samples x $((1000000000 / FREQ)) ns / $pages pages)"
         perf report -i "$data" --comms file-load-profi --no-children --sort sym -n --stdio -g none 2>/dev/null |

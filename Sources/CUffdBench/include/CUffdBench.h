@@ -191,7 +191,7 @@ struct cubench_load_params {
     uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
     uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
     uint32_t fill_mapped;    ///< INSTALL: 1: the fill memcpys from a read-only mapping of the file
-                             ///< instead of pread
+                             ///< instead of pread (measured slower: scripts/file-load-profile only)
     uint32_t no_prime;       ///< 1: skip cubench_prime_memory before the timed section
 };
 
