@@ -42,10 +42,13 @@ for dir in $DIRS; do
             perf record -q -F "$FREQ" -e cpu-clock -a -g --control "fifo:$out/ctl.fifo,$out/ack.fifo" -o "$data" \
             -- "$bin" "$file" $BYTES "$mode" "$RUNS" >"$out/runs-$(basename "$dir")-$mode.txt" 2>/dev/null
         exec 3>&- 4>&-
-        med=$(sort -n -k2 "$out/runs-$(basename "$dir")-$mode.txt" | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
-        echo "== $dir $mode: median $med ns/page over $RUNS runs (perf: ns per page = samples x $((1000000000 / FREQ)) ns / $pages pages)"
+        runs=$out/runs-$(basename "$dir")-$mode.txt
+        med=$(sort -n -k2 "$runs" | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
+        mean=$(awk '{t+=$2} END {printf "%.0f", t/NR}' "$runs")
+        echo "== $dir $mode: ns/page over $RUNS runs: median $med, mean $mean, each: $(awk '{printf "%s ", $2}' "$runs")"
+        echo "   (perf: ns per page = samples x $((1000000000 / FREQ)) ns / $pages pages; the profile sums all runs: compare with the mean)"
         perf report -i "$data" --comms file-load-profi --no-children --sort sym -n --stdio -g none 2>/dev/null |
-            awk -v per=$((1000000000 / FREQ)) -v pages=$pages -v top="$TOP" -v wall="$med" '
+            awk -v per=$((1000000000 / FREQ)) -v pages=$pages -v top="$TOP" -v wall="$mean" '
                 /^#/ || NF < 4 { next }
                 {
                     sym = $4; for (i = 5; i <= NF; i++) sym = sym " " $i
@@ -65,7 +68,7 @@ for dir in $DIRS; do
                     cat[c] += ns
                 }
                 END {
-                    printf "  -- by kind (CPU ns per page, both CPUs; wall %s ns/page; not timed: set-up and munmap are in the profile)\n", wall
+                    printf "  -- by kind (CPU ns per page, all CPUs; mean wall %s ns/page; set-up and munmap are in the profile)\n", wall
                     for (c in cat) printf "  %-44s %7.1f\n", c, cat[c]
                     printf "  %-44s %7.1f\n", "total CPU", total
                 }'
