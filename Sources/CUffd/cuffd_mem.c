@@ -3,10 +3,13 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/magic.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -29,6 +32,47 @@ uint64_t cuffd_hugepage_size(void) {
 int cuffd_memfd_create(const char *name, unsigned flags) {
     int fd = memfd_create(name, flags);
     return fd < 0 ? -errno : fd;
+}
+
+int cuffd_fd_in_memory(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0) return -errno;
+    return st.f_type == TMPFS_MAGIC;
+}
+
+int cuffd_populate_file_data(int fd, uint64_t file_off, void *addr, uint64_t len, uint64_t *populated) {
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    const uint64_t end = file_off + len;
+    uint64_t done = 0;
+    int rc = 0;
+    for (uint64_t pos = file_off; pos < end;) {
+        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+        if (d < 0) {
+            if (errno != ENXIO) rc = -errno; // ENXIO: no data past pos
+            break;
+        }
+        if ((uint64_t)d >= end) break;
+        off_t h = lseek(fd, d, SEEK_HOLE);
+        if (h < 0) {
+            rc = -errno;
+            break;
+        }
+        // Whole pages around the data; a page holding the file's last bytes is mapped whole.
+        uint64_t lo = (uint64_t)d & ~(page - 1), hi = ((uint64_t)h + page - 1) & ~(page - 1);
+        if (hi > ((end + page - 1) & ~(page - 1))) hi = (end + page - 1) & ~(page - 1);
+        if (hi <= lo) break;
+        int r;
+        do r = madvise((char *)addr + (lo - file_off), hi - lo, MADV_POPULATE_READ);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            rc = -errno;
+            break;
+        }
+        done += hi - lo;
+        pos = hi;
+    }
+    if (populated) *populated = done;
+    return rc;
 }
 
 int cuffd_pin_self(int cpu) {

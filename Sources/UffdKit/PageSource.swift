@@ -89,6 +89,14 @@ public final class MemorySource: PageSource, @unchecked Sendable {
 /// the mapping (only the kernel does, inside the ioctl), so a file truncated under a mapped
 /// source cannot crash the process: the COPY of a page past the new end fails with EFAULT and
 /// the handler's fallback resolves the fault (with `.pread` such pages read as zeros).
+///
+/// A `.mapped` file that lives in memory (tmpfs or shmem: /dev/shm, a memfd) has its data
+/// pages mapped at open (MADV_POPULATE_READ of the extents SEEK_DATA finds; holes stay holes):
+/// a COPY from a source page not mapped yet takes the kernel's slow path (the copy fails inside
+/// the ioctl, the kernel faults the page in with the locks dropped and retries), which made
+/// COPY from a fresh tmpfs mapping 1.3x slower than from memory (BENCHMARKS.md, issue 14). On
+/// tmpfs mapping costs page tables only (~0.3 µs per 4 KiB page at open, ~2 MiB of page tables
+/// per GiB); a file on disk is never populated (that would read all of it up front).
 public final class FileSource: PageSource, Sendable {
     /// How the bytes are read.
     public enum Access: Sendable, Hashable {
@@ -106,14 +114,17 @@ public final class FileSource: PageSource, Sendable {
     public let fileOffset: Int
     /// How the bytes are read.
     public let access: Access
+    /// `.mapped`: bytes of the mapping populated at open (0 unless the file lives in memory).
+    public let populatedBytes: Int
     /// `.mapped`: address of image byte 0 inside the mapping (0 when not mapped).
     private let image: UInt
     private let mapBase: UInt
     private let mapLength: Int
 
-    /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image).
+    /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image)
+    /// and, when `populate` and the file lives in memory (tmpfs, shmem), maps its data pages now.
     /// - Throws: ``UffdError`` `.source` with the errno of open/fstat/mmap.
-    public init(path: String, offset: Int = 0, access: Access = .pread) throws(UffdError) {
+    public init(path: String, offset: Int = 0, access: Access = .pread, populate: Bool = true) throws(UffdError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw UffdError(.source, Errno(rawValue: errno), detail: "open \(path)") }
         var st = stat()
@@ -139,7 +150,9 @@ public final class FileSource: PageSource, Sendable {
             mapLength = mlen
             image = mapBase + UInt(offset - aligned)
             self.access = .mapped
+            populatedBytes = populate ? populateIfInMemory(fd: fd, fileOffset: aligned, address: m, length: mlen) : 0
         } else {
+            populatedBytes = 0
             mapBase = 0
             mapLength = 0
             image = 0
@@ -177,6 +190,17 @@ public final class FileSource: PageSource, Sendable {
         }
         zeroTail(dst, offset: offset, count: count, filled: got)
     }
+}
+
+/// Maps now the data pages of a read-only mapping of `fd` (`length` bytes at `address`, from the
+/// page-aligned `fileOffset`) when the file lives in memory (tmpfs, shmem); the bytes mapped.
+/// Best effort: a failure (the file shrank meanwhile, a kernel without MADV_POPULATE_READ) leaves
+/// the rest to be faulted in by the copies, as without it.
+func populateIfInMemory(fd: Int32, fileOffset: Int, address: UnsafeMutableRawPointer, length: Int) -> Int {
+    guard cuffd_fd_in_memory(fd) == 1 else { return 0 }
+    var done: UInt64 = 0
+    _ = cuffd_populate_file_data(fd, UInt64(fileOffset), address, UInt64(length), &done)
+    return Int(done)
 }
 
 /// A generated image: every 8-byte word is a function of its offset and a seed (tests,

@@ -458,6 +458,18 @@ void *cuffd_map_anon_aligned(uint64_t len, uint64_t align);
 /// memfd_create(name, flags) as -errno / fd.
 int cuffd_memfd_create(const char *name, unsigned flags);
 
+/// Whether the file behind `fd` keeps every page in memory (tmpfs or shmem: /dev/shm, a memfd),
+/// so that mapping all its pages costs page tables only, never a read from disk: 1 yes, 0 no,
+/// or -errno of fstatfs.
+int cuffd_fd_in_memory(int fd);
+
+/// Maps now, for reading (MADV_POPULATE_READ), the pages of the `len` bytes mapped at `addr`
+/// from byte `file_off` (page-aligned) of `fd` that hold data (SEEK_DATA/SEEK_HOLE): holes stay
+/// unmapped, so a sparse tmpfs file gets no pages allocated for them. `*populated` gets the
+/// bytes mapped. 0 or -errno (-EINVAL: the kernel lacks MADV_POPULATE_READ; -EFAULT: the file
+/// shrank under the mapping).
+int cuffd_populate_file_data(int fd, uint64_t file_off, void *addr, uint64_t len, uint64_t *populated);
+
 /// The calling thread's id.
 pid_t cuffd_gettid(void);
 

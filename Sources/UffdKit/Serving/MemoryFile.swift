@@ -44,21 +44,28 @@ public final class MemoryFileSource: PageSource, Sendable {
     }
 }
 
-/// A read-only `MAP_SHARED` mapping of a memory file: its page-cache pages, mapped lazily (the
-/// kernel faults them in during UFFDIO_COPY; measured: no slower than populated at start-up,
-/// which would read the whole file first).
+/// A read-only `MAP_SHARED` mapping of a memory file: its page-cache pages. A file on disk is
+/// mapped lazily (the kernel faults its pages in during UFFDIO_COPY; populating it at start-up
+/// would read the whole file first). A file that lives in memory (tmpfs, shmem) has its data
+/// pages mapped at start-up: there a COPY from a page not mapped yet took the kernel's slow
+/// retry path, 1.3x the time of a COPY from mapped memory (BENCHMARKS.md, issue 14); mapping
+/// costs ~0.3 µs per 4 KiB page once per server, shared by every VM served from the file.
 public final class MemoryFileMapping: Sendable {
     /// Where the file starts in this process.
     public let address: UInt
     /// The bytes mapped (the file's length when mapped).
     public let length: Int
+    /// Bytes populated at start-up (0 unless the file lives in memory and `populate`).
+    public let populatedBytes: Int
 
-    /// Maps `length` bytes of `fd` read-only; `populate` maps every page now (MAP_POPULATE).
-    public init(fd: Int32, length: Int, populate: Bool = false) throws(UffdError) {
-        let p = mmap(nil, length, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0)
+    /// Maps `length` bytes of `fd` read-only; with `populate`, a file in memory (tmpfs, shmem)
+    /// has its data pages (not its holes) mapped now.
+    public init(fd: Int32, length: Int, populate: Bool = true) throws(UffdError) {
+        let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else { throw UffdError(.map, Errno(rawValue: errno), detail: "memory file, \(length) bytes") }
         address = UInt(bitPattern: p)
         self.length = length
+        populatedBytes = populate ? populateIfInMemory(fd: fd, fileOffset: 0, address: p, length: length) : 0
     }
 
     deinit { munmap(UnsafeMutableRawPointer(bitPattern: address), length) }
