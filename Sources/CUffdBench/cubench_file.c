@@ -102,7 +102,7 @@ static void *load_handler(void *arg) {
             n = CUBENCH_PAGE;
         } else {
             const char *src = c->buf;
-            if (c->mode == CUBENCH_LOAD_MAPCOPY) src = c->fmap + off;
+            if (c->mode == CUBENCH_LOAD_MAPCOPY || c->mode == CUBENCH_LOAD_MAPCOPY_POPULATED) src = c->fmap + off;
             else e = pread_full(c->fd, c->buf, n, off);
             if (e == 0) {
                 c->ioctls++;
@@ -206,13 +206,21 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
             goto uout;
         }
         memset(c.buf, 0, window);
-    } else if (p->mode == CUBENCH_LOAD_MAPCOPY) {
+    } else if (p->mode == CUBENCH_LOAD_MAPCOPY || p->mode == CUBENCH_LOAD_MAPCOPY_POPULATED) {
         void *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
         if (m == MAP_FAILED) {
             rc = -errno;
             goto uout;
         }
         c.fmap = m;
+        // What FileSource .mapped and serve do: a file in memory gets its pages mapped up front,
+        // so the COPY does not fault on its source (never a file on disk: that would read it all).
+        if (p->mode == CUBENCH_LOAD_MAPCOPY_POPULATED && cuffd_fd_in_memory(fd) == 1) {
+            uint64_t t0 = cuffd_now_ns();
+            rc = cuffd_populate_file_data(fd, 0, m, len, &p->populated);
+            p->populate_ns = cuffd_now_ns() - t0;
+            if (rc < 0) goto uout;
+        }
     }
     if (p->random) {
         uint32_t nwin = (uint32_t)((len + window - 1) / window);
@@ -315,7 +323,7 @@ uout:
 
 int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out) {
     memset(out, 0, sizeof *out);
-    if (!p->path || p->mode > CUBENCH_LOAD_INSTALL) return -EINVAL;
+    if (!p->path || p->mode > CUBENCH_LOAD_MAPCOPY_POPULATED) return -EINVAL;
     uint64_t window = p->window ? p->window : (2u << 20);
     if (window < CUBENCH_PAGE || window % CUBENCH_PAGE) return -EINVAL;
     uint64_t len = p->bytes & ~(CUBENCH_PAGE - 1);
