@@ -67,7 +67,11 @@ final class ServeTests: XCTestCase {
     var servers: [BackgroundUffdctl] = []
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("serve-\(UUID().uuidString.prefix(8))")
+        // Tests named *_tmpfs keep the memory file in /dev/shm (the populated-mapping path).
+        let tmpfs = name.contains("_tmpfs")
+        if tmpfs && !FileManager.default.fileExists(atPath: "/dev/shm") { throw XCTSkip("no /dev/shm here") }
+        let parent = tmpfs ? URL(fileURLWithPath: "/dev/shm") : FileManager.default.temporaryDirectory
+        dir = parent.appendingPathComponent("serve-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         // 16 MiB of bytes that differ per page (a wrong offset cannot pass).
         var bytes = [UInt8](repeating: 0, count: 16 << 20)
@@ -390,8 +394,32 @@ final class ServeTests: XCTestCase {
         try readErrorGivesFallback(source: "pread")
     }
 
-    func readErrorGivesFallback(source: String) throws {
+    /// A memory file in tmpfs is mapped and populated at start-up (the COPY fast path); the
+    /// shrinking file still gives the fallback for the pages past its new end.
+    func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn_tmpfs() throws {
+        try readErrorGivesFallback(source: "mmap", populated: 16 << 20)
+    }
+
+    /// Several VMs served at once from a populated tmpfs mapping, every page verified by the
+    /// clients; `--source pread` populates nothing.
+    func testServeFromPopulatedTmpfsMapping_tmpfs() throws {
+        let server = try startServer()
+        XCTAssertTrue(server.log.contains("memory_populated_bytes=\(16 << 20)"), server.log)
+        let clients = try [
+            client(["--size", "8M", "--kernel-pages", "16"], name: "a"),
+            client(["--size", "4M", "--offset", "8M", "--regions", "2"], name: "b"),
+        ]
+        for c in clients { XCTAssertEqual(c.wait(), 0, c.output) }
+        XCTAssertTrue(server.waitFor("VM gone", count: 2), server.log)
+        XCTAssertNil(server.log.range(of: "fallbacks=[1-9]", options: .regularExpression), server.log)
+        server.stop()
+        let pread = try startServer(["--source", "pread"])
+        XCTAssertFalse(pread.log.contains("memory_populated_bytes"), pread.log)
+    }
+
+    func readErrorGivesFallback(source: String, populated: Int? = nil) throws {
         let server = try startServer(["--source", source])
+        if let populated { XCTAssertTrue(server.log.contains("memory_populated_bytes=\(populated)"), server.log) }
         // A hand-off past the file as it is now is refused (the file shrank since start-up).
         XCTAssertEqual(truncate(memFile, 4 << 20), 0)
         let refused = try client(["--size", "2M", "--offset", "6M", "--timeout", "5"], name: "refused")
