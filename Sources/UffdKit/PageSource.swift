@@ -91,12 +91,13 @@ public final class MemorySource: PageSource, @unchecked Sendable {
 /// the handler's fallback resolves the fault (with `.pread` such pages read as zeros).
 ///
 /// A `.mapped` file that lives in memory (tmpfs or shmem: /dev/shm, a memfd) has its data
-/// pages mapped at open (MADV_POPULATE_READ of the extents SEEK_DATA finds; holes stay holes):
-/// a COPY from a source page not mapped yet takes the kernel's slow path (the copy fails inside
-/// the ioctl, the kernel faults the page in with the locks dropped and retries), which made
-/// COPY from a fresh tmpfs mapping 1.3x slower than from memory (BENCHMARKS.md, issue 14). On
-/// tmpfs mapping costs page tables only (~0.3 µs per 4 KiB page at open, ~2 MiB of page tables
-/// per GiB); a file on disk is never populated (that would read all of it up front).
+/// pages mapped at open (MADV_POPULATE_READ of the extents SEEK_DATA finds; holes stay holes,
+/// since a read fault on a tmpfs hole allocates a page): the COPY then reads mapped memory
+/// instead of mapping the source's 4 KiB pages on the fault path, which made COPY from a fresh
+/// tmpfs mapping 1.3x the time of a COPY from memory (BENCHMARKS.md, issue 14). Mapping costs
+/// page tables only (~0.35 µs per 4 KiB page here, once, at open; 2 MiB of page tables per
+/// GiB). A file on disk is never populated (that would read all of it up front); pass
+/// `populate: false` for a one-shot load of a small part of a large tmpfs file.
 public final class FileSource: PageSource, Sendable {
     /// How the bytes are read.
     public enum Access: Sendable, Hashable {

@@ -47,9 +47,9 @@ public final class MemoryFileSource: PageSource, Sendable {
 /// A read-only `MAP_SHARED` mapping of a memory file: its page-cache pages. A file on disk is
 /// mapped lazily (the kernel faults its pages in during UFFDIO_COPY; populating it at start-up
 /// would read the whole file first). A file that lives in memory (tmpfs, shmem) has its data
-/// pages mapped at start-up: there a COPY from a page not mapped yet took the kernel's slow
-/// retry path, 1.3x the time of a COPY from mapped memory (BENCHMARKS.md, issue 14); mapping
-/// costs ~0.3 µs per 4 KiB page once per server, shared by every VM served from the file.
+/// pages (not its holes) mapped at start-up: mapping its 4 KiB pages on the fault path made a
+/// COPY 1.3x the time of a COPY from mapped memory (BENCHMARKS.md, issue 14); at start-up it
+/// costs ~0.35 µs per 4 KiB page once per server, shared by every VM served from the file.
 public final class MemoryFileMapping: Sendable {
     /// Where the file starts in this process.
     public let address: UInt
