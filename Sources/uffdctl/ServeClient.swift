@@ -30,7 +30,7 @@ struct HandoffClientCommand: ParsableCommand {
     @Flag(name: .customLong("in-process"), help: "Serve the faults in this process with the same policy stack (benchmark baseline).") var inProcess = false
     @Flag(help: "Time one read per page before verifying; print ns per page.") var bench = false
     @Option(name: .customLong("linger-ms"), help: "After verifying, stay alive this long (the server's periodic lines see the memory).") var lingerMs: UInt32 = 0
-        @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
+    @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
 
     func run() throws {
         alarm(timeout)
@@ -141,7 +141,7 @@ struct HandoffClientCommand: ParsableCommand {
             }
         }
         if lingerMs > 0 { usleep(lingerMs * 1000) }
-                let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
+        let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
         if bench { print("{\"ns_per_page\":\(Int(nsPerPage)),\"sum\":\(sum)}") }
         print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")
         if !ok { throw ExitCode(1) }

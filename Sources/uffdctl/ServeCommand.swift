@@ -110,7 +110,7 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("stats-interval"), help: ArgumentHelp("Log each served VM's counters so far every this many seconds (`VM stats`: faults, bytes, latency, huge_page_bytes of its memory, measured then); 0: never.", valueName: "seconds"))
     var statsInterval: Double = 10
 
-        @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
+    @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
 
     @Option(name: .customLong("worker-pid-file"), help: ArgumentHelp("Write the current worker's pid here (rewritten on each restart).", valueName: "path"))
@@ -216,7 +216,7 @@ struct ServeCommand: ParsableCommand {
         guard statsInterval >= 0, statsInterval.isFinite, statsInterval <= 86_400 else {
             throw .usage("--stats-interval must be 0...86400 seconds (got \(statsInterval))")
         }
-                guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
+        guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
     func mode() throws(CLIError) -> mode_t {
