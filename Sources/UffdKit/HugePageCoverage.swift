@@ -15,8 +15,9 @@ import Musl
 /// PAGE_IS_PRESENT). Memory installed 4 KiB at a time (UFFDIO_COPY into anonymous memory)
 /// measures 0 until khugepaged collapses it; a hugetlb guest measures every page it touched.
 ///
-/// Cost (measured here, 6.18 KVM guest, one scan): 1 GiB of populated 4 KiB pages ~0.55-0.66 ms
-/// (4.7 ms the first time), 1 GiB of THP ~40 µs (512 PMDs), 1 GiB never touched ~10 µs.
+/// Cost of one scan (6.18 KVM guest; `HugePageCoverageMeasurement`, UFFDKIT_MEASURE=1, and a C
+/// probe): 1 GiB of populated 4 KiB pages 0.5-0.66 ms (4.7 ms the first scan after populating),
+/// 1 GiB of THP ~40 µs (512 PMDs), 1 GiB never touched 4-10 µs.
 public struct HugePageCoverage: Sendable, Hashable, CustomStringConvertible {
     /// Bytes mapped by huge pages.
     public var hugePageBytes: Int
