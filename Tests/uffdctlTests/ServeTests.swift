@@ -133,6 +133,65 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(server.log.contains("removed_bytes=2097152"), server.log)
     }
 
+    // MARK: Huge-page coverage (issue 14)
+
+    /// The JSON log lines of `server` whose msg is `msg`.
+    func events(_ server: BackgroundUffdctl, _ msg: String) -> [[String: Any]] {
+        server.log.split(separator: "\n").compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+        }.filter { $0["msg"] as? String == msg }
+    }
+
+    /// A client that lingers after touching its memory: serve's `VM stats` lines measure it
+    /// fully served (`want` huge bytes of `size`), and `VM gone` reports the last measurement.
+    func assertCoverage(client extra: [String], size: Int, pages: Int, want: Int, name: String,
+                        file: StaticString = #filePath, line: UInt = #line) throws {
+        let server = try startServer(["--json", "--stats-interval", "0.05"])
+        let c = try client(extra + ["--linger-ms", "1500"], name: name)
+        XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) \(c.log) server: \(server.log)", file: file, line: line)
+        XCTAssertTrue(server.waitFor("\"VM gone\""), server.log, file: file, line: line)
+        let pid = Double(c.process.processIdentifier)
+        let served = events(server, "VM stats").filter { number($0, "peer_pid") == pid && number($0, "faults") == Double(pages) }
+        XCTAssertFalse(served.isEmpty, "no VM stats line once every page was served: \(server.log)", file: file, line: line)
+        for s in served {
+            XCTAssertEqual(number(s, "huge_page_bytes"), Double(want), "\(s)", file: file, line: line)
+            XCTAssertEqual(number(s, "huge_page_of_bytes"), Double(size), "\(s)", file: file, line: line)
+            XCTAssertLessThan(number(s, "huge_page_measured_s_ago") ?? 99, 1, "measured for this line: \(s)", file: file, line: line)
+        }
+        let gone = try XCTUnwrap(events(server, "VM gone").first { number($0, "peer_pid") == pid }, server.log, file: file, line: line)
+        XCTAssertEqual(number(gone, "huge_page_bytes"), Double(want), "the last value measured: \(gone)", file: file, line: line)
+        XCTAssertEqual(number(gone, "huge_page_of_bytes"), Double(size), "\(gone)", file: file, line: line)
+        let ago = try XCTUnwrap(number(gone, "huge_page_measured_s_ago"), "gone cannot measure: it says how old the value is: \(gone)",
+                                file: file, line: line)
+        XCTAssertGreaterThan(ago, 0, "\(gone)", file: file, line: line)
+        XCTAssertLessThan(ago, 30, "\(gone)", file: file, line: line)
+    }
+
+    /// A 4 KiB anonymous guest served by COPY: COPY installs 4 KiB pages, so 0 bytes are huge.
+    func testServeReportsZeroHugePageCoverageForA4KiBGuest() throws {
+        try assertCoverage(client: ["--size", "4M"], size: 4 << 20, pages: 1024, want: 0, name: "cov4k")
+    }
+
+    /// A 2 MiB hugetlb guest: every byte of it is in huge pages once served.
+    func testServeReportsFullHugePageCoverageForAHugetlbGuest() throws {
+        let need = 4
+        guard let free = hugeFree(), free >= need || setHugePages(extra: need) else {
+            throw XCTSkip("cannot reserve \(need) huge pages (not root or no hugetlb)")
+        }
+        defer { restoreHugePages() }
+        try assertCoverage(client: ["--size", "8M", "--hugetlb"], size: 8 << 20, pages: 4, want: 8 << 20, name: "cov2m")
+    }
+
+    /// Without a stats line before the VM went away, there is nothing to report: "-", not 0.
+    func testServeGoneBeforeAnyMeasurementSaysUnknown() throws {
+        let server = try startServer(["--stats-interval", "0"])
+        let c = try client(["--size", "2M"], name: "nocov")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        XCTAssertTrue(server.log.contains("huge_page_bytes=- huge_page_measured_s_ago=- huge_page_of_bytes=-"), server.log)
+        XCTAssertFalse(server.log.contains("VM stats"), server.log)
+    }
+
     func testServeOnceExitsWithTheOutcome() throws {
         let server = try startServer(["--once", "--json"])
         let c = try client(["--size", "2M"], name: "once")
@@ -354,7 +413,8 @@ final class ServeTests: XCTestCase {
         for text in ["snapshot/create", "snapshot/load", "\"backend_type\":\"Uffd\"", "worker_pid", "SIGHUP"] {
             XCTAssertTrue(help.stdout.contains(text), "--help lacks \(text)")
         }
-        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"]] {
+        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"],
+                    ["--stats-interval", "100000"], ["--stats-interval", "nan"]] {
             let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile] + bad, timeout: 20)
             XCTAssertEqual(r.code, 2, "\(bad): \(r.stderr)")
             XCTAssertTrue(r.stderr.contains(bad[0]), "\(bad): \(r.stderr)")

@@ -419,6 +419,19 @@ int cuffd_pagemap_open(void);
 int cuffd_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, bool reprotect,
                                struct page_region *vec, size_t vec_len, uint64_t *walk_end);
 
+// MARK: - Huge-page coverage (PAGEMAP_SCAN PAGE_IS_HUGE) -------------------------------------
+
+/// Opens /proc/PID/pagemap read-only (pid 0: this process), pinning that process's address
+/// space for later scans; the fd or -errno (-ESRCH when there is no such process, -EACCES/-EPERM
+/// without ptrace access to it).
+int cuffd_pagemap_open_pid(int pid);
+
+/// Bytes of `[start, start+len)` mapped by present huge pages in the address space of
+/// `pagemap_fd` (from cuffd_pagemap_open_pid: THP PMDs and hugetlb pages, not the huge zero
+/// page, not hugetlb entries without a page), or -errno (-ESRCH: that process is gone;
+/// -EINVAL/-ENOTTY: no PAGEMAP_SCAN, kernels < 6.7).
+int64_t cuffd_huge_bytes_fd(int pagemap_fd, uint64_t start, uint64_t len);
+
 // MARK: - Memory helpers --------------------------------------------------------------------
 
 /// Kinds of memory the tests and tools register.
