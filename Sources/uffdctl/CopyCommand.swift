@@ -131,7 +131,10 @@ struct CopyCommand: ParsableCommand {
             expected = .pattern(seed: 0x5EED)
         case .file(let path):
             do {
-                pageSource = try FileSource(path: path, access: fileRead == "mmap" ? .mapped : .pread)
+                // The installer reads its windows with pread: populating a tmpfs mapping up front
+                // would only pay for the few faults it leaves to the copy path.
+                pageSource = try FileSource(path: path, access: fileRead == "mmap" ? .mapped : .pread,
+                                            populate: installMode == nil)
             } catch {
                 throw CLIError.usage("--source file:\(path): cannot read the file: \(error.errno)")
             }
