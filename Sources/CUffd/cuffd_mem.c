@@ -3,7 +3,6 @@
 #include "CUffd.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <linux/magic.h>
 #include <sched.h>
 #include <stdio.h>
@@ -40,36 +39,40 @@ int cuffd_fd_in_memory(int fd) {
     return st.f_type == TMPFS_MAGIC;
 }
 
-int cuffd_populate_file_data(int fd, uint64_t file_off, void *addr, uint64_t len, uint64_t *populated) {
+// MADV_POPULATE_READ of [addr, addr+len), again after a signal. 0 or -errno.
+static int populate_read(char *addr, uint64_t len) {
+    int r;
+    do r = madvise(addr, len, MADV_POPULATE_READ);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated) {
     const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-    const uint64_t end = file_off + len;
-    uint64_t done = 0;
+    const uint64_t pages = (len + page - 1) / page;
+    enum { CHUNK = 16384 }; // pages per mincore call (64 MiB of 4 KiB pages)
+    unsigned char vec[CHUNK];
+    uint64_t done = 0, run = 0, run_len = 0; // the open run of resident pages
     int rc = 0;
-    for (uint64_t pos = file_off; pos < end;) {
-        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
-        if (d < 0) {
-            if (errno != ENXIO) rc = -errno; // ENXIO: no data past pos
-            break;
-        }
-        if ((uint64_t)d >= end) break;
-        off_t h = lseek(fd, d, SEEK_HOLE);
-        if (h < 0) {
+    for (uint64_t base = 0; base < pages && rc == 0; base += CHUNK) {
+        uint64_t n = pages - base < CHUNK ? pages - base : CHUNK;
+        if (mincore((char *)addr + base * page, n * page, vec) < 0) {
             rc = -errno;
             break;
         }
-        // Whole pages around the data; a page holding the file's last bytes is mapped whole.
-        uint64_t lo = (uint64_t)d & ~(page - 1), hi = ((uint64_t)h + page - 1) & ~(page - 1);
-        if (hi > ((end + page - 1) & ~(page - 1))) hi = (end + page - 1) & ~(page - 1);
-        if (hi <= lo) break;
-        int r;
-        do r = madvise((char *)addr + (lo - file_off), hi - lo, MADV_POPULATE_READ);
-        while (r < 0 && errno == EINTR);
-        if (r < 0) {
-            rc = -errno;
-            break;
+        for (uint64_t i = 0; i < n && rc == 0; i++) {
+            if (vec[i] & 1) {
+                if (run_len++ == 0) run = base + i;
+            } else if (run_len) {
+                rc = populate_read((char *)addr + run * page, run_len * page);
+                if (rc == 0) done += run_len * page;
+                run_len = 0;
+            }
         }
-        done += hi - lo;
-        pos = hi;
+    }
+    if (rc == 0 && run_len) {
+        rc = populate_read((char *)addr + run * page, run_len * page);
+        if (rc == 0) done += run_len * page;
     }
     if (populated) *populated = done;
     return rc;

@@ -213,11 +213,11 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
             goto uout;
         }
         c.fmap = m;
-        // What FileSource .mapped and serve do: a file in memory gets its pages mapped up front,
-        // so the COPY does not fault on its source (never a file on disk: that would read it all).
-        if (p->mode == CUBENCH_LOAD_MAPCOPY_POPULATED && cuffd_fd_in_memory(fd) == 1) {
+        // What FileSource .mapped and serve do: the pages the page cache holds are mapped up
+        // front, so the COPY does not fault on its source (a cold file: nothing, no read).
+        if (p->mode == CUBENCH_LOAD_MAPCOPY_POPULATED) {
             uint64_t t0 = cuffd_now_ns();
-            rc = cuffd_populate_file_data(fd, 0, m, len, &p->populated);
+            rc = cuffd_populate_resident(m, len, &p->populated);
             p->populate_ns = cuffd_now_ns() - t0;
             if (rc < 0) goto uout;
         }

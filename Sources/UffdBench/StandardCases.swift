@@ -342,11 +342,9 @@ extension BenchmarkSuite {
                      "installer in COPY mode (no THP): pread into a donor + UFFDIO_COPY, 1 prefetch thread"),
                     ("mapcopy-2m", CUBENCH_LOAD_MAPCOPY, 0, 1, false, 0, "bulk.copy-2m",
                      "uffd: UFFDIO_COPY 2 MiB straight from a fresh mmap of the file (one copy)"),
+                    ("mapcopy-pop-2m", CUBENCH_LOAD_MAPCOPY_POPULATED, 0, 1, false, 0, "bulk.copy-2m",
+                     "uffd: UFFDIO_COPY 2 MiB from a mmap of the file, its page-cache pages mapped beforehand (the serve path)"),
                 ]
-                // tmpfs: the serve path as shipped (the mapping's pages mapped at start-up);
-                // on a disk file it would be the same as mapcopy-2m, so the row is tmpfs only.
-                + (tmpfs ? [("mapcopy-pop-2m", CUBENCH_LOAD_MAPCOPY_POPULATED, 0, 1, false, 0, "bulk.copy-2m",
-                             "uffd: UFFDIO_COPY 2 MiB from a mmap of the file populated beforehand (the serve path on tmpfs)")] : [])
                 for (vname, mode, fillers, threads, random, flags, baseline, note) in fast {
                     cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
                                           baseline: baseline, paired: true,
@@ -359,7 +357,7 @@ extension BenchmarkSuite {
                 let kits: [(String, KitFilePath, String, String)] = [
                     ("install-2m", .install(prefetch: 1), "file.\(short).\(state).install-2m",
                      "UffdKit InstallPolicy (WindowInstaller, 1 prefetch thread)"),
-                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).\(tmpfs ? "mapcopy-pop-2m" : "mapcopy-2m")",
+                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).mapcopy-pop-2m",
                      "UffdKit ReadaheadPolicy(2 MiB) over CopyPolicy(FileSource .mapped): one copy"),
                 ]
                 for (vname, kind, baseline, note) in kits {

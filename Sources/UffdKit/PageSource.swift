@@ -90,14 +90,15 @@ public final class MemorySource: PageSource, @unchecked Sendable {
 /// source cannot crash the process: the COPY of a page past the new end fails with EFAULT and
 /// the handler's fallback resolves the fault (with `.pread` such pages read as zeros).
 ///
-/// A `.mapped` file that lives in memory (tmpfs or shmem: /dev/shm, a memfd) has its data
-/// pages mapped at open (MADV_POPULATE_READ of the extents SEEK_DATA finds; holes stay holes,
-/// since a read fault on a tmpfs hole allocates a page): the COPY then reads mapped memory
-/// instead of mapping the source's 4 KiB pages on the fault path, which made COPY from a fresh
-/// tmpfs mapping 1.3x the time of a COPY from memory (BENCHMARKS.md, issue 14). Mapping costs
-/// page tables only (~0.35 µs per 4 KiB page here, once, at open; 2 MiB of page tables per
-/// GiB). A file on disk is never populated (that would read all of it up front); pass
-/// `populate: false` for a one-shot load of a small part of a large tmpfs file.
+/// A `.mapped` file has the pages the page cache holds mapped at open (mincore, then
+/// MADV_POPULATE_READ of the resident runs: all of a file in tmpfs or shmem except its holes,
+/// all of a warm file on disk, nothing of a cold one): the COPY then reads mapped memory instead
+/// of mapping the source's pages on the fault path, which made a COPY from a fresh mapping of a
+/// tmpfs file 1.3x the time of a COPY from memory, and 1.0-1.25x on ext4 depending on its page
+/// cache's folio sizes (BENCHMARKS.md, issue 14). Mapping costs page tables only (~0.25-0.35 µs
+/// per 4 KiB page here, once, at open; 2 MiB of page tables per GiB), never a read from disk
+/// (a page not resident stays lazy; a hole is never allocated). Pass `populate: false` for a
+/// one-shot load of a small part of a large file.
 public final class FileSource: PageSource, Sendable {
     /// How the bytes are read.
     public enum Access: Sendable, Hashable {
@@ -115,7 +116,7 @@ public final class FileSource: PageSource, Sendable {
     public let fileOffset: Int
     /// How the bytes are read.
     public let access: Access
-    /// `.mapped`: bytes of the mapping populated at open (0 unless the file lives in memory).
+    /// `.mapped`: bytes of the mapping populated at open (the file's pages in the page cache).
     public let populatedBytes: Int
     /// `.mapped`: address of image byte 0 inside the mapping (0 when not mapped).
     private let image: UInt
@@ -123,7 +124,7 @@ public final class FileSource: PageSource, Sendable {
     private let mapLength: Int
 
     /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image)
-    /// and, when `populate` and the file lives in memory (tmpfs, shmem), maps its data pages now.
+    /// and, with `populate`, maps now the pages of it the page cache holds.
     /// - Throws: ``UffdError`` `.source` with the errno of open/fstat/mmap.
     public init(path: String, offset: Int = 0, access: Access = .pread, populate: Bool = true) throws(UffdError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -151,7 +152,7 @@ public final class FileSource: PageSource, Sendable {
             mapLength = mlen
             image = mapBase + UInt(offset - aligned)
             self.access = .mapped
-            populatedBytes = populate ? populateIfInMemory(fd: fd, fileOffset: aligned, address: m, length: mlen) : 0
+            populatedBytes = populate ? populateResident(address: m, length: mlen) : 0
         } else {
             populatedBytes = 0
             mapBase = 0
@@ -193,14 +194,12 @@ public final class FileSource: PageSource, Sendable {
     }
 }
 
-/// Maps now the data pages of a read-only mapping of `fd` (`length` bytes at `address`, from the
-/// page-aligned `fileOffset`) when the file lives in memory (tmpfs, shmem); the bytes mapped.
-/// Best effort: a failure (the file shrank meanwhile, a kernel without MADV_POPULATE_READ) leaves
-/// the rest to be faulted in by the copies, as without it.
-func populateIfInMemory(fd: Int32, fileOffset: Int, address: UnsafeMutableRawPointer, length: Int) -> Int {
-    guard cuffd_fd_in_memory(fd) == 1 else { return 0 }
+/// Maps now the pages of a file mapping (`length` bytes at `address`) that the page cache
+/// holds; the bytes mapped. Best effort: a failure (the file shrank meanwhile, a kernel without
+/// MADV_POPULATE_READ) leaves the rest to be faulted in by the copies, as without it.
+func populateResident(address: UnsafeMutableRawPointer, length: Int) -> Int {
     var done: UInt64 = 0
-    _ = cuffd_populate_file_data(fd, UInt64(fileOffset), address, UInt64(length), &done)
+    _ = cuffd_populate_resident(address, UInt64(length), &done)
     return Int(done)
 }
 

@@ -43,7 +43,7 @@ struct CopyCommand: ParsableCommand {
     var install: InstallChoice = .auto
 
     @Option(name: .customLong("file-read"),
-            help: ArgumentHelp("How the per-fault copy path and --prefetch read a raw file: mmap (UFFDIO_COPY straight from a read-only mapping of the file: one copy; a file in tmpfs has its pages mapped at start) or pread (a read into a buffer, then the copy: two copies). The installer always reads with pread into its donor.",
+            help: ArgumentHelp("How the per-fault copy path and --prefetch read a raw file: mmap (UFFDIO_COPY straight from a read-only mapping of the file: one copy; the pages of the file in the page cache, all of a file in tmpfs, are mapped at start) or pread (a read into a buffer, then the copy: two copies). The installer always reads with pread into its donor.",
                                valueName: "mmap|pread"))
     var fileRead: String = "mmap"
 
@@ -131,7 +131,7 @@ struct CopyCommand: ParsableCommand {
             expected = .pattern(seed: 0x5EED)
         case .file(let path):
             do {
-                // The installer reads its windows with pread: populating a tmpfs mapping up front
+                // The installer reads its windows with pread: populating the mapping up front
                 // would only pay for the few faults it leaves to the copy path.
                 pageSource = try FileSource(path: path, access: fileRead == "mmap" ? .mapped : .pread,
                                             populate: installMode == nil)

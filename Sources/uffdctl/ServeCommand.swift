@@ -383,7 +383,7 @@ struct ServeCommand: ParsableCommand {
         }
         var listening: Logger.Metadata = ["socket": .string(socket), "memory_file": .string(memoryFile),
                                           "memory_bytes": "\(memLength)", "worker_pid": "\(getpid())"]
-        // A memory file in tmpfs has its data pages mapped at start-up (the COPY fast path).
+        // The memory file's pages in the page cache are mapped at start-up (the COPY fast path).
         if let map = config.serve.memoryFileMapping { listening["memory_populated_bytes"] = "\(map.populatedBytes)" }
         log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening", metadata: listening)
         let outcome = server.run()

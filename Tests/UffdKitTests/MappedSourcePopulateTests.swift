@@ -3,10 +3,10 @@ import Foundation
 import XCTest
 @testable import UffdKit
 
-/// The serve path on tmpfs (issue 14): a `.mapped` FileSource and a MemoryFileMapping of a file
-/// that lives in memory have its data pages mapped at open (a COPY from a source page not mapped
-/// yet takes the kernel's slow path); holes stay holes, a file on disk is never populated, and
-/// a file truncated under the populated mapping still gets the fallback. Every test checks every
+/// The serve path on tmpfs (issue 14): a `.mapped` FileSource and a MemoryFileMapping have the
+/// file's pages in the page cache mapped at open (a COPY otherwise maps its source pages on the
+/// fault path); holes stay holes, a cold file on disk is not read up front, and a file
+/// truncated under the populated mapping still gets the fallback. Every test checks every
 /// byte of the loaded region and runs its faulting code under a watchdog.
 final class MappedSourcePopulateTests: XCTestCase {
     var paths: [String] = []
@@ -144,18 +144,43 @@ final class MappedSourcePopulateTests: XCTestCase {
         XCTAssertEqual(memcmp(r.pointer, expected, length), 0)
     }
 
-    /// A file on disk is never populated (that would read all of it up front).
-    func testMappedDiskFileIsNotPopulated() throws {
+    /// A file on disk: what the page cache holds is mapped at open (all of a file just
+    /// written), a cold file nothing (populating it would read all of it up front), and both
+    /// load every byte.
+    func testMappedDiskFilePopulatesOnlyWhatThePageCacheHolds() throws {
         let dir = "/var/tmp"
         guard !inMemory(dir) else { throw XCTSkip("\(dir) is tmpfs here") }
-        let path = try makeFile(in: dir, size: 2 * MiB, seed: 34)
-        let src = try FileSource(path: path, access: .mapped)
-        XCTAssertEqual(src.access, .mapped)
-        XCTAssertEqual(src.populatedBytes, 0)
+        let size = 2 * MiB
+        let path = try makeFile(in: dir, size: size, seed: 34)
+        do {
+            // (Released before the cache is dropped: DONTNEED leaves mapped pages alone.)
+            let warm = try FileSource(path: path, access: .mapped)
+            XCTAssertEqual(warm.populatedBytes, size, "a file just written is in the page cache")
+        }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
         defer { close(fd) }
-        let map = try MemoryFileMapping(fd: fd, length: 2 * MiB)
-        XCTAssertEqual(map.populatedBytes, 0)
+        XCTAssertEqual(fdatasync(fd), 0)
+        XCTAssertEqual(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0)
+        let cold = try FileSource(path: path, access: .mapped)
+        XCTAssertEqual(cold.populatedBytes, 0, "a cold file is not read up front")
+        XCTAssertFalse(present(UInt(bitPattern: try cold.bytes(at: MiB, count: basePageSize, scratch: nil))))
+        let coldMap = try MemoryFileMapping(fd: fd, length: size)
+        XCTAssertEqual(coldMap.populatedBytes, 0)
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
+        defer { expected.deallocate() }
+        fillPattern(expected, size, seed: 34)
+        let (r, failures, _) = try load(cold, length: size)
+        XCTAssertEqual(failures.count, 0)
+        XCTAssertEqual(memcmp(r.pointer, expected, size), 0)
+        // The load read the file in: opened again, it is populated.
+        let warm = try FileSource(path: path, access: .mapped)
+        XCTAssertEqual(warm.populatedBytes, size)
+        for src in [warm] {
+            let (r, failures, _) = try load(src, length: size)
+            XCTAssertEqual(failures.count, 0)
+            XCTAssertEqual(memcmp(r.pointer, expected, size), 0)
+        }
     }
 
     /// A tmpfs file truncated under the populated mapping: the kernel unmaps the pages past the

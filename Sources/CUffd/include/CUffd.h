@@ -476,12 +476,13 @@ int cuffd_memfd_create(const char *name, unsigned flags);
 /// or -errno of fstatfs.
 int cuffd_fd_in_memory(int fd);
 
-/// Maps now, for reading (MADV_POPULATE_READ), the pages of the `len` bytes mapped at `addr`
-/// from byte `file_off` (page-aligned) of `fd` that hold data (SEEK_DATA/SEEK_HOLE): holes stay
-/// unmapped, so a sparse tmpfs file gets no pages allocated for them. `*populated` gets the
-/// bytes mapped. 0 or -errno (-EINVAL: the kernel lacks MADV_POPULATE_READ; -EFAULT: the file
-/// shrank under the mapping).
-int cuffd_populate_file_data(int fd, uint64_t file_off, void *addr, uint64_t len, uint64_t *populated);
+/// Maps now, for reading (MADV_POPULATE_READ), the pages of the file mapping of `len` bytes at
+/// `addr` that are in the page cache (mincore), in runs: pages not resident (a cold file on
+/// disk, the holes of a tmpfs file) stay unmapped, so this never reads from disk (except a page
+/// evicted between the two calls) and never allocates a tmpfs hole. `*populated` gets the bytes
+/// mapped. 0 or -errno (-EINVAL: the kernel lacks MADV_POPULATE_READ; -EFAULT: the file shrank
+/// under the mapping).
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated);
 
 /// The calling thread's id.
 pid_t cuffd_gettid(void);

@@ -167,9 +167,9 @@ enum cubench_load_mode {
                               ///< straight from a mmap of the file: one copy (the `serve` path)
     CUBENCH_LOAD_INSTALL = 4, ///< anon region (THP-eligible), MISSING; cuffd_installer: pread into a
                               ///< huge-page donor + UFFDIO_MOVE, `fillers` prefetch threads
-    CUBENCH_LOAD_MAPCOPY_POPULATED = 5, ///< MAPCOPY with the file's data pages mapped before the
-                              ///< timing when the file lives in memory (tmpfs), as FileSource
-                              ///< .mapped and `serve` do (cuffd_populate_file_data); populate_ns
+    CUBENCH_LOAD_MAPCOPY_POPULATED = 5, ///< MAPCOPY with the file's pages in the page cache mapped
+                              ///< before the timing, as FileSource .mapped and `serve` do
+                              ///< (cuffd_populate_resident); populate_ns, populated
 };
 
 struct cubench_load_params {
@@ -189,7 +189,7 @@ struct cubench_load_params {
     uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
     uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
     uint64_t populate_ns;    ///< out (MAPCOPY_POPULATED): populating the mapping (outside the timing)
-    uint64_t populated;      ///< out (MAPCOPY_POPULATED): bytes populated (0 on a disk file)
+    uint64_t populated;      ///< out (MAPCOPY_POPULATED): bytes populated (0 for a cold file)
 };
 
 /// Creates (or truncates) `path` with `bytes` of deterministic data. 0 or -errno.
