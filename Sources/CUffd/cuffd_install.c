@@ -382,32 +382,11 @@ int cuffd_installer_create(const struct cuffd_installer_config *cfg, struct cuff
 }
 
 int64_t cuffd_huge_bytes(uint64_t start, uint64_t len) {
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    struct page_region vec[64];
-    int64_t total = 0;
-    uint64_t at = start, end = start + len;
-    while (at < end) {
-        struct pm_scan_arg a = {
-            .size = sizeof a,
-            .start = at,
-            .end = end,
-            .vec = (uint64_t)(uintptr_t)vec,
-            .vec_len = 64,
-            .category_mask = PAGE_IS_HUGE,
-            .return_mask = PAGE_IS_HUGE,
-        };
-        int n = ioctl(fd, PAGEMAP_SCAN, &a);
-        if (n < 0) {
-            total = -errno;
-            break;
-        }
-        for (int i = 0; i < n; i++) total += (int64_t)(vec[i].end - vec[i].start);
-        if (a.walk_end <= at) break;
-        at = a.walk_end;
-    }
+    int fd = cuffd_pagemap_open_pid(0);
+    if (fd < 0) return fd;
+    int64_t n = cuffd_huge_bytes_fd(fd, start, len);
     close(fd);
-    return total;
+    return n;
 }
 
 int cuffd_thp_available(int *madvised) {

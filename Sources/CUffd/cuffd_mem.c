@@ -3,10 +3,12 @@
 #include "CUffd.h"
 
 #include <errno.h>
+#include <linux/magic.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -29,6 +31,51 @@ uint64_t cuffd_hugepage_size(void) {
 int cuffd_memfd_create(const char *name, unsigned flags) {
     int fd = memfd_create(name, flags);
     return fd < 0 ? -errno : fd;
+}
+
+int cuffd_fd_in_memory(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0) return -errno;
+    return st.f_type == TMPFS_MAGIC;
+}
+
+// MADV_POPULATE_READ of [addr, addr+len), again after a signal. 0 or -errno.
+static int populate_read(char *addr, uint64_t len) {
+    int r;
+    do r = madvise(addr, len, MADV_POPULATE_READ);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated) {
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    const uint64_t pages = (len + page - 1) / page;
+    enum { CHUNK = 16384 }; // pages per mincore call (64 MiB of 4 KiB pages)
+    unsigned char vec[CHUNK];
+    uint64_t done = 0, run = 0, run_len = 0; // the open run of resident pages
+    int rc = 0;
+    for (uint64_t base = 0; base < pages && rc == 0; base += CHUNK) {
+        uint64_t n = pages - base < CHUNK ? pages - base : CHUNK;
+        if (mincore((char *)addr + base * page, n * page, vec) < 0) {
+            rc = -errno;
+            break;
+        }
+        for (uint64_t i = 0; i < n && rc == 0; i++) {
+            if (vec[i] & 1) {
+                if (run_len++ == 0) run = base + i;
+            } else if (run_len) {
+                rc = populate_read((char *)addr + run * page, run_len * page);
+                if (rc == 0) done += run_len * page;
+                run_len = 0;
+            }
+        }
+    }
+    if (rc == 0 && run_len) {
+        rc = populate_read((char *)addr + run * page, run_len * page);
+        if (rc == 0) done += run_len * page;
+    }
+    if (populated) *populated = done;
+    return rc;
 }
 
 int cuffd_pin_self(int cpu) {

@@ -350,7 +350,9 @@ extension BenchmarkSuite {
                     ("install-copy-2m", CUBENCH_LOAD_INSTALL, 1, 1, false, UInt32(CUFFD_INSTALL_COPY.rawValue), pread,
                      "installer in COPY mode (no THP): pread into a donor + UFFDIO_COPY, 1 prefetch thread"),
                     ("mapcopy-2m", CUBENCH_LOAD_MAPCOPY, 0, 1, false, 0, "bulk.copy-2m",
-                     "uffd: UFFDIO_COPY 2 MiB straight from a mmap of the file (one copy; the serve path)"),
+                     "uffd: UFFDIO_COPY 2 MiB straight from a fresh mmap of the file (one copy)"),
+                    ("mapcopy-pop-2m", CUBENCH_LOAD_MAPCOPY_POPULATED, 0, 1, false, 0, "bulk.copy-2m",
+                     "uffd: UFFDIO_COPY 2 MiB from a mmap of the file, its page-cache pages mapped beforehand (the serve path)"),
                 ]
                 // The install rows again, judged against the fresh-memory limit with as many CPUs
                 // (the prefetch thread or a second faulting thread uses CPU 1). (Filling the donors
@@ -377,7 +379,7 @@ extension BenchmarkSuite {
                 let kits: [(String, KitFilePath, String, String)] = [
                     ("install-2m", .install(prefetch: 1), "file.\(short).\(state).install-2m",
                      "UffdKit InstallPolicy (WindowInstaller, 1 prefetch thread)"),
-                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).mapcopy-2m",
+                    ("copy-mapped-2m", .copyMapped, "file.\(short).\(state).mapcopy-pop-2m",
                      "UffdKit ReadaheadPolicy(2 MiB) over CopyPolicy(FileSource .mapped): one copy"),
                 ]
                 for (vname, kind, baseline, note) in kits {
@@ -437,6 +439,10 @@ func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, pair
                 counters["allocNsPerPage"] = Double(p.alloc_ns) / Double(r.pages)
                 counters["fillNsPerPage"] = Double(p.fill_ns) / Double(r.pages)
                 counters["placeNsPerPage"] = Double(p.place_ns) / Double(r.pages)
+            }
+            if mode == CUBENCH_LOAD_MAPCOPY_POPULATED {
+                counters["populateNsPerPage"] = Double(p.populate_ns) / Double(r.pages)
+                counters["populatedMiB"] = Double(p.populated >> 20)
             }
             return .success(BenchSample(ns: r.ns, pages: r.pages, bytes: r.bytes, counters: counters))
         }

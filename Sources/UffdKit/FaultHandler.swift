@@ -106,6 +106,13 @@ public final class FaultHandler: Sendable {
         /// How long a deferred fetch may take: then its range gets the fallback, the owner an
         /// ETIMEDOUT failure, and a late delivery is refused (``DeferredOutcome/expired``).
         public var deferredDeadline: Duration = .seconds(10)
+        /// Memory whose huge-page coverage ``FaultHandler/stats()`` measures into
+        /// ``HandlerStats/hugePageCoverage`` (PAGEMAP_SCAN, off the fault path, on the caller's
+        /// thread); nil (the default): not measured. Opt-in because each measurement walks the
+        /// page tables of the ranges (~0.6 ms per GiB of 4 KiB pages, see ``HugePageCoverage``):
+        /// free for a caller that takes stats now and then, not for one that polls stats() in a
+        /// loop. Handlers of forked children do not measure (another address space).
+        public var hugePageCoverage: HugePageCoverage.Target? = nil
         /// Runs on each reader thread before it reports ready (tests: a slow start-up).
         var readerStartHook: (@Sendable () -> Void)? = nil
 
@@ -125,6 +132,9 @@ public final class FaultHandler: Sendable {
     /// reader, and readers report failures themselves, in order with the faults.
     private var forksPossible: Bool { uffd.features.contains(.eventFork) }
     private let state = Mutex(State())
+    /// The last huge-page coverage measured and when (cuffd_now_ns): reported once the memory
+    /// can no longer be measured (its process exited).
+    private let lastCoverage = Mutex<(HugePageCoverage, UInt64)?>(nil)
 
     private struct State: @unchecked Sendable {
         var run: HandlerRun? = nil
@@ -273,6 +283,16 @@ public final class FaultHandler: Sendable {
             run.deferred?.merge(into: &s)
         }
         for c in sink.children() { s.add(c.stats()) }
+        if let target = options.hugePageCoverage {
+            if let c = try? target.measure() {
+                lastCoverage.withLock { $0 = (c, cuffd_now_ns()) }
+            }
+            // A failed measurement (the process is gone) reports the last one, with its time.
+            if let (c, at) = lastCoverage.withLock({ $0 }) {
+                s.hugePageCoverage = c
+                s.hugePageCoverageMeasuredNs = at
+            }
+        }
         return s
     }
 

@@ -63,7 +63,10 @@ final class HandlerSink: Sendable {
 
     func adopt(child: Userfaultfd, policy: any FaultPolicy) {
         guard case .serveWithSamePolicy = options.forkHandling else { return }
-        let h = FaultHandler(uffd: child, policy: policy.forkedChild(), options: options)
+        // The child's memory is another address space: the parent's pagemap cannot measure it.
+        var o = options
+        o.hugePageCoverage = nil
+        let h = FaultHandler(uffd: child, policy: policy.forkedChild(), options: o)
         do {
             try h.start()
             kids.withLock { $0.append(h) }

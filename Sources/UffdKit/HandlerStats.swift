@@ -60,6 +60,13 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
     /// resolution; for a deferred fetch, from claiming its range to finishing it (one sample
     /// per fetch, however many faults joined it).
     public var latency: Histogram<UInt64> = HandlerStats.makeHistogram()
+    /// Huge-page coverage of the memory the handler serves (``FaultHandler/Options/hugePageCoverage``),
+    /// measured when the stats were taken; when it could not be measured then (the served process
+    /// is gone), the last measurement (see ``hugePageCoverageMeasuredNs``). nil: not asked for,
+    /// or never measured.
+    public var hugePageCoverage: HugePageCoverage? = nil
+    /// When ``hugePageCoverage`` was measured (CLOCK_MONOTONIC nanoseconds, `cuffd_now_ns`).
+    public var hugePageCoverageMeasuredNs: UInt64? = nil
 
     /// Creates empty stats.
     public init() {}
@@ -134,6 +141,10 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
         deferredCancelled += o.deferredCancelled; deferredLate += o.deferredLate
         deferredFull += o.deferredFull; deferredInFlight += o.deferredInFlight
         latency.add(o.latency)
+        if let c = o.hugePageCoverage {
+            hugePageCoverage = hugePageCoverage.map { $0 + c } ?? c
+            hugePageCoverageMeasuredNs = Swift.min(hugePageCoverageMeasuredNs ?? .max, o.hugePageCoverageMeasuredNs ?? .max)
+        }
     }
 
     /// A one-line summary.
@@ -147,6 +158,7 @@ public struct HandlerStats: Sendable, CustomStringConvertible {
             s += " deferred fetches=\(deferredFetches) joined=\(deferredJoined) resolved=\(deferredResolved)"
             s += " expired=\(deferredExpired) cancelled=\(deferredCancelled) late=\(deferredLate)"
         }
+        if let c = hugePageCoverage { s += " huge_page_bytes=\(c.hugePageBytes)/\(c.bytes)" }
         if latency.totalCount > 0 {
             s += " latency p50=\(latency.valueAtPercentile(50))ns p99=\(latency.valueAtPercentile(99))ns"
         }

@@ -89,6 +89,16 @@ public final class MemorySource: PageSource, @unchecked Sendable {
 /// the mapping (only the kernel does, inside the ioctl), so a file truncated under a mapped
 /// source cannot crash the process: the COPY of a page past the new end fails with EFAULT and
 /// the handler's fallback resolves the fault (with `.pread` such pages read as zeros).
+///
+/// A `.mapped` file has the pages the page cache holds mapped at open (mincore, then
+/// MADV_POPULATE_READ of the resident runs: all of a file in tmpfs or shmem except its holes,
+/// all of a warm file on disk, nothing of a cold one): the COPY then reads mapped memory instead
+/// of mapping the source's pages on the fault path, which made a COPY from a fresh mapping of a
+/// tmpfs file 1.3x the time of a COPY from memory, and 1.0-1.25x on ext4 depending on its page
+/// cache's folio sizes (BENCHMARKS.md, issue 14). Mapping costs page tables only (~0.25-0.35 µs
+/// per 4 KiB page here, once, at open; 2 MiB of page tables per GiB), never a read from disk
+/// (a page not resident stays lazy; a hole is never allocated). Pass `populate: false` for a
+/// one-shot load of a small part of a large file.
 public final class FileSource: PageSource, Sendable {
     /// How the bytes are read.
     public enum Access: Sendable, Hashable {
@@ -106,14 +116,17 @@ public final class FileSource: PageSource, Sendable {
     public let fileOffset: Int
     /// How the bytes are read.
     public let access: Access
+    /// `.mapped`: bytes of the mapping populated at open (the file's pages in the page cache).
+    public let populatedBytes: Int
     /// `.mapped`: address of image byte 0 inside the mapping (0 when not mapped).
     private let image: UInt
     private let mapBase: UInt
     private let mapLength: Int
 
-    /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image).
+    /// Opens `path` read-only; `.mapped` also maps it (falls back to `.pread` for an empty image)
+    /// and, with `populate`, maps now the pages of it the page cache holds.
     /// - Throws: ``UffdError`` `.source` with the errno of open/fstat/mmap.
-    public init(path: String, offset: Int = 0, access: Access = .pread) throws(UffdError) {
+    public init(path: String, offset: Int = 0, access: Access = .pread, populate: Bool = true) throws(UffdError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw UffdError(.source, Errno(rawValue: errno), detail: "open \(path)") }
         var st = stat()
@@ -139,7 +152,9 @@ public final class FileSource: PageSource, Sendable {
             mapLength = mlen
             image = mapBase + UInt(offset - aligned)
             self.access = .mapped
+            populatedBytes = populate ? populateResident(address: m, length: mlen) : 0
         } else {
+            populatedBytes = 0
             mapBase = 0
             mapLength = 0
             image = 0
@@ -177,6 +192,15 @@ public final class FileSource: PageSource, Sendable {
         }
         zeroTail(dst, offset: offset, count: count, filled: got)
     }
+}
+
+/// Maps now the pages of a file mapping (`length` bytes at `address`) that the page cache
+/// holds; the bytes mapped. Best effort: a failure (the file shrank meanwhile, a kernel without
+/// MADV_POPULATE_READ) leaves the rest to be faulted in by the copies, as without it.
+func populateResident(address: UnsafeMutableRawPointer, length: Int) -> Int {
+    var done: UInt64 = 0
+    _ = cuffd_populate_resident(address, UInt64(length), &done)
+    return Int(done)
 }
 
 /// A generated image: every 8-byte word is a function of its offset and a seed (tests,

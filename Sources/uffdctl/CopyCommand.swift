@@ -42,6 +42,11 @@ struct CopyCommand: ParsableCommand {
                                valueName: "auto|move|copy|off"))
     var install: InstallChoice = .auto
 
+    @Option(name: .customLong("file-read"),
+            help: ArgumentHelp("How the per-fault copy path and --prefetch read a raw file: mmap (UFFDIO_COPY straight from a read-only mapping of the file: one copy; the pages of the file in the page cache, all of a file in tmpfs, are mapped at start) or pread (a read into a buffer, then the copy: two copies). The installer always reads with pread into its donor.",
+                               valueName: "mmap|pread"))
+    var fileRead: String = "mmap"
+
     @Option(name: .customLong("install-prefetch"),
             help: ArgumentHelp("Threads installing the windows ahead of a sequential stream (0...4; they overlap reading with installing when a CPU is free).", valueName: "n"))
     // 0 by default: on a shared 2-CPU machine a prefetch thread's donor population stalled in
@@ -81,6 +86,9 @@ struct CopyCommand: ParsableCommand {
         let installMode = try install.resolve(memory: memory, rawFile: isFile, readahead: readahead != nil,
                                               inThread: inThread, workingSet: recordWorkingSet != nil || prefetch != nil,
                                               failPages: failPages != nil)
+        guard fileRead == "mmap" || fileRead == "pread" else {
+            throw CLIError.usage("--file-read '\(fileRead)': use mmap or pread")
+        }
         guard (0...4).contains(installPrefetch) else {
             throw CLIError.usage("--install-prefetch \(installPrefetch): use 0 to 4 threads")
         }
@@ -123,7 +131,10 @@ struct CopyCommand: ParsableCommand {
             expected = .pattern(seed: 0x5EED)
         case .file(let path):
             do {
-                pageSource = try FileSource(path: path)
+                // The installer reads its windows with pread: populating the mapping up front
+                // would only pay for the few faults it leaves to the copy path.
+                pageSource = try FileSource(path: path, access: fileRead == "mmap" ? .mapped : .pread,
+                                            populate: installMode == nil)
             } catch {
                 throw CLIError.usage("--source file:\(path): cannot read the file: \(error.errno)")
             }
@@ -199,6 +210,11 @@ struct CopyCommand: ParsableCommand {
             if case .file = parsed {
                 notes.details["file_bytes"] = .int(fileLength)
                 line += " (file \(fileLength) bytes, region \(size) bytes, tail \(size - fileLength) bytes zero)"
+                if let fs = pageSource as? FileSource {
+                    notes.details["file_read"] = .string(fs.access == .mapped ? "mmap" : "pread")
+                    notes.details["file_populated_bytes"] = .int(fs.populatedBytes)
+                    line += ", file read \(fs.access == .mapped ? "mmap" : "pread")"
+                }
             }
             if let chunked = pageSource as? ChunkedSource {
                 let c = chunked.counters

@@ -29,6 +29,7 @@ struct HandoffClientCommand: ParsableCommand {
     @Option(help: "Pin this process's faulting thread (and, with --in-process, the handler's reader) to this CPU.") var pin: Int32?
     @Flag(name: .customLong("in-process"), help: "Serve the faults in this process with the same policy stack (benchmark baseline).") var inProcess = false
     @Flag(help: "Time one read per page before verifying; print ns per page.") var bench = false
+    @Option(name: .customLong("linger-ms"), help: "After verifying, stay alive this long (the server's periodic lines see the memory).") var lingerMs: UInt32 = 0
     @Flag(name: .customLong("poison-feature"), help: "Also enable UFFD_FEATURE_POISON (Firecracker does not), so the server's poison fallback is possible.") var poisonFeature = false
 
     func run() throws {
@@ -139,6 +140,7 @@ struct HandoffClientCommand: ParsableCommand {
                 if memcmp(p, expected, pageSize) != 0 { mismatches += 1 }
             }
         }
+        if lingerMs > 0 { usleep(lingerMs * 1000) }
         let ok = mismatches == 0 && kernelChecked == min(kernelPages, pages) && removedZero == min(removePages, pages)
         if bench { print("{\"ns_per_page\":\(Int(nsPerPage)),\"sum\":\(sum)}") }
         print("{\"pages\":\(pages),\"mismatches\":\(mismatches),\"kernel_pages\":\(kernelChecked),\"removed_zero\":\(removedZero),\"ok\":\(ok)}")

@@ -107,6 +107,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("How pages of a raw local file are read: mmap (the file mapped read-only; UFFDIO_COPY copies straight from the page cache) or pread (a read per fault into a buffer, then the copy: two copies). Remote and packed memory is read through the chunk cache.", valueName: "mmap|pread"))
     var source: String = "mmap"
 
+    @Option(name: .customLong("stats-interval"), help: ArgumentHelp("Log each served VM's counters so far every this many seconds (`VM stats`: faults, bytes, latency, huge_page_bytes of its memory, measured then); 0: never.", valueName: "seconds"))
+    var statsInterval: Double = 10
+
     @Option(name: .customLong("pid-file"), help: ArgumentHelp("Write the supervisor's pid here (send it SIGHUP to restart).", valueName: "path"))
     var pidFile: String?
 
@@ -210,6 +213,9 @@ struct ServeCommand: ParsableCommand {
         _ = try mode()
         _ = try serveOptions()
         guard source == "mmap" || source == "pread" else { throw .usage("--source '\(source)': use mmap or pread") }
+        guard statsInterval >= 0, statsInterval.isFinite, statsInterval <= 86_400 else {
+            throw .usage("--stats-interval must be 0...86400 seconds (got \(statsInterval))")
+        }
         guard receiveTimeout > 0 else { throw .usage("--receive-timeout must be positive (got \(receiveTimeout))") }
     }
 
@@ -310,6 +316,7 @@ struct ServeCommand: ParsableCommand {
         config.receiveTimeoutMilliseconds = receiveTimeout
         config.allowedUIDs = allowUID.isEmpty ? nil : Set(allowUID)
         config.once = once
+        config.statsIntervalMilliseconds = Int((statsInterval * 1000).rounded())
         let failuresLogged = Mutex<[Int: Int]>([:])
         let server = SnapshotServer(listener: listener, configuration: config) { event in
             switch event {
@@ -335,6 +342,8 @@ struct ServeCommand: ParsableCommand {
                 } else if n == 11 {
                     log.error("more faults not served (counted in the summary)", metadata: ["vm": "\(p.id)"])
                 }
+            case .stats(let p, let s):
+                log.info("VM stats", metadata: summaryMeta(p, s))
             case .gone(let p, let s):
                 log.info("VM gone", metadata: summaryMeta(p, s).merging(imageMeta(image.source)) { $1 })
                 if let recordPath, let ws = p.workingSet() {
@@ -372,9 +381,11 @@ struct ServeCommand: ParsableCommand {
             s.resume()
             return s
         }
-        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening",
-                 metadata: ["socket": .string(socket), "memory_file": .string(memoryFile), "memory_bytes": "\(memLength)",
-                            "worker_pid": "\(getpid())"])
+        var listening: Logger.Metadata = ["socket": .string(socket), "memory_file": .string(memoryFile),
+                                          "memory_bytes": "\(memLength)", "worker_pid": "\(getpid())"]
+        // The memory file's pages in the page cache are mapped at start-up (the COPY fast path).
+        if let map = config.serve.memoryFileMapping { listening["memory_populated_bytes"] = "\(map.populatedBytes)" }
+        log.info(inherited?.vms.isEmpty == false ? "worker serving after restart" : "listening", metadata: listening)
         let outcome = server.run()
         sources.forEach { $0.cancel() }
         if inherited == nil && control < 0 { listener.close() }
@@ -469,6 +480,11 @@ func summaryMeta(_ p: ServedProcess, _ s: ServeSummary) -> Logger.Metadata {
     m["fallbacks"] = "\(s.fallbacks)"
     m["failures"] = "\(s.failures)"
     m["served_s"] = .string(String(format: "%.3f", Double(s.servedNs) / 1e9))
+    // Huge-page coverage of the guest memory (PAGEMAP_SCAN of the peer's pagemap): measured
+    // for `VM stats`; in `VM gone` the last measured while the VM ran, and how long before.
+    m["huge_page_bytes"] = .string(s.hugePageCoverage.map { "\($0.hugePageBytes)" } ?? "-")
+    m["huge_page_of_bytes"] = .string(s.hugePageCoverage.map { "\($0.bytes)" } ?? "-")
+    m["huge_page_measured_s_ago"] = .string(s.hugePageCoverageAgeNs.map { String(format: "%.3f", Double($0) / 1e9) } ?? "-")
     return m
 }
 

@@ -100,3 +100,47 @@ int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr) {
     void *p = mremap(old_addr, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr);
     return p == MAP_FAILED ? -errno : 0;
 }
+
+int cuffd_fork_memory_child(uint64_t len, int hugetlb, uint64_t touch, uint64_t *addr) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) return -errno;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = -errno;
+        close(p[0]);
+        close(p[1]);
+        return e;
+    }
+    if (pid == 0) {
+        // Async-signal-safe only: the parent is multi-threaded.
+        alarm(60);
+        int flags = MAP_PRIVATE | MAP_ANONYMOUS | (hugetlb ? MAP_HUGETLB : 0);
+        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+        uint64_t a = m == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)m;
+        if (a) {
+            volatile uint8_t *b = m;
+            for (uint64_t off = 0; off < touch && off < len; off += 4096) b[off] = 1;
+        }
+        if (write(p[1], &a, sizeof a) != (ssize_t)sizeof a || !a) _exit(101);
+        for (;;) pause();
+    }
+    close(p[1]);
+    uint64_t a = 0;
+    struct pollfd pfd = {.fd = p[0], .events = POLLIN};
+    int rc = poll(&pfd, 1, 20000) == 1 && read(p[0], &a, sizeof a) == (ssize_t)sizeof a ? 0 : -ETIMEDOUT;
+    close(p[0]);
+    if (rc || !a) {
+        kill_and_reap(pid);
+        return rc ? rc : -101;
+    }
+    *addr = a;
+    return pid;
+}
+
+int cuffd_kill_child(int pid) {
+    if (kill(pid, SIGKILL) < 0) return -errno;
+    while (waitpid(pid, NULL, 0) < 0) {
+        if (errno != EINTR) return -errno;
+    }
+    return 0;
+}

@@ -448,7 +448,8 @@ def served_cleanly(srv, vms, min_faults, timeout=10):
     for g in gone:
         if g.get("fallbacks") != 0 or g.get("failures") != 0 or int(g.get("faults", 0)) < min_faults:
             raise Failure(f"serve's summary shows a problem (want >= {min_faults} faults, no fallback/failure): {g}")
-    return [{k: g.get(k) for k in ("faults", "bytes", "fallbacks", "failures", "first_fault_us", "p50_us", "p99_us")}
+    return [{k: g.get(k) for k in ("faults", "bytes", "fallbacks", "failures", "first_fault_us", "p50_us", "p99_us",
+                                   "huge_page_bytes", "huge_page_of_bytes", "huge_page_measured_s_ago")}
             for g in gone]
 
 
@@ -488,7 +489,7 @@ def case_basic(ctx, huge):
     with (HugePages(2 * MEM_MIB // 2) if huge else NullCtx()):
         state, mem = make_snapshot(ctx.fc, ctx.guest, ctx.work, huge)
         write_mailbox(mem, 0, npages)
-        srv = Serve(ctx.uffdctl, ctx.work, mem)
+        srv = Serve(ctx.uffdctl, ctx.work, mem, extra=["--stats-interval", "0.2"])
         fc, t0, t1 = restore(ctx.fc, ctx.work, "vm0", state, {"backend_type": "Uffd", "backend_path": srv.sock})
         res = verdict(fc, t0, 120, npages, 0)
         res["load_ms"] = round((t1 - t0) * 1000, 2)
@@ -498,6 +499,10 @@ def case_basic(ctx, huge):
         if huge and in_use < npages * 4096 // (2 << 20):
             raise Failure(f"only {in_use} huge pages in use after the 2M guest read 32 MiB")
         res["huge_pages_in_use"] = in_use
+        # One `VM stats` line after the guest verified its pages: serve measured the huge-page
+        # coverage of the running VM, and `VM gone` reports that last value (issue 14).
+        if srv.wait_event("VM stats", 10, len(srv.events("VM stats")) + 1) is None:
+            raise Failure(f"serve logged no 'VM stats' line within 10 s (--stats-interval 0.2): {srv.out.text()[-2000:]}")
         fc.kill()
         served = served_cleanly(srv, 1, 16 if huge else npages)
         code = srv.stop()

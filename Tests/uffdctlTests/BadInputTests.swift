@@ -76,6 +76,7 @@ final class BadInputTests: XCTestCase {
     func testBadSourceAndReadahead() throws {
         try expect(["copy", "--source", "nonsense"], code: 2, message: "use zero, pattern or file:PATH")
         try expect(["copy", "--readahead", "5K"], code: 2, message: "--readahead 5K is not a multiple of the page size")
+        try expect(["copy", "--file-read", "direct"], code: 2, message: "--file-read 'direct': use mmap or pread")
     }
 
     func testTooManyThreads() throws {

@@ -28,6 +28,26 @@ final class CopyInstallTests: XCTestCase {
     private let length = 5 * (1 << 20) + 3067 // 2 whole windows and a partial one
     private var region: Int { (length + 4095) / 4096 * 4096 }
 
+    /// A file in tmpfs: the per-fault copy path copies from a mapping populated at start (one
+    /// copy, no source faults); the installer (which reads with pread) leaves it lazy.
+    func testTmpfsFileIsPopulatedForTheCopyPathOnly() throws {
+        guard FileManager.default.fileExists(atPath: "/dev/shm") else { throw XCTSkip("no /dev/shm here") }
+        let made = try makeFile(length)
+        let url = URL(fileURLWithPath: "/dev/shm/uffdctl-populate-\(UUID().uuidString)")
+        try FileManager.default.moveItem(at: made, to: url)
+        defer { try? FileManager.default.removeItem(at: url) }
+        let off = try runUffdctl(["copy", "--source", "file:\(url.path)", "--install", "off", "--readahead", "64K", "--json"])
+        XCTAssertEqual(off.code, 0, off.stderr + off.stdout)
+        XCTAssertEqual(flag(off.json, "verified"), true, off.stdout)
+        XCTAssertEqual(off.json?["file_read"] as? String, "mmap", off.stdout)
+        XCTAssertEqual(number(off.json, "file_populated_bytes"), Double(region), off.stdout)
+        XCTAssertEqual(number(off.json, "fallbacks"), 0, off.stdout)
+        let auto = try runUffdctl(["copy", "--source", "file:\(url.path)", "--json"])
+        XCTAssertEqual(auto.code, 0, auto.stderr + auto.stdout)
+        XCTAssertEqual(flag(auto.json, "verified"), true, auto.stdout)
+        XCTAssertEqual(number(auto.json, "file_populated_bytes"), 0, auto.stdout)
+    }
+
     func testFileSourceInstallsWindowsByDefault() throws {
         let url = try makeFile(length)
         defer { try? FileManager.default.removeItem(at: url) }

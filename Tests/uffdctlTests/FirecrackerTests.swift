@@ -150,6 +150,10 @@ final class FirecrackerTests: XCTestCase {
         assertVerified(o, vms: 1, pages: 8192)
         assertServed(o, vms: 1, faults: 8192)
         XCTAssertEqual(o.json["page_size"] as? String, "4K")
+        // COPY installs 4 KiB pages: none of the guest memory is in huge pages (serve's last
+        // measurement while the VM ran, reported in its `VM gone` summary).
+        XCTAssertEqual(number(o.served.first, "huge_page_bytes"), 0, "\(o.served)")
+        XCTAssertGreaterThan(number(o.served.first, "huge_page_of_bytes") ?? 0, 0, "\(o.served)")
     }
 
     /// The memory file behind an http:// URL (nginx started by the rig): `serve --memory-file
@@ -175,6 +179,10 @@ final class FirecrackerTests: XCTestCase {
         assertServed(o, vms: 1, faults: 16)
         XCTAssertEqual(o.json["page_size"] as? String, "2M")
         XCTAssertGreaterThanOrEqual(number(o.vms.first, "huge_pages_in_use") ?? 0, 16, "the 32 MiB read are in 2 MiB pages")
+        // serve measured it too: at least the 32 MiB the guest read are in huge pages.
+        let huge = number(o.served.first, "huge_page_bytes") ?? 0, of = number(o.served.first, "huge_page_of_bytes") ?? 0
+        XCTAssertGreaterThanOrEqual(huge, Double(32 << 20), "\(o.served)")
+        XCTAssertLessThanOrEqual(huge, of, "\(o.served)")
     }
 
     /// Three VMs restored at the same time from one server, each reading a scattered 16 MiB.

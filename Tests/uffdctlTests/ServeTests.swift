@@ -67,7 +67,11 @@ final class ServeTests: XCTestCase {
     var servers: [BackgroundUffdctl] = []
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("serve-\(UUID().uuidString.prefix(8))")
+        // Tests named *_tmpfs keep the memory file in /dev/shm (the populated-mapping path).
+        let tmpfs = name.contains("_tmpfs")
+        if tmpfs && !FileManager.default.fileExists(atPath: "/dev/shm") { throw XCTSkip("no /dev/shm here") }
+        let parent = tmpfs ? URL(fileURLWithPath: "/dev/shm") : FileManager.default.temporaryDirectory
+        dir = parent.appendingPathComponent("serve-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         // 16 MiB of bytes that differ per page (a wrong offset cannot pass).
         var bytes = [UInt8](repeating: 0, count: 16 << 20)
@@ -127,6 +131,65 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(server.waitFor("VM gone"), server.log)
         XCTAssertTrue(server.log.contains("page 2097152"), server.log)
         XCTAssertTrue(server.log.contains("removed_bytes=2097152"), server.log)
+    }
+
+    // MARK: Huge-page coverage (issue 14)
+
+    /// The JSON log lines of `server` whose msg is `msg`.
+    func events(_ server: BackgroundUffdctl, _ msg: String) -> [[String: Any]] {
+        server.log.split(separator: "\n").compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+        }.filter { $0["msg"] as? String == msg }
+    }
+
+    /// A client that lingers after touching its memory: serve's `VM stats` lines measure it
+    /// fully served (`want` huge bytes of `size`), and `VM gone` reports the last measurement.
+    func assertCoverage(client extra: [String], size: Int, pages: Int, want: Int, name: String,
+                        file: StaticString = #filePath, line: UInt = #line) throws {
+        let server = try startServer(["--json", "--stats-interval", "0.05"])
+        let c = try client(extra + ["--linger-ms", "1500"], name: name)
+        XCTAssertEqual(c.wait(), 0, "client failed: \(c.output) \(c.log) server: \(server.log)", file: file, line: line)
+        XCTAssertTrue(server.waitFor("\"VM gone\""), server.log, file: file, line: line)
+        let pid = Double(c.process.processIdentifier)
+        let served = events(server, "VM stats").filter { number($0, "peer_pid") == pid && number($0, "faults") == Double(pages) }
+        XCTAssertFalse(served.isEmpty, "no VM stats line once every page was served: \(server.log)", file: file, line: line)
+        for s in served {
+            XCTAssertEqual(number(s, "huge_page_bytes"), Double(want), "\(s)", file: file, line: line)
+            XCTAssertEqual(number(s, "huge_page_of_bytes"), Double(size), "\(s)", file: file, line: line)
+            XCTAssertLessThan(number(s, "huge_page_measured_s_ago") ?? 99, 1, "measured for this line: \(s)", file: file, line: line)
+        }
+        let gone = try XCTUnwrap(events(server, "VM gone").first { number($0, "peer_pid") == pid }, server.log, file: file, line: line)
+        XCTAssertEqual(number(gone, "huge_page_bytes"), Double(want), "the last value measured: \(gone)", file: file, line: line)
+        XCTAssertEqual(number(gone, "huge_page_of_bytes"), Double(size), "\(gone)", file: file, line: line)
+        let ago = try XCTUnwrap(number(gone, "huge_page_measured_s_ago"), "gone cannot measure: it says how old the value is: \(gone)",
+                                file: file, line: line)
+        XCTAssertGreaterThan(ago, 0, "\(gone)", file: file, line: line)
+        XCTAssertLessThan(ago, 30, "\(gone)", file: file, line: line)
+    }
+
+    /// A 4 KiB anonymous guest served by COPY: COPY installs 4 KiB pages, so 0 bytes are huge.
+    func testServeReportsZeroHugePageCoverageForA4KiBGuest() throws {
+        try assertCoverage(client: ["--size", "4M"], size: 4 << 20, pages: 1024, want: 0, name: "cov4k")
+    }
+
+    /// A 2 MiB hugetlb guest: every byte of it is in huge pages once served.
+    func testServeReportsFullHugePageCoverageForAHugetlbGuest() throws {
+        let need = 4
+        guard let free = hugeFree(), free >= need || setHugePages(extra: need) else {
+            throw XCTSkip("cannot reserve \(need) huge pages (not root or no hugetlb)")
+        }
+        defer { restoreHugePages() }
+        try assertCoverage(client: ["--size", "8M", "--hugetlb"], size: 8 << 20, pages: 4, want: 8 << 20, name: "cov2m")
+    }
+
+    /// Without a stats line before the VM went away, there is nothing to report: "-", not 0.
+    func testServeGoneBeforeAnyMeasurementSaysUnknown() throws {
+        let server = try startServer(["--stats-interval", "0"])
+        let c = try client(["--size", "2M"], name: "nocov")
+        XCTAssertEqual(c.wait(), 0, c.output)
+        XCTAssertTrue(server.waitFor("VM gone"), server.log)
+        XCTAssertTrue(server.log.contains("huge_page_bytes=- huge_page_measured_s_ago=- huge_page_of_bytes=-"), server.log)
+        XCTAssertFalse(server.log.contains("VM stats"), server.log)
     }
 
     func testServeOnceExitsWithTheOutcome() throws {
@@ -350,7 +413,8 @@ final class ServeTests: XCTestCase {
         for text in ["snapshot/create", "snapshot/load", "\"backend_type\":\"Uffd\"", "worker_pid", "SIGHUP"] {
             XCTAssertTrue(help.stdout.contains(text), "--help lacks \(text)")
         }
-        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"]] {
+        for bad in [["--socket-mode", "999"], ["--pin", "99"], ["--readahead", "3000"], ["--fallback", "maybe"], ["--readers", "0"],
+                    ["--stats-interval", "100000"], ["--stats-interval", "nan"]] {
             let r = try runUffdctl(["serve", "--socket", sock, "--memory-file", memFile] + bad, timeout: 20)
             XCTAssertEqual(r.code, 2, "\(bad): \(r.stderr)")
             XCTAssertTrue(r.stderr.contains(bad[0]), "\(bad): \(r.stderr)")
@@ -390,8 +454,32 @@ final class ServeTests: XCTestCase {
         try readErrorGivesFallback(source: "pread")
     }
 
-    func readErrorGivesFallback(source: String) throws {
+    /// A memory file in tmpfs is mapped and populated at start-up (the COPY fast path); the
+    /// shrinking file still gives the fallback for the pages past its new end.
+    func testServeMemoryFileReadErrorGivesFallbackAndOthersGoOn_tmpfs() throws {
+        try readErrorGivesFallback(source: "mmap", populated: 16 << 20)
+    }
+
+    /// Several VMs served at once from a populated tmpfs mapping, every page verified by the
+    /// clients; `--source pread` populates nothing.
+    func testServeFromPopulatedTmpfsMapping_tmpfs() throws {
+        let server = try startServer()
+        XCTAssertTrue(server.log.contains("memory_populated_bytes=\(16 << 20)"), server.log)
+        let clients = try [
+            client(["--size", "8M", "--kernel-pages", "16"], name: "a"),
+            client(["--size", "4M", "--offset", "8M", "--regions", "2"], name: "b"),
+        ]
+        for c in clients { XCTAssertEqual(c.wait(), 0, c.output) }
+        XCTAssertTrue(server.waitFor("VM gone", count: 2), server.log)
+        XCTAssertNil(server.log.range(of: "fallbacks=[1-9]", options: .regularExpression), server.log)
+        server.stop()
+        let pread = try startServer(["--source", "pread"])
+        XCTAssertFalse(pread.log.contains("memory_populated_bytes"), pread.log)
+    }
+
+    func readErrorGivesFallback(source: String, populated: Int? = nil) throws {
         let server = try startServer(["--source", source])
+        if let populated { XCTAssertTrue(server.log.contains("memory_populated_bytes=\(populated)"), server.log) }
         // A hand-off past the file as it is now is refused (the file shrank since start-up).
         XCTAssertEqual(truncate(memFile, 4 << 20), 0)
         let refused = try client(["--size", "2M", "--offset", "6M", "--timeout", "5"], name: "refused")

@@ -67,6 +67,38 @@ final class WorkingSetCommandTests: XCTestCase {
         XCTAssertTrue(text.stdout.contains("prefetch ") && text.stdout.contains(" used "), text.stdout)
     }
 
+    /// The filler of `copy --prefetch` reads a raw file through its mapping by default (one
+    /// copy: UFFDIO_COPY from the page cache) or with pread into scratch (--file-read pread);
+    /// both install every page once, every byte verified, the page-cache pages mapped at start.
+    func testPrefetchReadsTheFileThroughTheMappingOrPread() throws {
+        for (where_, root) in [("disk", dir), ("tmpfs", "/dev/shm")] {
+            guard FileManager.default.fileExists(atPath: root) else { continue }
+            let image = root + "/servepath-ws-\(getpid()).img"
+            defer { unlink(image) }
+            var bytes = [UInt8](repeating: 0, count: 4 << 20)
+            for i in stride(from: 0, to: bytes.count, by: 1) { bytes[i] = UInt8(truncatingIfNeeded: (i &* 40_503) >> 9) }
+            FileManager.default.createFile(atPath: image, contents: Data(bytes.dropLast(1000)))
+            let ws = "\(dir)/\(where_).ws"
+            let r = try runUffdctl(["copy", "--source", "file:" + image, "--access", "random", "--install", "off",
+                                    "--record-working-set", ws, "--json", "--quiet"])
+            XCTAssertEqual(r.code, 0, r.stderr)
+            for read in ["mmap", "pread"] {
+                let p = try runUffdctl(["copy", "--source", "file:" + image, "--access", "random", "--prefetch", ws,
+                                        "--file-read", read, "--json", "--quiet"])
+                XCTAssertEqual(p.code, 0, p.stderr + p.stdout)
+                XCTAssertEqual(p.json?["file_read"] as? String, read, p.stdout)
+                let populated = number(p.json, "file_populated_bytes")
+                // The image was just written: all of it is in the page cache, on disk too.
+                XCTAssertEqual(populated, read == "mmap" ? Double(4 << 20) : 0, "\(where_) \(read): \(p.stdout)")
+                let pf = p.json?["prefetch"] as? [String: Any]
+                let installed = (number(pf, "prefetched_pages") ?? -1) + (number(pf, "already_present_pages") ?? -1)
+                XCTAssertEqual(installed, 1024, "\(where_) \(read): each page once: \(p.stdout)")
+                XCTAssertEqual(number(pf, "skipped_pages"), 0, p.stdout)
+                XCTAssertEqual(flag(p.json, "verified"), true, p.stdout)
+            }
+        }
+    }
+
     /// A recording from another image, or one whose pages lie past the region, is exit 2 at
     /// start with one line; so are unreadable and non-working-set files and bad merges.
     func testStaleMismatchedAndBadFilesAreErrorsAtStart() throws {

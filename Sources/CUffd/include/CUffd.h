@@ -419,6 +419,19 @@ int cuffd_pagemap_open(void);
 int cuffd_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, bool reprotect,
                                struct page_region *vec, size_t vec_len, uint64_t *walk_end);
 
+// MARK: - Huge-page coverage (PAGEMAP_SCAN PAGE_IS_HUGE) -------------------------------------
+
+/// Opens /proc/PID/pagemap read-only (pid 0: this process), pinning that process's address
+/// space for later scans; the fd or -errno (-ESRCH when there is no such process, -EACCES/-EPERM
+/// without ptrace access to it).
+int cuffd_pagemap_open_pid(int pid);
+
+/// Bytes of `[start, start+len)` mapped by present huge pages in the address space of
+/// `pagemap_fd` (from cuffd_pagemap_open_pid: THP PMDs and hugetlb pages, not the huge zero
+/// page, not hugetlb entries without a page), or -errno (-ESRCH: that process is gone;
+/// -EINVAL/-ENOTTY: no PAGEMAP_SCAN, kernels < 6.7).
+int64_t cuffd_huge_bytes_fd(int pagemap_fd, uint64_t start, uint64_t len);
+
 // MARK: - Memory helpers --------------------------------------------------------------------
 
 /// Kinds of memory the tests and tools register.
@@ -457,6 +470,19 @@ void *cuffd_map_anon_aligned(uint64_t len, uint64_t align);
 
 /// memfd_create(name, flags) as -errno / fd.
 int cuffd_memfd_create(const char *name, unsigned flags);
+
+/// Whether the file behind `fd` keeps every page in memory (tmpfs or shmem: /dev/shm, a memfd),
+/// so that mapping all its pages costs page tables only, never a read from disk: 1 yes, 0 no,
+/// or -errno of fstatfs.
+int cuffd_fd_in_memory(int fd);
+
+/// Maps now, for reading (MADV_POPULATE_READ), the pages of the file mapping of `len` bytes at
+/// `addr` that are in the page cache (mincore), in runs: pages not resident (a cold file on
+/// disk, the holes of a tmpfs file) stay unmapped, so this never reads from disk (except a page
+/// evicted between the two calls) and never allocates a tmpfs hole. `*populated` gets the bytes
+/// mapped. 0 or -errno (-EINVAL: the kernel lacks MADV_POPULATE_READ; -EFAULT: the file shrank
+/// under the mapping).
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated);
 
 /// The calling thread's id.
 pid_t cuffd_gettid(void);

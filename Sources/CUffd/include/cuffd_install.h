@@ -92,9 +92,9 @@ void cuffd_installer_stats(const struct cuffd_installer *in, struct cuffd_instal
 /// Stops the fillers, unmaps the donors, frees. NULL is ignored.
 void cuffd_installer_destroy(struct cuffd_installer *in);
 
-/// Bytes of `[start, start+len)` of this process mapped by huge pages (PAGEMAP_SCAN,
-/// PAGE_IS_HUGE: THP PMDs and hugetlb), the "AnonHugePages" of a range. -errno on failure
-/// (EINVAL/ENOTTY: no PAGEMAP_SCAN, kernels < 6.7).
+/// Bytes of `[start, start+len)` of this process mapped by present huge pages (cuffd_huge_bytes_fd
+/// on /proc/self/pagemap: THP PMDs and hugetlb), the "AnonHugePages" of a range. -errno on
+/// failure (EINVAL/ENOTTY: no PAGEMAP_SCAN, kernels < 6.7).
 int64_t cuffd_huge_bytes(uint64_t start, uint64_t len);
 
 /// Whether THP can back anonymous memory of this process: 1 when

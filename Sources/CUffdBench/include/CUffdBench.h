@@ -168,7 +168,10 @@ enum cubench_load_mode {
                               ///< straight from a mmap of the file: one copy (the `serve` path)
     CUBENCH_LOAD_INSTALL = 4, ///< anon region (THP-eligible), MISSING; cuffd_installer: pread into a
                               ///< huge-page donor + UFFDIO_MOVE, `fillers` prefetch threads
-    CUBENCH_LOAD_PREAD_FRESH = 5, ///< no uffd: per window MADV_POPULATE_WRITE of a fresh window of a
+    CUBENCH_LOAD_MAPCOPY_POPULATED = 5, ///< MAPCOPY with the file's pages in the page cache mapped
+                              ///< before the timing, as FileSource .mapped and `serve` do
+                              ///< (cuffd_populate_resident); populate_ns, populated
+    CUBENCH_LOAD_PREAD_FRESH = 6, ///< no uffd: per window MADV_POPULATE_WRITE of a fresh window of a
                                   ///< 2 MiB-aligned MADV_HUGEPAGE region, pread into it; `threads`
                                   ///< threads take windows from a shared counter (the physical
                                   ///< limit of a load into fresh memory)
@@ -190,6 +193,8 @@ struct cubench_load_params {
     uint32_t install_flags;  ///< INSTALL: enum cuffd_install_flags (CUFFD_INSTALL_COPY: no MOVE)
     uint64_t huge_bytes;     ///< out (INSTALL): bytes of the region mapped by huge pages afterwards
     uint64_t alloc_ns, fill_ns, place_ns; ///< out (INSTALL): the installer's time split (all threads)
+    uint64_t populate_ns;    ///< out (MAPCOPY_POPULATED): populating the mapping (outside the timing)
+    uint64_t populated;      ///< out (MAPCOPY_POPULATED): bytes populated (0 for a cold file)
     uint32_t fill_mapped;    ///< INSTALL: 1: the fill memcpys from a read-only mapping of the file
                              ///< instead of pread (measured slower: scripts/file-load-profile only)
     uint32_t no_prime;       ///< 1: skip cubench_prime_memory before the timed section

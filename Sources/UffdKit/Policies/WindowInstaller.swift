@@ -221,12 +221,10 @@ public final class WindowInstaller: @unchecked Sendable {
         try WindowInstaller.hugePageBytes(start: start, length: length)
     }
 
-    /// Bytes of `[start, start+length)` of this process mapped by huge pages (PAGEMAP_SCAN
-    /// with PAGE_IS_HUGE: transparent huge pages and hugetlb): the huge-page coverage of a range.
+    /// Bytes of `[start, start+length)` of this process mapped by huge pages (transparent huge
+    /// pages and hugetlb): ``HugePageCoverage/measure(start:length:)``'s `hugePageBytes`.
     public static func hugePageBytes(start: UInt, length: Int) throws(UffdError) -> Int {
-        let n = cuffd_huge_bytes(UInt64(start), UInt64(length))
-        if n < 0 { throw UffdError(.pagemapScan, rc: Int32(n), detail: "huge pages of \(hex(start)) +\(length)") }
-        return Int(n)
+        try HugePageCoverage.measure(start: start, length: length).hugePageBytes
     }
 
     /// Whether THP can back the anonymous memory at `address` now: THP enabled for this process

@@ -44,21 +44,29 @@ public final class MemoryFileSource: PageSource, Sendable {
     }
 }
 
-/// A read-only `MAP_SHARED` mapping of a memory file: its page-cache pages, mapped lazily (the
-/// kernel faults them in during UFFDIO_COPY; measured: no slower than populated at start-up,
-/// which would read the whole file first).
+/// A read-only `MAP_SHARED` mapping of a memory file: its page-cache pages. The pages the page
+/// cache holds at start-up (all of a file in tmpfs except its holes, a warm file on disk) are
+/// mapped then, once per server, shared by every VM served from the file: mapping them on the
+/// fault path made a COPY from a tmpfs file 1.3x the time of a COPY from mapped memory
+/// (BENCHMARKS.md, issue 14); at start-up it costs ~0.25-0.35 µs per 4 KiB page. Pages not
+/// resident stay lazy (the kernel faults them in during UFFDIO_COPY): nothing is read from disk
+/// up front.
 public final class MemoryFileMapping: Sendable {
     /// Where the file starts in this process.
     public let address: UInt
     /// The bytes mapped (the file's length when mapped).
     public let length: Int
+    /// Bytes populated at start-up (the file's pages in the page cache then, with `populate`).
+    public let populatedBytes: Int
 
-    /// Maps `length` bytes of `fd` read-only; `populate` maps every page now (MAP_POPULATE).
-    public init(fd: Int32, length: Int, populate: Bool = false) throws(UffdError) {
-        let p = mmap(nil, length, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0)
+    /// Maps `length` bytes of `fd` read-only; with `populate`, the pages of it the page cache
+    /// holds are mapped now.
+    public init(fd: Int32, length: Int, populate: Bool = true) throws(UffdError) {
+        let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else { throw UffdError(.map, Errno(rawValue: errno), detail: "memory file, \(length) bytes") }
         address = UInt(bitPattern: p)
         self.length = length
+        populatedBytes = populate ? populateResident(address: p, length: length) : 0
     }
 
     deinit { munmap(UnsafeMutableRawPointer(bitPattern: address), length) }

@@ -150,6 +150,14 @@ public final class ServedProcess: Sendable {
         ho.onFailure = options.onFailure
         ho.forkHandling = .release
         ho.threadName = "serve-\(id)"
+        // Huge-page coverage of the guest memory at each stats(): its pagemap is opened now, while
+        // the peer is known alive, so a later process reusing the pid is never measured. A peer
+        // in another pid namespace (pid 0) or one we may not ptrace is served unmeasured.
+        if handoff.peer.pid > 0, let pm = try? ProcessPagemap(pid: handoff.peer.pid) {
+            ho.hugePageCoverage = .init(pagemap: pm, ranges: handoff.regions.map {
+                ServedRange(start: $0.baseHostVirtAddr, length: $0.size, pageSize: $0.pageSize)
+            })
+        }
         handler = FaultHandler(uffd: handoff.uffd, policy: policy, options: ho)
         startedNs = cuffd_now_ns()
     }
@@ -280,7 +288,8 @@ public final class ServedProcess: Sendable {
         return UInt64(fields[19])
     }
 
-    /// The summary when the process went away.
+    /// The counters so far (the summary when the process went away): taken while it runs, the
+    /// huge-page coverage is measured now; once it is gone, it is the last measured.
     public func summary() -> ServeSummary {
         let s = handler.stats()
         return ServeSummary(id: id, peer: peer, faults: s.faults, bytes: s.bytes,
@@ -289,7 +298,8 @@ public final class ServedProcess: Sendable {
                             p99Ns: s.latency.totalCount > 0 ? s.latency.valueAtPercentile(99) : nil,
                             removeEvents: s.removeEvents, removedBytes: removedBytes, retries: s.retries,
                             fallbacks: s.fallbacks, failures: s.failures + UInt64(handler.loopErrors().count),
-                            servedNs: cuffd_now_ns() &- startedNs)
+                            servedNs: cuffd_now_ns() &- startedNs, hugePageCoverage: s.hugePageCoverage,
+                            hugePageCoverageAgeNs: s.hugePageCoverageMeasuredNs.map { cuffd_now_ns() &- $0 })
     }
 }
 
@@ -321,6 +331,12 @@ public struct ServeSummary: Sendable, CustomStringConvertible {
     public var failures: UInt64
     /// How long it was served.
     public var servedNs: UInt64
+    /// Bytes of the guest memory mapped by huge pages, out of the regions' bytes (nil: not
+    /// measured: no pid to measure, or gone before the first measurement). For a process that
+    /// is gone it is the last value measured while it ran: see ``hugePageCoverageAgeNs``.
+    public var hugePageCoverage: HugePageCoverage? = nil
+    /// How long before this summary ``hugePageCoverage`` was measured (≈0 while the process runs).
+    public var hugePageCoverageAgeNs: UInt64? = nil
 
     /// Whether every fault was served from the file.
     public var clean: Bool { fallbacks == 0 && failures == 0 }
@@ -331,6 +347,7 @@ public struct ServeSummary: Sendable, CustomStringConvertible {
         return "faults=\(faults) bytes=\(bytes) first_fault=\(us(timeToFirstFaultNs)) p50=\(us(p50Ns)) p99=\(us(p99Ns)) "
             + "removes=\(removeEvents) removed_bytes=\(removedBytes) retries=\(retries) fallbacks=\(fallbacks) failures=\(failures) "
             + String(format: "served=%.3fs", Double(servedNs) / 1e9)
+            + (hugePageCoverage.map { " huge_page_bytes=\($0.hugePageBytes)/\($0.bytes)" } ?? "")
     }
 }
 

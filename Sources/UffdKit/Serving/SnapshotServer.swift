@@ -37,6 +37,9 @@ public final class SnapshotServer: Sendable {
         public var maxPendingConnections = 64
         /// How often liveness of the served processes is checked.
         public var pollMilliseconds: Int32 = 50
+        /// How often each served process's counters are reported (``Event/stats(_:_:)``, with
+        /// its huge-page coverage measured then); 0: never.
+        public var statsIntervalMilliseconds: Int = 0
 
         /// Serving from `memoryFile` of `memoryFileLength` bytes.
         public init(memoryFile: Int32, memoryFileLength: Int) {
@@ -66,7 +69,10 @@ public final class SnapshotServer: Sendable {
         case resumed(ServedProcess)
         /// A fault of a process could not be served; it got the fallback.
         case failure(ServedProcess, HandlerFailure)
-        /// A process went away; its summary.
+        /// A process is still served: its counters so far, every
+        /// ``Configuration/statsIntervalMilliseconds`` (the coverage measured just now).
+        case stats(ServedProcess, ServeSummary)
+        /// A process went away; its summary (its huge-page coverage: the last measured).
         case gone(ServedProcess, ServeSummary)
         /// The server stopped while the process still ran: it is no longer served here (its
         /// uffd may be served again by another server that holds a duplicate).
@@ -132,11 +138,18 @@ public final class SnapshotServer: Sendable {
     /// served process (a process still running is no longer served: its faults wait until a
     /// server adopts its uffd again or it exits).
     public func run() -> Outcome {
+        let interval = UInt64(Swift.max(0, configuration.statsIntervalMilliseconds)) * 1_000_000
+        var nextStats = cuffd_now_ns() &+ interval
         while !stopping.load(ordering: .acquiring) {
             if let c = try? listener.accept(timeoutMilliseconds: configuration.pollMilliseconds) {
                 accepted(c)
             }
             reap()
+            if interval > 0, cuffd_now_ns() >= nextStats {
+                nextStats = cuffd_now_ns() &+ interval
+                // Gone processes were reaped just before: these are measured while they run.
+                for p in live.withLock({ $0 }) { onEvent(.stats(p, p.summary())) }
+            }
             if configuration.once, let r = onceResult.withLock({ $0 }) {
                 finish()
                 return r

@@ -26,6 +26,15 @@ int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms);
 /// variadic and does not reach Swift. Returns 0 or -errno.
 int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr);
 
+/// Forks a child that maps `len` bytes of private anonymous memory (hugetlb when `hugetlb`),
+/// writes the first `touch` bytes, reports the mapping's address in `*addr` and sleeps until
+/// killed (at most 60 s: alarm). Returns the child's pid (end it with cuffd_kill_child), or
+/// -errno, or -(100 + step) when the child's set-up failed (101: mmap, e.g. no huge pages).
+int cuffd_fork_memory_child(uint64_t len, int hugetlb, uint64_t touch, uint64_t *addr);
+
+/// SIGKILLs and reaps `pid`; 0 or -errno.
+int cuffd_kill_child(int pid);
+
 #ifdef __cplusplus
 }
 #endif
