@@ -72,11 +72,15 @@ public struct BenchCase: Sendable {
     /// Measured runs of this case (and, when paired, of its interleaved baseline); nil: the
     /// suite's ``BenchmarkOptions/effectiveRepeats``. Never fewer than the suite's.
     public var repeats: Int? = nil
+    /// A second row to compare with: the physical limit of what this row does (e.g. the bytes
+    /// read into fresh memory for a lazy load). The report adds this row's min and median
+    /// divided by the limit row's own (not interleaved: it costs no extra runs).
+    public var limit: String? = nil
 
     /// A case. `run` must be bounded and clean up after itself.
     public init(name: String, group: String, baseline: String? = nil, placement: String, note: String,
                 prepare: (@Sendable () -> BenchFailure?)? = nil,
-                paired: Bool = false, repeats: Int? = nil,
+                paired: Bool = false, repeats: Int? = nil, limit: String? = nil,
                 run: @escaping @Sendable () -> Result<BenchSample, BenchFailure>) {
         self.name = name
         self.group = group
@@ -86,6 +90,7 @@ public struct BenchCase: Sendable {
         self.prepare = prepare
         self.paired = paired
         self.repeats = repeats
+        self.limit = limit
         self.run = run
     }
 }

@@ -44,6 +44,12 @@ public struct BenchmarkResult: Sendable, Codable {
     public var pairedBaselineMedianNsPerPage: Double? = nil
     /// Paired cases: the median over run pairs of (this run / the baseline run next to it).
     public var pairedRatioMedian: Double? = nil
+    /// The case's limit row (``BenchCase/limit``), nil when it has none.
+    public var limit: String? = nil
+    /// median / the limit row's median.
+    public var limitRatioMedian: Double? = nil
+    /// min / the limit row's min.
+    public var limitRatioMin: Double? = nil
 }
 
 /// The machine a report was measured on.
@@ -89,6 +95,7 @@ public struct BenchmarkReport: Sendable, Codable {
     public var table: String {
         var out = "UffdKit benchmarks (\(mode), \(repeats) runs each; ns per 4 KiB page; x base = median / baseline's median, x min = min / baseline's min)\n"
         out += "(interleaved) rows: the baseline ran before each run of the row (B A B A ...) and the ratios use those baseline runs\n"
+        out += "limit m / n x row: median / that row's median, min / its min (the physical limit of what the row does; not interleaved)\n"
         out += "machine: \(machine.cpus) CPUs, \(machine.cpuModel), kernel \(machine.kernel), THP \(machine.thp)"
         out += machine.pageReporting.map { ", page reporting \($0)" } ?? ""
         out += "\n"
@@ -108,6 +115,9 @@ public struct BenchmarkReport: Sendable, Codable {
                 line += lpad(r.ratioMin.map { fmt($0, 2) } ?? "-", 7)
                 line += "  " + (r.baseline ?? "(baseline)")
                 if r.pairedBaselineMedianNsPerPage != nil { line += " (interleaved)" }
+                if let l = r.limit, let lm = r.limitRatioMedian, let ln = r.limitRatioMin {
+                    line += "; limit " + fmt(lm, 2) + " / " + fmt(ln, 2) + " x " + l
+                }
                 if r.failures > 0 { line += "  [\(r.failures) failed: \(r.error ?? "")]" }
             } else {
                 line += "  " + (r.unsupported ? "skipped: " : "FAILED: ") + (r.error ?? "no sample")

@@ -31,7 +31,7 @@ public struct BenchmarkSuite: Sendable {
     /// Adds a case (e.g. a UffdKit-based variant whose baseline is "minimal.copy").
     public mutating func add(_ c: BenchCase) { cases.append(c) }
 
-    /// The cases `options.filter` keeps, plus the baselines they need.
+    /// The cases `options.filter` keeps, plus the baselines and limit rows they need.
     public var selectedCases: [BenchCase] {
         guard !options.filter.isEmpty else { return cases }
         var keep = Set(cases.filter { c in options.filter.contains { c.name.contains($0) } }.map(\.name))
@@ -40,6 +40,7 @@ public struct BenchmarkSuite: Sendable {
             grew = false
             for c in cases where keep.contains(c.name) {
                 if let b = c.baseline, !keep.contains(b) { keep.insert(b); grew = true }
+                if let l = c.limit, !keep.contains(l) { keep.insert(l); grew = true }
             }
         }
         return cases.filter { keep.contains($0.name) }
@@ -55,6 +56,7 @@ public struct BenchmarkSuite: Sendable {
             var r = BenchmarkResult(name: c.name, group: c.group, baseline: c.baseline, placement: c.placement,
                                     note: c.note, runs: 0, failures: 0, error: nil, unsupported: false,
                                     counters: [:])
+            r.limit = c.limit
             if let failure = c.prepare?() {
                 r.error = failure.description
                 r.unsupported = failure.unsupported
@@ -119,6 +121,11 @@ public struct BenchmarkSuite: Sendable {
             let baseMin = results[i].pairedBaselineMinNsPerPage ?? base.minNsPerPage
             if let m = results[i].medianNsPerPage, let bm = baseMedian, bm > 0 { results[i].ratioMedian = m / bm }
             if let m = results[i].minNsPerPage, let bm = baseMin, bm > 0 { results[i].ratioMin = m / bm }
+        }
+        for i in results.indices {
+            guard let l = results[i].limit, let lim = results.first(where: { $0.name == l }) else { continue }
+            if let m = results[i].medianNsPerPage, let lm = lim.medianNsPerPage, lm > 0 { results[i].limitRatioMedian = m / lm }
+            if let m = results[i].minNsPerPage, let lm = lim.minNsPerPage, lm > 0 { results[i].limitRatioMin = m / lm }
         }
         return BenchmarkReport(machine: MachineInfo.current, mode: options.full ? "full" : "quick",
                                repeats: options.effectiveRepeats, pages: options.effectivePages,

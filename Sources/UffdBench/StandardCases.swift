@@ -354,21 +354,14 @@ extension BenchmarkSuite {
                     ("mapcopy-pop-2m", CUBENCH_LOAD_MAPCOPY_POPULATED, 0, 1, false, 0, "bulk.copy-2m",
                      "uffd: UFFDIO_COPY 2 MiB from a mmap of the file, its page-cache pages mapped beforehand (the serve path)"),
                 ]
-                // The install rows again, judged against the fresh-memory limit with as many CPUs
-                // (the prefetch thread or a second faulting thread uses CPU 1). (Filling the donors
-                // by memcpy from a mapping of the file instead of pread, cubench_load_params
+                // The install rows also show their ratio to the fresh-memory limit with as many
+                // CPUs (the prefetch thread or a second faulting thread uses CPU 1). (Filling the
+                // donors by memcpy from a mapping of the file instead of pread, cubench_load_params
                 // .fill_mapped, lost to pread by 1.4-1.5x on ext4 and tmpfs: not a row; BENCHMARKS.md.)
-                let limits: [(String, cubench_load_mode, UInt32, UInt32, Bool, UInt32, String, String)] = [
-                    ("install-2m.vs-fresh", CUBENCH_LOAD_INSTALL, 1, 1, false, 0, fresh2t,
-                     "install-2m against the 2-thread fresh-memory limit"),
-                    ("install-2m-nofill.vs-fresh", CUBENCH_LOAD_INSTALL, 0, 1, false, 0, fresh,
-                     "install-2m-nofill against the 1-thread fresh-memory limit"),
-                    ("install-2m-random-2t.vs-fresh", CUBENCH_LOAD_INSTALL, 1, 2, true, 0, fresh2t,
-                     "install-2m-random-2t against the 2-thread fresh-memory limit"),
-                ]
-                for (vname, mode, fillers, threads, random, flags, baseline, note) in fast + limits {
+                let limits = ["install-2m": fresh2t, "install-2m-nofill": fresh, "install-2m-random-2t": fresh2t]
+                for (vname, mode, fillers, threads, random, flags, baseline, note) in fast {
                     cases.append(fileCase(name: "file.\(short).\(state).\(vname)", bytes: bytes, path: path,
-                                          baseline: baseline, paired: true,
+                                          baseline: baseline, paired: true, limit: limits[vname],
                                           note: note + (cold ? ", page cache dropped" : ""), prepare: prepare,
                                           mode: mode, window: 2 << 20, cold: cold, hc: hc, fc: fc,
                                           fillers: fillers, threads: threads, random: random, flags: flags,
@@ -399,7 +392,8 @@ extension BenchmarkSuite {
 }
 
 /// One lazy-file-load row.
-func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, paired: Bool, note: String,
+func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, paired: Bool, limit: String? = nil,
+              note: String,
               prepare: @escaping @Sendable () -> BenchFailure?, mode: cubench_load_mode, window: UInt64,
               cold: Bool, hc: Int32, fc: Int32, fillers: UInt32 = 0, threads: UInt32 = 1, random: Bool = false,
               flags: UInt32 = 0, prime: Bool = true) -> BenchCase {
@@ -409,7 +403,7 @@ func fileCase(name: String, bytes: UInt64, path: String, baseline: String?, pair
     if threads > 1 { pl += (1..<Int32(threads)).map { ",\((fc + $0) % ncpu)" }.joined() + "x\(threads)" }
     if fillers > 0 { pl += " P\((hc + 1) % ncpu)" }
     return BenchCase(name: name, group: "lazy file load, \(bytes >> 20) MiB", baseline: baseline, placement: pl,
-                     note: note, prepare: prepare, paired: paired) {
+                     note: note, prepare: prepare, paired: paired, limit: limit) {
         path.withCString { cpath in
             var p = cubench_load_params()
             p.path = cpath
