@@ -448,8 +448,9 @@ int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out)
     out->bytes = len;
     out->pages = len / CUBENCH_PAGE;
     // Every mode alike, just before its timed section (the set-up below allocates nothing of
-    // this size): the region's memory, and with a cold cache the page cache's as much again.
-    if (!p->no_prime && (rc = cubench_prime_memory(p->drop_cache ? 2 * len : len)) < 0) {
+    // this size): the region's memory. Not the page cache a cold run refills: that runs at the
+    // disk's pace, and priming it too doubled the priming time of the cold rows.
+    if (!p->no_prime && (rc = cubench_prime_memory(len)) < 0) {
         close(fd);
         return rc;
     }

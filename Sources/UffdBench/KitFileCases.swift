@@ -64,7 +64,7 @@ func runKitFileLoad(_ kind: KitFilePath, path: String, bytes: UInt64, cold: Bool
         let handler = FaultHandler(uffd: uffd, policy: policy, options: opts)
         try handler.start()
         // As cubench_file_load: primed right before the timed section (free page reporting).
-        let primed = prime ? cubench_prime_memory(UInt64(len) * (cold ? 2 : 1)) : 0
+        let primed = prime ? cubench_prime_memory(UInt64(len)) : 0
         if primed < 0 {
             handler.stop()
             install?.stopPrefetching()

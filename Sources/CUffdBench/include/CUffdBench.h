@@ -205,8 +205,7 @@ int cubench_file_create(const char *path, uint64_t bytes);
 
 /// Loads the file as the mode says and reads every page. out->checksum is the sum of the first
 /// 8 bytes of each page: equal across modes for the same file. Unless `no_prime`, the memory is
-/// primed (cubench_prime_memory: the bytes, twice that with a cold cache) right before the
-/// timed section, whatever the mode.
+/// primed (cubench_prime_memory of the bytes) right before the timed section, whatever the mode.
 int cubench_file_load(struct cubench_load_params *p, struct cubench_result *out);
 
 /// System-wide TLB shootdown interrupts so far (x86 /proc/interrupts "TLB" row, summed over
@@ -217,7 +216,7 @@ uint64_t cubench_tlb_shootdowns(void);
 int cubench_ncpus(void);
 
 /// Primes the guest's free memory against free page reporting: MADV_POPULATE_WRITE of `bytes`
-/// plus a margin (1/16 + 64 MiB) of 2 MiB-aligned MADV_HUGEPAGE memory, then munmap. Call right
+/// plus 64 MiB of 2 MiB-aligned MADV_HUGEPAGE memory, then munmap. Call right
 /// before a timed section that allocates about `bytes`: the blocks it gets were just in use,
 /// not handed back to the host. 0 or -errno (-ENOMEM: the memory is not there).
 int cubench_prime_memory(uint64_t bytes);
