@@ -17,9 +17,9 @@ static void kill_and_reap(pid_t pid) {
     }
 }
 
-int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int timeout_ms,
-                       uint64_t *sum) {
-    int p[2];
+// fork() with a pipe from the child to the parent (p[1] -> p[0]): the child's pid, 0 in the
+// child, or -errno with no fd left open.
+static pid_t fork_with_pipe(int p[2]) {
     if (pipe2(p, O_CLOEXEC) < 0) return -errno;
     pid_t pid = fork();
     if (pid < 0) {
@@ -28,6 +28,14 @@ int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int time
         close(p[1]);
         return e;
     }
+    return pid;
+}
+
+int cuffd_fork_and_sum(const void *addr, uint64_t len, uint64_t stride, int timeout_ms,
+                       uint64_t *sum) {
+    int p[2];
+    pid_t pid = fork_with_pipe(p);
+    if (pid < 0) return (int)pid;
     if (pid == 0) {
         // Async-signal-safe only: the parent is multi-threaded.
         const volatile uint8_t *b = addr;
@@ -103,14 +111,8 @@ int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr) {
 
 int cuffd_fork_memory_child(uint64_t len, int hugetlb, uint64_t touch, uint64_t *addr) {
     int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0) return -errno;
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = -errno;
-        close(p[0]);
-        close(p[1]);
-        return e;
-    }
+    pid_t pid = fork_with_pipe(p);
+    if (pid < 0) return (int)pid;
     if (pid == 0) {
         // Async-signal-safe only: the parent is multi-threaded.
         alarm(60);
