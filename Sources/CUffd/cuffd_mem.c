@@ -47,34 +47,46 @@ static int populate_read(char *addr, uint64_t len) {
     return r < 0 ? -errno : 0;
 }
 
-int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated) {
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated, const int *cancel) {
     const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     const uint64_t pages = (len + page - 1) / page;
-    enum { CHUNK = 16384 }; // pages per mincore call (64 MiB of 4 KiB pages)
+    // Pages per mincore call (64 MiB of 4 KiB pages). A run is flushed at the end of each
+    // chunk too, so one MADV_POPULATE_READ covers at most 64 MiB (~5-20 ms here) and `cancel`
+    // is seen that often, however long the file's resident runs are.
+    enum { CHUNK = 16384 };
     unsigned char vec[CHUNK];
-    uint64_t done = 0, run = 0, run_len = 0; // the open run of resident pages
+    uint64_t done = 0;
     int rc = 0;
     for (uint64_t base = 0; base < pages && rc == 0; base += CHUNK) {
+        if (cancel && __atomic_load_n(cancel, __ATOMIC_RELAXED)) {
+            rc = -ECANCELED;
+            break;
+        }
         uint64_t n = pages - base < CHUNK ? pages - base : CHUNK;
         if (mincore((char *)addr + base * page, n * page, vec) < 0) {
             rc = -errno;
             break;
         }
-        for (uint64_t i = 0; i < n && rc == 0; i++) {
-            if (vec[i] & 1) {
+        uint64_t run = 0, run_len = 0; // the open run of resident pages
+        for (uint64_t i = 0; i <= n && rc == 0; i++) {
+            if (i < n && (vec[i] & 1)) {
                 if (run_len++ == 0) run = base + i;
             } else if (run_len) {
+                if (cancel && __atomic_load_n(cancel, __ATOMIC_RELAXED)) {
+                    rc = -ECANCELED;
+                    break;
+                }
                 rc = populate_read((char *)addr + run * page, run_len * page);
-                if (rc == 0) done += run_len * page;
+                if (rc == 0) {
+                    done += run_len * page;
+                    // Published as it grows: another thread may read it (__atomic_load_n).
+                    if (populated) __atomic_store_n(populated, done, __ATOMIC_RELAXED);
+                }
                 run_len = 0;
             }
         }
     }
-    if (rc == 0 && run_len) {
-        rc = populate_read((char *)addr + run * page, run_len * page);
-        if (rc == 0) done += run_len * page;
-    }
-    if (populated) *populated = done;
+    if (populated) __atomic_store_n(populated, done, __ATOMIC_RELAXED);
     return rc;
 }
 

@@ -312,7 +312,7 @@ static int load_uffd(struct cubench_load_params *p, int fd, uint64_t len, uint64
         // front, so the COPY does not fault on its source (a cold file: nothing, no read).
         if (p->mode == CUBENCH_LOAD_MAPCOPY_POPULATED) {
             uint64_t t0 = cuffd_now_ns();
-            rc = cuffd_populate_resident(m, len, &p->populated);
+            rc = cuffd_populate_resident(m, len, &p->populated, NULL);
             p->populate_ns = cuffd_now_ns() - t0;
             if (rc < 0) goto uout;
         }

@@ -199,7 +199,7 @@ public final class FileSource: PageSource, Sendable {
 /// MADV_POPULATE_READ) leaves the rest to be faulted in by the copies, as without it.
 func populateResident(address: UnsafeMutableRawPointer, length: Int) -> Int {
     var done: UInt64 = 0
-    _ = cuffd_populate_resident(address, UInt64(length), &done)
+    _ = cuffd_populate_resident(address, UInt64(length), &done, nil)
     return Int(done)
 }
 

@@ -480,9 +480,17 @@ int cuffd_fd_in_memory(int fd);
 /// `addr` that are in the page cache (mincore), in runs: pages not resident (a cold file on
 /// disk, the holes of a tmpfs file) stay unmapped, so this never reads from disk (except a page
 /// evicted between the two calls) and never allocates a tmpfs hole. `*populated` gets the bytes
-/// mapped. 0 or -errno (-EINVAL: the kernel lacks MADV_POPULATE_READ; -EFAULT: the file shrank
-/// under the mapping).
-int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated);
+/// mapped, stored atomically as it grows (another thread may read it with
+/// cuffd_atomic_load_u64 meanwhile). A non-NULL `cancel` is read atomically between runs (a
+/// run is at most 64 MiB): nonzero stops it with -ECANCELED. 0 or -errno (-EINVAL: the kernel
+/// lacks MADV_POPULATE_READ; -EFAULT: the file shrank under the mapping).
+int cuffd_populate_resident(void *addr, uint64_t len, uint64_t *populated, const int *cancel);
+
+/// A relaxed atomic load of `*p` (a counter another thread stores with __atomic_store_n).
+static inline uint64_t cuffd_atomic_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+/// A relaxed atomic store of `v` into `*p` (a flag another thread polls with __atomic_load_n).
+static inline void cuffd_atomic_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /// The calling thread's id.
 pid_t cuffd_gettid(void);
