@@ -1,5 +1,6 @@
 import CUffd
 import Foundation
+import Synchronization
 import XCTest
 @testable import UffdKit
 
@@ -166,7 +167,9 @@ final class MappedSourcePopulateTests: XCTestCase {
         XCTAssertEqual(cold.populatedBytes, 0, "a cold file is not read up front")
         XCTAssertFalse(present(UInt(bitPattern: try cold.bytes(at: MiB, count: basePageSize, scratch: nil))))
         let coldMap = try MemoryFileMapping(fd: fd, length: size)
+        XCTAssertTrue(coldMap.waitForPopulate(timeout: 30))
         XCTAssertEqual(coldMap.populatedBytes, 0)
+        XCTAssertEqual(coldMap.populateOutcome?.error, nil)
         let expected = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
         defer { expected.deallocate() }
         fillPattern(expected, size, seed: 34)
@@ -210,16 +213,125 @@ final class MappedSourcePopulateTests: XCTestCase {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         XCTAssertGreaterThanOrEqual(fd, 0)
         defer { close(fd) }
-        let map = try MemoryFileMapping(fd: fd, length: size)
+        let map = try MemoryFileMapping(fd: fd, length: size, populate: .now)
         XCTAssertEqual(map.populatedBytes, size)
+        XCTAssertEqual(map.populateOutcome?.bytes, size)
         XCTAssertTrue(present(map.address + UInt(size - basePageSize)))
-        let lazy = try MemoryFileMapping(fd: fd, length: size, populate: false)
+        let lazy = try MemoryFileMapping(fd: fd, length: size, populate: .none)
         XCTAssertEqual(lazy.populatedBytes, 0)
+        XCTAssertTrue(lazy.waitForPopulate(timeout: 0))
+        XCTAssertNil(lazy.populateOutcome)
         XCTAssertFalse(present(lazy.address + UInt(MiB)))
         // Every byte through the mapping the server copies from.
         let expected = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
         defer { expected.deallocate() }
         fillPattern(expected, size, seed: 36)
         XCTAssertEqual(memcmp(UnsafeRawPointer(bitPattern: map.address)!, expected, size), 0)
+    }
+
+    /// The default, a populate on a thread of its own: it maps what the synchronous one maps (a
+    /// tmpfs file with a hole: its data, not the hole), on another thread, reports it once, and
+    /// every byte reads right through the mapping.
+    func testMemoryFileMappingBackgroundPopulateMatchesSynchronous() throws {
+        let data = 8 * MiB, size = 12 * MiB
+        let path = try makeFile(in: try tmpfsOrSkip(), size: data, seed: 37)
+        XCTAssertEqual(truncate(path, off_t(size)), 0) // a 4 MiB hole at the end
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        let now = try MemoryFileMapping(fd: fd, length: size, populate: .now)
+        XCTAssertEqual(now.populatedBytes, data)
+        let caller = cuffd_gettid()
+        let reports = Mutex<[(MemoryFileMapping.PopulateOutcome, pid_t)]>([])
+        let bg = try MemoryFileMapping(fd: fd, length: size) { o in reports.withLock { $0.append((o, cuffd_gettid())) } }
+        XCTAssertEqual(bg.populate, .background)
+        XCTAssertTrue(bg.waitForPopulate(timeout: 30), "the populate of 8 MiB did not end within 30 s")
+        XCTAssertEqual(bg.populatedBytes, now.populatedBytes)
+        XCTAssertEqual(bg.populateOutcome?.bytes, data)
+        XCTAssertNil(bg.populateOutcome?.error)
+        let got = reports.withLock { $0 }
+        XCTAssertEqual(got.count, 1)
+        XCTAssertEqual(got.first?.0, bg.populateOutcome)
+        XCTAssertNotEqual(got.first?.1, caller, "reported from the populate thread")
+        XCTAssertTrue(present(bg.address + UInt(data - basePageSize)))
+        XCTAssertFalse(present(bg.address + UInt(data)), "the hole is not allocated or mapped")
+        XCTAssertTrue(bg.waitForPopulate(timeout: 0), "waiting again returns at once")
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: basePageSize)
+        defer { expected.deallocate() }
+        memset(expected, 0, size)
+        fillPattern(expected, data, seed: 37)
+        XCTAssertEqual(memcmp(UnsafeRawPointer(bitPattern: bg.address)!, expected, size), 0)
+    }
+
+    /// Releasing the mapping while a long populate runs (512 MiB of resident tmpfs pages,
+    /// ~40-200 ms to map here) stops it between runs and joins it: the release returns promptly,
+    /// the populate reports `.canceled` with fewer bytes than the file's.
+    func testMemoryFileMappingDeinitStopsBackgroundPopulatePromptly() throws {
+        let size = 512 * MiB
+        let dir = try tmpfsOrSkip()
+        guard availableMemory() > 3 * size else { throw XCTSkip("needs \(3 * size >> 20) MiB available for a 512 MiB tmpfs file, has \(availableMemory() >> 20) MiB") }
+        let path = dir + "/uffdkit-populate-\(getpid())-big.img"
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        paths.append(path)
+        defer { close(fd) }
+        // Written, so every page is in the page cache (fallocated tmpfs pages are not: mincore
+        // does not count them and nothing is populated).
+        try writeFiller(fd, from: 0, to: size)
+        // Released once the populate has mapped its first run (it has ~7/8 of the file left):
+        // a populate that ended before the release (this thread descheduled that long) is tried
+        // again, a populate that ran to its end despite the release fails.
+        var stopped: MemoryFileMapping.PopulateOutcome?
+        for _ in 0..<3 where stopped == nil {
+            let reports = Mutex<[MemoryFileMapping.PopulateOutcome]>([])
+            var t0 = UInt64(0)
+            var sawProgress = false
+            do {
+                let map = try MemoryFileMapping(fd: fd, length: size) { o in reports.withLock { $0.append(o) } }
+                let deadline = DispatchTime.now().uptimeNanoseconds + 30_000_000_000
+                while map.populatedBytes == 0 && map.populateOutcome == nil && DispatchTime.now().uptimeNanoseconds < deadline { sched_yield() }
+                sawProgress = map.populatedBytes > 0 && map.populateOutcome == nil
+                t0 = DispatchTime.now().uptimeNanoseconds
+            }
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            XCTAssertLessThan(seconds, 2, "releasing the mapping waited \(seconds) s for the populate")
+            let got = reports.withLock { $0 }
+            XCTAssertEqual(got.count, 1, "the populate reports once, also when stopped")
+            guard let o = got.first else { break }
+            if o.error == .canceled {
+                XCTAssertTrue(sawProgress)
+                XCTAssertGreaterThan(o.bytes, 0)
+                XCTAssertLessThan(o.bytes, size)
+                stopped = o
+            } else {
+                XCTAssertEqual(o.error, nil)
+            }
+        }
+        XCTAssertNotNil(stopped, "three populates of 512 MiB ran to their end although the mapping was released after their first run")
+        // A populate left to run maps it all (the same file, so the stop above was not for lack of pages).
+        let full = try MemoryFileMapping(fd: fd, length: size)
+        XCTAssertTrue(full.waitForPopulate(timeout: 60))
+        XCTAssertEqual(full.populatedBytes, size)
+    }
+
+    /// Writes 0xA5 bytes into `[from, to)` of `fd`.
+    func writeFiller(_ fd: Int32, from: Int, to: Int) throws {
+        let chunk = 4 * MiB
+        let buf = [UInt8](repeating: 0xA5, count: chunk)
+        var off = from
+        while off < to {
+            let n = buf.withUnsafeBytes { pwrite(fd, $0.baseAddress, Swift.min(chunk, to - off), off_t(off)) }
+            guard n > 0 else { throw XCTSkip("cannot write the big tmpfs file: errno \(errno)") }
+            off += n
+        }
+    }
+
+    /// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
+    func availableMemory() -> Int {
+        guard let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return 0 }
+        for line in s.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
+            return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+        }
+        return 0
     }
 }
