@@ -497,7 +497,8 @@ final class ServeTests: XCTestCase {
             off += n
         }
         close(fd)
-        let server = try startServer()
+        let wpid = dir.appendingPathComponent("w.pid").path
+        let server = try startServer(["--worker-pid-file", wpid])
         let c = try client(["--size", "8M", "--regions", "2"], name: "early")
         XCTAssertTrue(server.waitFor("memory file populated", timeout: 60), server.log)
         let log = server.log
@@ -510,6 +511,23 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(c.wait(), 0, c.output)
         XCTAssertTrue(server.waitFor("VM gone"), server.log)
         XCTAssertNil(server.log.range(of: "fallbacks=[1-9]", options: .regularExpression), server.log)
+        // A worker killed while a VM faults: the new one resumes it and serves before its own
+        // populate ends.
+        let slow = try client(["--size", "8M", "--touch-delay-us", "1000"], name: "restart")
+        XCTAssertTrue(server.waitFor("serving VM", count: 2), server.log)
+        usleep(200_000)
+        let w1 = try XCTUnwrap(Int32(String(contentsOfFile: wpid, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+        kill(w1, SIGKILL)
+        XCTAssertTrue(server.waitFor("memory file populated", count: 2, timeout: 60), server.log)
+        let after = server.log
+        guard let restarted = after.range(of: "worker serving after restart"),
+              let second = after.range(of: "memory file populated", range: populated.upperBound..<after.endIndex) else {
+            return XCTFail(after)
+        }
+        XCTAssertLessThan(restarted.lowerBound, second.lowerBound, after)
+        XCTAssertTrue(after[restarted.lowerBound...].prefix(while: { $0 != "\n" }).contains("memory_populate=background"), after)
+        XCTAssertEqual(slow.wait(), 0, "client: \(slow.output) server: \(server.log)")
+        XCTAssertTrue(server.waitFor("VM gone", count: 2), server.log)
         server.stop()
         let json = try startServer(["--json"])
         XCTAssertTrue(json.waitFor("\"msg\":\"memory file populated\"", timeout: 60), json.log)
