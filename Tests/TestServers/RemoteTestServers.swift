@@ -195,7 +195,7 @@ public final class MotoS3: @unchecked Sendable {
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         server.process.environment = env
         let log = dir.appendingPathComponent("moto.log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         server.process.standardOutput = try FileHandle(forWritingTo: log)
         server.process.standardError = server.process.standardOutput
         try server.process.run()
