@@ -10,7 +10,7 @@ struct CCase {
     var label: String {
         var buf = [CChar](repeating: 0, count: 128)
         cuffd_test_case_label(row, memKind, &buf, buf.count)
-        return String(cString: buf)
+        return buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 }
 
@@ -37,7 +37,7 @@ let cCaseFilter: [String] = (ProcessInfo.processInfo.environment["UFFDKIT_CTEST"
 func runCCase(_ c: CCase, timeout: Int32) -> (rc: Int32, message: String) {
     var buf = [CChar](repeating: 0, count: 1024)
     let rc = cuffd_test_run_case(c.row, c.memKind, timeout, &buf, buf.count)
-    return (rc, String(cString: buf))
+    return (rc, buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
 }
 
 /// The one path every C test takes: each case of `group` runs in a forked child with a watchdog

@@ -17,7 +17,7 @@ final class RemotePrefetchCommandTests: XCTestCase {
             x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
             withUnsafeBytes(of: x) { for j in 0..<8 { bytes[i + j] = $0[j] } }
         }
-        FileManager.default.createFile(atPath: image, contents: Data(bytes))
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: Data(bytes)), "writing \(image)")
         let nginx = try Nginx()
         try nginx.put("image", Data(bytes))
         let ps = 4096
