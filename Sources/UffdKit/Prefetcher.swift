@@ -548,13 +548,19 @@ public final class Prefetcher: @unchecked Sendable {
                 counters.prefetched.add(recorded - present, ordering: .relaxed)
                 counters.extra.add(Swift.max(0, Int(r.copied) / ps - (recorded - present)), ordering: .relaxed)
                 counters.copies.add(1, ordering: .relaxed)
+                // Only what this fetch copied counts as prefetched: a chunk a fault's own fetch
+                // filled first (EXISTED, nothing copied) is not the prefetch's doing. Where the
+                // copy went on past pages that existed, which pages it copied is not known: at
+                // most as many as it copied are marked, so faults avoided never exceed installs.
+                var budget = Int(r.copied) / ps
                 var p = c.offset / ps
                 let end = (c.offset + c.length) / ps
-                while p < end {
+                while p < end && budget > 0 {
                     if tracker.faulted(page: p) { p += 1; continue }
                     var q = p + 1
-                    while q < end && !tracker.faulted(page: q) { q += 1 }
+                    while q < end && q - p < budget && !tracker.faulted(page: q) { q += 1 }
                     tracker.notePrefetched(firstPage: p, count: q - p)
+                    budget -= q - p
                     p = q
                 }
             case Int32(CUFFD_OUTCOME_GONE.rawValue):
