@@ -3,12 +3,10 @@
 #include "CUffd.h"
 
 #include <errno.h>
-#include <linux/magic.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,12 +29,6 @@ uint64_t cuffd_hugepage_size(void) {
 int cuffd_memfd_create(const char *name, unsigned flags) {
     int fd = memfd_create(name, flags);
     return fd < 0 ? -errno : fd;
-}
-
-int cuffd_fd_in_memory(int fd) {
-    struct statfs st;
-    if (fstatfs(fd, &st) < 0) return -errno;
-    return st.f_type == TMPFS_MAGIC;
 }
 
 // MADV_POPULATE_READ of [addr, addr+len), again after a signal. 0 or -errno.

@@ -1,12 +1,14 @@
 // Test-only helpers the Swift tests call (they used to ship in CUffd): fork-and-read children
-// and mremap, which is variadic and does not reach Swift.
+// mremap, which is variadic and does not reach Swift, and whether a file is in tmpfs.
 #include "CUffdTestSupport.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -102,6 +104,12 @@ int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms) {
     }
     kill_and_reap(pid);
     return 1;
+}
+
+int cuffd_fd_in_memory(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0) return -errno;
+    return st.f_type == TMPFS_MAGIC;
 }
 
 int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr) {

@@ -1,4 +1,5 @@
 import CUffd
+import CUffdTestSupport
 import Foundation
 import Synchronization
 import XCTest

@@ -471,11 +471,6 @@ void *cuffd_map_anon_aligned(uint64_t len, uint64_t align);
 /// memfd_create(name, flags) as -errno / fd.
 int cuffd_memfd_create(const char *name, unsigned flags);
 
-/// Whether the file behind `fd` keeps every page in memory (tmpfs or shmem: /dev/shm, a memfd),
-/// so that mapping all its pages costs page tables only, never a read from disk: 1 yes, 0 no,
-/// or -errno of fstatfs.
-int cuffd_fd_in_memory(int fd);
-
 /// Maps now, for reading (MADV_POPULATE_READ), the pages of the file mapping of `len` bytes at
 /// `addr` that are in the page cache (mincore), in runs: pages not resident (a cold file on
 /// disk, the holes of a tmpfs file) stay unmapped, so this never reads from disk (except a page

@@ -26,6 +26,10 @@ int cuffd_child_blocks_when_unhandled(uint64_t len, int timeout_ms);
 /// variadic and does not reach Swift. Returns 0 or -errno.
 int cuffd_mremap_fixed(void *old_addr, uint64_t len, void *new_addr);
 
+/// Whether the file behind `fd` is in tmpfs (every page in memory): 1 yes, 0 no, or -errno of
+/// fstatfs.
+int cuffd_fd_in_memory(int fd);
+
 /// Forks a child that maps `len` bytes of private anonymous memory (hugetlb when `hugetlb`),
 /// writes the first `touch` bytes, reports the mapping's address in `*addr` and sleeps until
 /// killed (at most 60 s: alarm). Returns the child's pid (end it with cuffd_kill_child), or
