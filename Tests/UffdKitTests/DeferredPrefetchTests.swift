@@ -282,7 +282,7 @@ final class DeferredPrefetchTests: XCTestCase {
         ho.fallback = .zeroFill
         let s = try Session(r, options: ho) { _ in DeferredCopyPolicy(destination: r.address, source: source) }
         let cs = source.chunkSize
-        let ws = WorkingSet(identity: try WorkingSet.Identity(size: source.length, digest: 0), pageSize: page,
+        let ws = WorkingSet(identity: WorkingSet.Identity(size: source.length, digest: 0), pageSize: page,
                             entries: (0..<(image.count / cs)).map { .init(offset: $0 * cs, nanoseconds: 0) })
         var po = Prefetcher.Options()
         po.deferredFetches = 8
