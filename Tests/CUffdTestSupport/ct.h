@@ -130,6 +130,10 @@ void ct_fix_fini(struct ct_fix *f);
 int ct_need_features(uint64_t want, char *msg, size_t msglen);
 /// The outcome of the test class's huge page reservation: 0, -errno, or 1 when never tried.
 int ct_hugetlb_reserve_error(void);
+/// Free default-size huge pages nobody has reserved (HugePages_Free - HugePages_Rsvd), or -1.
+long ct_hugetlb_available(void);
+/// In a forked child standing for another test run: forgets the leases inherited from the parent.
+void ct_hugetlb_forget_leases(void);
 /// Maps a region with SKIP when hugetlb pages are not available.
 int ct_map(int kind, uint64_t len, struct cuffd_region *r, char *msg, size_t msglen);
 

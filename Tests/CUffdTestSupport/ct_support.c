@@ -2,6 +2,7 @@
 // SIGBUS/SIGSEGV catcher (and its chaining to a handler installed before it) and the deadline.
 #include "ct.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -159,6 +160,88 @@ out:
     return rc;
 }
 
+// MARK: - huge page leases
+
+// Another test run's lease ends while ours is in use: our pages stay. Each side asks for more than
+// the pool has free, so each raises it. Before the leases (a saved absolute nr_hugepages written
+// back at the end), the other run's restore took our pages and the unreserved allocations below
+// raised SIGBUS.
+static uint64_t default_huge_page_size(void) {
+    FILE *m = fopen("/proc/meminfo", "re");
+    char line[128];
+    unsigned long kb = 0;
+    while (m && fgets(line, sizeof line, m))
+        if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1) break;
+    if (m) fclose(m);
+    return (uint64_t)kb << 10;
+}
+
+static int t_hugetlb_pool_leases(struct ct_fix *f, char *msg, size_t msglen) {
+    (void)f;
+    int rc = CUFFD_TEST_PASS;
+    const uint64_t huge = default_huge_page_size();
+    long n = ct_hugetlb_available();
+    char *area = MAP_FAILED;
+    int held = 0, to_child[2] = {-1, -1}, to_parent[2] = {-1, -1};
+    pid_t pid = -1;
+    if (huge == 0 || n < 0 || n > 512) {
+        snprintf(msg, msglen, "HugePages_Free - HugePages_Rsvd is %ld: not a pool this test can double", n);
+        return CUFFD_TEST_SKIP;
+    }
+    n += 4;
+    CT_CHECK(pipe2(to_child, O_CLOEXEC) == 0 && pipe2(to_parent, O_CLOEXEC) == 0, "pipe2: %s", ct_err(errno));
+    pid = fork();
+    CT_CHECK(pid >= 0, "fork: %s", ct_err(errno));
+    if (pid == 0) {
+        // The other run: lease, let the parent lease beside it, give its lease back.
+        alarm(20);
+        ct_hugetlb_forget_leases();
+        char b = cuffd_test_hugetlb_reserve(n) == 0 ? 'y' : 'n';
+        if (write(to_parent[1], &b, 1) != 1 || read(to_child[0], &b, 1) != 1) _exit(2);
+        cuffd_test_hugetlb_restore();
+        _exit(0);
+    }
+    char b = 0;
+    CT_CHECK(read(to_parent[0], &b, 1) == 1, "the other lease's process did not answer");
+    if (b != 'y') {
+        snprintf(msg, msglen, "cannot lease %ld huge pages (not root, or no memory)", n);
+        rc = CUFFD_TEST_SKIP;
+        goto out;
+    }
+    int e = cuffd_test_hugetlb_reserve(n);
+    held = 1;
+    if (e != 0) {
+        snprintf(msg, msglen, "cannot lease %ld more huge pages: %s", n, ct_err(e));
+        rc = CUFFD_TEST_SKIP;
+        goto out;
+    }
+    CT_CHECK(write(to_child[1], &b, 1) == 1, "write: %s", ct_err(errno));
+    int st = 0;
+    CT_CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0, "the other lease's process: status 0x%x", st);
+    pid = -1;
+    CT_CHECK(ct_hugetlb_available() >= n, "%ld unreserved huge pages after the other lease ended, leased %ld",
+             ct_hugetlb_available(), n);
+    // Unreserved allocations, as a private mapping's forked child makes them: one per page.
+    area = mmap(NULL, (size_t)n * huge, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_NORESERVE, -1, 0);
+    CT_CHECK(area != MAP_FAILED, "mmap of %ld huge pages: %s", n, ct_err(errno));
+    for (long i = 0; i < n; i++)
+        CT_CHECK(ct_touch_catch(area + (uint64_t)i * huge, 1, 1, NULL, NULL) == 0,
+                 "huge page %ld of %ld leased: SIGBUS (the pool lost our pages)", i, n);
+out:
+    if (area != MAP_FAILED) munmap(area, (size_t)n * huge);
+    if (pid > 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+    }
+    if (held) cuffd_test_hugetlb_restore();
+    for (int i = 0; i < 2; i++) {
+        if (to_child[i] >= 0) close(to_child[i]);
+        if (to_parent[i] >= 0) close(to_parent[i]);
+    }
+    return rc;
+}
+
 // MARK: - the table
 
 CT_CASES(support) = {
@@ -168,5 +251,7 @@ CT_CASES(support) = {
      "cuffd_access_catching: READ64/ADD64/WRITE8, SIGSEGV caught only when asked, unknown op EINVAL."},
     {"deadline_join", t_deadline_join, 0, 0, 0,
      "cuffd_join_within times out at its deadline and joins a finished thread."},
+    {"hugetlb_pool_leases", t_hugetlb_pool_leases, 0, 0, 0,
+     "A huge page lease survives another process's lease ending: the pool keeps our pages for unreserved allocations."},
     CT_END,
 };

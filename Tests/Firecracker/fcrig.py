@@ -22,6 +22,8 @@ no /dev/kvm, no Firecracker binary, no binutils, no huge pages).
   fcrig.py guest [--out DIR]                  only build the guest; prints the ELF's path
 """
 import argparse
+import errno
+import fcntl
 import http.client
 import json
 import os
@@ -126,9 +128,11 @@ def meminfo(key):
 
 
 class HugePages:
-    """Reserves `count` free 2 MiB huge pages and gives back what it added afterwards. Relative,
-    not a saved absolute value: other tests on this machine may change nr_hugepages meanwhile."""
+    """Leases `count` 2 MiB huge pages: adds them to nr_hugepages beside other test runs' leases and
+    gives exactly those back. The change is made under the lock the Swift tests take
+    (Tests/CUffdTestSupport/ct_hugetlb_pool.c), so concurrent runs never undo each other."""
     PATH = "/proc/sys/vm/nr_hugepages"
+    LOCKS = ("/run/lock/uffdkit-hugetlb.lock", "/tmp/uffdkit-hugetlb.lock")
 
     def __init__(self, count):
         self.count = count
@@ -136,23 +140,36 @@ class HugePages:
 
     @staticmethod
     def free():
-        return meminfo("HugePages_Free")
+        """Free huge pages nobody has reserved."""
+        return meminfo("HugePages_Free") - meminfo("HugePages_Rsvd")
 
     @classmethod
     def _adjust(cls, delta):
-        with open(cls.PATH) as f:
-            now = int(f.read())
-        with open(cls.PATH, "w") as f:
-            f.write(str(max(now + delta, 0)))
+        """Adds delta under the lock; returns what the pool really changed by."""
+        for path in cls.LOCKS:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError(errno.EACCES, "cannot open a hugetlb lock file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with open(cls.PATH) as f:
+                old = int(f.read())
+            with open(cls.PATH, "w") as f:
+                f.write(str(max(old + delta, 0)))
+            with open(cls.PATH) as f:
+                return int(f.read()) - old
+        finally:
+            os.close(fd)
 
     def __enter__(self):
-        missing = self.count - self.free()
-        if missing > 0:
-            try:
-                self._adjust(missing)
-                self.added = missing
-            except OSError as e:
-                raise Skip(f"cannot reserve {self.count} huge pages through {self.PATH} ({e.strerror}; needs root)")
+        try:
+            self.added = self._adjust(self.count)
+        except OSError as e:
+            raise Skip(f"cannot reserve {self.count} huge pages through {self.PATH} ({e.strerror}; needs root)")
         if self.free() < self.count:
             got = self.free()
             self.__exit__(None, None, None)

@@ -1,4 +1,5 @@
 import CUffd
+import CUffdTestSupport
 import Dispatch
 import Foundation
 import XCTest
@@ -78,24 +79,12 @@ func fillPattern(_ p: UnsafeMutableRawPointer, _ length: Int, seed: UInt64, from
 
 let MiB = 1 << 20
 
-/// Makes at least `pages` huge pages free for the body (raising vm.nr_hugepages by what is
-/// missing; other processes may hold some), restoring the old value after. Returns false (body
-/// not run) when the pages cannot be reserved.
+/// Leases `pages` huge pages for the body (cuffd_test_hugetlb_reserve: added to vm.nr_hugepages
+/// beside other test runs' leases, exactly those given back after). Returns false (body not run)
+/// when they cannot be had.
 func withHugePages(_ pages: Int, _ body: () throws -> Void) throws -> Bool {
-    let path = "/proc/sys/vm/nr_hugepages"
-    func meminfo(_ key: String) -> Int {
-        (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8))?
-            .split(separator: "\n").first { $0.hasPrefix(key) }?
-            .split(separator: " ").last.flatMap { Int($0) } ?? 0
-    }
-    guard let old = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
-          let oldN = Int(old) else { return false }
-    let free = meminfo("HugePages_Free:")
-    if free < pages {
-        do { try "\(oldN + pages - free)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch { return false }
-    }
-    defer { if free < pages { try? "\(oldN)\n".write(toFile: path, atomically: false, encoding: .utf8) } }
-    guard meminfo("HugePages_Free:") >= pages else { return false }
+    defer { cuffd_test_hugetlb_restore() }
+    guard cuffd_test_hugetlb_reserve(pages) == 0 else { return false }
     try body()
     return true
 }

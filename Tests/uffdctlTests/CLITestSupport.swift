@@ -1,3 +1,4 @@
+import CUffdTestSupport
 import Foundation
 import XCTest
 
@@ -85,10 +86,11 @@ func flag(_ object: [String: Any]?, _ key: String) -> Bool? {
     return (v as? NSNumber)?.boolValue
 }
 
-/// Free 2 MiB huge pages, and a reservation of more that is given back (tests that serve hugetlb
-/// guests; needs root).
+/// Leases of 2 MiB huge pages from vm.nr_hugepages for tests that serve hugetlb memory (needs
+/// root): cuffd_test_hugetlb_reserve adds them beside other test runs' leases, and
+/// ``restore()`` gives exactly those back.
 final class HugePageReservation {
-    private var saved: Int?
+    private var leases = 0
 
     /// HugePages_Free from /proc/meminfo.
     static func free() -> Int? {
@@ -99,18 +101,17 @@ final class HugePageReservation {
         return nil
     }
 
-    /// Raises nr_hugepages by `extra`; true when that many are free afterwards.
+    /// Leases `extra` huge pages; true when that many unreserved ones are free afterwards.
     func add(_ extra: Int) -> Bool {
-        let path = "/proc/sys/vm/nr_hugepages"
-        guard let cur = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else { return false }
-        saved = cur
-        guard (try? "\(cur + extra)".write(toFile: path, atomically: false, encoding: .utf8)) != nil else { return false }
-        return (HugePageReservation.free() ?? 0) >= extra
+        leases += 1
+        return cuffd_test_hugetlb_reserve(extra) == 0
     }
 
-    /// Puts nr_hugepages back (when ``add(_:)`` changed it).
+    /// Ends every lease ``add(_:)`` took.
     func restore() {
-        if let saved { try? "\(saved)".write(toFile: "/proc/sys/vm/nr_hugepages", atomically: false, encoding: .utf8) }
-        saved = nil
+        while leases > 0 {
+            cuffd_test_hugetlb_restore()
+            leases -= 1
+        }
     }
 }

@@ -48,14 +48,9 @@ final class PolicySessionTests: XCTestCase {
     /// view; --write copies stay private), writeprotect, poison; move says it needs anon.
     /// Before: exit 2, "hugetlb-private" was not a --memory value.
     func testHugetlbPrivateSessions() throws {
-        let path = "/proc/sys/vm/nr_hugepages"
-        guard let old = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
-            throw XCTSkip("cannot read \(path)")
-        }
-        do { try "\(old + 8)\n".write(toFile: path, atomically: false, encoding: .utf8) } catch {
-            throw XCTSkip("cannot reserve huge pages (\(path) not writable: run as root)")
-        }
-        defer { try? "\(old)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let huge = HugePageReservation()
+        defer { huge.restore() }
+        guard huge.add(8) else { throw XCTSkip("cannot reserve 8 huge pages (vm.nr_hugepages: not root, or no memory)") }
         let sessions: [[String]] = [["copy"], ["zeropage"], ["zeropage", "--in-thread"], ["continue", "--write"], ["writeprotect"], ["poison"]]
         for args in sessions {
             let r = try runUffdctl(args + ["--memory", "hugetlb-private", "--size", "4M", "--json"], timeout: 60)

@@ -58,12 +58,15 @@ const char *cuffd_test_mem_name(int mem_kind);
 int cuffd_test_run_case(const struct cuffd_test_case *c, int mem_kind, int timeout_sec, char *msg,
                         size_t msglen);
 
-/// Raises /proc/sys/vm/nr_hugepages so that at least `pages` default-size huge pages are free,
-/// remembering the old value for cuffd_test_hugetlb_restore. Returns 0 or -errno (not root,
-/// no hugetlb). Calls nest: only the outermost restore writes the old value back.
+/// Leases `pages` default-size huge pages: adds them to /proc/sys/vm/nr_hugepages under a
+/// machine-wide lock (other test runs on the machine lease theirs beside ours). Returns 0 when at
+/// least `pages` unreserved huge pages are free afterwards, or -errno (not root, no hugetlb,
+/// -ENOMEM: the kernel could not find the memory). Every call, successful or not, is matched by
+/// one cuffd_test_hugetlb_restore; leases nest.
 int cuffd_test_hugetlb_reserve(long pages);
 
-/// Writes back the nr_hugepages value seen by the matching cuffd_test_hugetlb_reserve.
+/// Ends the innermost lease: gives back exactly the pages it added (pages still mapped are freed
+/// by the kernel when their last user lets go).
 void cuffd_test_hugetlb_restore(void);
 
 #ifdef __cplusplus
