@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -235,9 +236,15 @@ static int events_chain(struct ct_fix *f, bool wp, char *msg, size_t msglen) {
     CT_CHECK(ct_join(c.th, CT_WAIT_MS) == 0, "monitor did not stop");
     running = false;
     CT_CHECK(e == 0, "the child did not finish (%s): a fault or event was not answered", ct_err(e));
+    // A failed resolution leaves its fault unresolved and the child dies by its alarm: name the
+    // monitor's error first, it is the cause.
+    CT_CHECK(c.errors == 0, "monitor: %d failed resolutions, first %s (child %s %d)", c.errors, ct_err(c.first_err),
+             WIFEXITED(st) ? "exit" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+    CT_CHECK(!WIFSIGNALED(st), "child killed by signal %d (%s)%s", WTERMSIG(st), strsignal(WTERMSIG(st)),
+             WTERMSIG(st) == SIGALRM ? ": a fault or event was not answered within its 10 s alarm" : "");
     CT_CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-             "child status 0x%x (exit 2: mremap failed, 3: release failed, 4: not zero after release, 10+i: page i corrupt)", st);
-    CT_CHECK(c.errors == 0, "monitor: %d failed resolutions, first %s", c.errors, ct_err(c.first_err));
+             "child exit %d (2: mremap failed, 3: release failed, 4: not zero after release, 10+i: page i corrupt)",
+             WEXITSTATUS(st));
     // The order: FORK first; REMAP once the first half faulted; REMOVE last.
     CT_CHECK(c.nlog >= 3 && c.nlog <= CHAIN_LOG, "%d messages", c.nlog);
     CT_CHECK(c.log[0] == UFFD_EVENT_FORK, "first message 0x%x, expected FORK", c.log[0]);
