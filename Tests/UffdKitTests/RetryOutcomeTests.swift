@@ -130,7 +130,7 @@ final class RetryOutcomeTests: XCTestCase {
         func identity(_ fd: Int32) -> String {
             var buf = [CChar](repeating: 0, count: 64)
             let n = readlink("/proc/self/fd/\(fd)", &buf, buf.count - 1)
-            return n > 0 ? String(cString: buf) : ""
+            return n > 0 ? String(decoding: buf[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
         }
         let pipeID = identity(parent.readFD)
         XCTAssertTrue(pipeID.hasPrefix("pipe:"), pipeID)

@@ -102,11 +102,11 @@ final class WorkingSetTests: XCTestCase {
         let path = NSTemporaryDirectory() + "ws-img-\(getpid())"
         defer { unlink(path) }
         let bytes = [UInt8](repeating: 7, count: len)
-        FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
         let fileID = try WorkingSet.Identity(of: try FileSource(path: path))
         var changed = bytes
         changed[len / 17 * 3 + 5] = 8
-        FileManager.default.createFile(atPath: path, contents: Data(changed))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(changed)))
         XCTAssertNotEqual(fileID, try WorkingSet.Identity(of: try FileSource(path: path)))
         // Nothing was installed by the refused prefetchers: the page still faults.
         let handler = FaultHandler(uffd: uffd, policy: CopyPolicy(range: range, source: source))
