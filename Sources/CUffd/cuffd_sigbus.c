@@ -46,12 +46,16 @@ struct slot {
         _Atomic uint64_t signals, resolved, existed, gone, retries, fallbacks, delivered,
             loop_breaks, bytes, ops[8], poisoned_hits;
         _Atomic int32_t first_error;
+        struct {
+            _Atomic uint64_t count, sum, min, max, buckets[CUFFD_SIGBUS_LAT_BUCKETS];
+        } lat;
     } st;
 } __attribute__((aligned(64)));
 
 static struct slot slots[CUFFD_SIGBUS_MAX_RANGES];
 static _Atomic uint32_t nslots_used; // high-water mark of slots ever used (the handler scans these)
 static _Atomic uint64_t base_ps;     // the base page size (set by add)
+static _Atomic uint32_t timed_ranges; // active ranges without CUFFD_SIGBUS_NO_LATENCY: 0 -> no clock read at entry
 static _Atomic int active;           // 1: resolving; 0: pass-through
 static _Atomic int installed;        // our action is (or was last) put in place by us
 static struct sigaction previous;    // the action we replaced; read by the handler
@@ -74,6 +78,65 @@ static void note_error(struct slot *s, int err) {
     int32_t zero = 0;
     atomic_compare_exchange_strong_explicit(&s->st.first_error, &zero, err, memory_order_relaxed,
                                             memory_order_relaxed);
+}
+
+// MARK: - Latency ------------------------------------------------------------------------------
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); // async-signal-safe (POSIX); a vDSO read here
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+#define LAT_SUB (1u << CUFFD_SIGBUS_LAT_SUB_BITS)
+
+unsigned cuffd_sigbus_latency_bucket_of(uint64_t ns) {
+    if (ns < LAT_SUB) return (unsigned)ns;
+    unsigned e = 63u - (unsigned)__builtin_clzll(ns); // ns in [2^e, 2^(e+1)), e >= SUB_BITS
+    if (e >= CUFFD_SIGBUS_LAT_MAX_EXP) return CUFFD_SIGBUS_LAT_BUCKETS - 1;
+    unsigned sub = (unsigned)(ns >> (e - CUFFD_SIGBUS_LAT_SUB_BITS)) & (LAT_SUB - 1);
+    return LAT_SUB + (e - CUFFD_SIGBUS_LAT_SUB_BITS) * LAT_SUB + sub;
+}
+
+uint64_t cuffd_sigbus_latency_bucket_upper(unsigned i) {
+    if (i < LAT_SUB) return i;
+    if (i >= CUFFD_SIGBUS_LAT_BUCKETS - 1) return UINT64_MAX; // also holds everything longer
+    unsigned k = i - LAT_SUB, shift = k / LAT_SUB;
+    uint64_t lower = (uint64_t)(LAT_SUB + k % LAT_SUB) << shift;
+    return lower + ((uint64_t)1 << shift) - 1;
+}
+
+uint64_t cuffd_sigbus_latency_percentile(const struct cuffd_sigbus_latency *l, double p) {
+    if (!l->count) return 0;
+    if (p >= 100) return l->max_ns;
+    double want = p / 100.0 * (double)l->count;
+    uint64_t rank = (uint64_t)want;
+    if ((double)rank < want) rank++;
+    if (rank < 1) rank = 1;
+    uint64_t seen = 0, v = l->max_ns; // (a rank the buckets do not reach: samples in flight)
+    for (unsigned i = 0; i < CUFFD_SIGBUS_LAT_BUCKETS; i++) {
+        seen += l->buckets[i];
+        if (seen >= rank) {
+            v = cuffd_sigbus_latency_bucket_upper(i);
+            break;
+        }
+    }
+    if (v > l->max_ns) v = l->max_ns;
+    if (v < l->min_ns) v = l->min_ns;
+    return v;
+}
+
+// One sample: five relaxed atomics in the common case (min/max only CAS when they move).
+static void record_latency(struct slot *s, uint64_t ns) {
+    inc(&s->st.lat.buckets[cuffd_sigbus_latency_bucket_of(ns)], 1);
+    inc(&s->st.lat.count, 1);
+    inc(&s->st.lat.sum, ns);
+    uint64_t m = atomic_load_explicit(&s->st.lat.max, memory_order_relaxed);
+    while (ns > m && !atomic_compare_exchange_weak_explicit(&s->st.lat.max, &m, ns, memory_order_relaxed,
+                                                             memory_order_relaxed)) {}
+    m = atomic_load_explicit(&s->st.lat.min, memory_order_relaxed);
+    while (ns < m && !atomic_compare_exchange_weak_explicit(&s->st.lat.min, &m, ns, memory_order_relaxed,
+                                                             memory_order_relaxed)) {}
 }
 
 // MARK: - Performing ---------------------------------------------------------------------------
@@ -370,6 +433,8 @@ static struct slot *lookup(uint64_t addr, bool *retired) {
 
 static void on_sigbus(int sig, siginfo_t *info, void *uc) {
     int saved_errno = errno;
+    // The lookup is part of serving the fault: the clock is read first, unless no range is timed.
+    uint64_t entered = atomic_load_explicit(&timed_ranges, memory_order_relaxed) ? now_ns() : 0;
     inc(&gst.signals, 1);
     // Ours only: a fault the kernel raised for a missing/minor page (BUS_ADRERR) at an address
     // in a range of the table, while we are resolving.
@@ -394,7 +459,11 @@ static void on_sigbus(int sig, siginfo_t *info, void *uc) {
     int o = O_RETRY;
     if (s) {
         inc(&s->st.signals, 1);
+        bool timed = !(s->r.flags & CUFFD_SIGBUS_NO_LATENCY);
+        if (timed && !entered) entered = now_ns(); // the range was added after the entry's check
         o = resolve(s, addr);
+        // Before releasing the slot: the stats hold the sample once a removal returns.
+        if (timed) record_latency(s, now_ns() - entered);
         atomic_fetch_sub_explicit(&s->busy, 1, memory_order_release);
         if (o == O_FAILED) goto deliver;
     } else {
@@ -448,6 +517,7 @@ static void atfork_child(void) {
         atomic_store(&slots[i].start, 0);
         atomic_store(&slots[i].end, 0);
     }
+    atomic_store(&timed_ranges, 0);
     pthread_mutex_init(&admin, NULL);
 }
 
@@ -479,6 +549,7 @@ int cuffd_sigbus_add(const struct cuffd_sigbus_range *range) {
     if (r.policy == CUFFD_SIGBUS_FILE && r.file_fd < 0) return -EINVAL;
     if (r.policy == CUFFD_SIGBUS_CUSTOM && !r.decide) return -EINVAL;
     if (r.fallback < CUFFD_SIGBUS_FALLBACK_SIGNAL || r.fallback > CUFFD_SIGBUS_FALLBACK_POISON) return -EINVAL;
+    if (r.flags & ~(uint32_t)CUFFD_SIGBUS_NO_LATENCY) return -EINVAL;
     if (!r.scratch_pages) r.scratch_pages = 8;
     if (r.scratch_pages > 64) r.scratch_pages = 64;
 
@@ -540,10 +611,12 @@ int cuffd_sigbus_add(const struct cuffd_sigbus_range *range) {
                                        ? (r.scratch_pages == 64 ? ~0ull : (1ull << r.scratch_pages) - 1)
                                        : 0);
     memset((void *)&s->st, 0, sizeof s->st);
+    atomic_store(&s->st.lat.min, UINT64_MAX);
     atomic_store(&s->npoisoned, 0);
     for (unsigned i = 0; i < CUFFD_SIGBUS_MAX_POISONED; i++) atomic_store(&s->poisoned[i], 0);
     atomic_store(&s->start, r.start);
     atomic_store(&s->end, r.start + r.len);
+    if (!(r.flags & CUFFD_SIGBUS_NO_LATENCY)) atomic_fetch_add(&timed_ranges, 1);
     atomic_store_explicit(&s->state, SLOT_ACTIVE, memory_order_release);
     int id = (int)(s - slots);
     if ((uint32_t)id >= n) atomic_store_explicit(&nslots_used, (uint32_t)id + 1, memory_order_release);
@@ -560,6 +633,7 @@ int cuffd_sigbus_remove(int id) {
         pthread_mutex_unlock(&admin);
         return -ENOENT;
     }
+    if (!(s->r.flags & CUFFD_SIGBUS_NO_LATENCY)) atomic_fetch_sub(&timed_ranges, 1);
     wait_idle(s);
     pthread_mutex_unlock(&admin);
     return 0;
@@ -583,6 +657,15 @@ int cuffd_sigbus_range_stats(int id, struct cuffd_sigbus_stats *out) {
     for (int i = 0; i < 8; i++) out->ops[i] = atomic_load(&s->st.ops[i]);
     out->first_error = atomic_load(&s->st.first_error);
     out->poisoned_hits = atomic_load(&s->st.poisoned_hits);
+    // Not a snapshot while faults are in flight (a sample may be in its bucket and not yet in
+    // the count, or the reverse): the percentile tolerates a count the buckets do not reach.
+    struct cuffd_sigbus_latency *l = &out->latency;
+    l->count = atomic_load(&s->st.lat.count);
+    l->sum_ns = atomic_load(&s->st.lat.sum);
+    l->max_ns = atomic_load(&s->st.lat.max);
+    for (unsigned i = 0; i < CUFFD_SIGBUS_LAT_BUCKETS; i++) l->buckets[i] = atomic_load(&s->st.lat.buckets[i]);
+    uint64_t mn = atomic_load(&s->st.lat.min);
+    l->min_ns = l->count && mn != UINT64_MAX ? mn : 0;
     return 0;
 }
 

@@ -104,6 +104,7 @@ int cubench_sigbus(const struct cubench_sigbus_params *p, struct cubench_result 
         r.fallback = CUFFD_SIGBUS_FALLBACK_ZEROPAGE; // never kill the benchmark; errors are counted
         r.file_fd = -1;
         r.src = (uint64_t)(uintptr_t)src;
+        r.flags = p->range_flags;
         id = cuffd_sigbus_add(&r);
         if (id < 0) { rc = id; goto out; }
         rc = cuffd_sigbus_install();

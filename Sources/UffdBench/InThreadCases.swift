@@ -5,8 +5,10 @@ import CUffdBench
 
 /// Runs one in-thread kernel: `plain` is the hand-written SIGBUS + ioctl handler, otherwise
 /// the project's cuffd_sigbus_* resolver.
-public func runInThreadKernel(zeropage: Bool, plain: Bool, pages: Int, faultCPU: Int32) -> Result<BenchSample, BenchFailure> {
+public func runInThreadKernel(zeropage: Bool, plain: Bool, pages: Int, faultCPU: Int32,
+                              latency: Bool = true) -> Result<BenchSample, BenchFailure> {
     var p = cubench_sigbus_params()
+    p.range_flags = latency ? 0 : UInt32(CUFFD_SIGBUS_NO_LATENCY.rawValue)
     p.pages = UInt64(pages)
     p.op = zeropage ? UInt32(CUBENCH_SIGBUS_ZEROPAGE.rawValue) : UInt32(CUBENCH_SIGBUS_COPY.rawValue)
     p.resolver = plain ? UInt32(CUBENCH_SIGBUS_PLAIN.rawValue) : UInt32(CUBENCH_SIGBUS_CUFFD.rawValue)
@@ -43,6 +45,19 @@ extension BenchmarkSuite {
             })
             cases.append(BenchCase(name: "inthread.\(op).vs-plain", group: group, baseline: "inthread.plain-\(op)",
                                    placement: "F\(fc)", note: "cuffd_sigbus; x = vs plain C SIGBUS (target <= 1.05)",
+                                   paired: true, repeats: 11) {
+                runInThreadKernel(zeropage: zero, plain: false, pages: n, faultCPU: fc)
+            })
+        }
+        // The cost of the fault-service latency histogram (two clock reads and a few relaxed
+        // atomics per fault): cuffd_sigbus with it against the same range without it.
+        for (op, zero) in [("copy", false), ("zeropage", true)] {
+            cases.append(BenchCase(name: "inthread.\(op).no-latency", group: group, placement: "F\(fc)",
+                                   note: "cuffd_sigbus, CUFFD_SIGBUS_NO_LATENCY (no clock read)") {
+                runInThreadKernel(zeropage: zero, plain: false, pages: n, faultCPU: fc, latency: false)
+            })
+            cases.append(BenchCase(name: "inthread.\(op).vs-no-latency", group: group, baseline: "inthread.\(op).no-latency",
+                                   placement: "F\(fc)", note: "cuffd_sigbus; x = latency histogram on vs off (target <= 1.03)",
                                    paired: true, repeats: 11) {
                 runInThreadKernel(zeropage: zero, plain: false, pages: n, faultCPU: fc)
             })

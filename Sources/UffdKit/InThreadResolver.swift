@@ -90,7 +90,7 @@ public final class InThreadResolver: Sendable {
 
     private static let generations = Atomic<UInt64>(0)
 
-    /// Counters of one range (`struct cuffd_sigbus_stats`).
+    /// Counters and fault-service latency of one range (`struct cuffd_sigbus_stats`).
     public struct Stats: Sendable, Equatable {
         /// SIGBUS taken in the range (every attempt).
         public var signals: UInt64
@@ -116,6 +116,71 @@ public final class InThreadResolver: Sendable {
         public var copies, zeropages, moves, continues, poisons: UInt64
         /// The errno of the first failure, nil when none.
         public var firstError: Errno?
+        /// Fault-service latency: one sample per SIGBUS the range's policy handled.
+        public var latency: Latency
+
+        /// Fault-service latency of a range (`struct cuffd_sigbus_latency`): CLOCK_MONOTONIC
+        /// nanoseconds from the SIGBUS handler's entry to the resolution returning (EAGAIN retries
+        /// included), one sample per signal the range's policy handled, whatever its outcome
+        /// (resolved, already there, gone, fallback, delivered; not the loop breaks), so
+        /// ``count`` is ``Stats/signals`` minus ``Stats/loopBreaks``. The comparable number of a
+        /// ``FaultHandler`` is ``HandlerStats/latency`` (there from reading the fault to its
+        /// resolution; here there is no queue, no reader and no wake-up).
+        ///
+        /// Recorded in the signal handler into fixed buckets (no allocation, no lock): exact
+        /// below 8 ns, above that 8 linear sub-buckets per power of two. Percentiles are the
+        /// upper bound of the bucket holding the sample of that rank, clamped to ``maxNs``: at
+        /// or above the exact value by less than 12.5%. ``minNs``, ``maxNs`` and ``sumNs`` are exact.
+        public struct Latency: Sendable, Equatable, CustomStringConvertible {
+            /// Samples.
+            public var count: UInt64
+            /// Their sum in nanoseconds.
+            public var sumNs: UInt64
+            /// The smallest sample (0 without samples).
+            public var minNs: UInt64
+            /// The largest sample (0 without samples).
+            public var maxNs: UInt64
+            /// Samples per bucket, `CUFFD_SIGBUS_LAT_BUCKETS` of them (`cuffd_sigbus_latency_bucket_of`
+            /// maps nanoseconds to a bucket, `cuffd_sigbus_latency_bucket_upper` a bucket to its bound).
+            public var buckets: [UInt64]
+
+            init(_ l: cuffd_sigbus_latency) {
+                count = l.count
+                sumNs = l.sum_ns
+                minNs = l.min_ns
+                maxNs = l.max_ns
+                buckets = withUnsafeBytes(of: l.buckets) { Array($0.bindMemory(to: UInt64.self)) }
+            }
+
+            /// The `p`-th percentile in nanoseconds (`cuffd_sigbus_latency_percentile`; 0 < p <= 100):
+            /// a bucket upper bound (12.5% precision) clamped to ``maxNs``; 0 without samples.
+            public func percentile(_ p: Double) -> UInt64 {
+                var l = cuffd_sigbus_latency()
+                l.count = count
+                l.sum_ns = sumNs
+                l.min_ns = minNs
+                l.max_ns = maxNs
+                withUnsafeMutableBytes(of: &l.buckets) { raw in
+                    let b = raw.bindMemory(to: UInt64.self)
+                    for i in 0..<Swift.min(b.count, buckets.count) { b[i] = buckets[i] }
+                }
+                return cuffd_sigbus_latency_percentile(&l, p)
+            }
+
+            /// The median (nanoseconds, a bucket upper bound).
+            public var p50: UInt64 { percentile(50) }
+            /// The 90th percentile (nanoseconds, a bucket upper bound).
+            public var p90: UInt64 { percentile(90) }
+            /// The 99th percentile (nanoseconds, a bucket upper bound).
+            public var p99: UInt64 { percentile(99) }
+            /// The mean in nanoseconds (exact), 0 without samples.
+            public var meanNs: Double { count > 0 ? Double(sumNs) / Double(count) : 0 }
+
+            public var description: String {
+                count == 0 ? "no samples"
+                    : "p50=\(p50)ns p90=\(p90)ns p99=\(p99)ns max=\(maxNs)ns (\(count) samples)"
+            }
+        }
 
         init(_ s: cuffd_sigbus_stats) {
             signals = s.signals
@@ -135,6 +200,7 @@ public final class InThreadResolver: Sendable {
             continues = ops[Int(CUFFD_OP_CONTINUE.rawValue)]
             poisons = ops[Int(CUFFD_OP_POISON.rawValue)]
             firstError = s.first_error == 0 ? nil : Errno(rawValue: s.first_error)
+            latency = Latency(s.latency)
         }
     }
 
@@ -190,12 +256,14 @@ public final class InThreadResolver: Sendable {
     /// Adds `[start, start+length)` with `policy`. With `register` (the default) the range is
     /// registered on ``uffd`` for `modes` first (and unregistered on removal); otherwise it must be
     /// registered already. `pageSize` is the unit of one resolution (the huge page size of a
-    /// hugetlb range). Faults are resolved once ``install()`` ran.
+    /// hugetlb range). Faults are resolved once ``install()`` ran. Without `recordLatency`
+    /// (`CUFFD_SIGBUS_NO_LATENCY`) the handler reads no clock for this range's faults and
+    /// ``Stats/latency`` stays empty.
     /// - Throws: ``UffdError`` `.register`, or `.argument` (misaligned, overlapping an existing
     ///   range: EEXIST, table full: ENOSPC), `.source` (the file cannot be opened).
     public func add(_ start: UInt, length: Int, policy: Policy, fallback: Fallback = .signal,
                     modes: RegisterMode = .missing, pageSize: Int = basePageSize, register: Bool = true,
-                    scratchPages: Int = 8) throws(UffdError) -> Range {
+                    scratchPages: Int = 8, recordLatency: Bool = true) throws(UffdError) -> Range {
         var r = cuffd_sigbus_range()
         r.start = UInt64(start)
         r.len = UInt64(length)
@@ -204,6 +272,7 @@ public final class InThreadResolver: Sendable {
         r.fallback = fallback.rawValue
         r.file_fd = -1
         r.scratch_pages = UInt32(max(1, min(64, scratchPages)))
+        r.flags = recordLatency ? 0 : UInt32(CUFFD_SIGBUS_NO_LATENCY.rawValue)
         var ownedFD: Int32 = -1
         var keep: MappedRegion?
         switch policy {
@@ -273,7 +342,7 @@ public final class InThreadResolver: Sendable {
         if e.ownedFD >= 0 { Glibc.close(e.ownedFD) }
     }
 
-    /// Removes a range: unregisters it (when ``add(_:length:policy:fallback:modes:pageSize:register:scratchPages:)``
+    /// Removes a range: unregisters it (when ``add(_:length:policy:fallback:modes:pageSize:register:scratchPages:recordLatency:)``
     /// registered it) and returns once no handler uses it. Later faults there are ordinary
     /// faults of unregistered memory. Idempotent.
     public func remove(_ range: Range) {
@@ -311,7 +380,7 @@ public final class InThreadResolver: Sendable {
     /// Whether the process-wide handler is installed and resolving.
     public static var isInstalled: Bool { cuffd_sigbus_installed() }
 
-    /// The range's counters.
+    /// The range's counters and latency (`cuffd_sigbus_range_stats`).
     public func stats(_ range: Range) -> Stats {
         var s = cuffd_sigbus_stats()
         _ = cuffd_sigbus_range_stats(range.id, &s)

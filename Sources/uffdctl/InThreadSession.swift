@@ -48,8 +48,8 @@ final class InThreadSession {
     }
 
     /// The resolver's counters in the shape of the report's handler stats (every SIGBUS the
-    /// workers took counts as a fault; there is no per-resolution latency), plus the summary
-    /// line and JSON fields of the in-thread mode.
+    /// workers took counts as a fault; the latency is ``latency(_:)``'s, not in these), plus the
+    /// summary line and JSON fields of the in-thread mode.
     static func report(_ s: InThreadResolver.Stats, minor: Bool, into notes: inout SessionNotes) -> HandlerStats {
         var h = HandlerStats()
         if minor { h.minorFaults = s.signals } else { h.missingFaults = s.signals }
@@ -68,6 +68,15 @@ final class InThreadSession {
         notes.lines.append("in-thread    \(s.signals) SIGBUS resolved in the faulting threads "
             + "(\(s.resolved) by the policy, \(s.existed) already there, \(s.fallbacks) zero-filled after a failure); no handler thread")
         return h
+    }
+}
+
+extension InThreadSession {
+    /// The report's `fault_latency_us` from the resolver's buckets: the same fields as a handler
+    /// session's, each percentile a bucket upper bound (12.5% precision), max exact.
+    static func latency(_ s: InThreadResolver.Stats) -> SessionSummary.Latency {
+        let l = s.latency
+        return .init(p50: Double(l.p50) / 1000, p99: Double(l.p99) / 1000, max: Double(l.maxNs) / 1000, samples: l.count)
     }
 }
 

@@ -159,7 +159,7 @@ enum SessionRunner {
                 stats: stats, verification: context.verification, expected: plan.expectedName,
                 firstFailure: handler?.failures().first?.description
                     ?? context.inThread?.firstError.map { "first failed in-thread resolution: \($0)" },
-                checks: notes.checks),
+                checks: notes.checks, latency: context.inThread.map(InThreadSession.latency)),
             details: notes.details, notes: notes)
         report.summary.resolvedBytes += notes.resolvedBytes
         return report

@@ -12,6 +12,8 @@ struct SessionSummary: Codable {
             case writeProtect = "write_protect"
         }
     }
+    /// Per-resolution latency in microseconds: the handler's HDR histogram, or the in-thread
+    /// resolver's buckets (``InThreadSession/latency(_:)``); zeros without samples.
     struct Latency: Codable {
         var p50: Double
         var p99: Double
@@ -69,7 +71,7 @@ struct SessionSummary: Codable {
 extension SessionSummary {
     init(operation: String, memory: MemoryType, size: Int, pageSize: Int, threads: Int, access: AccessOrder,
          write: Bool, readers: Int, pin: Int32?, seconds: Double, stats: HandlerStats?, verification v: Verification,
-         expected: String, firstFailure: String?, checks: [SessionNotes.Check]) {
+         expected: String, firstFailure: String?, checks: [SessionNotes.Check], latency: Latency? = nil) {
         let faults = stats?.faults ?? 0
         func micros(_ p: Double) -> Double {
             guard let s = stats, s.latency.totalCount > 0 else { return 0 }
@@ -88,8 +90,9 @@ extension SessionSummary {
             firstMismatchOffset: v.firstMismatch, expected: expected, seconds: seconds,
             gbps: seconds > 0 ? Double(size) / seconds / 1e9 : 0,
             usPerFault: faults > 0 ? seconds * 1e6 / Double(faults) : 0,
-            faultLatencyUs: .init(p50: micros(50), p99: micros(99),
-                                  max: Double(stats?.latency.max ?? 0) / 1000, samples: stats?.latency.totalCount ?? 0),
+            faultLatencyUs: latency ?? .init(p50: micros(50), p99: micros(99),
+                                             max: Double(stats?.latency.max ?? 0) / 1000,
+                                             samples: stats?.latency.totalCount ?? 0),
             firstFailure: firstFailure,
             checks: checks.isEmpty ? nil : Dictionary(checks.map { ($0.key, $0.ok) }, uniquingKeysWith: { a, b in a && b }))
     }

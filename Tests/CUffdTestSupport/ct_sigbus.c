@@ -834,6 +834,157 @@ out:
     return rc;
 }
 
+// MARK: - latency ----------------------------------------------------------------------------------
+
+#define SLOW_NS 2000000ull // the slow source: 2 ms per page
+
+// A slow source: sleeps 2 ms (nanosleep is async-signal-safe), then COPY from the fixture's source.
+static int decide_slow_copy(void *ctx, uint64_t addr, struct cuffd_resolution *res) {
+    const struct ct_fix *f = ctx;
+    struct timespec ts = {0, (long)SLOW_NS};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+    uint64_t page = addr & ~(f->ps - 1);
+    res->op = CUFFD_OP_COPY;
+    res->dst = page;
+    res->len = f->ps;
+    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
+    return 0;
+}
+
+// The percentiles of one range's histogram are positive, in order, within [min, max], and the
+// samples add up; "what" names the range in messages. CUFFD_TEST_PASS or FAIL.
+static int check_latency(const struct cuffd_sigbus_latency *l, uint64_t want_count, const char *what, char *msg,
+                         size_t msglen) {
+    int rc = CUFFD_TEST_FAIL;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < CUFFD_SIGBUS_LAT_BUCKETS; i++) total += l->buckets[i];
+    CT_CHECK(l->count == want_count && total == want_count, "%s: latency count %llu, buckets %llu, want %llu", what,
+             (unsigned long long)l->count, (unsigned long long)total, (unsigned long long)want_count);
+    uint64_t p50 = cuffd_sigbus_latency_percentile(l, 50), p90 = cuffd_sigbus_latency_percentile(l, 90),
+             p99 = cuffd_sigbus_latency_percentile(l, 99), p100 = cuffd_sigbus_latency_percentile(l, 100);
+    CT_CHECK(l->min_ns > 0 && l->min_ns <= p50 && p50 <= p90 && p90 <= p99 && p99 <= l->max_ns && p100 == l->max_ns,
+             "%s: want 0 < min %llu <= p50 %llu <= p90 %llu <= p99 %llu <= max %llu == p100 %llu", what,
+             (unsigned long long)l->min_ns, (unsigned long long)p50, (unsigned long long)p90,
+             (unsigned long long)p99, (unsigned long long)l->max_ns, (unsigned long long)p100);
+    CT_CHECK(l->sum_ns >= l->count * l->min_ns && l->sum_ns <= l->count * l->max_ns,
+             "%s: sum %llu outside count * [min, max]", what, (unsigned long long)l->sum_ns);
+    rc = CUFFD_TEST_PASS;
+out:
+    return rc;
+}
+
+// The fault-service latency histogram: the bucket arithmetic (every value within its bucket,
+// 12.5% precision); N faults -> N samples with ordered percentiles; a 2 ms source -> p50 >= 2 ms;
+// a range added with CUFFD_SIGBUS_NO_LATENCY records nothing; an unknown flag is EINVAL.
+// The bucket arithmetic and percentiles of a synthetic histogram, outside any fault.
+static int latency_buckets(char *msg, size_t msglen) {
+    int rc = CUFFD_TEST_FAIL;
+    unsigned prev = 0;
+    for (uint64_t v = 0; v < 70000; v += 1 + v / 64) {
+        unsigned b = cuffd_sigbus_latency_bucket_of(v);
+        uint64_t up = cuffd_sigbus_latency_bucket_upper(b);
+        CT_CHECK(b < CUFFD_SIGBUS_LAT_BUCKETS && b >= prev, "bucket of %llu: %u (previous %u)", (unsigned long long)v, b, prev);
+        CT_CHECK(up >= v && (up - v) * 8 <= v, "%llu in bucket %u with upper bound %llu: outside 12.5%%",
+                 (unsigned long long)v, b, (unsigned long long)up);
+        CT_CHECK(b == 0 || cuffd_sigbus_latency_bucket_upper(b - 1) < v, "%llu also fits bucket %u", (unsigned long long)v, b - 1);
+        prev = b;
+    }
+    for (unsigned e = 3; e < 64; e++) {
+        uint64_t v = (uint64_t)1 << e;
+        unsigned b = cuffd_sigbus_latency_bucket_of(v);
+        CT_CHECK(cuffd_sigbus_latency_bucket_upper(b) >= v, "2^%u above its bucket's bound", e);
+    }
+    CT_CHECK(cuffd_sigbus_latency_bucket_of(UINT64_MAX) == CUFFD_SIGBUS_LAT_BUCKETS - 1, "the last bucket holds the rest");
+    {
+        struct cuffd_sigbus_latency syn;
+        memset(&syn, 0, sizeof syn);
+        CT_CHECK(cuffd_sigbus_latency_percentile(&syn, 50) == 0, "no samples: percentile 0");
+        // 90 samples of 1000 ns, 10 of 100000 ns: p50 is 1000's bucket, p99 100000's, p100 max.
+        syn.buckets[cuffd_sigbus_latency_bucket_of(1000)] = 90;
+        syn.buckets[cuffd_sigbus_latency_bucket_of(100000)] = 10;
+        syn.count = 100, syn.min_ns = 1000, syn.max_ns = 100000, syn.sum_ns = 90 * 1000 + 10 * 100000;
+        uint64_t p50 = cuffd_sigbus_latency_percentile(&syn, 50), p90 = cuffd_sigbus_latency_percentile(&syn, 90),
+                 p91 = cuffd_sigbus_latency_percentile(&syn, 91), p99 = cuffd_sigbus_latency_percentile(&syn, 99);
+        CT_CHECK(p50 >= 1000 && p50 < 1125 && p90 == p50 && p91 == 100000 && p99 == 100000,
+                 "synthetic: p50 %llu p90 %llu p91 %llu p99 %llu", (unsigned long long)p50, (unsigned long long)p90,
+                 (unsigned long long)p91, (unsigned long long)p99);
+    }
+    rc = CUFFD_TEST_PASS;
+out:
+    return rc;
+}
+
+static int sigbus_latency(int kind, char *msg, size_t msglen) {
+    (void)kind;
+    enum { FAST = 64, SLOW = 8 };
+    int rc = latency_buckets(msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    struct ct_fix f;
+    rc = setup(&f, CUFFD_MEM_ANON, FAST + SLOW + 4, UFFDIO_REGISTER_MODE_MISSING, true, msg, msglen);
+    if (rc != CUFFD_TEST_PASS) return rc;
+    int fast = -1, slow = -1, off = -1;
+    struct cuffd_sigbus_range r = range_of(&f, CUFFD_SIGBUS_COPY, CUFFD_SIGBUS_FALLBACK_SIGNAL);
+    r.len = FAST * f.ps;
+    r.flags = 1u << 7;
+    CT_CHECK(cuffd_sigbus_add(&r) == -EINVAL, "an unknown flag is not EINVAL");
+    r.flags = 0;
+    fast = cuffd_sigbus_add(&r);
+    CT_CHECK(fast >= 0, "add fast: %s", ct_err(fast));
+    r = range_of(&f, CUFFD_SIGBUS_CUSTOM, CUFFD_SIGBUS_FALLBACK_SIGNAL);
+    r.start += FAST * f.ps;
+    r.len = SLOW * f.ps;
+    r.decide = decide_slow_copy;
+    r.ctx = &f;
+    slow = cuffd_sigbus_add(&r);
+    CT_CHECK(slow >= 0, "add slow: %s", ct_err(slow));
+    r = range_of(&f, CUFFD_SIGBUS_COPY, CUFFD_SIGBUS_FALLBACK_SIGNAL);
+    r.start += (FAST + SLOW) * f.ps;
+    r.src += (FAST + SLOW) * f.ps; // COPY's source is laid out like the range
+    r.len = 4 * f.ps;
+    r.flags = CUFFD_SIGBUS_NO_LATENCY;
+    off = cuffd_sigbus_add(&r);
+    CT_CHECK(off >= 0, "add untimed: %s", ct_err(off));
+
+    uint8_t v = 0;
+    for (size_t p = 0; p < f.npages; p++)
+        CT_CHECK(read_or_prev(f.base + p * f.ps + 1, &v) == 0, "page %zu: the signal reached the previous handler", p);
+    for (size_t p = 0; p < f.npages; p++) {
+        long bad = ct_check_pattern(f.base + p * f.ps, f.ps, p);
+        CT_CHECK(bad < 0, "page %zu offset %ld differs from the source", p, bad);
+    }
+
+    struct cuffd_sigbus_stats st;
+    CT_CHECK(cuffd_sigbus_range_stats(fast, &st) == 0, "stats fast");
+    CT_CHECK(st.resolved == FAST && st.signals == FAST, "fast: resolved %llu signals %llu, want %d",
+             (unsigned long long)st.resolved, (unsigned long long)st.signals, FAST);
+    rc = check_latency(&st.latency, st.resolved, "fast", msg, msglen);
+    if (rc != CUFFD_TEST_PASS) goto out;
+    rc = CUFFD_TEST_FAIL;
+
+    CT_CHECK(cuffd_sigbus_range_stats(slow, &st) == 0, "stats slow");
+    CT_CHECK(st.resolved == SLOW, "slow: resolved %llu, want %d", (unsigned long long)st.resolved, SLOW);
+    rc = check_latency(&st.latency, st.resolved, "slow", msg, msglen);
+    if (rc != CUFFD_TEST_PASS) goto out;
+    rc = CUFFD_TEST_FAIL;
+    uint64_t p50 = cuffd_sigbus_latency_percentile(&st.latency, 50);
+    CT_CHECK(st.latency.min_ns >= SLOW_NS && p50 >= SLOW_NS, "slow: min %llu ns, p50 %llu ns, want >= %llu",
+             (unsigned long long)st.latency.min_ns, (unsigned long long)p50, SLOW_NS);
+
+    CT_CHECK(cuffd_sigbus_range_stats(off, &st) == 0, "stats untimed");
+    CT_CHECK(st.resolved == 4 && st.latency.count == 0 && st.latency.max_ns == 0 && st.latency.min_ns == 0,
+             "untimed: resolved %llu, latency count %llu max %llu min %llu", (unsigned long long)st.resolved,
+             (unsigned long long)st.latency.count, (unsigned long long)st.latency.max_ns,
+             (unsigned long long)st.latency.min_ns);
+    CT_CHECK(atomic_load(&prev_calls) == 0, "a signal reached the previous handler");
+    rc = CUFFD_TEST_PASS;
+out:
+    if (fast >= 0) cuffd_sigbus_remove(fast);
+    if (slow >= 0) cuffd_sigbus_remove(slow);
+    if (off >= 0) cuffd_sigbus_remove(off);
+    ct_fix_fini(&f);
+    return rc;
+}
+
 // MARK: - the table
 
 // The rows map no fixture (npages 0): each test sets up its own SIGBUS-mode uffd and handler.
@@ -851,6 +1002,7 @@ CT_SIGBUS_WRAP(uninstall_in_flight)
 CT_SIGBUS_WRAP(fork)
 CT_SIGBUS_WRAP(chained_from_above)
 CT_SIGBUS_WRAP(gone)
+CT_SIGBUS_WRAP(latency)
 
 CT_CASES(sigbus) = {
     {"sigbus_threads", t_sigbus_threads, CT_M_ANON | CT_M_SHMEM | CT_M_HUGETLB, 0, 0,
@@ -877,5 +1029,7 @@ CT_CASES(sigbus) = {
      "A handler installed over ours that chains to it keeps our ranges working; ours on top again cannot cycle."},
     {"sigbus_gone", t_sigbus_gone, 0, 0, 0,
      "A range unregistered under the fault (ENOENT) is gone: the access is retried, no fallback, no signal."},
+    {"sigbus_latency", t_sigbus_latency, 0, 0, 0,
+     "Fault-service latency: N faults give N samples with ordered percentiles, a 2 ms source a p50 >= 2 ms, NO_LATENCY none."},
     CT_END,
 };

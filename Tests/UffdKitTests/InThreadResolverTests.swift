@@ -39,6 +39,46 @@ final class InThreadResolverTests: XCTestCase {
         XCTAssertTrue(resolver.ranges.isEmpty)
     }
 
+    /// Fault-service latency through the Swift API: 3 threads fault 4 MiB (1024 pages): one
+    /// sample per signal (so as many as the resolved pages plus the EEXIST losers), percentiles
+    /// positive and in order up to an exact max; a range added without `recordLatency` has none.
+    func testLatencyHistogram() throws {
+        let length = 4 * MiB
+        let region = try MappedRegion(.anonymous(), length: 2 * length)
+        let source = try MappedRegion(.anonymous(), length: length)
+        fillPattern(source.pointer, length, seed: 5)
+        let resolver = try InThreadResolver()
+        let timed = try resolver.add(region.address, length: length, policy: .copy(from: source.address))
+        let untimed = try resolver.add(region.address + UInt(length), length: length, policy: .copy(from: source.address),
+                                       recordLatency: false)
+        try resolver.install()
+        defer { resolver.uninstall() }
+        withWatchdog(60, onTimeout: { resolver.uninstall() }) {
+            _ = touch(region.address, length: 2 * length, threads: 3)
+        }
+        XCTAssertEqual(memcmp(region.pointer, source.pointer, length), 0)
+        let s = resolver.stats(timed)
+        let l = s.latency
+        XCTAssertEqual(s.resolved, UInt64(length / basePageSize))
+        XCTAssertEqual(l.count, s.signals - s.loopBreaks)
+        XCTAssertEqual(l.count, s.resolved + s.existed + s.gone)
+        XCTAssertEqual(l.buckets.reduce(0, +), l.count)
+        XCTAssertGreaterThan(l.minNs, 0)
+        XCTAssertLessThanOrEqual(l.minNs, l.p50)
+        XCTAssertLessThanOrEqual(l.p50, l.p90)
+        XCTAssertLessThanOrEqual(l.p90, l.p99)
+        XCTAssertGreaterThanOrEqual(l.maxNs, l.p99)
+        XCTAssertEqual(l.percentile(100), l.maxNs)
+        XCTAssertGreaterThanOrEqual(l.meanNs, Double(l.minNs))
+        XCTAssertLessThanOrEqual(l.meanNs, Double(l.maxNs))
+        XCTAssertTrue(l.description.contains("p99="), l.description)
+        let u = resolver.stats(untimed)
+        XCTAssertEqual(u.resolved, UInt64(length / basePageSize))
+        XCTAssertEqual(u.latency.count, 0)
+        XCTAssertEqual(u.latency.p50, 0)
+        XCTAssertEqual(u.latency.description, "no samples")
+    }
+
     /// The README's in-thread example, as written there (plus the checks).
     func testReadmeExample() throws {
         let source = try MappedRegion(.anonymous(), length: 64 << 20)

@@ -15,6 +15,23 @@ final class InThreadCLITests: XCTestCase {
         XCTAssertEqual(number(j, "readers"), 0, r.stdout)
         XCTAssertEqual(number(j?["resolutions"] as? [String: Any], "copy"), 1024, r.stdout)
         XCTAssertEqual(number(j, "fallbacks"), 0, r.stdout)
+        // The same latency fields as a handler session: one sample per SIGBUS, in microseconds.
+        let lat = j?["fault_latency_us"] as? [String: Any]
+        let signals = number(j, "signals") ?? 0
+        XCTAssertEqual(number(lat, "samples"), signals, r.stdout)
+        XCTAssertGreaterThanOrEqual(signals, 1024, r.stdout)
+        let p50 = number(lat, "p50") ?? 0, p99 = number(lat, "p99") ?? 0, max = number(lat, "max") ?? 0
+        XCTAssertGreaterThan(p50, 0, r.stdout)
+        XCTAssertLessThanOrEqual(p50, p99, r.stdout)
+        XCTAssertLessThanOrEqual(p99, max, r.stdout)
+    }
+
+    /// The text report of an in-thread session has the handler sessions' latency line.
+    func testCopyInThreadTextShowsLatency() throws {
+        let r = try runUffdctl(["copy", "--in-thread", "--size", "1M", "--threads", "1"])
+        XCTAssertEqual(r.code, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("latency      p50 "), r.stdout)
+        XCTAssertTrue(r.stdout.contains("per resolution (256 samples)"), r.stdout)
     }
 
     /// A file source with a partial last page: pread per fault, the tail past the end is zero.

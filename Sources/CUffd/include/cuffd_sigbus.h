@@ -56,6 +56,13 @@ enum cuffd_sigbus_fallback {
 /// on the faulting thread: async-signal-safe C only (no malloc, no locks, no Swift).
 typedef int (*cuffd_sigbus_decide_fn)(void *ctx, uint64_t addr, struct cuffd_resolution *res);
 
+/// Options of a range (`cuffd_sigbus_range.flags`).
+enum cuffd_sigbus_flags {
+    /// No fault-service latency for this range: the handler reads no clock for its faults
+    /// (when no range in the table is timed, none at all) and its `latency` stays empty.
+    CUFFD_SIGBUS_NO_LATENCY = 1 << 0,
+};
+
 /// One range and its policy.
 struct cuffd_sigbus_range {
     uint64_t start;        ///< page-aligned start of a range registered on `uffd`
@@ -69,10 +76,43 @@ struct cuffd_sigbus_range {
     uint64_t file_offset;  ///< FILE: file offset of `start`
     uint64_t mode;         ///< extra mode bits for the ioctl (UFFDIO_COPY_MODE_WP, ...); DONTWAKE is dropped
     uint32_t scratch_pages;///< FILE / hugetlb ZEROPAGE: scratch pages for concurrent faults (0: 8, at most 64)
-    uint32_t reserved;
+    uint32_t flags;        ///< enum cuffd_sigbus_flags (0: the defaults)
     cuffd_sigbus_decide_fn decide; ///< CUSTOM only
     void *ctx;                     ///< CUSTOM only
 };
+
+/// Fault-service latency histogram buckets: values 0..7 ns each have a bucket; above, every
+/// power of two [2^e, 2^(e+1)) is split into 8 equal sub-buckets (a bucket's width is at most
+/// 1/8 of its lower bound: 12.5% precision), up to 2^36 ns (~69 s); longer samples go into the
+/// last bucket. 8 + 33 * 8 buckets.
+#define CUFFD_SIGBUS_LAT_SUB_BITS 3
+#define CUFFD_SIGBUS_LAT_MAX_EXP 36
+#define CUFFD_SIGBUS_LAT_BUCKETS ((1 << CUFFD_SIGBUS_LAT_SUB_BITS) * (CUFFD_SIGBUS_LAT_MAX_EXP - CUFFD_SIGBUS_LAT_SUB_BITS + 1))
+
+/// Fault-service latency of one range: one sample per SIGBUS the range's resolver handled
+/// (every outcome: resolved, already there, gone, fallback, delivered; not the loop breaks),
+/// CLOCK_MONOTONIC nanoseconds from entering the handler to the resolution returning (EAGAIN
+/// retries included; the chaining of a delivered signal not); empty for a range added with
+/// CUFFD_SIGBUS_NO_LATENCY. Recorded in the handler with
+/// relaxed atomics into fixed buckets: no allocation, no lock.
+struct cuffd_sigbus_latency {
+    uint64_t count;      ///< samples
+    uint64_t sum_ns;     ///< their sum (mean = sum_ns / count)
+    uint64_t min_ns;     ///< the smallest sample, exact (0 when count == 0)
+    uint64_t max_ns;     ///< the largest sample, exact
+    uint64_t buckets[CUFFD_SIGBUS_LAT_BUCKETS]; ///< samples per bucket (cuffd_sigbus_latency_bucket_of)
+};
+
+/// The bucket a latency of `ns` nanoseconds is counted in (0 ..< CUFFD_SIGBUS_LAT_BUCKETS).
+unsigned cuffd_sigbus_latency_bucket_of(uint64_t ns);
+
+/// The largest latency counted in bucket `i` (inclusive upper bound; the last bucket: UINT64_MAX).
+uint64_t cuffd_sigbus_latency_bucket_upper(unsigned i);
+
+/// The `p`-th percentile (0 < p <= 100) of `l`: the upper bound of the bucket holding the
+/// sample of rank ceil(p% of count), clamped to [min_ns, max_ns] — at or above the exact
+/// percentile by less than 12.5%, never above max_ns (p100 is max_ns) — or 0 with no samples.
+uint64_t cuffd_sigbus_latency_percentile(const struct cuffd_sigbus_latency *l, double p);
 
 /// Counters of one range (cumulative while it is in the table).
 struct cuffd_sigbus_stats {
@@ -89,6 +129,7 @@ struct cuffd_sigbus_stats {
     int32_t first_error; ///< errno of the first failure (0: none)
     uint32_t reserved;
     uint64_t poisoned_hits; ///< accesses to pages this range poisoned, delivered (also counted in signals)
+    struct cuffd_sigbus_latency latency; ///< fault-service latency (after the counters: their offsets are unchanged)
 };
 
 /// Process-wide counters of the handler.
@@ -102,7 +143,7 @@ struct cuffd_sigbus_global_stats {
 #define CUFFD_SIGBUS_MAX_POISONED 128
 
 /// Adds a range to the table; its SIGBUS are resolved from now on (once installed). Returns the
-/// range's id (>= 0; ids of removed ranges are reused), or -EINVAL (bad alignment, unknown policy, missing source), -EEXIST (it
+/// range's id (>= 0; ids of removed ranges are reused), or -EINVAL (bad alignment, unknown policy or flag, missing source), -EEXIST (it
 /// overlaps a range in the table), -ENOSPC (table full), -ENOMEM (scratch pages). Not
 /// async-signal-safe; may run while other threads fault.
 int cuffd_sigbus_add(const struct cuffd_sigbus_range *range);
