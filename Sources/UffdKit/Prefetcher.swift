@@ -540,13 +540,18 @@ public final class Prefetcher: @unchecked Sendable {
             switch r.outcome {
             case Int32(CUFFD_OUTCOME_RESOLVED.rawValue), Int32(CUFFD_OUTCOME_EXISTED.rawValue):
                 // The recorded pages count as installed or found present (a fault took them
-                // first); the chunk's other pages came with it (the source's unit).
+                // first); the chunk's other pages came with it (the source's unit). Installed
+                // (prefetched + extra) is what the copy copied: a chunk a fault's own fetch
+                // filled first copied less than its unfaulted recorded pages (nothing, when
+                // it filled all of it), and the rest of them were present.
                 let recorded = c.pageSpan.count
+                let copiedPages = Int(r.copied) / ps
                 var present = chunkPages[c.pageSpan].reduce(0) { $0 + (tracker.faulted(page: $1) ? 1 : 0) }
                 if present == 0 { present = Swift.min(recorded, Int(r.existed_pages)) }
-                counters.existed.add(present, ordering: .relaxed)
-                counters.prefetched.add(recorded - present, ordering: .relaxed)
-                counters.extra.add(Swift.max(0, Int(r.copied) / ps - (recorded - present)), ordering: .relaxed)
+                let installedRecorded = Swift.min(recorded - present, copiedPages)
+                counters.existed.add(recorded - installedRecorded, ordering: .relaxed)
+                counters.prefetched.add(installedRecorded, ordering: .relaxed)
+                counters.extra.add(copiedPages - installedRecorded, ordering: .relaxed)
                 counters.copies.add(1, ordering: .relaxed)
                 // Only what this fetch copied counts as prefetched: a chunk a fault's own fetch
                 // filled first (EXISTED, nothing copied) is not the prefetch's doing. Where the
