@@ -19,7 +19,7 @@ final class WorkingSetCommandTests: XCTestCase {
         let image = dir + "/image"
         var bytes = [UInt8](repeating: 0, count: 8 << 20)
         for i in stride(from: 0, to: bytes.count, by: 1) { bytes[i] = UInt8(truncatingIfNeeded: i &* 2_654_435_761 >> 13) }
-        FileManager.default.createFile(atPath: image, contents: Data(bytes))
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: Data(bytes)))
         for run in ["a", "b"] {
             let r = try runUffdctl(["copy", "--source", "file:" + image, "--access", "random", "--record-working-set", "\(dir)/\(run).ws", "--json", "--quiet"])
             XCTAssertEqual(r.code, 0, r.stderr)
@@ -77,7 +77,7 @@ final class WorkingSetCommandTests: XCTestCase {
             defer { unlink(image) }
             var bytes = [UInt8](repeating: 0, count: 4 << 20)
             for i in stride(from: 0, to: bytes.count, by: 1) { bytes[i] = UInt8(truncatingIfNeeded: (i &* 40_503) >> 9) }
-            FileManager.default.createFile(atPath: image, contents: Data(bytes.dropLast(1000)))
+            XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: Data(bytes.dropLast(1000))))
             let ws = "\(dir)/\(where_).ws"
             let r = try runUffdctl(["copy", "--source", "file:" + image, "--access", "random", "--install", "off",
                                     "--record-working-set", ws, "--json", "--quiet"])
@@ -114,7 +114,7 @@ final class WorkingSetCommandTests: XCTestCase {
         try refused(["copy", "--size", "8M", "--prefetch", "\(dir)/p.ws"], "recorded from an image of 4194304 bytes")
         try refused(["copy", "--size", "4M", "--source", "zero", "--prefetch", "\(dir)/p.ws"], "another version of this image")
         try refused(["copy", "--size", "4M", "--prefetch", "\(dir)/missing.ws"], "cannot read working set")
-        FileManager.default.createFile(atPath: "\(dir)/junk.ws", contents: Data("hello".utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: "\(dir)/junk.ws", contents: Data("hello".utf8)))
         try refused(["copy", "--size", "4M", "--prefetch", "\(dir)/junk.ws"], "not a working-set file")
         try refused(["copy", "--size", "4M", "--prefetch", "\(dir)/p.ws", "--record-working-set", "\(dir)/q.ws"], "cannot be combined")
         try refused(["working-set", "merge", "\(dir)/p.ws", "-o", "\(dir)/o.ws", "--min", "2"], "--min 2")
@@ -136,7 +136,7 @@ final class WorkingSetCommandTests: XCTestCase {
             x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
             withUnsafeBytes(of: x >> 40) { for j in 0..<8 { bytes[i + j] = $0[j] } } // compressible, never all zero
         }
-        FileManager.default.createFile(atPath: image, contents: Data(bytes))
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: Data(bytes)))
         let chunk = 1 << 20, ps = 4096
         let order = [5, 2, 7]
         var entries: [WorkingSet.Entry] = []
