@@ -55,7 +55,7 @@ struct slot {
 static struct slot slots[CUFFD_SIGBUS_MAX_RANGES];
 static _Atomic uint32_t nslots_used; // high-water mark of slots ever used (the handler scans these)
 static _Atomic uint64_t base_ps;     // the base page size (set by add)
-static _Atomic uint32_t timed_ranges; // active ranges without CUFFD_SIGBUS_NO_LATENCY: 0 -> no clock read at entry
+static _Atomic uint32_t timed_ranges; // active ranges with CUFFD_SIGBUS_LATENCY: 0 -> no clock read at entry
 static _Atomic int active;           // 1: resolving; 0: pass-through
 static _Atomic int installed;        // our action is (or was last) put in place by us
 static struct sigaction previous;    // the action we replaced; read by the handler
@@ -459,7 +459,7 @@ static void on_sigbus(int sig, siginfo_t *info, void *uc) {
     int o = O_RETRY;
     if (s) {
         inc(&s->st.signals, 1);
-        bool timed = !(s->r.flags & CUFFD_SIGBUS_NO_LATENCY);
+        bool timed = s->r.flags & CUFFD_SIGBUS_LATENCY;
         if (timed && !entered) entered = now_ns(); // the range was added after the entry's check
         o = resolve(s, addr);
         // Before releasing the slot: the stats hold the sample once a removal returns.
@@ -549,7 +549,7 @@ int cuffd_sigbus_add(const struct cuffd_sigbus_range *range) {
     if (r.policy == CUFFD_SIGBUS_FILE && r.file_fd < 0) return -EINVAL;
     if (r.policy == CUFFD_SIGBUS_CUSTOM && !r.decide) return -EINVAL;
     if (r.fallback < CUFFD_SIGBUS_FALLBACK_SIGNAL || r.fallback > CUFFD_SIGBUS_FALLBACK_POISON) return -EINVAL;
-    if (r.flags & ~(uint32_t)CUFFD_SIGBUS_NO_LATENCY) return -EINVAL;
+    if (r.flags & ~(uint32_t)CUFFD_SIGBUS_LATENCY) return -EINVAL;
     if (!r.scratch_pages) r.scratch_pages = 8;
     if (r.scratch_pages > 64) r.scratch_pages = 64;
 
@@ -616,7 +616,7 @@ int cuffd_sigbus_add(const struct cuffd_sigbus_range *range) {
     for (unsigned i = 0; i < CUFFD_SIGBUS_MAX_POISONED; i++) atomic_store(&s->poisoned[i], 0);
     atomic_store(&s->start, r.start);
     atomic_store(&s->end, r.start + r.len);
-    if (!(r.flags & CUFFD_SIGBUS_NO_LATENCY)) atomic_fetch_add(&timed_ranges, 1);
+    if (r.flags & CUFFD_SIGBUS_LATENCY) atomic_fetch_add(&timed_ranges, 1);
     atomic_store_explicit(&s->state, SLOT_ACTIVE, memory_order_release);
     int id = (int)(s - slots);
     if ((uint32_t)id >= n) atomic_store_explicit(&nslots_used, (uint32_t)id + 1, memory_order_release);
@@ -633,7 +633,7 @@ int cuffd_sigbus_remove(int id) {
         pthread_mutex_unlock(&admin);
         return -ENOENT;
     }
-    if (!(s->r.flags & CUFFD_SIGBUS_NO_LATENCY)) atomic_fetch_sub(&timed_ranges, 1);
+    if (s->r.flags & CUFFD_SIGBUS_LATENCY) atomic_fetch_sub(&timed_ranges, 1);
     wait_idle(s);
     pthread_mutex_unlock(&admin);
     return 0;

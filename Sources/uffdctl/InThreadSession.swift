@@ -28,7 +28,7 @@ final class InThreadSession {
         let policy = try makePolicy(SessionContext(region: region, uffd: uffd, handler: nil))
         do {
             range = try resolver.add(region.address, length: region.length, policy: policy, fallback: .zeroFill,
-                                     pageSize: unit ?? region.pageSize, register: false)
+                                     pageSize: unit ?? region.pageSize, register: false, recordLatency: true)
             try resolver.install()
         } catch {
             throw cliError(error, memory: memory, what: "in-thread resolver")

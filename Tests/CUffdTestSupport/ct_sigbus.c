@@ -875,7 +875,7 @@ out:
 
 // The fault-service latency histogram: the bucket arithmetic (every value within its bucket,
 // 12.5% precision); N faults -> N samples with ordered percentiles; a 2 ms source -> p50 >= 2 ms;
-// a range added with CUFFD_SIGBUS_NO_LATENCY records nothing; an unknown flag is EINVAL.
+// a range added without CUFFD_SIGBUS_LATENCY records nothing; an unknown flag is EINVAL.
 // The bucket arithmetic and percentiles of a synthetic histogram, outside any fault.
 static int latency_buckets(char *msg, size_t msglen) {
     int rc = CUFFD_TEST_FAIL;
@@ -927,7 +927,7 @@ static int sigbus_latency(int kind, char *msg, size_t msglen) {
     r.len = FAST * f.ps;
     r.flags = 1u << 7;
     CT_CHECK(cuffd_sigbus_add(&r) == -EINVAL, "an unknown flag is not EINVAL");
-    r.flags = 0;
+    r.flags = CUFFD_SIGBUS_LATENCY;
     fast = cuffd_sigbus_add(&r);
     CT_CHECK(fast >= 0, "add fast: %s", ct_err(fast));
     r = range_of(&f, CUFFD_SIGBUS_CUSTOM, CUFFD_SIGBUS_FALLBACK_SIGNAL);
@@ -935,13 +935,14 @@ static int sigbus_latency(int kind, char *msg, size_t msglen) {
     r.len = SLOW * f.ps;
     r.decide = decide_slow_copy;
     r.ctx = &f;
+    r.flags = CUFFD_SIGBUS_LATENCY;
     slow = cuffd_sigbus_add(&r);
     CT_CHECK(slow >= 0, "add slow: %s", ct_err(slow));
     r = range_of(&f, CUFFD_SIGBUS_COPY, CUFFD_SIGBUS_FALLBACK_SIGNAL);
     r.start += (FAST + SLOW) * f.ps;
     r.src += (FAST + SLOW) * f.ps; // COPY's source is laid out like the range
     r.len = 4 * f.ps;
-    r.flags = CUFFD_SIGBUS_NO_LATENCY;
+    r.flags = 0;
     off = cuffd_sigbus_add(&r);
     CT_CHECK(off >= 0, "add untimed: %s", ct_err(off));
 
@@ -1030,6 +1031,6 @@ CT_CASES(sigbus) = {
     {"sigbus_gone", t_sigbus_gone, 0, 0, 0,
      "A range unregistered under the fault (ENOENT) is gone: the access is retried, no fallback, no signal."},
     {"sigbus_latency", t_sigbus_latency, 0, 0, 0,
-     "Fault-service latency: N faults give N samples with ordered percentiles, a 2 ms source a p50 >= 2 ms, NO_LATENCY none."},
+     "Fault-service latency: N faults give N samples with ordered percentiles, a 2 ms source a p50 >= 2 ms, a range without CUFFD_SIGBUS_LATENCY none."},
     CT_END,
 };

@@ -58,7 +58,7 @@ final class InThreadTests: HugetlbReservingTestCase {
     func testFork() throws { try run("fork") }
     /// The fault-service latency histogram: bucket arithmetic within 12.5%; 64 faults give 64
     /// samples with 0 < min <= p50 <= p90 <= p99 <= max; a source sleeping 2 ms per page gives
-    /// min and p50 >= 2 ms; a CUFFD_SIGBUS_NO_LATENCY range records nothing.
+    /// min and p50 >= 2 ms; a range without CUFFD_SIGBUS_LATENCY records nothing.
     func testLatencyHistogram() throws { try run("latency") }
     /// A handler installed over ours that chains to it keeps our ranges resolving and foreign
     /// signals reaching the action before ours; ours installed on top again cuts the cycle.

@@ -41,16 +41,15 @@ final class InThreadResolverTests: XCTestCase {
 
     /// Fault-service latency through the Swift API: 3 threads fault 4 MiB (1024 pages): one
     /// sample per signal (so as many as the resolved pages plus the EEXIST losers), percentiles
-    /// positive and in order up to an exact max; a range added without `recordLatency` has none.
+    /// positive and in order up to an exact max; a range added without `recordLatency` (the default) has none.
     func testLatencyHistogram() throws {
         let length = 4 * MiB
         let region = try MappedRegion(.anonymous(), length: 2 * length)
         let source = try MappedRegion(.anonymous(), length: length)
         fillPattern(source.pointer, length, seed: 5)
         let resolver = try InThreadResolver()
-        let timed = try resolver.add(region.address, length: length, policy: .copy(from: source.address))
-        let untimed = try resolver.add(region.address + UInt(length), length: length, policy: .copy(from: source.address),
-                                       recordLatency: false)
+        let timed = try resolver.add(region.address, length: length, policy: .copy(from: source.address), recordLatency: true)
+        let untimed = try resolver.add(region.address + UInt(length), length: length, policy: .copy(from: source.address))
         try resolver.install()
         defer { resolver.uninstall() }
         withWatchdog(60, onTimeout: { resolver.uninstall() }) {
@@ -86,7 +85,8 @@ final class InThreadResolverTests: XCTestCase {
 
         let region = try MappedRegion(.anonymous(), length: 64 << 20)
         let resolver = try InThreadResolver()                 // its own uffd, features [.sigbus]
-        let range = try resolver.add(region, policy: .copy(from: source.address), fallback: .signal)
+        let range = try resolver.add(region, policy: .copy(from: source.address), fallback: .signal,
+                                     recordLatency: true)     // fault-service latency: two clock reads per fault
         try resolver.install()                                // sigaction(SIGBUS), remembering the old action
         withWatchdog(60, onTimeout: { resolver.uninstall() }) {
             _ = touch(region.address, length: region.length, threads: 2)
@@ -95,6 +95,7 @@ final class InThreadResolverTests: XCTestCase {
         resolver.uninstall()                                  // unregister + remove; the handler passes through
 
         XCTAssertEqual(stats.resolved, UInt64(region.length / basePageSize))
+        XCTAssertEqual(stats.latency.count, stats.signals - stats.loopBreaks)
         XCTAssertEqual(memcmp(region.pointer, source.pointer, region.length), 0)
     }
 

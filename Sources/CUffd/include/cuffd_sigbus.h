@@ -58,9 +58,11 @@ typedef int (*cuffd_sigbus_decide_fn)(void *ctx, uint64_t addr, struct cuffd_res
 
 /// Options of a range (`cuffd_sigbus_range.flags`).
 enum cuffd_sigbus_flags {
-    /// No fault-service latency for this range: the handler reads no clock for its faults
-    /// (when no range in the table is timed, none at all) and its `latency` stays empty.
-    CUFFD_SIGBUS_NO_LATENCY = 1 << 0,
+    /// Record this range's fault-service latency (`cuffd_sigbus_stats.latency`): two clock
+    /// reads and a few relaxed atomics per fault, 1-2% of an in-thread fault here (BENCHMARKS.md),
+    /// so it is asked for. Without it the handler reads no clock for the range's faults (none at
+    /// all while no range in the table is timed) and `latency` stays empty.
+    CUFFD_SIGBUS_LATENCY = 1 << 0,
 };
 
 /// One range and its policy.
@@ -92,8 +94,8 @@ struct cuffd_sigbus_range {
 /// Fault-service latency of one range: one sample per SIGBUS the range's resolver handled
 /// (every outcome: resolved, already there, gone, fallback, delivered; not the loop breaks),
 /// CLOCK_MONOTONIC nanoseconds from entering the handler to the resolution returning (EAGAIN
-/// retries included; the chaining of a delivered signal not); empty for a range added with
-/// CUFFD_SIGBUS_NO_LATENCY. Recorded in the handler with
+/// retries included; the chaining of a delivered signal not); empty for a range added without
+/// CUFFD_SIGBUS_LATENCY. Recorded in the handler with
 /// relaxed atomics into fixed buckets: no allocation, no lock.
 struct cuffd_sigbus_latency {
     uint64_t count;      ///< samples

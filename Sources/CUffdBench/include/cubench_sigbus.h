@@ -28,7 +28,7 @@ struct cubench_sigbus_params {
     uint32_t resolver;     ///< enum cubench_sigbus_resolver
     int32_t fault_cpu;     ///< the faulting thread's CPU (-1: unpinned)
     uint32_t timeout_ms;   ///< 0: 20000
-    uint32_t range_flags;  ///< CUBENCH_SIGBUS_CUFFD: the range's enum cuffd_sigbus_flags (CUFFD_SIGBUS_NO_LATENCY)
+    uint32_t range_flags;  ///< CUBENCH_SIGBUS_CUFFD: the range's enum cuffd_sigbus_flags (CUFFD_SIGBUS_LATENCY)
 };
 
 /// One thread touches every page of a MISSING range of a UFFD_FEATURE_SIGBUS uffd; each fault is
