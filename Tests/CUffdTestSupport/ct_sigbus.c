@@ -298,6 +298,16 @@ out:
     return rc;
 }
 
+// A CUSTOM decision: COPY the faulting page from the fixture's source (laid out like the range).
+static int copy_from_fixture(const struct ct_fix *f, uint64_t addr, struct cuffd_resolution *res) {
+    uint64_t page = addr & ~(f->ps - 1);
+    res->op = CUFFD_OP_COPY;
+    res->dst = page;
+    res->len = f->ps;
+    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
+    return 0;
+}
+
 // MARK: - alternate stack -----------------------------------------------------------------------
 
 static _Atomic uintptr_t decide_sp;
@@ -306,12 +316,7 @@ static int decide_record_sp(void *ctx, uint64_t addr, struct cuffd_resolution *r
     const struct ct_fix *f = ctx;
     // The frame address: a local's address may be on a sanitizer's fake stack.
     atomic_store(&decide_sp, (uintptr_t)__builtin_frame_address(0));
-    uint64_t page = addr & ~(f->ps - 1);
-    res->op = CUFFD_OP_COPY;
-    res->dst = page;
-    res->len = f->ps;
-    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
-    return 0;
+    return copy_from_fixture(f, addr, res);
 }
 
 struct alt_arg {
@@ -797,13 +802,8 @@ struct gone_ctx {
 // registered VMA), as for a range unregistered between the fault and its handler.
 static int decide_unregister_first(void *ctx, uint64_t addr, struct cuffd_resolution *res) {
     const struct ct_fix *f = ((struct gone_ctx *)ctx)->f;
-    uint64_t page = addr & ~(f->ps - 1);
     cuffd_unregister(f->uffd, (uint64_t)(uintptr_t)f->base, f->ps * f->npages);
-    res->op = CUFFD_OP_COPY;
-    res->dst = page;
-    res->len = f->ps;
-    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
-    return 0;
+    return copy_from_fixture(f, addr, res);
 }
 
 // ENOENT (the range was unregistered under the fault) is "gone": no fallback, no delivery; the
@@ -843,12 +843,7 @@ static int decide_slow_copy(void *ctx, uint64_t addr, struct cuffd_resolution *r
     const struct ct_fix *f = ctx;
     struct timespec ts = {0, (long)SLOW_NS};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-    uint64_t page = addr & ~(f->ps - 1);
-    res->op = CUFFD_OP_COPY;
-    res->dst = page;
-    res->len = f->ps;
-    res->src = (uint64_t)(uintptr_t)f->src + (page - (uint64_t)(uintptr_t)f->base);
-    return 0;
+    return copy_from_fixture(f, addr, res);
 }
 
 // The percentiles of one range's histogram are positive, in order, within [min, max], and the
