@@ -92,15 +92,6 @@ func flag(_ object: [String: Any]?, _ key: String) -> Bool? {
 final class HugePageReservation {
     private var leases = 0
 
-    /// HugePages_Free from /proc/meminfo.
-    static func free() -> Int? {
-        guard let t = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8) else { return nil }
-        for l in t.split(separator: "\n") where l.hasPrefix("HugePages_Free:") {
-            return Int(l.split(separator: " ").last ?? "")
-        }
-        return nil
-    }
-
     /// Leases `extra` huge pages; true when that many unreserved ones are free afterwards.
     func add(_ extra: Int) -> Bool {
         leases += 1
