@@ -166,20 +166,10 @@ out:
 // the pool has free, so each raises it. Before the leases (a saved absolute nr_hugepages written
 // back at the end), the other run's restore took our pages and the unreserved allocations below
 // raised SIGBUS.
-static uint64_t default_huge_page_size(void) {
-    FILE *m = fopen("/proc/meminfo", "re");
-    char line[128];
-    unsigned long kb = 0;
-    while (m && fgets(line, sizeof line, m))
-        if (sscanf(line, "Hugepagesize: %lu kB", &kb) == 1) break;
-    if (m) fclose(m);
-    return (uint64_t)kb << 10;
-}
-
 static int t_hugetlb_pool_leases(struct ct_fix *f, char *msg, size_t msglen) {
     (void)f;
     int rc = CUFFD_TEST_PASS;
-    const uint64_t huge = default_huge_page_size();
+    const uint64_t huge = cuffd_hugepage_size();
     long n = ct_hugetlb_available();
     char *area = MAP_FAILED;
     int held = 0, to_child[2] = {-1, -1}, to_parent[2] = {-1, -1};
